@@ -1,0 +1,50 @@
+//! Device and dtype selection from user flags (`auto|cpu|cuda[:N]`, `f32|bf16|f16`).
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+/// Parses a device flag; `auto` picks CUDA when available.
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => {
+            if tch::Cuda::is_available() {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }
+        }
+        "cpu" => Device::Cpu,
+        "cuda" | "gpu" => cuda(0)?,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i)?,
+            _ => bail!("device '{other}': expected auto, cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+fn cuda(i: usize) -> Result<Device> {
+    let n = tch::Cuda::device_count() as usize;
+    if n == 0 {
+        bail!("device 'cuda': no CUDA device is available (libtorch sees none)");
+    }
+    if i >= n {
+        bail!("device 'cuda:{i}': only {n} CUDA device(s) available");
+    }
+    Ok(Device::Cuda(i))
+}
+
+/// Parses a dtype flag. `None` (no flag): f32 on CPU, bf16 on CUDA.
+pub fn parse_dtype(s: Option<&str>, device: Device) -> Result<Kind> {
+    Ok(match s {
+        None | Some("auto") => {
+            if device.is_cuda() {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            }
+        }
+        Some("f32") | Some("float32") | Some("fp32") => Kind::Float,
+        Some("bf16") | Some("bfloat16") => Kind::BFloat16,
+        Some("f16") | Some("float16") | Some("fp16") => Kind::Half,
+        Some(other) => bail!("dtype '{other}': expected f32, bf16 or f16"),
+    })
+}

@@ -1,0 +1,578 @@
+//! The Llama-family decoder (llama, mistral, qwen2, qwen3): a trunk that returns hidden states for
+//! every position and a separate LM head, with parameters stored under their HF names.
+use anyhow::{ensure, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        let weight = p.zeros("weight", &[out_dim, in_dim]);
+        let bias = bias.then(|| p.zeros("bias", &[out_dim]));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// Root-mean-square layer norm computed in f32, as HF's `LlamaRMSNorm`.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.ones("weight", &[dim]),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = x32
+            .f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?
+            .f_to_kind(kind)?;
+        Ok(normed.f_mul(&self.weight)?)
+    }
+}
+
+/// RoPE inverse frequencies for a head dimension, following the configured `rope_type`.
+pub fn rope_inv_freq(theta: f64, head_dim: i64, scaling: &RopeScaling) -> Vec<f64> {
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    match *scaling {
+        RopeScaling::Default => base,
+        RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let low_freq_wavelen = old / low_freq_factor;
+            let high_freq_wavelen = old / high_freq_factor;
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Cosines and sines for the positions of one forward pass, `[B, 1, T, head_dim]`.
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.f_narrow(-1, 0, half)?;
+    let x2 = x.f_narrow(-1, half, half)?;
+    Ok(Tensor::f_cat(&[x2.f_neg()?, x1], -1)?)
+}
+
+impl RopeTables {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_mul(&self.cos)?
+            .f_add(&rotate_half(x)?.f_mul(&self.sin)?)?)
+    }
+}
+
+/// Keys and values of earlier positions, preallocated for `capacity` positions.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub fn new(
+        config: &ModelConfig,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::f_zeros(shape, (kind, device))?,
+                    Tensor::f_zeros(shape, (kind, device))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Number of positions already stored.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the given batch rows (used to drop finished sequences during generation).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.f_index_select(0, rows)?;
+            *v = v.f_index_select(0, rows)?;
+        }
+        Ok(())
+    }
+}
+
+/// Causal self-attention with grouped-query heads.
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+/// How attention is masked in one forward pass.
+pub enum AttnMask {
+    /// Plain causal attention over the current positions (no cache, no padding).
+    Causal,
+    /// Boolean `[B, 1, T, S]` mask, true where a query may attend to a key.
+    Explicit(Tensor),
+}
+
+impl Attention {
+    fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Attention {
+            q_proj: Linear::new(&p / "q_proj", h, q, c.qkv_bias),
+            k_proj: Linear::new(&p / "k_proj", h, kv, c.qkv_bias),
+            v_proj: Linear::new(&p / "v_proj", h, kv, c.qkv_bias),
+            o_proj: Linear::new(&p / "o_proj", q, h, c.o_bias),
+            q_norm: c
+                .qk_norm
+                .then(|| RmsNorm::new(&p / "q_norm", c.head_dim, c.rms_norm_eps)),
+            k_norm: c
+                .qk_norm
+                .then(|| RmsNorm::new(&p / "k_norm", c.head_dim, c.rms_norm_eps)),
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn heads(&self, proj: &Linear, norm: Option<&RmsNorm>, x: &Tensor, n: i64) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let y = proj.forward(x)?.f_view([b, t, n, self.head_dim])?;
+        let y = match norm {
+            Some(norm) => norm.forward(&y)?,
+            None => y,
+        };
+        Ok(y.f_transpose(1, 2)?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &AttnMask,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let q =
+            rope.apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, self.num_heads)?)?;
+        let k =
+            rope.apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, self.num_kv_heads)?)?;
+        let v = self.heads(&self.v_proj, None, x, self.num_kv_heads)?;
+        let (k, v) = match cache {
+            Some(((ck, cv), past)) => {
+                ck.f_narrow(2, past, t)?.f_copy_(&k)?;
+                cv.f_narrow(2, past, t)?.f_copy_(&v)?;
+                (ck.f_narrow(2, 0, past + t)?, cv.f_narrow(2, 0, past + t)?)
+            }
+            None => (k, v),
+        };
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = if rep > 1 {
+            (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = match mask {
+            AttnMask::Causal => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, scale, false,
+            )?,
+            AttnMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(m),
+                0.0,
+                false,
+                scale,
+                false,
+            )?,
+        };
+        let out = out
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.num_heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `[B, kv, S, D]` → `[B, kv*rep, S, D]`, each key/value head repeated for its query group.
+fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
+    let s = x.size();
+    Ok(x.f_unsqueeze(2)?
+        .f_expand([s[0], s[1], rep, s[2], s[3]], false)?
+        .f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
+}
+
+/// The gated SiLU feed-forward block.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        Mlp {
+            gate_proj: Linear::new(
+                &p / "gate_proj",
+                c.hidden_size,
+                c.intermediate_size,
+                c.mlp_bias,
+            ),
+            up_proj: Linear::new(
+                &p / "up_proj",
+                c.hidden_size,
+                c.intermediate_size,
+                c.mlp_bias,
+            ),
+            down_proj: Linear::new(
+                &p / "down_proj",
+                c.intermediate_size,
+                c.hidden_size,
+                c.mlp_bias,
+            ),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = self
+            .gate_proj
+            .forward(x)?
+            .f_silu()?
+            .f_mul(&self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// The decoder trunk (`model.*` in HF checkpoints): embeddings, layers, final norm.
+#[derive(Debug)]
+pub struct Trunk {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    inv_freq: Tensor,
+}
+
+/// The inputs of one forward pass besides the token ids.
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    /// `[B, past + T]` with 1 for real tokens and 0 for padding (any side). None: no padding.
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[B, T]` RoPE positions. None: derived from `attention_mask` (or `past..past+T`).
+    pub position_ids: Option<&'a Tensor>,
+}
+
+impl Trunk {
+    pub fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        let embed_tokens = (&p / "embed_tokens").zeros("weight", &[c.vocab_size, c.hidden_size]);
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let lp = &p / "layers" / i;
+                DecoderLayer {
+                    self_attn: Attention::new(&lp / "self_attn", c),
+                    mlp: Mlp::new(&lp / "mlp", c),
+                    input_layernorm: RmsNorm::new(
+                        &lp / "input_layernorm",
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    ),
+                    post_attention_layernorm: RmsNorm::new(
+                        &lp / "post_attention_layernorm",
+                        c.hidden_size,
+                        c.rms_norm_eps,
+                    ),
+                }
+            })
+            .collect();
+        let norm = RmsNorm::new(&p / "norm", c.hidden_size, c.rms_norm_eps);
+        let freqs: Vec<f32> = rope_inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling)
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
+        let inv_freq = Tensor::from_slice(&freqs).to_device(p.device());
+        Trunk {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq,
+        }
+    }
+
+    fn rope(&self, position_ids: &Tensor, kind: Kind) -> Result<RopeTables> {
+        let freqs = position_ids
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(-1)?
+            .f_mul(&self.inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?;
+        Ok(RopeTables {
+            cos: emb.f_cos()?.f_to_kind(kind)?,
+            sin: emb.f_sin()?.f_to_kind(kind)?,
+        })
+    }
+
+    /// Hidden states after the final norm for every position, `[B, T, hidden]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let size = input_ids.size();
+        ensure!(
+            size.len() == 2,
+            "input_ids must be [batch, seq], got {size:?}"
+        );
+        let (b, t) = (size[0], size[1]);
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_ref() {
+            ensure!(
+                past + t <= c.capacity,
+                "KV cache holds {} positions, {} needed",
+                c.capacity,
+                past + t
+            );
+        }
+        if let Some(m) = opts.attention_mask {
+            ensure!(
+                m.size() == [b, past + t],
+                "attention_mask must be [{b}, {}], got {:?}",
+                past + t,
+                m.size()
+            );
+        }
+        let device = input_ids.device();
+        let kind = self.embed_tokens.kind();
+        let position_ids = match (opts.position_ids, opts.attention_mask) {
+            (Some(p), _) => p.shallow_clone(),
+            (None, Some(m)) => positions_from_mask(m)?.f_narrow(1, past, t)?,
+            (None, None) => Tensor::f_arange_start(past, past + t, (Kind::Int64, device))?
+                .f_unsqueeze(0)?
+                .f_expand([b, t], false)?,
+        };
+        let rope = self.rope(&position_ids, kind)?;
+        let mask = match opts.attention_mask {
+            None if past == 0 => AttnMask::Causal,
+            m => AttnMask::Explicit(attention_bias_mask(m, b, past, t, device)?),
+        };
+        let mut h = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&h)?;
+            let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
+            let a = layer.self_attn.forward(&normed, &rope, &mask, kv)?;
+            h = h.f_add(&a)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.f_add(&m)?;
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.norm.forward(&h)
+    }
+}
+
+/// RoPE positions for padded rows: the count of real tokens before each position
+/// (`cumsum(mask) - 1`, clamped at 0), as HF's `generate` computes them.
+pub fn positions_from_mask(mask: &Tensor) -> Result<Tensor> {
+    Ok(mask
+        .f_to_kind(Kind::Int64)?
+        .f_cumsum(1, Kind::Int64)?
+        .f_sub_scalar(1)?
+        .f_clamp_min(0)?)
+}
+
+/// Boolean `[B, 1, T, past+T]` mask: causal, minus padded keys; every query may see itself so
+/// rows of padding never become all-masked (their outputs are ignored).
+fn attention_bias_mask(
+    mask: Option<&Tensor>,
+    b: i64,
+    past: i64,
+    t: i64,
+    device: Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let q = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_view([t, 1])?;
+    let k = Tensor::f_arange(s, (Kind::Int64, device))?.f_view([1, s])?;
+    let causal = k.f_le_tensor(&q)?;
+    let diag = k.f_eq_tensor(&q)?;
+    let allowed = match mask {
+        Some(m) => {
+            let keys = m.f_to_kind(Kind::Bool)?.f_view([b, 1, 1, s])?;
+            keys.f_logical_and(&causal.f_view([1, 1, t, s])?)?
+                .f_logical_or(&diag.f_view([1, 1, t, s])?)?
+        }
+        None => causal.f_view([1, 1, t, s])?.f_expand([b, 1, t, s], false)?,
+    };
+    Ok(allowed)
+}
+
+/// A decoder with its language-model head (`lm_head.weight`, or the embeddings when tied).
+#[derive(Debug)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub model: Trunk,
+    lm_head: Tensor,
+}
+
+impl CausalLm {
+    /// Creates the parameters (zero-filled; norms at one) under their HF names in `root`.
+    pub fn new(root: &nn::Path, config: &ModelConfig) -> Self {
+        let model = Trunk::new(root / "model", config);
+        let lm_head = if config.tie_word_embeddings {
+            model.embed_tokens.shallow_clone()
+        } else {
+            (root / "lm_head").zeros("weight", &[config.vocab_size, config.hidden_size])
+        };
+        CausalLm {
+            config: config.clone(),
+            model,
+            lm_head,
+        }
+    }
+
+    /// Projects hidden states to vocabulary logits (in the model's dtype).
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?)
+    }
+
+    /// Logits for every position, `[B, T, vocab]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        opts: &ForwardOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.model.forward(input_ids, opts, cache)?;
+        self.lm_logits(&hidden)
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.model.embed_tokens.kind()
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_inv_freq_keeps_high_and_scales_low_frequencies() {
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let base = rope_inv_freq(500000.0, 128, &RopeScaling::Default);
+        let scaled = rope_inv_freq(500000.0, 128, &s);
+        assert_eq!(base[0], scaled[0]); // wavelength 2π < 2048: unchanged
+        let last = base.len() - 1; // longest wavelength: divided by the factor
+        assert!((scaled[last] - base[last] / 8.0).abs() < 1e-15);
+        // medium band lies between the two
+        for (b, s) in base.iter().zip(&scaled) {
+            assert!(*s <= *b + 1e-18 && *s >= b / 8.0 - 1e-18);
+        }
+        assert!((base[1] - 1.0 / 500000f64.powf(2.0 / 128.0)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn mask_is_causal_without_padding_and_hides_left_pads() {
+        let m = Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1]).view([2, 3]);
+        let a = attention_bias_mask(Some(&m), 2, 0, 3, Device::Cpu).unwrap();
+        let row0: Vec<bool> = Vec::try_from(a.get(0).get(0).flatten(0, -1)).unwrap();
+        // query 0 is padding: sees only itself; queries 1,2 never see key 0
+        assert_eq!(
+            row0,
+            vec![true, false, false, false, true, false, false, true, true]
+        );
+        let row1: Vec<bool> = Vec::try_from(a.get(1).get(0).flatten(0, -1)).unwrap();
+        assert_eq!(
+            row1,
+            vec![true, false, false, true, true, false, true, true, true]
+        );
+        let pos = positions_from_mask(&m).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(pos.flatten(0, -1)).unwrap(),
+            vec![0, 0, 1, 0, 1, 2]
+        );
+    }
+}
