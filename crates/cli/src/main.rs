@@ -1,1 +1,110 @@
-fn main() {}
+//! The `align` command line: generation, evaluation, model/tokenizer creation and benchmarks.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod common;
+mod eval;
+mod generate;
+mod init;
+
+#[derive(Parser)]
+#[command(
+    name = "align",
+    version,
+    about = "Train and run Llama-family language models through the alignment ladder (PT → SFT → RM → PPO/DPO)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from prompts with a model folder.
+    Generate(generate::GenerateArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Create a random-initialised model folder from a small TOML description and a tokenizer.
+    Init(init::InitArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Benchmarks that print their figures next to a reference implementation.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Show the libtorch build, threads and devices this binary sees.
+    Env,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity of a model on a text corpus (.txt lines or .jsonl `text`).
+    Perplexity(eval::PerplexityArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer (with a ChatML chat template) on text files.
+    Train(init::TokenizerTrainArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s at several batch sizes, optionally next to transformers.
+    Generate(bench::BenchGenerateArgs),
+}
+
+/// Flags shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model folder (HF layout) or a hub id present in the local HF cache.
+    #[arg(long)]
+    pub model: String,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Intra-op CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ALIGN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    align_core::device::enable_cpu_features();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
+        Command::Init(a) => init::init(a),
+        Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
+        Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
+        Command::Env => common::print_env(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A path argument that must exist.
+pub fn existing(path: &PathBuf, what: &str) -> anyhow::Result<()> {
+    if !path.exists() {
+        anyhow::bail!("{}: {what} not found", path.display());
+    }
+    Ok(())
+}

@@ -16,10 +16,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage {
-            role: role.to_string(),
-            content: content.to_string(),
-        }
+        ChatMessage { role: role.to_string(), content: content.to_string() }
     }
 }
 
@@ -53,11 +50,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| anyhow!("{origin}: chat template does not compile: {}", describe(&e)))?;
-        Ok(ChatTemplate {
-            env,
-            source: source.to_string(),
-            tokens,
-        })
+        Ok(ChatTemplate { env, source: source.to_string(), tokens })
     }
 
     pub fn source(&self) -> &str {
@@ -76,10 +69,7 @@ impl ChatTemplate {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| anyhow!("{}", describe(&e)))?;
+        let tmpl = self.env.get_template(NAME).map_err(|e| anyhow!("{}", describe(&e)))?;
         let ctx = minijinja::context! {
             messages => JValue::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -90,24 +80,19 @@ impl ChatTemplate {
             pad_token => self.tokens.pad_token.clone(),
             unk_token => self.tokens.unk_token.clone(),
         };
-        tmpl.render(ctx)
-            .map_err(|e| anyhow!("chat template: {}", describe(&e)))
+        tmpl.render(ctx).map_err(|e| anyhow!("chat template: {}", describe(&e)))
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let json: Vec<Value> = messages
-            .iter()
-            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-            .collect();
+        let json: Vec<Value> =
+            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
         self.render_json(&json, add_generation_prompt)
     }
 }
 
 fn describe(e: &JError) -> String {
     let mut s = match e.kind() {
-        ErrorKind::InvalidOperation if e.detail().is_some() => {
-            e.detail().unwrap_or_default().to_string()
-        }
+        ErrorKind::InvalidOperation if e.detail().is_some() => e.detail().unwrap_or_default().to_string(),
         _ => e.to_string(),
     };
     if let Some(line) = e.line() {
@@ -126,8 +111,8 @@ fn tojson(value: &JValue, kwargs: Kwargs) -> Result<JValue, JError> {
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(value)
-        .map_err(|e| JError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json =
+        serde_json::to_value(value).map_err(|e| JError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
     python_json_dumps(&json, indent, 0, &mut out);
     Ok(JValue::from_safe_string(out))
@@ -169,10 +154,8 @@ pub fn python_json_dumps(v: &Value, indent: Option<usize>, level: usize, out: &m
 
 /// `strftime_now(format)`: the current UTC time formatted with the common strftime codes.
 fn strftime_now(format: String) -> Result<JValue, JError> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     Ok(JValue::from(strftime(&format, secs)))
 }
 
@@ -192,15 +175,7 @@ pub fn strftime(format: &str, unix_secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86400);
     let secs = unix_secs.rem_euclid(86400);
     // civil-from-days (Howard Hinnant's algorithm)
@@ -255,14 +230,10 @@ mod tests {
 
     #[test]
     fn json_dumps_matches_python_layout() {
-        let v: Value =
-            serde_json::from_str(r#"{"name":"f","args":[1,2.5,"中"],"e":{},"n":null}"#).unwrap();
+        let v: Value = serde_json::from_str(r#"{"name":"f","args":[1,2.5,"中"],"e":{},"n":null}"#).unwrap();
         let mut s = String::new();
         python_json_dumps(&v, None, 0, &mut s);
-        assert_eq!(
-            s,
-            r#"{"name": "f", "args": [1, 2.5, "中"], "e": {}, "n": null}"#
-        );
+        assert_eq!(s, r#"{"name": "f", "args": [1, 2.5, "中"], "e": {}, "n": null}"#);
         let mut s = String::new();
         python_json_dumps(&serde_json::json!({"a": [1]}), Some(2), 0, &mut s);
         assert_eq!(s, "{\n  \"a\": [\n    1\n  ]\n}");
@@ -272,10 +243,7 @@ mod tests {
     fn strftime_known_dates() {
         assert_eq!(strftime("%d %b %Y", 0), "01 Jan 1970");
         // 2024-02-29 12:34:56 UTC
-        assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S %A %j", 1709210096),
-            "2024-02-29 12:34:56 Thursday 060"
-        );
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %A %j", 1709210096), "2024-02-29 12:34:56 Thursday 060");
     }
 
     #[test]
@@ -286,20 +254,9 @@ mod tests {
             "test",
         )
         .unwrap();
-        let ok = t
-            .render(
-                &[
-                    ChatMessage::new("user", "  hi "),
-                    ChatMessage::new("assistant", "yo"),
-                ],
-                false,
-            )
-            .unwrap();
+        let ok = t.render(&[ChatMessage::new("user", "  hi "), ChatMessage::new("assistant", "yo")], false).unwrap();
         assert_eq!(ok, "HI|YO");
-        let err = t
-            .render(&[ChatMessage::new("tool", "x")], false)
-            .unwrap_err()
-            .to_string();
+        let err = t.render(&[ChatMessage::new("tool", "x")], false).unwrap_err().to_string();
         assert!(err.contains("bad role tool"), "{err}");
     }
 }

@@ -40,24 +40,18 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         return Ok(p);
     }
     if p.exists() {
-        bail!(
-            "{spec}: not a folder (a model is a folder with config.json and safetensors weights)"
-        );
+        bail!("{spec}: not a folder (a model is a folder with config.json and safetensors weights)");
     }
-    let looks_like_hub_id =
-        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
+    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     if looks_like_hub_id {
         let cache = std::env::var_os("HF_HUB_CACHE")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-            });
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
         if let Some(cache) = cache {
             let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
-            let by_ref = std::fs::read_to_string(repo.join("refs/main"))
-                .ok()
-                .map(|r| repo.join("snapshots").join(r.trim()));
+            let by_ref =
+                std::fs::read_to_string(repo.join("refs/main")).ok().map(|r| repo.join("snapshots").join(r.trim()));
             let any = || {
                 std::fs::read_dir(repo.join("snapshots"))
                     .ok()?
@@ -78,33 +72,19 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX_FILE);
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", index.display(), e.line()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: field 'weight_map': expected an object of tensor name → file",
-                    index.display()
-                )
-            })?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
+        let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", index.display(), e.line()))?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
+            anyhow!("{}: field 'weight_map': expected an object of tensor name → file", index.display())
+        })?;
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
         files.sort();
         files.dedup();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.is_file() {
-                bail!(
-                    "{}: shard {} listed in the index is missing",
-                    index.display(),
-                    p.display()
-                );
+                bail!("{}: shard {} listed in the index is missing", index.display(), p.display());
             }
         }
         return Ok(paths);
@@ -114,12 +94,12 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     if dir.join("pytorch_model.bin").is_file() {
-        bail!("{}: only pytorch_model.bin found; convert it to safetensors first (only safetensors weights are read)", dir.display());
+        bail!(
+            "{}: only pytorch_model.bin found; convert it to safetensors first (only safetensors weights are read)",
+            dir.display()
+        );
     }
-    bail!(
-        "{}: no {SINGLE_FILE} or {INDEX_FILE} in the model folder",
-        dir.display()
-    )
+    bail!("{}: no {SINGLE_FILE} or {INDEX_FILE} in the model folder", dir.display())
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -172,36 +152,21 @@ fn ignorable(name: &str, tied: bool) -> bool {
 
 /// Reads every tensor of the safetensors files, calling `f(file, name, tensor)` one at a time, so
 /// only one tensor beyond the model is in memory. Files are memory-mapped.
-pub fn for_each_tensor(
-    files: &[PathBuf],
-    mut f: impl FnMut(&Path, &str, Tensor) -> Result<()>,
-) -> Result<()> {
+pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor) -> Result<()>) -> Result<()> {
     for file in files {
-        let handle =
-            File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
+        let handle = File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
         // SAFETY: the map is read-only and dropped before this function returns; a file changed
         // underneath us can give wrong values, never memory unsafety beyond what mmap implies.
-        let mmap = unsafe { memmap2::Mmap::map(&handle) }
-            .with_context(|| format!("{}: cannot memory-map", file.display()))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file (truncated or corrupt?): {e:?}",
-                file.display()
-            )
-        })?;
+        let mmap =
+            unsafe { memmap2::Mmap::map(&handle) }.with_context(|| format!("{}: cannot memory-map", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e:?}", file.display()))?;
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         for name in names {
-            let view = st
-                .tensor(&name)
-                .map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", file.display()))?;
-            let kind = kind_of(view.dtype()).ok_or_else(|| {
-                anyhow!(
-                    "{}: tensor '{name}': unsupported dtype {:?}",
-                    file.display(),
-                    view.dtype()
-                )
-            })?;
+            let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", file.display()))?;
+            let kind = kind_of(view.dtype())
+                .ok_or_else(|| anyhow!("{}: tensor '{name}': unsupported dtype {:?}", file.display(), view.dtype()))?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let t = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
@@ -223,17 +188,15 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
         for_each_tensor(&files, |file, name, t| {
             match vars.get(name) {
                 None if ignorable(name, tied_embeddings) => {}
-                None => unexpected.push(format!(
-                    "'{name}' (in {})",
-                    file.file_name().unwrap_or_default().to_string_lossy()
-                )),
+                None => {
+                    unexpected.push(format!("'{name}' (in {})", file.file_name().unwrap_or_default().to_string_lossy()))
+                }
                 Some(var) => {
                     if var.size() != t.size() {
                         bail!("{}: tensor '{name}' has shape {:?} in the checkpoint but the model (from config.json) expects {:?}", file.display(), t.size(), var.size());
                     }
                     let mut var = var.shallow_clone();
-                    var.f_copy_(&t)
-                        .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
+                    var.f_copy_(&t).map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
                     seen.insert(name.to_string());
                 }
             }
@@ -248,11 +211,8 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
             preview(&unexpected)
         );
     }
-    let mut missing: Vec<String> = vars
-        .keys()
-        .filter(|k| !seen.contains(*k))
-        .map(|k| format!("'{k}' {:?}", vars[k].size()))
-        .collect();
+    let mut missing: Vec<String> =
+        vars.keys().filter(|k| !seen.contains(*k)).map(|k| format!("'{k}' {:?}", vars[k].size())).collect();
     if !missing.is_empty() {
         missing.sort();
         bail!(
@@ -267,11 +227,8 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
 
 fn preview(items: &[String]) -> String {
     let shown: Vec<&str> = items.iter().take(6).map(String::as_str).collect();
-    let more = if items.len() > shown.len() {
-        format!(" … and {} more", items.len() - shown.len())
-    } else {
-        String::new()
-    };
+    let more =
+        if items.len() > shown.len() { format!(" … and {} more", items.len() - shown.len()) } else { String::new() };
     format!("{}{more}", shown.join(", "))
 }
 
@@ -284,6 +241,7 @@ pub struct LoadedModel {
 
 /// Builds the model described by `config` with its variables in `vs`, in `kind` on `device`.
 pub fn new_causal_lm(config: &ModelConfig, device: Device, kind: Kind) -> (VarStore, CausalLm) {
+    crate::device::enable_cpu_features();
     let mut vs = VarStore::new(device);
     vs.set_kind(kind);
     let lm = CausalLm::new(&vs.root(), config);
@@ -298,11 +256,7 @@ pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<LoadedMo
     }
     let (vs, lm) = new_causal_lm(&config, device, kind);
     load_weights(&vs, dir, config.tie_word_embeddings)?;
-    Ok(LoadedModel {
-        vs,
-        lm,
-        dir: dir.to_path_buf(),
-    })
+    Ok(LoadedModel { vs, lm, dir: dir.to_path_buf() })
 }
 
 struct OwnedView {
@@ -337,11 +291,7 @@ fn to_view(t: &Tensor, kind: Option<Kind>) -> Result<OwnedView> {
     let numel = t.numel();
     let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
     t.f_copy_data_u8(&mut data, numel)?;
-    Ok(OwnedView {
-        dtype: dtype_of(kind)?,
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        data,
-    })
+    Ok(OwnedView { dtype: dtype_of(kind)?, shape: t.size().iter().map(|&d| d as usize).collect(), data })
 }
 
 /// Writes named tensors as `model.safetensors`, or as shards of at most `max_shard_bytes` plus
@@ -407,43 +357,25 @@ pub struct SaveOptions<'a> {
 
 impl Default for SaveOptions<'_> {
     fn default() -> Self {
-        SaveOptions {
-            dtype: None,
-            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
-            companions_from: None,
-        }
+        SaveOptions { dtype: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, companions_from: None }
     }
 }
 
 /// The parameters of a causal LM by HF name, the tied LM head left out as transformers does.
 pub fn causal_lm_tensors(vs: &VarStore, config: &ModelConfig) -> BTreeMap<String, Tensor> {
-    vs.variables()
-        .into_iter()
-        .filter(|(name, _)| !(config.tie_word_embeddings && name == "lm_head.weight"))
-        .collect()
+    vs.variables().into_iter().filter(|(name, _)| !(config.tie_word_embeddings && name == "lm_head.weight")).collect()
 }
 
 /// Writes `config.json` from the parsed config, keeping every original field and recording the
 /// stored dtype and architecture.
-pub fn write_config(
-    config: &ModelConfig,
-    dir: &Path,
-    stored: Kind,
-    architecture: &str,
-) -> Result<()> {
+pub fn write_config(config: &ModelConfig, dir: &Path, stored: Kind, architecture: &str) -> Result<()> {
     let mut raw = config.raw.clone();
     if let Some(obj) = raw.as_object_mut() {
-        let dtype_key = if obj.contains_key("torch_dtype") && !obj.contains_key("dtype") {
-            "torch_dtype"
-        } else {
-            "dtype"
-        };
+        let dtype_key =
+            if obj.contains_key("torch_dtype") && !obj.contains_key("dtype") { "torch_dtype" } else { "dtype" };
         obj.insert(dtype_key.to_string(), json!(hf_dtype_name(stored)));
         obj.insert("architectures".to_string(), json!([architecture]));
-        obj.insert(
-            "tie_word_embeddings".to_string(),
-            json!(config.tie_word_embeddings),
-        );
+        obj.insert("tie_word_embeddings".to_string(), json!(config.tie_word_embeddings));
     }
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&raw)? + "\n")
@@ -464,25 +396,12 @@ pub fn copy_companions(from: &Path, to: &Path) -> Result<()> {
 
 /// Saves a causal LM as a complete HF folder: weights (sharded when large), config.json and the
 /// companion files. Written into a temporary sibling folder and renamed into place when complete.
-pub fn save_pretrained(
-    vs: &VarStore,
-    config: &ModelConfig,
-    out: &Path,
-    opts: &SaveOptions,
-) -> Result<()> {
+pub fn save_pretrained(vs: &VarStore, config: &ModelConfig, out: &Path, opts: &SaveOptions) -> Result<()> {
     let tensors = causal_lm_tensors(vs, config);
-    let stored = opts
-        .dtype
-        .or_else(|| tensors.values().next().map(Tensor::kind))
-        .unwrap_or(Kind::Float);
+    let stored = opts.dtype.or_else(|| tensors.values().next().map(Tensor::kind)).unwrap_or(Kind::Float);
     write_folder(out, |tmp| {
         save_tensors(&tensors, tmp, opts.dtype, opts.max_shard_bytes)?;
-        write_config(
-            config,
-            tmp,
-            stored,
-            config.model_type.causal_lm_architecture(),
-        )?;
+        write_config(config, tmp, stored, config.model_type.causal_lm_architecture())?;
         if let Some(from) = opts.companions_from {
             copy_companions(from, tmp)?;
         }
@@ -493,16 +412,9 @@ pub fn save_pretrained(
 /// Runs `fill` on a fresh temporary folder next to `out`, then renames it to `out` (replacing an
 /// existing folder). A crash leaves `out` either absent, old, or complete.
 pub fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a folder path", out.display()))?
-        .to_string_lossy();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let name = out.file_name().ok_or_else(|| anyhow!("{}: not a folder path", out.display()))?.to_string_lossy();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -514,14 +426,11 @@ pub fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
     }
     if out.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old)
-            .with_context(|| format!("{}: cannot move aside", out.display()))?;
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("{}: cannot rename into place", out.display()))?;
+        std::fs::rename(out, &old).with_context(|| format!("{}: cannot move aside", out.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
         std::fs::remove_dir_all(&old)?;
     } else {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("{}: cannot rename into place", out.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
     }
     Ok(())
 }

@@ -113,8 +113,7 @@ impl ModelConfig {
         if !path.is_file() {
             bail!("{}: no config.json in the model folder", path.display());
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         let raw: Value = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}:{}: invalid JSON: {e}", path.display(), e.line()))?;
         Self::from_json(raw).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -130,14 +129,17 @@ impl ModelConfig {
             Some("mistral") => ModelType::Mistral,
             Some("qwen2") => ModelType::Qwen2,
             Some("qwen3") => ModelType::Qwen3,
-            Some(other) => bail!("field 'model_type': unsupported model type '{other}' (supported: llama, mistral, qwen2, qwen3)"),
+            Some(other) => {
+                bail!("field 'model_type': unsupported model type '{other}' (supported: llama, mistral, qwen2, qwen3)")
+            }
             None => bail!("field 'model_type': missing"),
         };
         let req = |key: &str| -> Result<i64> {
             match raw.get(key) {
-                Some(v) => v.as_i64().filter(|n| *n > 0).ok_or_else(|| {
-                    anyhow::anyhow!("field '{key}': expected a positive integer, found {v}")
-                }),
+                Some(v) => v
+                    .as_i64()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| anyhow::anyhow!("field '{key}': expected a positive integer, found {v}")),
                 None => bail!("field '{key}': missing"),
             }
         };
@@ -178,22 +180,11 @@ impl ModelConfig {
         let rope_scaling = match scaling_src {
             None => RopeScaling::Default,
             Some(s) => {
-                let field = if rope_params.is_some() {
-                    "rope_parameters"
-                } else {
-                    "rope_scaling"
-                };
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let field = if rope_params.is_some() { "rope_parameters" } else { "rope_scaling" };
+                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
                 let num = |k: &str| -> Result<f64> {
-                    get_f64(s, k).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "field '{field}.{k}': expected a number for rope type '{kind}'"
-                        )
-                    })
+                    get_f64(s, k)
+                        .ok_or_else(|| anyhow::anyhow!("field '{field}.{k}': expected a number for rope type '{kind}'"))
                 };
                 match kind {
                     "default" => RopeScaling::Default,
@@ -215,9 +206,7 @@ impl ModelConfig {
             }
         }
         let sliding = match model_type {
-            ModelType::Qwen2 | ModelType::Qwen3 => {
-                get_bool(&raw, "use_sliding_window").unwrap_or(false)
-            }
+            ModelType::Qwen2 | ModelType::Qwen3 => get_bool(&raw, "use_sliding_window").unwrap_or(false),
             _ => get_i64(&raw, "sliding_window").is_some(),
         };
         if sliding {
@@ -239,11 +228,8 @@ impl ModelConfig {
             }
         };
         let mlp_bias = get_bool(&raw, "mlp_bias").unwrap_or(false);
-        let stored_dtype = raw
-            .get("torch_dtype")
-            .or_else(|| raw.get("dtype"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let stored_dtype =
+            raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(Value::as_str).map(str::to_string);
 
         Ok(ModelConfig {
             model_type,
@@ -283,12 +269,7 @@ impl ModelConfig {
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let mlp = 3 * h * self.intermediate_size
-            + if self.mlp_bias {
-                2 * self.intermediate_size + h
-            } else {
-                0
-            };
+        let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
         let layer = attn + mlp + 2 * h;
         let emb = self.vocab_size * h;
         emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
@@ -330,17 +311,11 @@ mod tests {
         let mut c = base();
         c["hidden_size"] = json!("big");
         let e = ModelConfig::from_json(c).unwrap_err().to_string();
-        assert!(
-            e.contains("'hidden_size'") && e.contains("positive integer"),
-            "{e}"
-        );
+        assert!(e.contains("'hidden_size'") && e.contains("positive integer"), "{e}");
         let mut c = base();
         c["rope_scaling"] = json!({"rope_type":"yarn","factor":4.0});
         let e = ModelConfig::from_json(c).unwrap_err().to_string();
-        assert!(
-            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
-            "{e}"
-        );
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
     }
 
     #[test]

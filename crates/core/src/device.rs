@@ -48,3 +48,19 @@ pub fn parse_dtype(s: Option<&str>, device: Device) -> Result<Kind> {
         Some(other) => bail!("dtype '{other}': expected f32, bf16 or f16"),
     })
 }
+
+/// Caps oneDNN (libtorch's CPU kernels) below AMX unless `ONEDNN_MAX_CPU_ISA` is already set.
+/// On some virtual machines that advertise AMX, oneDNN's bf16 AMX kernels die with SIGILL
+/// (`tilezero`) even after the kernel grants the tile permission; AVX-512 bf16 kernels work
+/// everywhere. Set `ONEDNN_MAX_CPU_ISA=ALL` to use AMX on hardware where it works. Must run
+/// before the first CPU matmul; runs once.
+pub fn enable_cpu_features() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("ONEDNN_MAX_CPU_ISA").is_none() {
+            // SAFETY: called at start-up before this library spawns threads; libtorch reads the
+            // variable lazily at its first CPU primitive.
+            unsafe { std::env::set_var("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16") };
+        }
+    });
+}

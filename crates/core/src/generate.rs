@@ -21,13 +21,7 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig {
-            max_new_tokens: 64,
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            repetition_penalty: None,
-        }
+        SamplingConfig { max_new_tokens: 64, temperature: 0.0, top_k: None, top_p: None, repetition_penalty: None }
     }
 }
 
@@ -40,21 +34,32 @@ pub struct Generation {
     pub stopped_on_eos: bool,
 }
 
+/// Where the time of one `generate` call went (wall clock, device synchronised).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerateStats {
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Prompt tokens processed in the prefill (padding excluded).
+    pub prompt_tokens: usize,
+    /// Tokens produced, over all sequences.
+    pub new_tokens: usize,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 /// Applies repetition penalty, temperature, top-k and top-p to `[B, V]` f32 logits and picks
 /// one token per row (greedy when temperature is 0).
-pub fn next_tokens(
-    logits: &Tensor,
-    history: Option<&Tensor>,
-    cfg: &SamplingConfig,
-) -> Result<Tensor> {
+pub fn next_tokens(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConfig) -> Result<Tensor> {
     let mut logits = logits.f_to_kind(Kind::Float)?;
     if let (Some(p), Some(hist)) = (cfg.repetition_penalty, history) {
         if p != 1.0 {
             let seen = logits.f_gather(1, hist, false)?;
             // negative logits are multiplied by the penalty, positive ones divided (as HF)
-            let penalised = seen
-                .f_mul_scalar(p)?
-                .f_where_self(&seen.f_lt(0.0)?, &seen.f_div_scalar(p)?)?;
+            let penalised = seen.f_mul_scalar(p)?.f_where_self(&seen.f_lt(0.0)?, &seen.f_div_scalar(p)?)?;
             logits = logits.f_scatter(1, hist, &penalised)?;
         }
     }
@@ -70,9 +75,7 @@ pub fn next_tokens(
     }
     if let Some(p) = cfg.top_p.filter(|&p| p < 1.0) {
         let (sorted, idx) = logits.f_sort(-1, false)?;
-        let cum = sorted
-            .f_softmax(-1, Kind::Float)?
-            .f_cumsum(-1, Kind::Float)?;
+        let cum = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
         let remove = cum.f_le(1.0 - p)?;
         // always keep the most likely token (the last one in ascending order)
         let _ = remove.f_narrow(1, vocab - 1, 1)?.f_fill_(0)?;
@@ -92,26 +95,30 @@ pub fn generate(
     eos_ids: &[i64],
     pad_id: i64,
 ) -> Result<Vec<Generation>> {
+    Ok(generate_with_stats(lm, prompts, cfg, eos_ids, pad_id)?.0)
+}
+
+/// `generate`, also reporting prefill and decode time.
+pub fn generate_with_stats(
+    lm: &CausalLm,
+    prompts: &[Vec<i64>],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+    pad_id: i64,
+) -> Result<(Vec<Generation>, GenerateStats)> {
     ensure!(!prompts.is_empty(), "generate: no prompts");
-    ensure!(
-        prompts.iter().all(|p| !p.is_empty()),
-        "generate: a prompt has no tokens"
-    );
+    ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
     let device = lm.device();
     let b = prompts.len();
     let plen = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_new = cfg.max_new_tokens;
     let total = (plen + max_new) as i64;
-    let mut out: Vec<Generation> = vec![
-        Generation {
-            tokens: Vec::new(),
-            stopped_on_eos: false
-        };
-        b
-    ];
+    let mut out: Vec<Generation> = vec![Generation { tokens: Vec::new(), stopped_on_eos: false }; b];
+    let mut stats = GenerateStats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Default::default() };
     if max_new == 0 {
-        return Ok(out);
+        return Ok((out, stats));
     }
+    let started = std::time::Instant::now();
 
     // Left-padded ids; history (for the repetition penalty) repeats each row's first token in
     // place of padding so padding is never penalised.
@@ -142,27 +149,20 @@ pub fn generate(
     let prompt_mask = mask.f_narrow(1, 0, plen as i64)?;
     let hidden = lm.model.forward(
         &ids,
-        &ForwardOptions {
-            attention_mask: Some(&prompt_mask),
-            position_ids: None,
-        },
+        &ForwardOptions { attention_mask: Some(&prompt_mask), position_ids: None },
         Some(&mut cache),
     )?;
-    let mut logits = lm
-        .lm_logits(&hidden.f_narrow(1, plen as i64 - 1, 1)?)?
-        .f_squeeze_dim(1)?;
-    let mut positions =
-        crate::model::positions_from_mask(&prompt_mask)?.f_narrow(1, plen as i64 - 1, 1)?;
+    let mut logits = lm.lm_logits(&hidden.f_narrow(1, plen as i64 - 1, 1)?)?.f_squeeze_dim(1)?;
+    let mut positions = crate::model::positions_from_mask(&prompt_mask)?.f_narrow(1, plen as i64 - 1, 1)?;
     // active[row] = index of that batch row in `prompts`
     let mut active: Vec<usize> = (0..b).collect();
+    sync(device);
+    stats.prefill_seconds = started.elapsed().as_secs_f64();
+    let decode_started = std::time::Instant::now();
 
     for step in 0..max_new {
         let cur = (plen + step) as i64;
-        let hist_now = if use_history {
-            Some(hist.f_narrow(1, 0, cur)?)
-        } else {
-            None
-        };
+        let hist_now = if use_history { Some(hist.f_narrow(1, 0, cur)?) } else { None };
         let next = next_tokens(&logits, hist_now.as_ref(), cfg)?;
         let next_host: Vec<i64> = Vec::try_from(next.f_to_device(Device::Cpu)?)?;
         let mut keep = Vec::with_capacity(active.len());
@@ -195,13 +195,13 @@ pub fn generate(
         let step_mask = mask.f_narrow(1, 0, cur + 1)?;
         let hidden = lm.model.forward(
             &next.f_unsqueeze(1)?,
-            &ForwardOptions {
-                attention_mask: Some(&step_mask),
-                position_ids: Some(&positions),
-            },
+            &ForwardOptions { attention_mask: Some(&step_mask), position_ids: Some(&positions) },
             Some(&mut cache),
         )?;
         logits = lm.lm_logits(&hidden)?.f_squeeze_dim(1)?;
     }
-    Ok(out)
+    sync(device);
+    stats.decode_seconds = decode_started.elapsed().as_secs_f64();
+    stats.new_tokens = out.iter().map(|g| g.tokens.len()).sum();
+    Ok((out, stats))
 }

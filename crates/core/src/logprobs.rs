@@ -23,9 +23,7 @@ pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tenso
     let labels = labels.f_narrow(1, 1, t - 1)?;
     let mask = labels.f_ne(IGNORE_INDEX)?;
     let safe = labels.f_mul(&mask)?;
-    let picked = logits
-        .f_gather(-1, &safe.f_unsqueeze(-1)?, false)?
-        .f_squeeze_dim(-1)?;
+    let picked = logits.f_gather(-1, &safe.f_unsqueeze(-1)?, false)?.f_squeeze_dim(-1)?;
     let lse = logits.f_logsumexp([-1], false)?;
     let lp = picked.f_sub(&lse)?.f_mul(&mask)?;
     Ok((lp, mask))
@@ -40,20 +38,10 @@ pub struct SequenceNll {
 
 /// NLL of each token sequence (every token after the first is predicted), in batches of about
 /// `batch_tokens` tokens. Sequences are right-padded, so causal attention alone keeps padding out.
-pub fn sequences_nll(
-    lm: &CausalLm,
-    sequences: &[Vec<i64>],
-    batch_tokens: usize,
-) -> Result<Vec<SequenceNll>> {
+pub fn sequences_nll(lm: &CausalLm, sequences: &[Vec<i64>], batch_tokens: usize) -> Result<Vec<SequenceNll>> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
-    let mut out = vec![
-        SequenceNll {
-            nll: 0.0,
-            tokens: 0
-        };
-        sequences.len()
-    ];
+    let mut out = vec![SequenceNll { nll: 0.0, tokens: 0 }; sequences.len()];
     let device = lm.device();
     let mut start = 0;
     while start < order.len() {
@@ -73,30 +61,18 @@ pub fn sequences_nll(
             }
         }
         let shape = [rows as i64, longest as i64];
-        let ids = Tensor::from_slice(&ids)
-            .f_view(shape)?
-            .f_to_device(device)?;
-        let labels = Tensor::from_slice(&labels)
-            .f_view(shape)?
-            .f_to_device(device)?;
+        let ids = Tensor::from_slice(&ids).f_view(shape)?.f_to_device(device)?;
+        let labels = Tensor::from_slice(&labels).f_view(shape)?.f_to_device(device)?;
         let (lp, mask) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
             let logits = lm.forward(&ids, &ForwardOptions::default(), None)?;
             token_logprobs(&logits, &labels)
         })?;
-        let nll: Vec<f64> = Vec::try_from(
-            lp.f_sum_dim_intlist(1, false, Kind::Double)?
-                .f_neg()?
-                .f_to_device(tch::Device::Cpu)?,
-        )?;
-        let counts: Vec<i64> = Vec::try_from(
-            mask.f_sum_dim_intlist(1, false, Kind::Int64)?
-                .f_to_device(tch::Device::Cpu)?,
-        )?;
+        let nll: Vec<f64> =
+            Vec::try_from(lp.f_sum_dim_intlist(1, false, Kind::Double)?.f_neg()?.f_to_device(tch::Device::Cpu)?)?;
+        let counts: Vec<i64> =
+            Vec::try_from(mask.f_sum_dim_intlist(1, false, Kind::Int64)?.f_to_device(tch::Device::Cpu)?)?;
         for (r, &i) in chunk.iter().enumerate() {
-            out[i] = SequenceNll {
-                nll: nll[r],
-                tokens: counts[r],
-            };
+            out[i] = SequenceNll { nll: nll[r], tokens: counts[r] };
         }
     }
     Ok(out)
@@ -133,12 +109,6 @@ mod tests {
         // ignored label: masked out and zero
         assert!(!bool::try_from(mask.get(1).get(0)).unwrap());
         assert_eq!(lp.double_value(&[1, 0]), 0.0);
-        assert_eq!(
-            perplexity(&[SequenceNll {
-                nll: 2.0,
-                tokens: 2
-            }]),
-            1f64.exp()
-        );
+        assert_eq!(perplexity(&[SequenceNll { nll: 2.0, tokens: 2 }]), 1f64.exp());
     }
 }

@@ -33,37 +33,25 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm {
-            weight: p.ones("weight", &[dim]),
-            eps,
-        }
+        RmsNorm { weight: p.ones("weight", &[dim]), eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
         let x32 = x.f_to_kind(Kind::Float)?;
         let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = x32
-            .f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?
-            .f_to_kind(kind)?;
+        let normed = x32.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?.f_to_kind(kind)?;
         Ok(normed.f_mul(&self.weight)?)
     }
 }
 
 /// RoPE inverse frequencies for a head dimension, following the configured `rope_type`.
 pub fn rope_inv_freq(theta: f64, head_dim: i64, scaling: &RopeScaling) -> Vec<f64> {
-    let base: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
+    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
     match *scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings: old,
-        } => {
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
             let low_freq_wavelen = old / low_freq_factor;
             let high_freq_wavelen = old / high_freq_factor;
             base.into_iter()
@@ -74,8 +62,7 @@ pub fn rope_inv_freq(theta: f64, head_dim: i64, scaling: &RopeScaling) -> Vec<f6
                     } else if wavelen > low_freq_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -99,8 +86,7 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 
 impl RopeTables {
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_mul(&self.cos)?
-            .f_add(&rotate_half(x)?.f_mul(&self.sin)?)?)
+        Ok(x.f_mul(&self.cos)?.f_add(&rotate_half(x)?.f_mul(&self.sin)?)?)
     }
 }
 
@@ -112,27 +98,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(
-        config: &ModelConfig,
-        batch: i64,
-        capacity: i64,
-        kind: Kind,
-        device: Device,
-    ) -> Result<Self> {
+    pub fn new(config: &ModelConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Result<Self> {
         let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
         let layers = (0..config.num_hidden_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::f_zeros(shape, (kind, device))?,
-                    Tensor::f_zeros(shape, (kind, device))?,
-                ))
-            })
+            .map(|_| Ok((Tensor::f_zeros(shape, (kind, device))?, Tensor::f_zeros(shape, (kind, device))?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            layers,
-            len: 0,
-            capacity,
-        })
+        Ok(KvCache { layers, len: 0, capacity })
     }
 
     /// Number of positions already stored.
@@ -178,22 +149,14 @@ pub enum AttnMask {
 
 impl Attention {
     fn new(p: nn::Path, c: &ModelConfig) -> Self {
-        let (h, q, kv) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
+        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         Attention {
             q_proj: Linear::new(&p / "q_proj", h, q, c.qkv_bias),
             k_proj: Linear::new(&p / "k_proj", h, kv, c.qkv_bias),
             v_proj: Linear::new(&p / "v_proj", h, kv, c.qkv_bias),
             o_proj: Linear::new(&p / "o_proj", q, h, c.o_bias),
-            q_norm: c
-                .qk_norm
-                .then(|| RmsNorm::new(&p / "q_norm", c.head_dim, c.rms_norm_eps)),
-            k_norm: c
-                .qk_norm
-                .then(|| RmsNorm::new(&p / "k_norm", c.head_dim, c.rms_norm_eps)),
+            q_norm: c.qk_norm.then(|| RmsNorm::new(&p / "q_norm", c.head_dim, c.rms_norm_eps)),
+            k_norm: c.qk_norm.then(|| RmsNorm::new(&p / "k_norm", c.head_dim, c.rms_norm_eps)),
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -218,10 +181,8 @@ impl Attention {
         cache: Option<(&mut (Tensor, Tensor), i64)>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let q =
-            rope.apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, self.num_heads)?)?;
-        let k =
-            rope.apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, self.num_kv_heads)?)?;
+        let q = rope.apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, self.num_heads)?)?;
+        let k = rope.apply(&self.heads(&self.k_proj, self.k_norm.as_ref(), x, self.num_kv_heads)?)?;
         let v = self.heads(&self.v_proj, None, x, self.num_kv_heads)?;
         let (k, v) = match cache {
             Some(((ck, cv), past)) => {
@@ -232,30 +193,17 @@ impl Attention {
             None => (k, v),
         };
         let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = if rep > 1 {
-            (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?)
-        } else {
-            (k, v)
-        };
+        let (k, v) = if rep > 1 { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match mask {
-            AttnMask::Causal => Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, scale, false,
-            )?,
-            AttnMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(m),
-                0.0,
-                false,
-                scale,
-                false,
-            )?,
+            AttnMask::Causal => {
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?
+            }
+            AttnMask::Explicit(m) => {
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+            }
         };
-        let out = out
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.num_heads * self.head_dim])?;
+        let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
 }
@@ -263,9 +211,7 @@ impl Attention {
 /// `[B, kv, S, D]` → `[B, kv*rep, S, D]`, each key/value head repeated for its query group.
 fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
     let s = x.size();
-    Ok(x.f_unsqueeze(2)?
-        .f_expand([s[0], s[1], rep, s[2], s[3]], false)?
-        .f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
+    Ok(x.f_unsqueeze(2)?.f_expand([s[0], s[1], rep, s[2], s[3]], false)?.f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
 }
 
 /// The gated SiLU feed-forward block.
@@ -279,33 +225,14 @@ pub struct Mlp {
 impl Mlp {
     fn new(p: nn::Path, c: &ModelConfig) -> Self {
         Mlp {
-            gate_proj: Linear::new(
-                &p / "gate_proj",
-                c.hidden_size,
-                c.intermediate_size,
-                c.mlp_bias,
-            ),
-            up_proj: Linear::new(
-                &p / "up_proj",
-                c.hidden_size,
-                c.intermediate_size,
-                c.mlp_bias,
-            ),
-            down_proj: Linear::new(
-                &p / "down_proj",
-                c.intermediate_size,
-                c.hidden_size,
-                c.mlp_bias,
-            ),
+            gate_proj: Linear::new(&p / "gate_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+            up_proj: Linear::new(&p / "up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+            down_proj: Linear::new(&p / "down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
         }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = self
-            .gate_proj
-            .forward(x)?
-            .f_silu()?
-            .f_mul(&self.up_proj.forward(x)?)?;
+        let gated = self.gate_proj.forward(x)?.f_silu()?.f_mul(&self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
     }
 }
@@ -345,11 +272,7 @@ impl Trunk {
                 DecoderLayer {
                     self_attn: Attention::new(&lp / "self_attn", c),
                     mlp: Mlp::new(&lp / "mlp", c),
-                    input_layernorm: RmsNorm::new(
-                        &lp / "input_layernorm",
-                        c.hidden_size,
-                        c.rms_norm_eps,
-                    ),
+                    input_layernorm: RmsNorm::new(&lp / "input_layernorm", c.hidden_size, c.rms_norm_eps),
                     post_attention_layernorm: RmsNorm::new(
                         &lp / "post_attention_layernorm",
                         c.hidden_size,
@@ -359,29 +282,16 @@ impl Trunk {
             })
             .collect();
         let norm = RmsNorm::new(&p / "norm", c.hidden_size, c.rms_norm_eps);
-        let freqs: Vec<f32> = rope_inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling)
-            .into_iter()
-            .map(|f| f as f32)
-            .collect();
+        let freqs: Vec<f32> =
+            rope_inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling).into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::from_slice(&freqs).to_device(p.device());
-        Trunk {
-            embed_tokens,
-            layers,
-            norm,
-            inv_freq,
-        }
+        Trunk { embed_tokens, layers, norm, inv_freq }
     }
 
     fn rope(&self, position_ids: &Tensor, kind: Kind) -> Result<RopeTables> {
-        let freqs = position_ids
-            .f_to_kind(Kind::Float)?
-            .f_unsqueeze(-1)?
-            .f_mul(&self.inv_freq)?;
+        let freqs = position_ids.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?.f_mul(&self.inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?;
-        Ok(RopeTables {
-            cos: emb.f_cos()?.f_to_kind(kind)?,
-            sin: emb.f_sin()?.f_to_kind(kind)?,
-        })
+        Ok(RopeTables { cos: emb.f_cos()?.f_to_kind(kind)?, sin: emb.f_sin()?.f_to_kind(kind)? })
     }
 
     /// Hidden states after the final norm for every position, `[B, T, hidden]`.
@@ -392,27 +302,14 @@ impl Trunk {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let size = input_ids.size();
-        ensure!(
-            size.len() == 2,
-            "input_ids must be [batch, seq], got {size:?}"
-        );
+        ensure!(size.len() == 2, "input_ids must be [batch, seq], got {size:?}");
         let (b, t) = (size[0], size[1]);
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref() {
-            ensure!(
-                past + t <= c.capacity,
-                "KV cache holds {} positions, {} needed",
-                c.capacity,
-                past + t
-            );
+            ensure!(past + t <= c.capacity, "KV cache holds {} positions, {} needed", c.capacity, past + t);
         }
         if let Some(m) = opts.attention_mask {
-            ensure!(
-                m.size() == [b, past + t],
-                "attention_mask must be [{b}, {}], got {:?}",
-                past + t,
-                m.size()
-            );
+            ensure!(m.size() == [b, past + t], "attention_mask must be [{b}, {}], got {:?}", past + t, m.size());
         }
         let device = input_ids.device();
         let kind = self.embed_tokens.kind();
@@ -434,9 +331,7 @@ impl Trunk {
             let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
             let a = layer.self_attn.forward(&normed, &rope, &mask, kv)?;
             h = h.f_add(&a)?;
-            let m = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            let m = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
             h = h.f_add(&m)?;
         }
         if let Some(c) = cache {
@@ -449,22 +344,12 @@ impl Trunk {
 /// RoPE positions for padded rows: the count of real tokens before each position
 /// (`cumsum(mask) - 1`, clamped at 0), as HF's `generate` computes them.
 pub fn positions_from_mask(mask: &Tensor) -> Result<Tensor> {
-    Ok(mask
-        .f_to_kind(Kind::Int64)?
-        .f_cumsum(1, Kind::Int64)?
-        .f_sub_scalar(1)?
-        .f_clamp_min(0)?)
+    Ok(mask.f_to_kind(Kind::Int64)?.f_cumsum(1, Kind::Int64)?.f_sub_scalar(1)?.f_clamp_min(0)?)
 }
 
 /// Boolean `[B, 1, T, past+T]` mask: causal, minus padded keys; every query may see itself so
 /// rows of padding never become all-masked (their outputs are ignored).
-fn attention_bias_mask(
-    mask: Option<&Tensor>,
-    b: i64,
-    past: i64,
-    t: i64,
-    device: Device,
-) -> Result<Tensor> {
+fn attention_bias_mask(mask: Option<&Tensor>, b: i64, past: i64, t: i64, device: Device) -> Result<Tensor> {
     let s = past + t;
     let q = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_view([t, 1])?;
     let k = Tensor::f_arange(s, (Kind::Int64, device))?.f_view([1, s])?;
@@ -473,8 +358,7 @@ fn attention_bias_mask(
     let allowed = match mask {
         Some(m) => {
             let keys = m.f_to_kind(Kind::Bool)?.f_view([b, 1, 1, s])?;
-            keys.f_logical_and(&causal.f_view([1, 1, t, s])?)?
-                .f_logical_or(&diag.f_view([1, 1, t, s])?)?
+            keys.f_logical_and(&causal.f_view([1, 1, t, s])?)?.f_logical_or(&diag.f_view([1, 1, t, s])?)?
         }
         None => causal.f_view([1, 1, t, s])?.f_expand([b, 1, t, s], false)?,
     };
@@ -498,11 +382,7 @@ impl CausalLm {
         } else {
             (root / "lm_head").zeros("weight", &[config.vocab_size, config.hidden_size])
         };
-        CausalLm {
-            config: config.clone(),
-            model,
-            lm_head,
-        }
+        CausalLm { config: config.clone(), model, lm_head }
     }
 
     /// Projects hidden states to vocabulary logits (in the model's dtype).
@@ -511,12 +391,7 @@ impl CausalLm {
     }
 
     /// Logits for every position, `[B, T, vocab]`.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        opts: &ForwardOptions,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let hidden = self.model.forward(input_ids, opts, cache)?;
         self.lm_logits(&hidden)
     }
@@ -560,19 +435,10 @@ mod tests {
         let a = attention_bias_mask(Some(&m), 2, 0, 3, Device::Cpu).unwrap();
         let row0: Vec<bool> = Vec::try_from(a.get(0).get(0).flatten(0, -1)).unwrap();
         // query 0 is padding: sees only itself; queries 1,2 never see key 0
-        assert_eq!(
-            row0,
-            vec![true, false, false, false, true, false, false, true, true]
-        );
+        assert_eq!(row0, vec![true, false, false, false, true, false, false, true, true]);
         let row1: Vec<bool> = Vec::try_from(a.get(1).get(0).flatten(0, -1)).unwrap();
-        assert_eq!(
-            row1,
-            vec![true, false, false, true, true, false, true, true, true]
-        );
+        assert_eq!(row1, vec![true, false, false, true, true, false, true, true, true]);
         let pos = positions_from_mask(&m).unwrap();
-        assert_eq!(
-            Vec::<i64>::try_from(pos.flatten(0, -1)).unwrap(),
-            vec![0, 0, 1, 0, 1, 2]
-        );
+        assert_eq!(Vec::<i64>::try_from(pos.flatten(0, -1)).unwrap(), vec![0, 0, 1, 0, 1, 2]);
     }
 }

@@ -24,10 +24,8 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    let v = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", path.display(), e.line()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let v = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", path.display(), e.line()))?;
     Ok(Some(v))
 }
 
@@ -46,8 +44,7 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 fn find_chat_template(dir: &Path, tok_config: Option<&Value>) -> Result<Option<(String, String)>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        let s = std::fs::read_to_string(&jinja)
-            .with_context(|| format!("{}: cannot read", jinja.display()))?;
+        let s = std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
         return Ok(Some((s, jinja.display().to_string())));
     }
     let json_file = dir.join("chat_template.json");
@@ -69,7 +66,9 @@ fn find_chat_template(dir: &Path, tok_config: Option<&Value>) -> Result<Option<(
             Ok(pick.map(|s| (s.to_string(), origin)))
         }
         Some(Value::Null) | None => Ok(None),
-        Some(other) => bail!("{origin}: field 'chat_template': expected a string or a list of templates, found {other}"),
+        Some(other) => {
+            bail!("{origin}: field 'chat_template': expected a string or a list of templates, found {other}")
+        }
     }
 }
 
@@ -78,10 +77,7 @@ impl ModelTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            bail!(
-                "{}: no tokenizer.json in the model folder (only fast tokenizers are supported)",
-                tok_path.display()
-            );
+            bail!("{}: no tokenizer.json in the model folder (only fast tokenizers are supported)", tok_path.display());
         }
         let inner = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
@@ -97,36 +93,20 @@ impl ModelTokenizer {
             pad_token: token("pad_token"),
             unk_token: token("unk_token"),
         };
-        let id_of = |t: &Option<String>| {
-            t.as_deref()
-                .and_then(|s| inner.token_to_id(s))
-                .map(i64::from)
-        };
+        let id_of = |t: &Option<String>| t.as_deref().and_then(|s| inner.token_to_id(s)).map(i64::from);
 
         let gen_config = read_json(&dir.join("generation_config.json"))?;
         let model_config = read_json(&dir.join("config.json"))?;
-        let mut eos_token_ids =
-            token_id_list(gen_config.as_ref().and_then(|g| g.get("eos_token_id")));
+        let mut eos_token_ids = token_id_list(gen_config.as_ref().and_then(|g| g.get("eos_token_id")));
         if eos_token_ids.is_empty() {
-            eos_token_ids =
-                token_id_list(model_config.as_ref().and_then(|g| g.get("eos_token_id")));
+            eos_token_ids = token_id_list(model_config.as_ref().and_then(|g| g.get("eos_token_id")));
         }
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(id_of(&tokens.eos_token));
         }
         let pad_token_id = id_of(&tokens.pad_token)
-            .or_else(|| {
-                gen_config
-                    .as_ref()
-                    .and_then(|g| g.get("pad_token_id"))
-                    .and_then(Value::as_i64)
-            })
-            .or_else(|| {
-                model_config
-                    .as_ref()
-                    .and_then(|g| g.get("pad_token_id"))
-                    .and_then(Value::as_i64)
-            });
+            .or_else(|| gen_config.as_ref().and_then(|g| g.get("pad_token_id")).and_then(Value::as_i64))
+            .or_else(|| model_config.as_ref().and_then(|g| g.get("pad_token_id")).and_then(Value::as_i64));
         let bos_token_id = id_of(&tokens.bos_token);
 
         let chat_template = match find_chat_template(dir, tok_config.as_ref())? {
@@ -147,18 +127,13 @@ impl ModelTokenizer {
     /// Token ids of `text`; with `add_special_tokens` the tokenizer's post-processor adds what
     /// `tokenizer(text)` adds in transformers (e.g. a BOS token).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special_tokens)
-            .map_err(|e| anyhow!("tokenizer: {e}"))
+        self.inner.decode(&ids, skip_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -171,9 +146,7 @@ impl ModelTokenizer {
 
     /// The id used to fill padded positions (pad token, else the first eos id, else 0).
     pub fn padding_id(&self) -> i64 {
-        self.pad_token_id
-            .or_else(|| self.eos_token_ids.first().copied())
-            .unwrap_or(0)
+        self.pad_token_id.or_else(|| self.eos_token_ids.first().copied()).unwrap_or(0)
     }
 
     pub fn chat_template(&self) -> Result<&ChatTemplate> {
@@ -183,13 +156,8 @@ impl ModelTokenizer {
     }
 
     /// Renders a conversation with the chat template, as `apply_chat_template(tokenize=False)`.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        self.chat_template()?
-            .render(messages, add_generation_prompt)
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.chat_template()?.render(messages, add_generation_prompt)
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

@@ -12,34 +12,18 @@ use align_core::ModelTokenizer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-const MODELS: &[&str] = &[
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-mistral",
-    "tiny-llama-sharded-bf16",
-];
+const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama-sharded-bf16"];
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn golden(model: &str) -> Vec<(String, Tensor)> {
-    Tensor::read_safetensors(
-        fixtures()
-            .join("models")
-            .join(model)
-            .join("golden.safetensors"),
-    )
-    .unwrap()
+    Tensor::read_safetensors(fixtures().join("models").join(model).join("golden.safetensors")).unwrap()
 }
 
 fn golden_tensor(model: &str, name: &str) -> Tensor {
-    golden(model)
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap()
-        .1
+    golden(model).into_iter().find(|(n, _)| n == name).unwrap().1
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -61,20 +45,10 @@ fn logits_match_transformers_for_every_family() {
         // the explicit-mask path (all ones) gives the same as the causal fast path
         let mask = Tensor::ones(ids.size(), (Kind::Int64, Device::Cpu));
         let got2 = tch::no_grad(|| {
-            m.lm.forward(
-                &ids,
-                &ForwardOptions {
-                    attention_mask: Some(&mask),
-                    position_ids: None,
-                },
-                None,
-            )
+            m.lm.forward(&ids, &ForwardOptions { attention_mask: Some(&mask), position_ids: None }, None)
         })
         .unwrap();
-        assert!(
-            max_rel_diff(&got2, &want) < 1e-4,
-            "{name}: masked path differs"
-        );
+        assert!(max_rel_diff(&got2, &want) < 1e-4, "{name}: masked path differs");
     }
 }
 
@@ -83,39 +57,20 @@ fn greedy_generation_matches_transformers_and_cache_equals_no_cache() {
     for name in MODELS {
         let dir = fixtures().join("models").join(name);
         let m = load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap();
-        let prompt: Vec<i64> =
-            Vec::try_from(golden_tensor(name, "greedy_prompt").flatten(0, -1)).unwrap();
-        let want: Vec<i64> =
-            Vec::try_from(golden_tensor(name, "greedy_ids").flatten(0, -1)).unwrap();
-        let cfg = SamplingConfig {
-            max_new_tokens: 20,
-            ..Default::default()
-        };
+        let prompt: Vec<i64> = Vec::try_from(golden_tensor(name, "greedy_prompt").flatten(0, -1)).unwrap();
+        let want: Vec<i64> = Vec::try_from(golden_tensor(name, "greedy_ids").flatten(0, -1)).unwrap();
+        let cfg = SamplingConfig { max_new_tokens: 20, ..Default::default() };
         let got = generate(&m.lm, &[prompt.clone()], &cfg, &[], 0).unwrap();
-        assert_eq!(
-            got[0].tokens, want,
-            "{name}: greedy ids differ from transformers"
-        );
+        assert_eq!(got[0].tokens, want, "{name}: greedy ids differ from transformers");
 
         // greedy without a cache: full forward each step
         let mut seq = prompt.clone();
         for _ in 0..20 {
             let ids = Tensor::from_slice(&seq).view([1, -1]);
-            let logits =
-                tch::no_grad(|| m.lm.forward(&ids, &ForwardOptions::default(), None)).unwrap();
-            seq.push(
-                logits
-                    .get(0)
-                    .get(seq.len() as i64 - 1)
-                    .argmax(-1, false)
-                    .int64_value(&[]),
-            );
+            let logits = tch::no_grad(|| m.lm.forward(&ids, &ForwardOptions::default(), None)).unwrap();
+            seq.push(logits.get(0).get(seq.len() as i64 - 1).argmax(-1, false).int64_value(&[]));
         }
-        assert_eq!(
-            &seq[prompt.len()..],
-            &got[0].tokens[..],
-            "{name}: KV cache changes greedy output"
-        );
+        assert_eq!(&seq[prompt.len()..], &got[0].tokens[..], "{name}: KV cache changes greedy output");
     }
 }
 
@@ -123,16 +78,8 @@ fn greedy_generation_matches_transformers_and_cache_equals_no_cache() {
 fn batched_left_padded_generation_equals_one_by_one() {
     let dir = fixtures().join("models/tiny-qwen3");
     let m = load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap();
-    let prompts: Vec<Vec<i64>> = vec![
-        vec![5, 17, 33, 200, 41, 9, 77],
-        vec![12, 88],
-        vec![300, 4, 150, 7],
-        vec![64],
-    ];
-    let cfg = SamplingConfig {
-        max_new_tokens: 16,
-        ..Default::default()
-    };
+    let prompts: Vec<Vec<i64>> = vec![vec![5, 17, 33, 200, 41, 9, 77], vec![12, 88], vec![300, 4, 150, 7], vec![64]];
+    let cfg = SamplingConfig { max_new_tokens: 16, ..Default::default() };
     // eos 2 so that some rows may stop early and be dropped from the batch
     let batched = generate(&m.lm, &prompts, &cfg, &[2, 3], 0).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
@@ -145,18 +92,11 @@ fn batched_left_padded_generation_equals_one_by_one() {
 fn eos_stops_each_sequence_and_sampling_is_seeded() {
     let dir = fixtures().join("models/tiny-llama");
     let m = load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap();
-    let prompt: Vec<i64> =
-        Vec::try_from(golden_tensor("tiny-llama", "greedy_prompt").flatten(0, -1)).unwrap();
-    let want: Vec<i64> =
-        Vec::try_from(golden_tensor("tiny-llama", "greedy_ids").flatten(0, -1)).unwrap();
+    let prompt: Vec<i64> = Vec::try_from(golden_tensor("tiny-llama", "greedy_prompt").flatten(0, -1)).unwrap();
+    let want: Vec<i64> = Vec::try_from(golden_tensor("tiny-llama", "greedy_ids").flatten(0, -1)).unwrap();
     // declare a later greedy token an eos id: generation must stop at its first occurrence
-    let stop = (2..want.len())
-        .find(|&i| !want[..i].contains(&want[i]))
-        .unwrap();
-    let cfg = SamplingConfig {
-        max_new_tokens: 20,
-        ..Default::default()
-    };
+    let stop = (2..want.len()).find(|&i| !want[..i].contains(&want[i])).unwrap();
+    let cfg = SamplingConfig { max_new_tokens: 20, ..Default::default() };
     let got = generate(&m.lm, &[prompt.clone()], &cfg, &[want[stop]], 0).unwrap();
     assert_eq!(got[0].tokens, want[..=stop].to_vec());
     assert!(got[0].stopped_on_eos);
@@ -178,10 +118,8 @@ fn eos_stops_each_sequence_and_sampling_is_seeded() {
 
 #[test]
 fn chat_templates_render_like_transformers() {
-    let cases: Vec<Value> = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap()).unwrap();
     let mut failures = Vec::new();
     for case in &cases {
         let name = case["name"].as_str().unwrap();
@@ -194,77 +132,52 @@ fn chat_templates_render_like_transformers() {
         let messages: Vec<Value> = case["messages"].as_array().unwrap().clone();
         let tools = case.get("tools").cloned();
         let got = match tools {
-            Some(tools) => t.render_with_tools(
-                &messages,
-                Some(&tools),
-                case["add_generation_prompt"].as_bool().unwrap(),
-            ),
+            Some(tools) => {
+                t.render_with_tools(&messages, Some(&tools), case["add_generation_prompt"].as_bool().unwrap())
+            }
             None => t.render_json(&messages, case["add_generation_prompt"].as_bool().unwrap()),
         };
         if case["expect_error"].as_bool().unwrap_or(false) {
             if got.is_ok() {
-                failures.push(format!(
-                    "{name}: expected an error, rendered {:?}",
-                    got.unwrap()
-                ));
+                failures.push(format!("{name}: expected an error, rendered {:?}", got.unwrap()));
             }
             continue;
         }
         match got {
             Ok(s) if s == case["expected"].as_str().unwrap() => {}
-            Ok(s) => failures.push(format!(
-                "{name}:\n got  {s:?}\n want {:?}",
-                case["expected"].as_str().unwrap()
-            )),
+            Ok(s) => failures.push(format!("{name}:\n got  {s:?}\n want {:?}", case["expected"].as_str().unwrap())),
             Err(e) => failures.push(format!("{name}: error {e}")),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[test]
 fn chat_prompt_tokens_and_greedy_reply_match_transformers() {
-    let g: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("chat_golden.json")).unwrap(),
-    )
-    .unwrap();
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat_golden.json")).unwrap()).unwrap();
     let dir = fixtures().join(g["model"].as_str().unwrap());
     let tok = ModelTokenizer::from_dir(&dir).unwrap();
     let m = load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap();
     for p in g["prompts"].as_array().unwrap() {
-        let messages: Vec<align_core::chat::ChatMessage> =
-            serde_json::from_value(p["messages"].clone()).unwrap();
+        let messages: Vec<align_core::chat::ChatMessage> = serde_json::from_value(p["messages"].clone()).unwrap();
         let rendered = tok.apply_chat_template(&messages, true).unwrap();
         assert_eq!(rendered, p["rendered"].as_str().unwrap());
         let ids = tok.encode(&rendered, false).unwrap();
         let want_ids: Vec<i64> = serde_json::from_value(p["input_ids"].clone()).unwrap();
         assert_eq!(ids, want_ids);
-        let cfg = SamplingConfig {
-            max_new_tokens: 12,
-            ..Default::default()
-        };
+        let cfg = SamplingConfig { max_new_tokens: 12, ..Default::default() };
         let out = generate(&m.lm, &[ids], &cfg, &[], tok.padding_id()).unwrap();
         let want: Vec<i64> = serde_json::from_value(p["greedy_ids"].clone()).unwrap();
         assert_eq!(out[0].tokens, want);
-        assert_eq!(
-            tok.decode(&out[0].tokens, true).unwrap(),
-            p["text"].as_str().unwrap()
-        );
+        assert_eq!(tok.decode(&out[0].tokens, true).unwrap(), p["text"].as_str().unwrap());
     }
 }
 
 #[test]
 fn perplexity_matches_transformers() {
-    let g: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("perplexity_golden.json")).unwrap(),
-    )
-    .unwrap();
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("perplexity_golden.json")).unwrap()).unwrap();
     let text = std::fs::read_to_string(fixtures().join("perplexity.txt")).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     for (name, want) in g["models"].as_object().unwrap() {
@@ -274,24 +187,13 @@ fn perplexity_matches_transformers() {
         let seqs: Vec<Vec<i64>> = lines.iter().map(|l| tok.encode(l, true).unwrap()).collect();
         let per = sequences_nll(&m.lm, &seqs, 64).unwrap();
         for (rec, got) in want["records"].as_array().unwrap().iter().zip(&per) {
-            assert_eq!(
-                got.tokens,
-                rec["predicted_tokens"].as_i64().unwrap(),
-                "{name}"
-            );
+            assert_eq!(got.tokens, rec["predicted_tokens"].as_i64().unwrap(), "{name}");
             let w = rec["nll"].as_f64().unwrap();
-            assert!(
-                (got.nll - w).abs() <= 1e-4 * w.abs(),
-                "{name}: nll {} vs {w}",
-                got.nll
-            );
+            assert!((got.nll - w).abs() <= 1e-4 * w.abs(), "{name}: nll {} vs {w}", got.nll);
         }
         let ppl = perplexity(&per);
         let w = want["perplexity"].as_f64().unwrap();
-        assert!(
-            (ppl - w).abs() <= 1e-4 * w,
-            "{name}: perplexity {ppl} vs {w}"
-        );
+        assert!((ppl - w).abs() <= 1e-4 * w, "{name}: perplexity {ppl} vs {w}");
     }
 }
 
@@ -306,27 +208,17 @@ fn save_then_load_is_bitwise_and_shards_when_large() {
             &m.vs,
             &m.lm.config,
             &out,
-            &SaveOptions {
-                companions_from: Some(&src),
-                max_shard_bytes: shard,
-                ..Default::default()
-            },
+            &SaveOptions { companions_from: Some(&src), max_shard_bytes: shard, ..Default::default() },
         )
         .unwrap();
-        assert_eq!(
-            out.join("model.safetensors.index.json").is_file(),
-            sub == "sharded"
-        );
+        assert_eq!(out.join("model.safetensors.index.json").is_file(), sub == "sharded");
         assert!(out.join("tokenizer.json").is_file() && out.join("config.json").is_file());
         let back = load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
         let a = m.vs.variables();
         let b = back.vs.variables();
         assert_eq!(a.len(), b.len());
         for (k, v) in &a {
-            assert!(
-                v.equal(&b[k]),
-                "{sub}: tensor {k} changed in the round trip"
-            );
+            assert!(v.equal(&b[k]), "{sub}: tensor {k} changed in the round trip");
         }
     }
 }
@@ -339,8 +231,7 @@ fn bf16_load_and_save_keep_dtype() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
     save_pretrained(&m.vs, &m.lm.config, &out, &SaveOptions::default()).unwrap();
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
     let back = load_causal_lm(&out, Device::Cpu, Kind::BFloat16).unwrap();
     for (k, v) in m.vs.variables() {
@@ -360,37 +251,24 @@ fn copy_dir(from: &Path, to: &Path) {
 fn broken_folders_give_one_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixtures().join("models/tiny-llama");
-    let err = |dir: &Path| {
-        load_causal_lm(dir, Device::Cpu, Kind::Float)
-            .err()
-            .expect("must fail")
-            .to_string()
-    };
+    let err = |dir: &Path| load_causal_lm(dir, Device::Cpu, Kind::Float).err().expect("must fail").to_string();
 
     let d = tmp.path().join("noconfig");
     copy_dir(&src, &d);
     std::fs::remove_file(d.join("config.json")).unwrap();
     let e = err(&d);
-    assert!(
-        e.contains("config.json") && e.contains("no config.json"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("no config.json"), "{e}");
 
     let d = tmp.path().join("truncated");
     copy_dir(&src, &d);
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let e = err(&d);
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
 
     let d = tmp.path().join("badtype");
     copy_dir(&src, &d);
-    let cfg = std::fs::read_to_string(d.join("config.json"))
-        .unwrap()
-        .replace("\"llama\"", "\"gpt_neox\"");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = err(&d);
     assert!(e.contains("config.json") && e.contains("gpt_neox"), "{e}");
@@ -402,25 +280,16 @@ fn broken_folders_give_one_clear_error() {
         .replace("\"intermediate_size\": 64", "\"intermediate_size\": 96");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = err(&d);
-    assert!(
-        e.contains("mlp.down_proj.weight") && e.contains("[32, 64]") && e.contains("[32, 96]"),
-        "{e}"
-    );
+    assert!(e.contains("mlp.down_proj.weight") && e.contains("[32, 64]") && e.contains("[32, 96]"), "{e}");
 
     let d = tmp.path().join("untied");
     copy_dir(&src, &d);
     let cfg = std::fs::read_to_string(d.join("config.json"))
         .unwrap()
-        .replace(
-            "\"tie_word_embeddings\": true",
-            "\"tie_word_embeddings\": false",
-        );
+        .replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = err(&d);
-    assert!(
-        e.contains("lacks 1 tensor") && e.contains("lm_head.weight"),
-        "{e}"
-    );
+    assert!(e.contains("lacks 1 tensor") && e.contains("lm_head.weight"), "{e}");
 
     let d = tmp.path().join("noweights");
     copy_dir(&src, &d);
@@ -457,11 +326,7 @@ fn saved_folder_loads_in_transformers() {
             &m.vs,
             &m.lm.config,
             &out,
-            &SaveOptions {
-                companions_from: Some(&src),
-                max_shard_bytes: 60_000,
-                ..Default::default()
-            },
+            &SaveOptions { companions_from: Some(&src), max_shard_bytes: 60_000, ..Default::default() },
         )
         .unwrap();
         let status = std::process::Command::new(&python)
@@ -470,9 +335,6 @@ fn saved_folder_loads_in_transformers() {
             .arg(src.join("golden.safetensors"))
             .status()
             .unwrap();
-        assert!(
-            status.success(),
-            "{name}: transformers does not reproduce the logits of the folder we saved"
-        );
+        assert!(status.success(), "{name}: transformers does not reproduce the logits of the folder we saved");
     }
 }

@@ -1,0 +1,68 @@
+//! `align eval …`: model evaluations that print a table, or one JSON object with `--json`.
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+
+use align_core::data::read_text_records;
+use align_core::logprobs::{perplexity as ppl_of, sequences_nll};
+
+use crate::common::load_session;
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// .txt (every non-empty line is a record) or .jsonl / .json (`text` field).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Records are truncated to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Tokens per forward batch.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn perplexity(args: PerplexityArgs) -> Result<()> {
+    crate::existing(&args.data, "data file")?;
+    if args.max_length < 2 {
+        bail!("--max-length: expected at least 2 tokens, found {}", args.max_length);
+    }
+    let records = read_text_records(&args.data)?;
+    if records.is_empty() {
+        bail!("{}: no records", args.data.display());
+    }
+    let s = load_session(&args.model)?;
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut truncated = 0;
+    for r in &records {
+        let mut ids = s.tokenizer.encode(&r.text, true)?;
+        if ids.len() > args.max_length {
+            ids.truncate(args.max_length);
+            truncated += 1;
+        }
+        seqs.push(ids);
+    }
+    let started = std::time::Instant::now();
+    let per = sequences_nll(&s.model.lm, &seqs, args.batch_tokens)?;
+    let nll: f64 = per.iter().map(|p| p.nll).sum();
+    let tokens: i64 = per.iter().map(|p| p.tokens).sum();
+    let ppl = ppl_of(&per);
+    tracing::info!(
+        "scored {tokens} tokens in {:.2}s ({truncated} records truncated to {})",
+        started.elapsed().as_secs_f64(),
+        args.max_length
+    );
+    if args.json {
+        println!("{}", json!({"perplexity": ppl, "nll": nll, "tokens": tokens, "records": records.len()}));
+    } else {
+        println!("{:<12} {:>12} {:>14} {:>10}", "records", "tokens", "mean nll", "perplexity");
+        println!("{:<12} {:>12} {:>14.6} {:>10.4}", records.len(), tokens, nll / tokens.max(1) as f64, ppl);
+    }
+    Ok(())
+}

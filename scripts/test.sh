@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: sets up what is missing (.venv with torch, transformers for the interop
+# checks), builds the workspace in release mode and runs every test.
+#   scripts/test.sh [extra cargo test args]
+# Real-model checks run too when ALIGN_SMOLLM2_DIR points to a SmolLM2 folder
+# (make one with ../shared/tools/make-smollm2.sh DIR .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+if ! python -c "import transformers" 2>/dev/null; then
+  echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
+  pip install -q --disable-pip-version-check "transformers==5.23.0" >&2
+fi
+cargo build --release --workspace
+cargo test --release --workspace "$@"
