@@ -67,9 +67,8 @@ fn reference(args: &BenchGenerateArgs, dir: &str, dtype: &str, device: &str) -> 
         .args(["--model", dir, "--batch-sizes", &sizes.join(","), "--dtype", dtype, "--device", device])
         .args(["--prompt-len", &args.prompt_len.to_string(), "--new-tokens", &args.new_tokens.to_string()])
         .args(["--repeats", &args.repeats.to_string(), "--seed", &args.seed.to_string()]);
-    if let Some(t) = args.model.threads {
-        cmd.args(["--threads", &t.to_string()]);
-    }
+    // same intra-op thread count on both sides
+    cmd.args(["--threads", &tch::get_num_threads().to_string()]);
     tracing::info!("running the transformers reference: {:?}", cmd);
     let out = cmd.output().with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
@@ -87,7 +86,11 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
     let lm = &s.model.lm;
     let vocab = lm.config.vocab_size;
     let cfg = SamplingConfig { max_new_tokens: args.new_tokens, ..Default::default() };
-    let dtype = align_core::checkpoint::hf_dtype_name(lm.kind());
+    let dtype = match lm.kind() {
+        tch::Kind::BFloat16 => "bf16",
+        tch::Kind::Half => "f16",
+        _ => "f32",
+    };
     let device = if s.device.is_cuda() { "cuda" } else { "cpu" };
     let mut rows = Vec::new();
     for &b in &args.batch_sizes {

@@ -192,26 +192,20 @@ impl Attention {
             }
             None => (k, v),
         };
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = if rep > 1 { (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?) } else { (k, v) };
+        // grouped-query heads are matched inside the attention kernel (no copy of K/V)
+        let gqa = self.num_heads != self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match mask {
             AttnMask::Causal => {
-                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false)?
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, gqa)?
             }
             AttnMask::Explicit(m) => {
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa)?
             }
         };
         let out = out.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out)
     }
-}
-
-/// `[B, kv, S, D]` → `[B, kv*rep, S, D]`, each key/value head repeated for its query group.
-fn repeat_kv(x: &Tensor, rep: i64) -> Result<Tensor> {
-    let s = x.size();
-    Ok(x.f_unsqueeze(2)?.f_expand([s[0], s[1], rep, s[2], s[3]], false)?.f_reshape([s[0], s[1] * rep, s[2], s[3]])?)
 }
 
 /// The gated SiLU feed-forward block.
