@@ -9,6 +9,7 @@ mod common;
 mod eval;
 mod generate;
 mod init;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Generate text from prompts with a model folder.
     Generate(generate::GenerateArgs),
+    /// Train one stage (pretrain, sft) from a TOML config; resumes from the newest checkpoint.
+    Train(train::TrainArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),

@@ -397,16 +397,19 @@ pub fn copy_companions(from: &Path, to: &Path) -> Result<()> {
 /// Saves a causal LM as a complete HF folder: weights (sharded when large), config.json and the
 /// companion files. Written into a temporary sibling folder and renamed into place when complete.
 pub fn save_pretrained(vs: &VarStore, config: &ModelConfig, out: &Path, opts: &SaveOptions) -> Result<()> {
+    write_folder(out, |tmp| write_pretrained(vs, config, tmp, opts))
+}
+
+/// Writes the files of `save_pretrained` into an existing folder (no renaming).
+pub fn write_pretrained(vs: &VarStore, config: &ModelConfig, dir: &Path, opts: &SaveOptions) -> Result<()> {
     let tensors = causal_lm_tensors(vs, config);
     let stored = opts.dtype.or_else(|| tensors.values().next().map(Tensor::kind)).unwrap_or(Kind::Float);
-    write_folder(out, |tmp| {
-        save_tensors(&tensors, tmp, opts.dtype, opts.max_shard_bytes)?;
-        write_config(config, tmp, stored, config.model_type.causal_lm_architecture())?;
-        if let Some(from) = opts.companions_from {
-            copy_companions(from, tmp)?;
-        }
-        Ok(())
-    })
+    save_tensors(&tensors, dir, opts.dtype, opts.max_shard_bytes)?;
+    write_config(config, dir, stored, config.model_type.causal_lm_architecture())?;
+    if let Some(from) = opts.companions_from {
+        copy_companions(from, dir)?;
+    }
+    Ok(())
 }
 
 /// Runs `fill` on a fresh temporary folder next to `out`, then renames it to `out` (replacing an

@@ -3,12 +3,18 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod conversation;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod lm_objective;
 pub mod logprobs;
 pub mod model;
+pub mod optim;
 pub mod tokenizer;
+pub mod train_config;
+pub mod train_setup;
+pub mod trainer;
 
 pub use checkpoint::{load_causal_lm, LoadedModel};
 pub use config::ModelConfig;

@@ -1,0 +1,55 @@
+//! `align train STAGE --config FILE.toml [--set key=value …] [--restart]`.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use align_core::train_config::LoadedConfig;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Stage {
+    Pretrain,
+    Sft,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Which stage to train.
+    pub stage: Stage,
+    /// The stage's config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override any key, e.g. --set train.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Start over instead of resuming from the newest checkpoint in output_dir.
+    #[arg(long)]
+    pub restart: bool,
+    /// Stop (as if interrupted) after this many steps; the run resumes from there.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    crate::existing(&args.config, "config file")?;
+    let (section, summary) = match args.stage {
+        Stage::Pretrain => {
+            let cfg = LoadedConfig::load(&args.config, &args.overrides, "pretrain")?;
+            ("pretrain", align_pretrain::run(&cfg, args.restart, args.stop_after)?)
+        }
+        Stage::Sft => {
+            let cfg = LoadedConfig::load(&args.config, &args.overrides, "sft")?;
+            ("sft", align_sft::run(&cfg, args.restart, args.stop_after)?)
+        }
+    };
+    eprintln!(
+        "{section}: {} ({} of {} steps, last loss {}, eval loss {}){}",
+        summary.stop_reason,
+        summary.steps,
+        summary.total_steps,
+        summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.final_dir.as_ref().map_or(String::new(), |d| format!(" → {}", d.display()))
+    );
+    Ok(())
+}

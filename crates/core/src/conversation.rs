@@ -1,0 +1,126 @@
+//! Conversations → token ids with labels on assistant tokens only, through the model's own chat
+//! template (the same rendering `generate --chat`, RM, DPO and PPO use).
+use std::ops::Range;
+
+use anyhow::{bail, Result};
+
+use crate::chat::ChatMessage;
+use crate::logprobs::IGNORE_INDEX;
+use crate::tokenizer::ModelTokenizer;
+
+/// Token ids and next-token labels (`IGNORE_INDEX` where no loss is taken).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabeledTokens {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl LabeledTokens {
+    /// Number of positions that carry a label.
+    pub fn label_count(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+
+    /// Keeps the first `len` tokens.
+    pub fn truncate(&mut self, len: usize) {
+        self.input_ids.truncate(len);
+        self.labels.truncate(len);
+    }
+}
+
+/// Byte ranges of the rendered conversation produced by each assistant turn (its content and
+/// the template's end-of-turn text), found by rendering growing prefixes: the span of turn `i` is
+/// what `render(messages[..=i])` adds to `render(messages[..i], add_generation_prompt)`.
+pub fn assistant_spans(tok: &ModelTokenizer, messages: &[ChatMessage]) -> Result<(String, Vec<Range<usize>>)> {
+    let template = tok.chat_template()?;
+    let full = template.render(messages, false)?;
+    let mut spans = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let prompt = template.render(&messages[..i], true)?;
+        let upto = template.render(&messages[..=i], false)?;
+        if !upto.starts_with(&prompt) || !full.starts_with(&upto) {
+            bail!(
+                "the chat template does not render conversations as growing prefixes (turn {} changes earlier text), so assistant tokens cannot be located; set train_on_prompt = true or use another template",
+                i + 1
+            );
+        }
+        if upto.len() > prompt.len() {
+            spans.push(prompt.len()..upto.len());
+        }
+    }
+    Ok((full, spans))
+}
+
+/// Tokenises a conversation rendered with the chat template. Labels cover every assistant turn
+/// (content plus the template's end-of-turn tokens); with `train_on_prompt` every token is labelled.
+pub fn encode_conversation(
+    tok: &ModelTokenizer,
+    messages: &[ChatMessage],
+    train_on_prompt: bool,
+) -> Result<LabeledTokens> {
+    let (text, spans) = assistant_spans(tok, messages)?;
+    let enc = tok.inner().encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let input_ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+    let labels = if train_on_prompt {
+        input_ids.clone()
+    } else {
+        input_ids
+            .iter()
+            .zip(enc.get_offsets())
+            .map(|(&id, &(start, end))| {
+                // a token belongs to an assistant turn when it starts inside one (zero-width
+                // tokens use their end)
+                let at = if end > start { start } else { end.saturating_sub(1) };
+                if spans.iter().any(|s| s.contains(&at)) {
+                    id
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect()
+    };
+    Ok(LabeledTokens { input_ids, labels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn tok() -> ModelTokenizer {
+        ModelTokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-qwen2"))
+            .unwrap()
+    }
+
+    #[test]
+    fn labels_cover_exactly_the_assistant_turns_and_their_end_tokens() {
+        let t = tok();
+        let msgs = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "What is fever?"),
+            ChatMessage::new("assistant", "A high temperature."),
+            ChatMessage::new("user", "发烧怎么办？"),
+            ChatMessage::new("assistant", "多喝水。"),
+        ];
+        let enc = encode_conversation(&t, &msgs, false).unwrap();
+        assert_eq!(enc.input_ids.len(), enc.labels.len());
+        // decoding the labelled tokens gives both answers each followed by the end-of-turn marker
+        let labelled: Vec<i64> = enc.labels.iter().copied().filter(|&l| l != IGNORE_INDEX).collect();
+        let text = t.decode(&labelled, false).unwrap();
+        assert_eq!(text, "A high temperature.<|im_end|>\n多喝水。<|im_end|>\n");
+        // nothing of the prompts is labelled
+        let unlabelled: Vec<i64> =
+            enc.input_ids.iter().zip(&enc.labels).filter(|(_, &l)| l == IGNORE_INDEX).map(|(&i, _)| i).collect();
+        let prompt_text = t.decode(&unlabelled, false).unwrap();
+        assert!(
+            prompt_text.contains("What is fever?")
+                && prompt_text.contains("发烧怎么办？")
+                && !prompt_text.contains("多喝水")
+        );
+        let all = encode_conversation(&t, &msgs, true).unwrap();
+        assert_eq!(all.labels, all.input_ids);
+    }
+}

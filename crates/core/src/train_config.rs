@@ -1,0 +1,364 @@
+//! The one training-config schema every stage reads (`align train STAGE --config FILE.toml
+//! [--set key=value …]`): top-level model/data/output keys, `[train]`, `[lora]`, `[freeze]`,
+//! `[data_options]`, plus the stage's own section, which the stage crate deserialises itself.
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::optim::Schedule;
+
+/// How the model's weights are tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every weight is trained.
+    #[default]
+    Full,
+    /// Low-rank adapters (`[lora]`); the base stays frozen.
+    Lora,
+    /// Only the parts named in `[freeze]` are trained.
+    Freeze,
+}
+
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_len() -> usize {
+    1024
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_device() -> String {
+    "auto".into()
+}
+fn d_log() -> u64 {
+    10
+}
+fn d_nonfinite() -> u64 {
+    3
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+
+/// `[train]`: the loop's settings. Every field has a default (docs/config.md lists them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps; 0 = derive from `epochs`.
+    #[serde(default)]
+    pub max_steps: u64,
+    #[serde(default = "d_epochs")]
+    pub epochs: f64,
+    /// Examples per micro-batch.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 = no clipping.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Token budget per example.
+    #[serde(default = "d_len")]
+    pub max_length: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Keep only the newest N checkpoints (0 = keep all).
+    #[serde(default)]
+    pub save_total_limit: usize,
+    /// Evaluate on the validation split every N steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Share of the training records held out for validation when no `val_data` is given.
+    #[serde(default)]
+    pub val_ratio: f64,
+    /// Stop when the eval loss has not improved for this many evaluations (0 = never).
+    #[serde(default)]
+    pub early_stopping_patience: u64,
+    /// Stop after this many non-finite (NaN/inf) steps in a row.
+    #[serde(default = "d_nonfinite")]
+    pub max_nonfinite_steps: u64,
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// f32, bf16, f16 (default: f32 on CPU, bf16 on CUDA; bf16/f16 keep f32 master weights).
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Log a line every N steps when stderr is not a terminal.
+    #[serde(default = "d_log")]
+    pub log_every: u64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    /// Intra-op CPU threads (default: libtorch's choice).
+    #[serde(default)]
+    pub threads: Option<i32>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all [train] fields have defaults"))
+    }
+}
+
+/// A training config: the keys shared by every stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model folder to start from.
+    pub model: String,
+    /// LoRA adapter folder to start from (trained further under `method = "lora"`).
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Training files (paths or glob patterns).
+    pub data: Vec<String>,
+    /// Validation files; when empty, `train.val_ratio` of `data` is held out.
+    #[serde(default)]
+    pub val_data: Vec<String>,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub lora: Option<toml::Table>,
+    #[serde(default)]
+    pub freeze: Option<toml::Table>,
+    #[serde(default)]
+    pub data_options: Option<toml::Table>,
+}
+
+/// A parsed config plus the stage's own section and where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: TrainConfig,
+    /// The stage section (`[sft]`, `[pretrain]`, …), empty when absent.
+    pub stage: toml::Table,
+    pub stage_name: String,
+    pub origin: PathBuf,
+    /// SHA-256 of the resolved config (both parts), stable across key order.
+    pub hash: String,
+}
+
+/// Parses `--set a.b=VALUE` into a key path and a TOML value (a bare word is a string).
+pub fn parse_override(s: &str) -> Result<(Vec<String>, toml::Value)> {
+    let (key, value) = s.split_once('=').ok_or_else(|| anyhow!("--set {s}: expected KEY=VALUE"))?;
+    let path: Vec<String> = key.trim().split('.').map(|p| p.trim().to_string()).collect();
+    if path.iter().any(String::is_empty) {
+        bail!("--set {s}: empty key component");
+    }
+    let raw = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    Ok((path, parsed))
+}
+
+/// Sets `value` at `path` inside `table`, creating tables on the way.
+pub fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<()> {
+    let (last, parents) = path.split_last().ok_or_else(|| anyhow!("empty key"))?;
+    let mut cur = table;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = cur.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| anyhow!("key '{}' is not a table", path[..=i].join(".")))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+/// SHA-256 hex digest of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// JSON text of a value with object keys sorted, so equal configs hash equally.
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let items: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", serde_json::Value::String((*k).clone()), canonical_json(&map[*k])))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        serde_json::Value::Array(items) => {
+            format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+impl LoadedConfig {
+    /// Reads `path`, applies `--set` overrides, splits off `[stage]` and validates the rest.
+    pub fn load(path: &Path, overrides: &[String], stage: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+        Self::from_table(table, path, overrides, stage)
+    }
+
+    pub fn from_table(mut table: toml::Table, origin: &Path, overrides: &[String], stage: &str) -> Result<Self> {
+        for o in overrides {
+            let (key, value) = parse_override(o)?;
+            set_path(&mut table, &key, value)?;
+        }
+        let stage_table = match table.remove(stage) {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t,
+            Some(other) => bail!("{}: key '{stage}': expected a table, found {}", origin.display(), other.type_str()),
+        };
+        let config: TrainConfig = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{}: {}", origin.display(), describe_toml_error(&e, stage)))?;
+        validate(&config).map_err(|e| anyhow!("{}: {e}", origin.display()))?;
+        let mut whole = serde_json::to_value(&table)?;
+        whole[stage] = serde_json::to_value(&stage_table)?;
+        let hash = sha256_hex(canonical_json(&whole).as_bytes());
+        Ok(LoadedConfig {
+            config,
+            stage: stage_table,
+            stage_name: stage.to_string(),
+            origin: origin.to_path_buf(),
+            hash,
+        })
+    }
+
+    /// Deserialises the stage section into the stage's own struct, naming the section on error.
+    pub fn stage_section<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        toml::Value::Table(self.stage.clone()).try_into().map_err(|e: toml::de::Error| {
+            anyhow!("{}: [{}]: {}", self.origin.display(), self.stage_name, e.message().trim())
+        })
+    }
+
+    /// Deserialises an optional table (`lora`, `freeze`, `data_options`) into its struct.
+    pub fn section<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        name: &str,
+        table: Option<&toml::Table>,
+    ) -> Result<T> {
+        match table {
+            None => Ok(T::default()),
+            Some(t) => toml::Value::Table(t.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| anyhow!("{}: [{name}]: {}", self.origin.display(), e.message().trim())),
+        }
+    }
+}
+
+fn describe_toml_error(e: &toml::de::Error, stage: &str) -> String {
+    let msg = e.message().trim().to_string();
+    if msg.starts_with("unknown field") {
+        format!("{msg} (stage sections other than [{stage}] are not accepted here)")
+    } else {
+        msg
+    }
+}
+
+fn validate(c: &TrainConfig) -> Result<()> {
+    let t = &c.train;
+    if c.data.is_empty() {
+        bail!("key 'data': expected at least one file");
+    }
+    if t.batch_size == 0 || t.grad_accum == 0 {
+        bail!("key 'train.batch_size' / 'train.grad_accum': expected ≥ 1");
+    }
+    if !(t.lr > 0.0) {
+        bail!("key 'train.lr': expected a positive number, found {}", t.lr);
+    }
+    if !(0.0..1.0).contains(&t.val_ratio) {
+        bail!("key 'train.val_ratio': expected a number in [0, 1), found {}", t.val_ratio);
+    }
+    if !(0.0..=1.0).contains(&t.warmup_ratio) || !(0.0..=1.0).contains(&t.min_lr_ratio) {
+        bail!("keys 'train.warmup_ratio' and 'train.min_lr_ratio': expected numbers in [0, 1]");
+    }
+    if t.max_steps == 0 && !(t.epochs > 0.0) {
+        bail!("key 'train.epochs': expected a positive number when train.max_steps is 0");
+    }
+    if t.max_length < 2 {
+        bail!("key 'train.max_length': expected at least 2 tokens");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, sets: &[&str]) -> Result<LoadedConfig> {
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        LoadedConfig::from_table(table, Path::new("c.toml"), &sets, "sft")
+    }
+
+    const BASE: &str = "model = \"m\"\ndata = [\"d.jsonl\"]\noutput_dir = \"out\"\n[train]\nlr = 1e-4\n[sft]\ntrain_on_prompt = true\n";
+
+    #[test]
+    fn defaults_overrides_and_stage_section() {
+        let c = load(BASE, &["train.lr=3e-4", "train.schedule=linear", "method=lora", "sft.packing=true"]).unwrap();
+        assert_eq!(c.config.train.lr, 3e-4);
+        assert_eq!(c.config.train.schedule, Schedule::Linear);
+        assert_eq!(c.config.method, Method::Lora);
+        assert_eq!(c.config.train.batch_size, 8);
+        assert_eq!(c.stage.get("packing").and_then(|v| v.as_bool()), Some(true));
+        assert_eq!(c.hash.len(), 64);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = load(BASE, &["train.lrr=1"]).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("lrr"), "{e}");
+        let e = load(&format!("{BASE}colour = 1\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = load(BASE, &["train.val_ratio=1.5"]).unwrap_err().to_string();
+        assert!(e.contains("train.val_ratio"), "{e}");
+    }
+
+    #[test]
+    fn hash_ignores_key_order_and_sees_values() {
+        let a = load(BASE, &[]).unwrap().hash;
+        let reordered = "output_dir = \"out\"\ndata = [\"d.jsonl\"]\nmodel = \"m\"\n[sft]\ntrain_on_prompt = true\n[train]\nlr = 1e-4\n";
+        assert_eq!(a, load(reordered, &[]).unwrap().hash);
+        assert_ne!(a, load(BASE, &["train.lr=2e-4"]).unwrap().hash);
+    }
+}

@@ -1,0 +1,110 @@
+//! Supervised fine-tuning (SFT): conversations rendered with the model's chat template, labels on
+//! the assistant turns only (their end-of-turn tokens included), next-token loss.
+use anyhow::{bail, Result};
+use serde::Deserialize;
+
+use align_core::conversation::{encode_conversation, LabeledTokens};
+use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, LengthBudget, LengthDecision};
+use align_core::lm_objective::{predicted_labels, NextTokenObjective, SequenceSplits};
+use align_core::train_config::LoadedConfig;
+use align_core::train_setup::TrainingModel;
+use align_core::trainer::{train, TrainRun, TrainSummary};
+
+/// `[sft]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {
+    /// Also train on system and user tokens.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+}
+
+/// How many conversations the length budget changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BudgetCounts {
+    pub kept: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+}
+
+/// Encodes conversations and applies the token budget: over-long ones are truncated or dropped as
+/// configured; one left without any label after truncation is dropped too.
+pub fn encode_all(
+    tm: &TrainingModel,
+    convs: &[&Conversation],
+    train_on_prompt: bool,
+    budget: LengthBudget,
+) -> Result<(Vec<LabeledTokens>, BudgetCounts)> {
+    let mut out = Vec::with_capacity(convs.len());
+    let mut counts = BudgetCounts::default();
+    for c in convs {
+        let mut enc = encode_conversation(&tm.tokenizer, &c.to_messages(), train_on_prompt)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", c.origin))?;
+        match budget.decide(enc.input_ids.len()) {
+            LengthDecision::Keep => {}
+            LengthDecision::Truncate { to } => {
+                enc.truncate(to);
+                counts.truncated += 1;
+            }
+            LengthDecision::Drop => {
+                counts.dropped += 1;
+                continue;
+            }
+        }
+        if predicted_labels(&enc) == 0 {
+            counts.dropped += 1;
+            continue;
+        }
+        counts.kept += 1;
+        out.push(enc);
+    }
+    Ok((out, counts))
+}
+
+/// Runs (or resumes) the SFT stage described by `cfg`.
+pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
+    let section: SftSection = cfg.stage_section()?;
+    let options: DataOptions = cfg.section("data_options", cfg.config.data_options.as_ref())?;
+    let c = &cfg.config;
+    let tm = TrainingModel::load(cfg)?;
+    tm.tokenizer.chat_template()?;
+    let budget = LengthBudget::new(c.train.max_length, options.length_policy);
+    let data = read_sft(&c.data, &options)?;
+    let (train_convs, val_convs): (Vec<&Conversation>, Vec<&Conversation>) = if c.val_data.is_empty() {
+        let (tr, va) = split_by_ratio(data.records.len(), c.train.val_ratio, c.train.seed);
+        (tr.iter().map(|&i| &data.records[i]).collect(), va.iter().map(|&i| &data.records[i]).collect())
+    } else {
+        (data.records.iter().collect(), Vec::new())
+    };
+    let val_data = if c.val_data.is_empty() { None } else { Some(read_sft(&c.val_data, &options)?) };
+    let val_convs: Vec<&Conversation> = match &val_data {
+        Some(v) => v.records.iter().collect(),
+        None => val_convs,
+    };
+    let (train_seqs, tc) = encode_all(&tm, &train_convs, section.train_on_prompt, budget)?;
+    let (val_seqs, vc) = encode_all(&tm, &val_convs, section.train_on_prompt, budget)?;
+    if train_seqs.is_empty() {
+        bail!(
+            "{}: no training conversation is left after the length budget (train.max_length = {})",
+            cfg.origin.display(),
+            c.train.max_length
+        );
+    }
+    tracing::info!(
+        "SFT on {} conversations ({} truncated, {} dropped at max_length {}), {} validation",
+        tc.kept,
+        tc.truncated,
+        tc.dropped,
+        c.train.max_length,
+        vc.kept
+    );
+    let params = tm.trainable_params();
+    let mut objective = NextTokenObjective {
+        lm: &tm.loaded.lm,
+        data: SequenceSplits { train: train_seqs, validation: val_seqs },
+        pad_id: tm.tokenizer.padding_id(),
+    };
+    let run =
+        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
+    train(run, &mut objective, &tm)
+}
