@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod common;
+mod data_cmd;
 mod eval;
 mod generate;
 mod init;
@@ -36,6 +37,9 @@ enum Command {
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+    /// Data tools: check data files (formats, invalid records, token lengths).
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Benchmarks that print their figures next to a reference implementation.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
+        Command::Data(c) => data_cmd::run(c),
         Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
         Command::Env => common::print_env(),
     };

@@ -1,0 +1,227 @@
+//! Training data for every stage: reads `.jsonl` / `.json` / `.txt` files (paths or globs),
+//! detects each file's format (ShareGPT, OpenAI messages, Alpaca, TRL, MedicalGPT, LLaMA-Factory
+//! …), turns records into conversations, preference pairs, prompts or documents, and reports per
+//! file what was read. Every error names the file, the line, the field and what was expected.
+//!
+//! Entry points: [`read_pretrain`], [`read_sft`], [`read_preference`], [`read_prompts`] (load for
+//! training), [`check_files`] (what `align data check` prints), [`split_by_ratio`] /
+//! [`split_records`] (train/validation split) and [`LengthBudget`] (token-length policy).
+//! The formats are documented in `docs/data-formats.md`.
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+mod budget;
+mod fields;
+mod formats;
+mod preference;
+mod pretrain;
+mod prompt;
+mod reader;
+mod report;
+mod sft;
+mod source;
+mod split;
+
+pub use budget::{LengthBudget, LengthBudgetCounts, LengthDecision, LengthPolicy};
+pub use formats::DataFormat;
+pub use preference::PreferencePair;
+pub use pretrain::Document;
+pub use prompt::PromptRecord;
+pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, LoadedData};
+pub use report::{check_files, reports_table, DataReport, InvalidRecord, LengthStats};
+pub use sft::Conversation;
+pub use source::expand_data_paths;
+pub use split::{shuffle_in_place, split_by_ratio, split_records, SplitMix64};
+
+/// What a data file holds, i.e. which stage reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataKind {
+    /// Documents for next-token pretraining.
+    Pretrain,
+    /// Conversations for supervised fine-tuning.
+    Sft,
+    /// Chosen/rejected pairs for reward models and DPO.
+    Preference,
+    /// Prompts (with optional reference answers) for PPO/GRPO rollouts.
+    Prompt,
+}
+
+impl DataKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataKind::Pretrain => "pretrain",
+            DataKind::Sft => "sft",
+            DataKind::Preference => "preference",
+            DataKind::Prompt => "prompt",
+        }
+    }
+}
+
+impl fmt::Display for DataKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DataKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pretrain" => Ok(DataKind::Pretrain),
+            "sft" => Ok(DataKind::Sft),
+            "preference" => Ok(DataKind::Preference),
+            "prompt" => Ok(DataKind::Prompt),
+            other => bail!("data kind: expected one of pretrain, sft, preference, prompt, found '{other}'"),
+        }
+    }
+}
+
+/// How a `.txt` pretraining file is split into documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextMode {
+    /// Every non-empty line is one document.
+    #[default]
+    Line,
+    /// The whole file is one document.
+    File,
+}
+
+/// Options for reading data (`[data_options]` in a pipeline config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataOptions {
+    /// false: the first invalid record is an error (`file:line: field …`); true: invalid records
+    /// are left out and counted in each file's [`DataReport`].
+    pub skip_invalid: bool,
+    /// How `.txt` files are split into documents.
+    pub text_mode: TextMode,
+    /// Fraction of records held out for validation by [`split_by_ratio`] (0 = none).
+    pub val_ratio: f64,
+    /// Seed of the train/validation split.
+    pub seed: u64,
+    /// Keep preference pairs whose chosen and rejected answers are identical (they are always
+    /// counted in `identical_pairs`).
+    pub keep_identical_pairs: bool,
+    /// What a stage does with a sequence longer than its `max_length` (see [`LengthBudget`]).
+    pub length_policy: LengthPolicy,
+    /// How many invalid records a report lists (all are counted).
+    pub max_invalid_shown: usize,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            skip_invalid: false,
+            text_mode: TextMode::Line,
+            val_ratio: 0.0,
+            seed: 42,
+            keep_identical_pairs: false,
+            length_policy: LengthPolicy::Truncate,
+            max_invalid_shown: 20,
+        }
+    }
+}
+
+impl DataOptions {
+    /// Checks the values a user can get wrong (`val_ratio` outside [0, 1)).
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.val_ratio) {
+            bail!("data_options.val_ratio: expected a number in [0, 1), found {}", self.val_ratio);
+        }
+        Ok(())
+    }
+}
+
+/// Where a record came from: the file, the 1-based line it starts on and, for a `.json` array,
+/// its 1-based position in the array. Displays as `file:line` (`file:line (item N)` for arrays).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    pub array_item: Option<usize>,
+}
+
+impl Origin {
+    pub fn line(file: &Path, line: usize) -> Self {
+        Origin { file: file.to_path_buf(), line, array_item: None }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)?;
+        if let Some(item) = self.array_item {
+            write!(f, " (item {item})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A short name of a JSON value's type for error messages.
+pub fn kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One text record and where it came from (1-based line; for a `.json` array, the item number).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextRecord {
+    pub text: String,
+    pub line: usize,
+}
+
+/// Reads the text records of one file: `.jsonl` / `.json` (`text` field of each record), any
+/// other extension as plain text with one record per non-empty line. The first invalid record
+/// is an error naming file and line.
+pub fn read_text_records(path: &Path) -> Result<Vec<TextRecord>> {
+    let documents = pretrain::read_documents_of_file(path, TextMode::Line)?;
+    Ok(documents
+        .into_iter()
+        .map(|d| TextRecord { line: d.origin.array_item.unwrap_or(d.origin.line), text: d.text })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_txt_and_jsonl_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let txt = dir.path().join("a.txt");
+        std::fs::write(&txt, "first\n\n  \nsecond\n").unwrap();
+        let recs = read_text_records(&txt).unwrap();
+        assert_eq!(
+            recs,
+            vec![TextRecord { text: "first".into(), line: 1 }, TextRecord { text: "second".into(), line: 4 }]
+        );
+        let jl = dir.path().join("b.jsonl");
+        std::fs::write(&jl, "{\"text\":\"ok\"}\n{\"text\":3}\n").unwrap();
+        let e = read_text_records(&jl).unwrap_err().to_string();
+        assert!(e.ends_with("b.jsonl:2: field 'text': expected a string, found a number"), "{e}");
+    }
+
+    #[test]
+    fn options_deserialise_with_defaults_and_reject_unknown_fields() {
+        let o: DataOptions = serde_json::from_str(r#"{"skip_invalid": true, "text_mode": "file"}"#).unwrap();
+        assert!(o.skip_invalid);
+        assert_eq!(o.text_mode, TextMode::File);
+        assert_eq!(o.max_invalid_shown, 20);
+        let e = serde_json::from_str::<DataOptions>(r#"{"skip_invalids": true}"#).unwrap_err().to_string();
+        assert!(e.contains("skip_invalids"), "{e}");
+        assert!(DataOptions { val_ratio: 1.0, ..Default::default() }.validate().is_err());
+    }
+}

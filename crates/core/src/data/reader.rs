@@ -1,0 +1,247 @@
+//! Reading the records of data files into documents, conversations, preference pairs or
+//! prompts: per-file format detection, invalid-record handling and the per-file reports.
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_json::{Map, Value};
+
+use super::fields::{FieldError, FieldResult};
+use super::source::{expand_data_paths, raw_records, FileLayout, RawContent};
+use super::{
+    kind_name, preference, pretrain, prompt, sft, Conversation, DataFormat, DataKind, DataOptions, DataReport,
+    Document, Origin, PreferencePair, PromptRecord, TextMode,
+};
+
+/// The records of all files, in file order, and one report per file.
+#[derive(Debug, Clone)]
+pub struct LoadedData<T> {
+    pub records: Vec<T>,
+    pub reports: Vec<DataReport>,
+}
+
+/// A record type of one data kind.
+pub(crate) trait DataRecord: Sized {
+    const KIND: DataKind;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self>;
+    fn origin(&self) -> &Origin;
+    /// A `.txt` document (only pretraining reads `.txt`).
+    fn from_text(_text: String, _origin: Origin) -> Option<Self> {
+        None
+    }
+    fn is_identical_pair(&self) -> bool {
+        false
+    }
+}
+
+impl DataRecord for Document {
+    const KIND: DataKind = DataKind::Pretrain;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
+        pretrain::parse(format, obj, origin)
+    }
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+    fn from_text(text: String, origin: Origin) -> Option<Self> {
+        Some(Document { text, origin })
+    }
+}
+
+impl DataRecord for Conversation {
+    const KIND: DataKind = DataKind::Sft;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
+        sft::parse(format, obj, origin)
+    }
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+}
+
+impl DataRecord for PreferencePair {
+    const KIND: DataKind = DataKind::Preference;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
+        preference::parse(format, obj, origin)
+    }
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+    fn is_identical_pair(&self) -> bool {
+        self.is_identical()
+    }
+}
+
+impl DataRecord for PromptRecord {
+    const KIND: DataKind = DataKind::Prompt;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
+        prompt::parse(format, obj, origin)
+    }
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+}
+
+/// Loading for training (options decide what an invalid record does) or checking (every
+/// problem is recorded in the report, nothing is an error but an unreadable file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    Load,
+    Check,
+}
+
+fn keys_of(obj: &Map<String, Value>) -> String {
+    if obj.is_empty() {
+        return "none".to_string();
+    }
+    let mut keys: Vec<String> = obj.keys().take(8).map(|k| format!("'{k}'")).collect();
+    if obj.len() > 8 {
+        keys.push("…".to_string());
+    }
+    keys.join(", ")
+}
+
+/// Reads one file as records of `T`.
+pub(crate) fn read_file<T: DataRecord>(
+    path: &Path,
+    layout: FileLayout,
+    options: &DataOptions,
+    mode: ReadMode,
+) -> Result<(Vec<T>, DataReport)> {
+    let kind = T::KIND;
+    let mut report = DataReport::new(path, kind);
+    if layout == FileLayout::Text && kind != DataKind::Pretrain {
+        bail!("{}: .txt files hold pretraining text only; {kind} data must be a .jsonl or .json file", path.display());
+    }
+    let raw = match raw_records(path, layout, options.text_mode)? {
+        Ok(raw) => raw,
+        Err(problem) if mode == ReadMode::Check => {
+            report.add_invalid(problem.origin, problem.message, options.max_invalid_shown);
+            return Ok((Vec::new(), report));
+        }
+        Err(problem) => return Err(problem.into_error()),
+    };
+    if layout == FileLayout::Text {
+        report.format = Some(match options.text_mode {
+            TextMode::Line => DataFormat::TextLines,
+            TextMode::File => DataFormat::TextFile,
+        });
+    }
+    let mut detected: Option<(DataFormat, usize)> = None;
+    let mut records = Vec::with_capacity(raw.len());
+    for rec in raw {
+        let origin = rec.origin;
+        let parsed: std::result::Result<T, String> = match rec.content {
+            RawContent::Text(text) => {
+                T::from_text(text, origin.clone()).ok_or_else(|| format!("{kind} data cannot be read from plain text"))
+            }
+            RawContent::InvalidJson(message) => Err(message),
+            RawContent::Json(Value::Object(obj)) => match detected {
+                Some((format, from_line)) => T::parse(format, &obj, origin.clone())
+                    .map_err(|e| explain_mismatch(e, DataFormat::detect(kind, &obj), format, from_line, origin.line)),
+                None => match DataFormat::detect(kind, &obj) {
+                    Some(format) => {
+                        let parsed = T::parse(format, &obj, origin.clone()).map_err(|e| e.to_string());
+                        if parsed.is_ok() {
+                            detected = Some((format, origin.line));
+                            report.format = Some(format);
+                        }
+                        parsed
+                    }
+                    None => Err(format!(
+                        "no {kind} format matches the record's keys ({}); expected {}",
+                        keys_of(&obj),
+                        DataFormat::expected_keys(kind)
+                    )),
+                },
+            },
+            RawContent::Json(other) => Err(format!("expected a JSON object, found {}", kind_name(&other))),
+        };
+        match parsed {
+            Ok(record) => {
+                if record.is_identical_pair() {
+                    report.identical_pairs += 1;
+                    if !options.keep_identical_pairs {
+                        report.skipped += 1;
+                        continue;
+                    }
+                }
+                records.push(record);
+            }
+            Err(message) => {
+                if mode == ReadMode::Load && !options.skip_invalid {
+                    bail!("{origin}: {message}");
+                }
+                if mode == ReadMode::Load {
+                    report.skipped += 1;
+                }
+                report.add_invalid(origin, message, options.max_invalid_shown);
+            }
+        }
+    }
+    report.records = records.len();
+    Ok((records, report))
+}
+
+/// A record that does not fit the file's format says which format the file has and where it
+/// was detected, and what the record itself looks like.
+fn explain_mismatch(
+    error: FieldError,
+    looks_like: Option<DataFormat>,
+    file_format: DataFormat,
+    from_line: usize,
+    line: usize,
+) -> String {
+    match looks_like {
+        Some(f) if f == file_format => error.to_string(),
+        _ if from_line == line => error.to_string(),
+        Some(f) => format!(
+            "{error} (this record looks like {f}; the file's format is {file_format}, detected at line {from_line})"
+        ),
+        None => format!("{error} (the file's format is {file_format}, detected at line {from_line})"),
+    }
+}
+
+/// Reads every file of `paths` (files, folders or glob patterns).
+fn read_all<T: DataRecord, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<T>> {
+    options.validate()?;
+    let files = expand_data_paths(paths)?;
+    let mut records = Vec::new();
+    let mut reports = Vec::with_capacity(files.len());
+    for file in &files {
+        let (mut r, report) = read_file::<T>(file, FileLayout::of(file)?, options, ReadMode::Load)?;
+        records.append(&mut r);
+        reports.push(report);
+    }
+    if records.is_empty() {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let invalid: usize = reports.iter().map(|r| r.invalid).sum();
+        match reports.iter().find_map(|r| r.invalid_records.first()) {
+            Some(first) => {
+                bail!("{}: no valid {} records ({invalid} invalid; the first: {first})", names.join(", "), T::KIND)
+            }
+            None => bail!("{}: no {} records", names.join(", "), T::KIND),
+        }
+    }
+    Ok(LoadedData { records, reports })
+}
+
+/// Reads pretraining documents from `.txt` (split by `options.text_mode`) and `{"text"}`
+/// `.jsonl` / `.json` files.
+pub fn read_pretrain<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<Document>> {
+    read_all(paths, options)
+}
+
+/// Reads SFT conversations (ShareGPT, OpenAI messages, Alpaca, prompt/completion).
+pub fn read_sft<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<Conversation>> {
+    read_all(paths, options)
+}
+
+/// Reads preference pairs (MedicalGPT, LLaMA-Factory, TRL, TRL implicit prompt, Alpaca,
+/// question/response). Pairs whose answers are identical are counted in each report and left
+/// out unless `options.keep_identical_pairs`.
+pub fn read_preference<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<PreferencePair>> {
+    read_all(paths, options)
+}
+
+/// Reads rollout prompts (prompt, question/answer, ShareGPT, OpenAI messages, Alpaca).
+pub fn read_prompts<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<PromptRecord>> {
+    read_all(paths, options)
+}
