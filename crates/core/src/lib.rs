@@ -7,6 +7,7 @@ pub mod data;
 pub mod device;
 pub mod generate;
 pub mod logprobs;
+pub mod lora;
 pub mod model;
 pub mod tokenizer;
 
