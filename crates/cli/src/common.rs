@@ -1,9 +1,12 @@
-//! Loading a model + tokenizer from CLI flags, and the `env` report.
-use anyhow::Result;
+//! Loading a model (+ an optional LoRA adapter) and its tokenizer from CLI flags, and the `env` report.
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
 use tch::Device;
 
 use align_core::checkpoint::{load_causal_lm, resolve_model_dir};
 use align_core::device::{parse_device, parse_dtype};
+use align_core::lora::{load_adapter, merge_lora};
 use align_core::{LoadedModel, ModelTokenizer};
 
 use crate::ModelArgs;
@@ -23,8 +26,22 @@ pub fn load_session(args: &ModelArgs) -> Result<Session> {
     let kind = parse_dtype(args.dtype.as_deref(), device)?;
     let dir = resolve_model_dir(&args.model)?;
     let started = std::time::Instant::now();
-    let model = load_causal_lm(&dir, device, kind)?;
-    let tokenizer = ModelTokenizer::from_dir(&dir)?;
+    let mut model = load_causal_lm(&dir, device, kind)?;
+    let mut tokenizer_dir = dir.clone();
+    if let Some(adapter) = &args.adapter {
+        let adapter = PathBuf::from(adapter);
+        if !adapter.is_dir() {
+            bail!("--adapter {}: no such adapter folder", adapter.display());
+        }
+        let lora = load_adapter(&model.vs, &mut model.lm, &adapter)?;
+        merge_lora(&model.vs, &mut model.lm)?;
+        tracing::info!("merged LoRA adapter {} (r {}, alpha {})", adapter.display(), lora.r, lora.alpha);
+        // tokenizer files saved with the adapter (e.g. a chat template added in SFT) win
+        if adapter.join("tokenizer.json").is_file() {
+            tokenizer_dir = adapter;
+        }
+    }
+    let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir)?;
     tracing::info!(
         "loaded {} ({}, {} layers, {} parameters) on {:?} as {:?} in {:.2}s",
         dir.display(),

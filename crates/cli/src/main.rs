@@ -8,6 +8,7 @@ mod bench;
 mod common;
 mod data_cmd;
 mod eval;
+mod export;
 mod generate;
 mod init;
 mod train;
@@ -43,6 +44,8 @@ enum Command {
     /// Benchmarks that print their figures next to a reference implementation.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Merge a LoRA adapter into its base model and write a plain HF model folder.
+    Export(export::ExportArgs),
     /// Show the libtorch build, threads and devices this binary sees.
     Env,
 }
@@ -80,6 +83,9 @@ pub struct ModelArgs {
     /// Intra-op CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
+    /// LoRA adapter folder (PEFT layout) applied on top of --model (merged into it at load).
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
+        Command::Export(a) => export::run(a),
         Command::Env => common::print_env(),
     };
     match result {

@@ -211,8 +211,12 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
             preview(&unexpected)
         );
     }
-    let mut missing: Vec<String> =
-        vars.keys().filter(|k| !seen.contains(*k)).map(|k| format!("'{k}' {:?}", vars[k].size())).collect();
+    // LoRA adapters attached before loading are not part of a base checkpoint
+    let mut missing: Vec<String> = vars
+        .keys()
+        .filter(|k| !seen.contains(*k) && !crate::lora::is_adapter_variable(k))
+        .map(|k| format!("'{k}' {:?}", vars[k].size()))
+        .collect();
     if !missing.is_empty() {
         missing.sort();
         bail!(
@@ -361,9 +365,14 @@ impl Default for SaveOptions<'_> {
     }
 }
 
-/// The parameters of a causal LM by HF name, the tied LM head left out as transformers does.
+/// The parameters of a causal LM by HF name, the tied LM head left out as transformers does, and
+/// LoRA adapters left out (they are saved with `lora::save_adapter`, or merged first).
 pub fn causal_lm_tensors(vs: &VarStore, config: &ModelConfig) -> BTreeMap<String, Tensor> {
-    vs.variables().into_iter().filter(|(name, _)| !(config.tie_word_embeddings && name == "lm_head.weight")).collect()
+    vs.variables()
+        .into_iter()
+        .filter(|(name, _)| !(config.tie_word_embeddings && name == "lm_head.weight"))
+        .filter(|(name, _)| !crate::lora::is_adapter_variable(name))
+        .collect()
 }
 
 /// Writes `config.json` from the parsed config, keeping every original field and recording the

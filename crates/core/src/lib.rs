@@ -9,6 +9,7 @@ pub mod device;
 pub mod generate;
 pub mod lm_objective;
 pub mod logprobs;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod tokenizer;

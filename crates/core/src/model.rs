@@ -1,26 +1,67 @@
 //! The Llama-family decoder (llama, mistral, qwen2, qwen3): a trunk that returns hidden states for
 //! every position and a separate LM head, with parameters stored under their HF names.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::lora::{LoraAdapter, LoraConfig};
 
-/// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it.
+/// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
+/// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Attached by `lora::attach_lora` / `lora::load_adapter`; removed by `lora::merge_lora`.
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = p.zeros("weight", &[out_dim, in_dim]);
         let bias = bias.then(|| p.zeros("bias", &[out_dim]));
-        Linear { weight, bias }
+        Linear { weight, bias, lora: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(lora) if lora.is_enabled() => Ok(y.f_add(&lora.forward(x)?)?),
+            _ => Ok(y),
+        }
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+}
+
+/// Run-time switches a model shares with its LoRA adapters: training mode (adapter dropout on)
+/// and whether adapters take part in the forward pass. Both can be flipped through `&CausalLm`.
+#[derive(Debug)]
+pub struct RunMode {
+    training: AtomicBool,
+    adapters_enabled: AtomicBool,
+}
+
+impl RunMode {
+    fn new() -> Self {
+        RunMode { training: AtomicBool::new(false), adapters_enabled: AtomicBool::new(true) }
+    }
+
+    pub fn training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    pub fn adapters_enabled(&self) -> bool {
+        self.adapters_enabled.load(Ordering::Relaxed)
     }
 }
 
@@ -365,6 +406,8 @@ pub struct CausalLm {
     pub config: ModelConfig,
     pub model: Trunk,
     lm_head: Tensor,
+    mode: Arc<RunMode>,
+    lora: Option<LoraConfig>,
 }
 
 impl CausalLm {
@@ -376,7 +419,7 @@ impl CausalLm {
         } else {
             (root / "lm_head").zeros("weight", &[config.vocab_size, config.hidden_size])
         };
-        CausalLm { config: config.clone(), model, lm_head }
+        CausalLm { config: config.clone(), model, lm_head, mode: Arc::new(RunMode::new()), lora: None }
     }
 
     /// Projects hidden states to vocabulary logits (in the model's dtype).
@@ -396,6 +439,79 @@ impl CausalLm {
 
     pub fn device(&self) -> Device {
         self.model.embed_tokens.device()
+    }
+
+    /// Training mode turns on LoRA dropout; a new model starts in evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        self.mode.training.store(training, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.mode.training()
+    }
+
+    /// With adapters disabled the forward pass is the base model's (e.g. the DPO/PPO reference).
+    /// See also `lora::without_adapters`.
+    pub fn set_adapters_enabled(&self, enabled: bool) {
+        self.mode.adapters_enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn adapters_enabled(&self) -> bool {
+        self.mode.adapters_enabled()
+    }
+
+    /// The LoRA configuration of the attached adapters, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    pub(crate) fn run_mode(&self) -> Arc<RunMode> {
+        self.mode.clone()
+    }
+
+    pub(crate) fn set_lora_config(&mut self, config: Option<LoraConfig>) {
+        self.lora = config;
+    }
+
+    /// The projections of the decoder layers by HF module path (`model.layers.0.self_attn.q_proj`),
+    /// layer by layer in the order q, k, v, o, gate, up, down. The LM head is not among them.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// `linears`, mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
     }
 }
 

@@ -1,0 +1,162 @@
+//! `align export` end to end (merged folder loads in transformers with PEFT's logits) and the
+//! `--adapter` flag of the model-loading commands, plus one-line errors for bad adapters.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn align(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_align")).args(args).env("ALIGN_LOG", "warn").output().expect("run align")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = align(args);
+    assert!(out.status.success(), "align {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a failing command and returns its error line, checking it is one clear line.
+fn fails(args: &[&str]) -> String {
+    let out = align(args);
+    assert!(!out.status.success(), "align {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "align {args:?} panicked:\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    lines[0].to_string()
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn python_with(modules: &str) -> Option<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok.then_some(python)
+}
+
+fn tensor_names(file: &Path) -> Vec<String> {
+    tch::Tensor::read_safetensors(file).unwrap().into_iter().map(|(n, _)| n).collect()
+}
+
+#[test]
+fn export_merges_peft_adapters_into_folders_transformers_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (adapter, base) in [("llama-all", "tiny-llama"), ("qwen2-all-rslora", "tiny-qwen2")] {
+        let model = fixtures().join("models").join(base);
+        let adapter_dir = fixtures().join("peft").join(adapter);
+        let out = tmp.path().join(adapter);
+        let stdout =
+            ok(&["export", "--model", s(&model), "--adapter", s(&adapter_dir), "--out", s(&out), "--device", "cpu"]);
+        assert!(stdout.contains("max abs difference"), "{stdout}");
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.join(f).is_file(), "{adapter}: {f} missing");
+        }
+        let names = tensor_names(&out.join("model.safetensors"));
+        assert!(names.iter().all(|n| !n.contains("lora")), "{adapter}: LoRA tensors in the merged folder");
+        assert_eq!(names.len(), tensor_names(&model.join("model.safetensors")).len());
+        match python_with("transformers") {
+            None => println!("SKIPPED: transformers check of {adapter}: .venv/bin/python has no transformers"),
+            Some(python) => {
+                let r = Command::new(python)
+                    .arg(fixtures().join("check_hf_load.py"))
+                    .args([s(&out), s(&adapter_dir.join("golden.safetensors"))])
+                    .output()
+                    .unwrap();
+                let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+                assert!(r.status.success(), "{adapter}: transformers does not reproduce PEFT's logits:\n{text}");
+            }
+        }
+    }
+    // bf16 storage
+    let out = tmp.path().join("bf16");
+    let model = fixtures().join("models/tiny-llama");
+    let adapter = fixtures().join("peft/llama-qv");
+    ok(&[
+        "export",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&out),
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+    ]);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    let kinds: Vec<tch::Kind> =
+        tch::Tensor::read_safetensors(out.join("model.safetensors")).unwrap().iter().map(|(_, t)| t.kind()).collect();
+    assert!(kinds.iter().all(|k| *k == tch::Kind::BFloat16));
+}
+
+#[test]
+fn adapter_flag_equals_the_exported_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/tiny-llama");
+    let adapter = fixtures().join("peft/llama-all");
+    let merged = tmp.path().join("merged");
+    ok(&["export", "--model", s(&model), "--adapter", s(&adapter), "--out", s(&merged), "--device", "cpu"]);
+    let data = fixtures().join("perplexity.txt");
+    let ppl = |extra: &[&str]| -> f64 {
+        let mut args = vec!["eval", "perplexity", "--data", s(&data), "--json", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let v: Value = serde_json::from_str(ok(&args).trim()).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let base = ppl(&["--model", s(&model)]);
+    let with_adapter = ppl(&["--model", s(&model), "--adapter", s(&adapter)]);
+    let exported = ppl(&["--model", s(&merged)]);
+    assert!((with_adapter - base).abs() > 1.0, "the adapter should change perplexity: {base} vs {with_adapter}");
+    assert!((with_adapter - exported).abs() < 1e-3 * exported, "--adapter {with_adapter} vs export {exported}");
+
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "fever and rest", "--max-new-tokens", "12", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    assert_eq!(gen(&["--model", s(&model), "--adapter", s(&adapter)]), gen(&["--model", s(&merged)]));
+}
+
+#[test]
+fn bad_adapters_and_outputs_fail_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = fixtures().join("models/tiny-llama");
+    let qwen3 = fixtures().join("models/tiny-qwen3");
+    let adapter = fixtures().join("peft/llama-qv");
+    let out = tmp.path().join("out");
+    // tiny-qwen3 has head_dim 16: q_proj has 64 outputs where the adapter's base had 32
+    let e = fails(&["export", "--model", s(&qwen3), "--adapter", s(&adapter), "--out", s(&out), "--device", "cpu"]);
+    assert!(e.contains("q_proj.lora_B.weight") && e.contains("different base model"), "{e}");
+    assert!(!out.exists(), "nothing is written on failure");
+    let e = fails(&["generate", "--model", s(&qwen3), "--adapter", s(&adapter), "--prompt", "hi", "--device", "cpu"]);
+    assert!(e.contains("different base model"), "{e}");
+    let nowhere = tmp.path().join("nowhere");
+    let e = fails(&[
+        "eval",
+        "perplexity",
+        "--model",
+        s(&llama),
+        "--adapter",
+        s(&nowhere),
+        "--data",
+        s(&fixtures().join("perplexity.txt")),
+    ]);
+    assert!(e.contains("no such adapter folder"), "{e}");
+    let e = fails(&["export", "--model", s(&llama), "--adapter", s(&adapter), "--out", s(&llama), "--device", "cpu"]);
+    assert!(e.contains("would overwrite"), "{e}");
+    // a model folder is not an adapter folder
+    let e = fails(&["export", "--model", s(&llama), "--adapter", s(&llama), "--out", s(&out), "--device", "cpu"]);
+    assert!(e.contains("adapter_config.json"), "{e}");
+}

@@ -1,0 +1,402 @@
+//! LoRA and freezing: PEFT-written adapters reproduce PEFT's logits, our adapters load in PEFT,
+//! merge / disable / rsLoRA / dropout behave, freezing selects the right parameters, and bad
+//! adapters fail with one clear error. Fixtures: `tests/fixtures/make_peft_fixtures.py`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use align_core::checkpoint::{causal_lm_tensors, load_causal_lm, LoadedModel};
+use align_core::lora::{
+    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, trainable_parameters,
+    without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
+};
+use align_core::model::ForwardOptions;
+use align_core::CausalLm;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("peft").join(name)
+}
+
+fn tensor(file: &Path, name: &str) -> Tensor {
+    Tensor::read_safetensors(file).unwrap().into_iter().find(|(n, _)| n == name).unwrap().1
+}
+
+fn load(name: &str) -> LoadedModel {
+    load_causal_lm(&model_dir(name), Device::Cpu, Kind::Float).unwrap()
+}
+
+fn logits(lm: &CausalLm, ids: &Tensor) -> Tensor {
+    tch::no_grad(|| lm.forward(ids, &ForwardOptions::default(), None)).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    ((a - b).abs() / b.abs().clamp_min(1.0)).max().double_value(&[])
+}
+
+/// (adapter fixture, base model)
+const PEFT_ADAPTERS: &[(&str, &str)] =
+    &[("llama-qv", "tiny-llama"), ("llama-all", "tiny-llama"), ("qwen2-all-rslora", "tiny-qwen2")];
+
+#[test]
+fn peft_adapters_reproduce_peft_logits() {
+    for (adapter, base) in PEFT_ADAPTERS {
+        let golden = adapter_dir(adapter).join("golden.safetensors");
+        let ids = tensor(&golden, "input_ids");
+        let mut m = load(base);
+        let cfg = load_adapter(&m.vs, &mut m.lm, &adapter_dir(adapter)).unwrap();
+        assert_eq!((cfg.r, cfg.alpha), (4, 8.0), "{adapter}");
+        let d = max_rel_diff(&logits(&m.lm, &ids), &tensor(&golden, "logits"));
+        assert!(d <= 1e-4, "{adapter}: max relative logit difference to PEFT {d}");
+    }
+}
+
+#[test]
+fn disabled_adapters_give_the_base_model_and_merge_equals_unmerged() {
+    for (adapter, base) in PEFT_ADAPTERS {
+        let base_golden = model_dir(base).join("golden.safetensors");
+        let ids = tensor(&base_golden, "input_ids");
+        let base_logits = tensor(&base_golden, "logits");
+        let mut m = load(base);
+        load_adapter(&m.vs, &mut m.lm, &adapter_dir(adapter)).unwrap();
+        let with = logits(&m.lm, &ids);
+        assert!(max_rel_diff(&with, &base_logits) > 0.1, "{adapter}: the adapter should change the logits");
+        let without = without_adapters(&m.lm, |lm| Ok(logits(lm, &ids))).unwrap();
+        assert!(max_rel_diff(&without, &base_logits) < 1e-4, "{adapter}: disabled adapters differ from the base");
+        assert!(m.lm.adapters_enabled(), "without_adapters restores the state");
+        m.lm.set_adapters_enabled(false);
+        assert!(max_rel_diff(&logits(&m.lm, &ids), &base_logits) < 1e-4);
+        m.lm.set_adapters_enabled(true);
+        assert!(max_rel_diff(&logits(&m.lm, &ids), &with) == 0.0);
+
+        merge_lora(&m.vs, &mut m.lm).unwrap();
+        let merged = logits(&m.lm, &ids);
+        let d = max_rel_diff(&merged, &with);
+        assert!(d < 1e-4, "{adapter}: merged differs from unmerged by {d}");
+        assert!(m.lm.lora_config().is_none());
+        assert!(m.lm.linears().iter().all(|(_, l)| l.lora.is_none()));
+        assert!(m.vs.variables().keys().all(|k| !k.contains("lora_")), "merge removes the adapter variables");
+        assert!(causal_lm_tensors(&m.vs, &m.lm.config).keys().all(|k| !k.contains("lora_")));
+    }
+}
+
+/// Gives every lora_B (zeros after attach) seeded random values so the adapter matters.
+fn randomise_adapters(lm: &CausalLm, seed: i64) {
+    tch::manual_seed(seed);
+    tch::no_grad(|| {
+        for (_, lin) in lm.linears() {
+            if let Some(l) = &lin.lora {
+                l.lora_b.shallow_clone().copy_(&(Tensor::randn(l.lora_b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+    });
+}
+
+fn python_with_peft() -> Option<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import peft, transformers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok.then_some(python)
+}
+
+#[test]
+fn our_adapter_round_trips_and_loads_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = model_dir("tiny-llama");
+    let ids = tensor(&base_dir.join("golden.safetensors"), "input_ids");
+    for (name, cfg) in [
+        ("qv", LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() }),
+        ("all-rslora", LoraConfig { r: 8, alpha: 4.0, use_rslora: true, ..Default::default() }),
+    ] {
+        let mut m = load("tiny-llama");
+        tch::manual_seed(3);
+        let modules = attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
+        assert_eq!(modules.len(), if name == "qv" { 4 } else { 14 });
+        // a fresh adapter (B = 0) leaves the model unchanged
+        let base = tensor(&base_dir.join("golden.safetensors"), "logits");
+        assert!(max_rel_diff(&logits(&m.lm, &ids), &base) < 1e-4);
+        randomise_adapters(&m.lm, 5);
+        let ours = logits(&m.lm, &ids);
+        assert!(max_rel_diff(&ours, &base) > 0.1);
+
+        let out = tmp.path().join(name);
+        let opts = AdapterSaveOptions {
+            base_model_name_or_path: Some(base_dir.to_string_lossy().into_owned()),
+            companions_from: Some(&base_dir),
+        };
+        save_adapter(&m.lm, &out, &opts).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"] {
+            assert!(out.join(f).is_file(), "{name}: {f} missing");
+        }
+        let keys: Vec<String> = Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(keys.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()));
+        let cfg_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_json["peft_type"], "LORA");
+        assert_eq!(cfg_json["task_type"], "CAUSAL_LM");
+        if name == "all-rslora" {
+            let t: Vec<&str> =
+                cfg_json["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            assert_eq!(t, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+        }
+        assert_eq!(read_adapter_config(&out).unwrap().use_rslora, cfg.use_rslora);
+
+        // load into a fresh base (attach from the file) …
+        let mut fresh = load("tiny-llama");
+        let loaded = load_adapter(&fresh.vs, &mut fresh.lm, &out).unwrap();
+        assert_eq!((loaded.r, loaded.alpha, loaded.use_rslora), (cfg.r, cfg.alpha, cfg.use_rslora));
+        assert!(max_rel_diff(&logits(&fresh.lm, &ids), &ours) < 1e-6, "{name}: reload differs");
+        // … and into one with adapters attached from the same config (resume)
+        let mut resumed = load("tiny-llama");
+        attach_lora(&resumed.vs, &mut resumed.lm, &cfg).unwrap();
+        load_adapter(&resumed.vs, &mut resumed.lm, &out).unwrap();
+        assert!(max_rel_diff(&logits(&resumed.lm, &ids), &ours) < 1e-6, "{name}: resume differs");
+
+        let golden = tmp.path().join(format!("{name}-golden.safetensors"));
+        Tensor::write_safetensors(&[("input_ids", &ids), ("logits", &ours)], &golden).unwrap();
+        match python_with_peft() {
+            None => println!("SKIPPED: PEFT check of our adapter ({name}): .venv/bin/python has no peft"),
+            Some(python) => {
+                let out = Command::new(python)
+                    .arg(fixtures().join("make_peft_fixtures.py"))
+                    .args(["check", out.to_str().unwrap(), golden.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                assert!(out.status.success(), "{name}: PEFT does not reproduce our logits:\n{text}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rslora_scales_by_alpha_over_sqrt_r() {
+    let x = Tensor::randn([2, 3, 32], (Kind::Float, Device::Cpu));
+    let mut deltas = Vec::new();
+    for use_rslora in [false, true] {
+        let mut m = load("tiny-llama");
+        tch::manual_seed(9);
+        let cfg = LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into()], use_rslora, ..Default::default() };
+        attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
+        randomise_adapters(&m.lm, 10);
+        let q = &m.lm.model.layers[0].self_attn.q_proj;
+        let scaling = q.lora.as_ref().unwrap().scaling;
+        assert_eq!(scaling, if use_rslora { 4.0 } else { 2.0 });
+        let full = tch::no_grad(|| q.forward(&x)).unwrap();
+        deltas.push(full - x.linear::<Tensor>(&q.weight, None));
+    }
+    let d = max_rel_diff(&(&deltas[0] * 2.0), &deltas[1]);
+    assert!(d < 1e-5, "rsLoRA update should be twice the plain one for r = 4: {d}");
+}
+
+#[test]
+fn lora_trains_only_adapters_and_dropout_is_training_only() {
+    let mut m = load("tiny-llama");
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.5, ..Default::default() };
+    attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
+    let trainable = trainable_parameters(&m.vs);
+    assert_eq!(trainable.len(), 2 * 14);
+    assert!(trainable.iter().all(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight")));
+    assert!(trainable.iter().any(|(n, _)| n == "model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert!(!m.lm.model.embed_tokens.requires_grad() && !m.lm.model.layers[1].mlp.up_proj.weight.requires_grad());
+    randomise_adapters(&m.lm, 1);
+    let ids = Tensor::from_slice(&[5i64, 9, 200, 17, 3, 44]).view([1, 6]);
+
+    // evaluation mode (the default): deterministic
+    assert!(!m.lm.is_training());
+    let a = logits(&m.lm, &ids);
+    assert!(max_rel_diff(&logits(&m.lm, &ids), &a) == 0.0);
+    // training mode: dropout on the adapter input makes two passes differ
+    m.lm.set_training(true);
+    let b = logits(&m.lm, &ids);
+    let c = logits(&m.lm, &ids);
+    assert!(max_rel_diff(&b, &c) > 1e-4, "dropout should act in training mode");
+    // … but not with the adapters disabled
+    m.lm.set_adapters_enabled(false);
+    assert!(max_rel_diff(&logits(&m.lm, &ids), &logits(&m.lm, &ids)) == 0.0);
+    m.lm.set_adapters_enabled(true);
+
+    // gradients reach the adapters and only them
+    let out = m.lm.forward(&ids, &ForwardOptions::default(), None).unwrap();
+    out.sum(Kind::Float).backward();
+    for (name, t) in &trainable {
+        assert!(t.grad().defined(), "{name}: no gradient");
+    }
+    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.grad().defined());
+}
+
+#[test]
+fn bf16_models_keep_f32_adapters() {
+    let mut m = load_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::BFloat16).unwrap();
+    load_adapter(&m.vs, &mut m.lm, &adapter_dir("llama-all")).unwrap();
+    let q = &m.lm.model.layers[0].self_attn.q_proj;
+    assert_eq!(q.lora.as_ref().unwrap().lora_a.kind(), Kind::Float);
+    let golden = adapter_dir("llama-all").join("golden.safetensors");
+    let got = logits(&m.lm, &tensor(&golden, "input_ids"));
+    assert_eq!(got.kind(), Kind::BFloat16);
+    let want = tensor(&golden, "logits");
+    let agree = got.to_kind(Kind::Float).argmax(-1, false).eq_tensor(&want.argmax(-1, false)).to_kind(Kind::Float);
+    assert!(agree.mean(Kind::Float).double_value(&[]) > 0.8, "bf16 + adapter far from PEFT's f32 logits");
+}
+
+#[test]
+fn freeze_selects_last_layers_and_named_modules() {
+    let m = load("tiny-llama");
+    let names = apply_freeze(&m.vs, &m.lm, &FreezeConfig { last_layers: Some(1), modules: vec![] }).unwrap();
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("model.layers.1.")));
+    let listed: Vec<String> = trainable_parameters(&m.vs).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(listed, names);
+    assert!(!m.lm.model.embed_tokens.requires_grad());
+
+    let names = apply_freeze(
+        &m.vs,
+        &m.lm,
+        &FreezeConfig { last_layers: Some(1), modules: vec!["embed_tokens".into(), "norm".into()] },
+    )
+    .unwrap();
+    // layer 1 (9) + embeddings + final norm + layer 0's two layernorms
+    assert_eq!(names.len(), 9 + 1 + 1 + 2, "{names:?}");
+    assert!(names.contains(&"model.embed_tokens.weight".to_string()));
+    assert!(names.contains(&"model.layers.0.input_layernorm.weight".to_string()));
+    assert!(!names.contains(&"model.layers.0.mlp.up_proj.weight".to_string()));
+
+    let names = apply_freeze(&m.vs, &m.lm, &FreezeConfig { last_layers: None, modules: vec!["mlp".into()] }).unwrap();
+    assert_eq!(names.len(), 6);
+    assert!(m.lm.model.layers[0].mlp.down_proj.weight.requires_grad());
+    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.requires_grad());
+
+    for (cfg, want) in [
+        (FreezeConfig { last_layers: Some(3), modules: vec![] }, "freeze.last_layers"),
+        (FreezeConfig { last_layers: Some(0), modules: vec![] }, "freeze.last_layers"),
+        (FreezeConfig { last_layers: None, modules: vec!["attn.c_proj".into()] }, "'attn.c_proj' matches no parameter"),
+        (FreezeConfig::default(), "nothing would be trained"),
+    ] {
+        let e = apply_freeze(&m.vs, &m.lm, &cfg).unwrap_err().to_string();
+        assert!(e.contains(want), "{cfg:?}: {e}");
+    }
+    let mut l = load("tiny-llama");
+    attach_lora(&l.vs, &mut l.lm, &LoraConfig::default()).unwrap();
+    let e = apply_freeze(&l.vs, &l.lm, &FreezeConfig { last_layers: Some(1), modules: vec![] }).unwrap_err();
+    assert!(e.to_string().contains("LoRA"), "{e}");
+}
+
+/// Copies a fixture adapter into `tmp` with its config edited by `edit`.
+fn edited_adapter(tmp: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = adapter_dir("llama-qv");
+    std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+fn load_error(base: &str, adapter: &Path) -> String {
+    let mut m = load(base);
+    let e = format!("{:#}", load_adapter(&m.vs, &mut m.lm, adapter).unwrap_err());
+    assert!(!e.contains('\n'), "error should be one line: {e}");
+    e
+}
+
+#[test]
+fn bad_adapters_fail_with_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // an adapter made on a base with other shapes (tiny-qwen3: head_dim 16, so k_proj has 32
+    // outputs where tiny-llama's has 16)
+    let mut q3 = load("tiny-qwen3");
+    attach_lora(&q3.vs, &mut q3.lm, &LoraConfig { r: 4, alpha: 8.0, ..Default::default() }).unwrap();
+    let wrong = tmp.path().join("qwen3-adapter");
+    save_adapter(&q3.lm, &wrong, &AdapterSaveOptions::default()).unwrap();
+    let e = load_error("tiny-llama", &wrong);
+    assert!(e.contains("adapter_model.safetensors") && e.contains("k_proj.lora_B.weight"), "{e}");
+    assert!(e.contains("[32, 4]") && e.contains("[16, 4]") && e.contains("different base model"), "{e}");
+
+    // a PEFT adapter with the adapter name left in its keys still loads
+    let named = tmp.path().join("named");
+    std::fs::create_dir_all(&named).unwrap();
+    std::fs::copy(adapter_dir("llama-qv").join("adapter_config.json"), named.join("adapter_config.json")).unwrap();
+    let renamed: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(adapter_dir("llama-qv").join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n.replace(".weight", ".default.weight"), t))
+            .collect();
+    let refs: Vec<(&str, &Tensor)> = renamed.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, named.join("adapter_model.safetensors")).unwrap();
+    let mut m = load("tiny-llama");
+    load_adapter(&m.vs, &mut m.lm, &named).unwrap();
+
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("dora", Box::new(|c| c["use_dora"] = true.into()), "field 'use_dora'"),
+        ("bias", Box::new(|c| c["bias"] = "all".into()), "field 'bias'"),
+        ("prompt", Box::new(|c| c["peft_type"] = "PROMPT_TUNING".into()), "field 'peft_type'"),
+        ("regex", Box::new(|c| c["target_modules"] = ".*q_proj".into()), "regular expression"),
+        (
+            "lm-head",
+            Box::new(|c| c["target_modules"] = serde_json::json!(["lm_head"])),
+            "'lm_head' matches no projection",
+        ),
+        ("rank", Box::new(|c| c["r"] = 0.into()), "field 'r'"),
+        // the weights hold only q and v: asking for k as well leaves tensors missing
+        (
+            "missing",
+            Box::new(|c| c["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj"])),
+            "lacks 4 tensor(s)",
+        ),
+        // the weights hold v as well: selecting only q leaves v unexpected
+        (
+            "extra",
+            Box::new(|c| c["target_modules"] = serde_json::json!(["q_proj"])),
+            "no adapted module 'model.layers.0.self_attn.v_proj'",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = edited_adapter(tmp.path(), name, edit);
+        let e = load_error("tiny-llama", &dir);
+        assert!(e.contains(want), "{name}: {e}");
+        assert!(e.contains(&dir.display().to_string()), "{name}: error should name the file: {e}");
+    }
+
+    // resuming with a different configuration
+    let mut m = load("tiny-llama");
+    attach_lora(
+        &m.vs,
+        &mut m.lm,
+        &LoraConfig { r: 8, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() },
+    )
+    .unwrap();
+    let e = format!("{:#}", load_adapter(&m.vs, &mut m.lm, &adapter_dir("llama-qv")).unwrap_err());
+    assert!(e.contains("field 'r'"), "{e}");
+    let mut m = load("tiny-llama");
+    attach_lora(&m.vs, &mut m.lm, &LoraConfig { r: 4, alpha: 8.0, ..Default::default() }).unwrap();
+    let e = format!("{:#}", load_adapter(&m.vs, &mut m.lm, &adapter_dir("llama-qv")).unwrap_err());
+    assert!(e.contains("field 'target_modules'"), "{e}");
+
+    let e = load_error("tiny-llama", &tmp.path().join("nowhere"));
+    assert!(e.contains("adapter_config.json"), "{e}");
+    // attaching twice
+    let mut m = load("tiny-llama");
+    attach_lora(&m.vs, &mut m.lm, &LoraConfig::default()).unwrap();
+    assert!(attach_lora(&m.vs, &mut m.lm, &LoraConfig::default())
+        .unwrap_err()
+        .to_string()
+        .contains("already attached"));
+}
