@@ -149,7 +149,7 @@ pub fn generate_with_stats(
     let prompt_mask = mask.f_narrow(1, 0, plen as i64)?;
     let hidden = lm.model.forward(
         &ids,
-        &ForwardOptions { attention_mask: Some(&prompt_mask), position_ids: None },
+        &ForwardOptions { attention_mask: Some(&prompt_mask), position_ids: None, segment_ids: None },
         Some(&mut cache),
     )?;
     let mut logits = lm.lm_logits(&hidden.f_narrow(1, plen as i64 - 1, 1)?)?.f_squeeze_dim(1)?;
@@ -195,7 +195,7 @@ pub fn generate_with_stats(
         let step_mask = mask.f_narrow(1, 0, cur + 1)?;
         let hidden = lm.model.forward(
             &next.f_unsqueeze(1)?,
-            &ForwardOptions { attention_mask: Some(&step_mask), position_ids: Some(&positions) },
+            &ForwardOptions { attention_mask: Some(&step_mask), position_ids: Some(&positions), segment_ids: None },
             Some(&mut cache),
         )?;
         logits = lm.lm_logits(&hidden)?.f_squeeze_dim(1)?;

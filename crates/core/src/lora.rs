@@ -675,3 +675,33 @@ mod tests {
         assert!(LoraConfig { r: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("lora.r"));
     }
 }
+
+/// Copies the tensors of an adapter folder into adapters already attached to the model (resume
+/// from a checkpoint of the same run); needs no mutable model. Every attached adapter tensor must
+/// be present with its shape.
+pub fn restore_adapter_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    let file = dir.join(ADAPTER_WEIGHTS_FILE);
+    let vars = vs.variables();
+    let mut seen = std::collections::HashSet::new();
+    tch::no_grad(|| {
+        crate::checkpoint::for_each_tensor(std::slice::from_ref(&file), |f, key, t| {
+            let name = variable_name_of(key).ok_or_else(|| anyhow!("{}: '{key}' is not a LoRA tensor", f.display()))?;
+            let var = vars
+                .get(&name)
+                .ok_or_else(|| anyhow!("{}: '{key}' has no attached adapter in the model", f.display()))?;
+            ensure!(
+                var.size() == t.size(),
+                "{}: '{key}' has shape {:?}, the attached adapter {:?}",
+                f.display(),
+                t.size(),
+                var.size()
+            );
+            var.shallow_clone().f_copy_(&t)?;
+            seen.insert(name);
+            Ok(())
+        })
+    })?;
+    let missing: Vec<&String> = vars.keys().filter(|k| is_adapter_variable(k) && !seen.contains(*k)).collect();
+    ensure!(missing.is_empty(), "{}: lacks adapter tensors {missing:?}", file.display());
+    Ok(())
+}

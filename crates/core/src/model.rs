@@ -296,6 +296,10 @@ pub struct ForwardOptions<'a> {
     pub attention_mask: Option<&'a Tensor>,
     /// `[B, T]` RoPE positions. None: derived from `attention_mask` (or `past..past+T`).
     pub position_ids: Option<&'a Tensor>,
+    /// `[B, T]` segment of each token when several sequences are packed into one row: a token
+    /// attends only to earlier tokens of its own segment (no cache). Pass restarting
+    /// `position_ids` with it.
+    pub segment_ids: Option<&'a Tensor>,
 }
 
 impl Trunk {
@@ -356,9 +360,14 @@ impl Trunk {
                 .f_expand([b, t], false)?,
         };
         let rope = self.rope(&position_ids, kind)?;
-        let mask = match opts.attention_mask {
-            None if past == 0 => AttnMask::Causal,
-            m => AttnMask::Explicit(attention_bias_mask(m, b, past, t, device)?),
+        let mask = match (opts.segment_ids, opts.attention_mask) {
+            (Some(seg), _) => {
+                ensure!(past == 0 && seg.size() == [b, t], "segment_ids must be [{b}, {t}] and used without a cache");
+                let same = seg.f_unsqueeze(2)?.f_eq_tensor(&seg.f_unsqueeze(1)?)?.f_unsqueeze(1)?;
+                AttnMask::Explicit(attention_bias_mask(None, b, 0, t, device)?.f_logical_and(&same)?)
+            }
+            (None, None) if past == 0 => AttnMask::Causal,
+            (None, m) => AttnMask::Explicit(attention_bias_mask(m, b, past, t, device)?),
         };
         let mut h = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {

@@ -271,6 +271,23 @@ impl LoadedConfig {
         })
     }
 
+    /// `[data_options]` as the data readers take it. The split is configured once, in `[train]`
+    /// (`val_ratio`, `seed`), so those two keys are refused here.
+    pub fn data_options(&self) -> Result<crate::data::DataOptions> {
+        let table = self.config.data_options.as_ref();
+        for key in ["val_ratio", "seed"] {
+            if table.is_some_and(|t| t.contains_key(key)) {
+                bail!(
+                    "{}: [data_options] {key}: set train.{key} instead (the split is configured in [train])",
+                    self.origin.display()
+                );
+            }
+        }
+        let options: crate::data::DataOptions = self.section("data_options", table)?;
+        options.validate().map_err(|e| anyhow!("{}: {e}", self.origin.display()))?;
+        Ok(options)
+    }
+
     /// Deserialises an optional table (`lora`, `freeze`, `data_options`) into its struct.
     pub fn section<T: serde::de::DeserializeOwned + Default>(
         &self,

@@ -45,7 +45,11 @@ fn logits_match_transformers_for_every_family() {
         // the explicit-mask path (all ones) gives the same as the causal fast path
         let mask = Tensor::ones(ids.size(), (Kind::Int64, Device::Cpu));
         let got2 = tch::no_grad(|| {
-            m.lm.forward(&ids, &ForwardOptions { attention_mask: Some(&mask), position_ids: None }, None)
+            m.lm.forward(
+                &ids,
+                &ForwardOptions { attention_mask: Some(&mask), position_ids: None, segment_ids: None },
+                None,
+            )
         })
         .unwrap();
         assert!(max_rel_diff(&got2, &want) < 1e-4, "{name}: masked path differs");

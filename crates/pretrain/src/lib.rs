@@ -40,7 +40,7 @@ fn blocks_of(tm: &TrainingModel, texts: &[String], block: usize) -> Result<Vec<L
 /// Runs (or resumes) the PT stage described by `cfg`.
 pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
     let section: PretrainSection = cfg.stage_section()?;
-    let options: DataOptions = cfg.section("data_options", cfg.config.data_options.as_ref())?;
+    let options: DataOptions = cfg.data_options()?;
     let c = &cfg.config;
     let block = section.block_size.unwrap_or(c.train.max_length);
     if block < 2 {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use align_core::conversation::{encode_conversation, LabeledTokens};
 use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, LengthBudget, LengthDecision};
-use align_core::lm_objective::{predicted_labels, NextTokenObjective, SequenceSplits};
+use align_core::lm_objective::{pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits};
 use align_core::train_config::LoadedConfig;
 use align_core::train_setup::TrainingModel;
 use align_core::trainer::{train, TrainRun, TrainSummary};
@@ -17,6 +17,10 @@ pub struct SftSection {
     /// Also train on system and user tokens.
     #[serde(default)]
     pub train_on_prompt: bool,
+    /// Pack conversations into rows of `train.max_length` tokens. Attention stays inside each
+    /// conversation and positions restart, so results equal unpacked training; it saves padding.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 /// How many conversations the length budget changed.
@@ -64,7 +68,7 @@ pub fn encode_all(
 /// Runs (or resumes) the SFT stage described by `cfg`.
 pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
     let section: SftSection = cfg.stage_section()?;
-    let options: DataOptions = cfg.section("data_options", cfg.config.data_options.as_ref())?;
+    let options: DataOptions = cfg.data_options()?;
     let c = &cfg.config;
     let tm = TrainingModel::load(cfg)?;
     tm.tokenizer.chat_template()?;
@@ -99,12 +103,25 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         vc.kept
     );
     let params = tm.trainable_params();
+    let run =
+        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
+    let pad_id = tm.tokenizer.padding_id();
+    if section.packing {
+        let train_rows = pack_sequences(&train_seqs, c.train.max_length);
+        tracing::info!(
+            "packed {} conversations into {} rows of ≤ {} tokens",
+            train_seqs.len(),
+            train_rows.len(),
+            c.train.max_length
+        );
+        let validation = pack_sequences(&val_seqs, c.train.max_length);
+        let mut objective = PackedObjective { lm: &tm.loaded.lm, train: train_rows, validation, pad_id };
+        return train(run, &mut objective, &tm);
+    }
     let mut objective = NextTokenObjective {
         lm: &tm.loaded.lm,
         data: SequenceSplits { train: train_seqs, validation: val_seqs },
-        pad_id: tm.tokenizer.padding_id(),
+        pad_id,
     };
-    let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
     train(run, &mut objective, &tm)
 }
