@@ -2,6 +2,8 @@
 //! and a `ModelState` (how its weights are saved and restored); the loop does gradient
 //! accumulation normalised by loss units (label tokens, pairs), clipping, the LR schedule, the
 //! NaN guard, evaluation and early stopping, metrics, and checkpoints with exact resume.
+//! Exactness relies on libtorch's process-global random generator, reseeded every step: run one
+//! training per process (or serialise runs that draw random numbers).
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -6,6 +6,11 @@ use align_core::train_config::LoadedConfig;
 use serde_json::Value;
 use tch::{Device, Kind};
 
+/// libtorch's random generator is global to the process: runs that draw from it (LoRA init,
+/// dropout) must not overlap, or their exact-resume guarantees do not hold. Real runs are one
+/// per process; these tests take turns.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -32,6 +37,7 @@ fn losses(out: &Path) -> Vec<f64> {
 
 #[test]
 fn lora_run_saves_peft_adapters_and_resumes_exactly() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let lora = ["method=lora", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1"];
     let straight = tmp.path().join("straight");
@@ -61,6 +67,7 @@ fn lora_run_saves_peft_adapters_and_resumes_exactly() {
 
 #[test]
 fn freeze_trains_only_the_selected_parameters() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("freeze");
     align_sft::run(&config(&out, &["method=freeze", "freeze.last_layers=1", "train.max_steps=2"]), false, None)
@@ -77,6 +84,7 @@ fn freeze_trains_only_the_selected_parameters() {
 
 #[test]
 fn packed_sft_trains_on_fewer_longer_rows() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("packed");
     let s =
