@@ -12,4 +12,4 @@ if ! python -c "import transformers" 2>/dev/null; then
   pip install -q --disable-pip-version-check "transformers==5.23.0" >&2
 fi
 cargo build --release --workspace
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"

@@ -6,7 +6,7 @@ use clap::Args;
 use serde_json::json;
 
 use align_core::data::read_text_records;
-use align_core::logprobs::{perplexity as ppl_of, sequences_nll};
+use align_core::logprobs::corpus_perplexity;
 
 use crate::common::load_session;
 use crate::ModelArgs;
@@ -38,31 +38,21 @@ pub fn perplexity(args: PerplexityArgs) -> Result<()> {
         bail!("{}: no records", args.data.display());
     }
     let s = load_session(&args.model)?;
-    let mut seqs = Vec::with_capacity(records.len());
-    let mut truncated = 0;
-    for r in &records {
-        let mut ids = s.tokenizer.encode(&r.text, true)?;
-        if ids.len() > args.max_length {
-            ids.truncate(args.max_length);
-            truncated += 1;
-        }
-        seqs.push(ids);
-    }
+    let texts: Vec<String> = records.into_iter().map(|r| r.text).collect();
     let started = std::time::Instant::now();
-    let per = sequences_nll(&s.model.lm, &seqs, args.batch_tokens)?;
-    let nll: f64 = per.iter().map(|p| p.nll).sum();
-    let tokens: i64 = per.iter().map(|p| p.tokens).sum();
-    let ppl = ppl_of(&per);
+    let r = corpus_perplexity(&s.model.lm, &s.tokenizer, &texts, args.max_length, args.batch_tokens)?;
+    let (ppl, nll, tokens) = (r.perplexity, r.nll, r.tokens);
     tracing::info!(
-        "scored {tokens} tokens in {:.2}s ({truncated} records truncated to {})",
+        "scored {tokens} tokens in {:.2}s ({} records truncated to {})",
         started.elapsed().as_secs_f64(),
+        r.truncated,
         args.max_length
     );
     if args.json {
-        println!("{}", json!({"perplexity": ppl, "nll": nll, "tokens": tokens, "records": records.len()}));
+        println!("{}", json!({"perplexity": ppl, "nll": nll, "tokens": tokens, "records": r.records}));
     } else {
         println!("{:<12} {:>12} {:>14} {:>10}", "records", "tokens", "mean nll", "perplexity");
-        println!("{:<12} {:>12} {:>14.6} {:>10.4}", records.len(), tokens, nll / tokens.max(1) as f64, ppl);
+        println!("{:<12} {:>12} {:>14.6} {:>10.4}", r.records, tokens, nll / tokens.max(1) as f64, ppl);
     }
     Ok(())
 }

@@ -6,16 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
-use tch::{Device, Kind};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
 };
-
-use align_core::checkpoint::{new_causal_lm, save_pretrained, SaveOptions};
-use align_core::data::kind_name;
-use align_core::{ModelConfig, ModelTokenizer};
 
 /// Special tokens of tokenizers trained here: padding/document end, and ChatML turn markers.
 pub const PAD_TOKEN: &str = "<|endoftext|>";
@@ -150,112 +145,12 @@ pub struct InitArgs {
     pub seed: Option<i64>,
 }
 
-const INIT_KEYS: &[&str] = &[
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "tie_word_embeddings",
-    "initializer_range",
-    "attention_bias",
-    "mlp_bias",
-    "vocab_size",
-    "seed",
-];
-
-/// Builds `config.json` from the TOML description and the tokenizer's vocabulary and tokens.
-pub fn init_config(desc: &toml::Table, origin: &Path, tok: &ModelTokenizer) -> Result<Value> {
-    for key in desc.keys() {
-        if !INIT_KEYS.contains(&key.as_str()) {
-            bail!("{}: unknown key '{key}' (known: {})", origin.display(), INIT_KEYS.join(", "));
-        }
-    }
-    let desc_json = serde_json::to_value(desc)?;
-    let mut cfg = Map::new();
-    let defaults = json!({
-        "model_type": "llama", "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "tie_word_embeddings": true, "initializer_range": 0.02, "attention_bias": false, "mlp_bias": false, "use_cache": true,
-    });
-    for (k, v) in defaults.as_object().into_iter().flatten() {
-        cfg.insert(k.clone(), v.clone());
-    }
-    for (k, v) in desc_json.as_object().into_iter().flatten() {
-        if k != "seed" {
-            cfg.insert(k.clone(), v.clone());
-        }
-    }
-    let tok_vocab = tok.vocab_size() as i64;
-    match cfg.get("vocab_size") {
-        None => {
-            cfg.insert("vocab_size".into(), json!(tok_vocab));
-        }
-        Some(v) => {
-            let n = v.as_i64().ok_or_else(|| {
-                anyhow!("{}: field 'vocab_size': expected an integer, found {}", origin.display(), kind_name(v))
-            })?;
-            if n < tok_vocab {
-                bail!(
-                    "{}: field 'vocab_size': {n} is smaller than the tokenizer's {tok_vocab} tokens",
-                    origin.display()
-                );
-            }
-        }
-    }
-    cfg.insert("bos_token_id".into(), json!(tok.bos_token_id));
-    cfg.insert("eos_token_id".into(), json!(tok.eos_token_ids.first()));
-    cfg.insert("pad_token_id".into(), json!(tok.pad_token_id));
-    cfg.insert("torch_dtype".into(), json!("float32"));
-    Ok(Value::Object(cfg))
-}
-
 pub fn init(args: InitArgs) -> Result<()> {
     crate::existing(&args.config, "model description")?;
     crate::existing(&args.tokenizer, "tokenizer folder")?;
-    let text =
-        std::fs::read_to_string(&args.config).with_context(|| format!("{}: cannot read", args.config.display()))?;
-    let desc: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", args.config.display(), e.to_string().trim()))?;
-    let tok = ModelTokenizer::from_dir(&args.tokenizer)?;
-    let raw = init_config(&desc, &args.config, &tok)?;
-    let std = raw["initializer_range"].as_f64().unwrap_or(0.02);
-    let config = ModelConfig::from_json(raw).map_err(|e| anyhow!("{}: {e}", args.config.display()))?;
-    let seed = args.seed.or_else(|| desc.get("seed").and_then(|v| v.as_integer())).unwrap_or(0);
-
-    let (vs, _lm) = new_causal_lm(&config, Device::Cpu, Kind::Float);
-    tch::manual_seed(seed);
-    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    tch::no_grad(|| -> Result<()> {
-        for (name, t) in vars.iter_mut() {
-            // as transformers' _init_weights: N(0, initializer_range) for matrices, 0 biases, 1 norms
-            if name.ends_with("norm.weight") {
-                let _ = t.f_fill_(1.0)?;
-            } else if name.ends_with(".bias") {
-                let _ = t.f_zero_()?;
-            } else {
-                let _ = t.f_normal_(0.0, std)?;
-            }
-        }
-        Ok(())
-    })?;
-    save_pretrained(
-        &vs,
-        &config,
-        &args.out,
-        &SaveOptions { companions_from: Some(&args.tokenizer), ..Default::default() },
-    )?;
-    let gen =
-        json!({"eos_token_id": tok.eos_token_ids, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id});
-    std::fs::write(args.out.join("generation_config.json"), serde_json::to_string_pretty(&gen)? + "\n")?;
+    let config = align_core::init::init_model(&args.config, &args.tokenizer, &args.out, args.seed)?;
     eprintln!(
-        "initialised a {} model with {} parameters (seed {seed}) → {}",
+        "initialised a {} model with {} parameters → {}",
         config.model_type.as_str(),
         crate::common::human_count(config.num_parameters()),
         args.out.display()

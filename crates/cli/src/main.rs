@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod run;
 mod train;
 
 #[derive(Parser)]
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Generate text from prompts with a model folder.
     Generate(generate::GenerateArgs),
+    /// Run a pipeline file: its stages in order, skipping what is up to date, resuming what was interrupted.
+    Run(run::RunArgs),
     /// Train one stage (pretrain, sft) from a TOML config; resumes from the newest checkpoint.
     Train(train::TrainArgs),
     /// Evaluate a model.
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Run(a) => run::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
         Command::Init(a) => init::init(a),

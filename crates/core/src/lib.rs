@@ -7,6 +7,7 @@ pub mod conversation;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod init;
 pub mod lm_objective;
 pub mod logprobs;
 pub mod lora;

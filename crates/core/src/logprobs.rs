@@ -112,3 +112,42 @@ mod tests {
         assert_eq!(perplexity(&[SequenceNll { nll: 2.0, tokens: 2 }]), 1f64.exp());
     }
 }
+
+/// Perplexity of a text corpus, each record tokenised alone as `tokenizer(text)` does.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CorpusPerplexity {
+    pub perplexity: f64,
+    pub nll: f64,
+    pub tokens: i64,
+    pub records: usize,
+    /// Records longer than `max_length` tokens (truncated).
+    pub truncated: usize,
+}
+
+/// Scores `texts` (each truncated to `max_length` tokens) and returns the corpus perplexity.
+pub fn corpus_perplexity(
+    lm: &CausalLm,
+    tok: &crate::tokenizer::ModelTokenizer,
+    texts: &[String],
+    max_length: usize,
+    batch_tokens: usize,
+) -> Result<CorpusPerplexity> {
+    let mut seqs = Vec::with_capacity(texts.len());
+    let mut truncated = 0;
+    for t in texts {
+        let mut ids = tok.encode(t, true)?;
+        if ids.len() > max_length {
+            ids.truncate(max_length);
+            truncated += 1;
+        }
+        seqs.push(ids);
+    }
+    let per = sequences_nll(lm, &seqs, batch_tokens)?;
+    Ok(CorpusPerplexity {
+        perplexity: perplexity(&per),
+        nll: per.iter().map(|p| p.nll).sum(),
+        tokens: per.iter().map(|p| p.tokens).sum(),
+        records: texts.len(),
+        truncated,
+    })
+}

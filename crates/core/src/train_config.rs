@@ -365,7 +365,7 @@ mod tests {
     fn unknown_keys_are_errors_naming_the_key() {
         let e = load(BASE, &["train.lrr=1"]).unwrap_err().to_string();
         assert!(e.contains("c.toml") && e.contains("lrr"), "{e}");
-        let e = load(&format!("{BASE}colour = 1\n"), &[]).unwrap_err().to_string();
+        let e = load(&format!("colour = 1\n{BASE}"), &[]).unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
         let e = load(BASE, &["train.val_ratio=1.5"]).unwrap_err().to_string();
         assert!(e.contains("train.val_ratio"), "{e}");

@@ -1,0 +1,201 @@
+//! `align run`: a tiny PT → SFT → eval pipeline end to end; skip-if-done; a changed learning rate
+//! re-runs that stage and the ones after it only; SIGKILL of the runner mid-stage then a re-run
+//! finishes with the same weights as an uninterrupted run; validation errors name the key path.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn align() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_align"));
+    c.env("ALIGN_LOG", "warn").env_remove("ALIGN_TEST_STEP_DELAY_MS").env_remove("ALIGN_TEST_CRASH_IN_SAVE");
+    c
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "align failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn pipeline(dir: &Path, run_dir: &Path, extra_stage: &str) -> PathBuf {
+    let file = dir.join(format!("{}.toml", run_dir.file_name().unwrap().to_string_lossy()));
+    let r = repo();
+    std::fs::write(
+        &file,
+        format!(
+            r#"[pipeline]
+name = "tiny"
+run_dir = {run:?}
+
+[defaults]
+model = {model:?}
+device = "cpu"
+seed = 7
+
+[defaults.train]
+batch_size = 4
+lr = 1e-2
+save_every = 2
+
+[[stage]]
+name = "pt"
+kind = "pretrain"
+data = [{pt:?}]
+[stage.train]
+max_steps = 4
+max_length = 32
+
+[[stage]]
+name = "sft"
+kind = "sft"
+from = "pt"
+data = [{sft:?}]
+[stage.train]
+max_steps = 6
+max_length = 96
+
+[[stage]]
+name = "eval"
+kind = "eval"
+eval = "perplexity"
+from = "sft"
+data = [{ppl:?}]
+{extra_stage}
+"#,
+            run = run_dir,
+            model = r.join("tests/fixtures/models/tiny-llama"),
+            pt = r.join("data/pretrain/medical_corpus.txt"),
+            sft = r.join("data/sft/medical_sharegpt.jsonl"),
+            ppl = r.join("tests/fixtures/perplexity.txt"),
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn record(run: &Path, stage: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join(stage).join("stage.json")).unwrap()).unwrap()
+}
+
+fn outcomes(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(": "))
+        .filter(|l| !l.starts_with("run directory"))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn runs_skips_when_done_and_reruns_what_a_change_touches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let file = pipeline(tmp.path(), &run, "");
+    let first = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&first), vec!["pt: ran", "sft: ran", "eval: ran"]);
+    for s in ["pt", "sft", "eval"] {
+        let r = record(&run, s);
+        assert_eq!(r["status"], "done", "{s}");
+        assert_eq!(r["config_hash"].as_str().unwrap().len(), 64);
+        assert!(r["inputs"][0]["hash"].as_str().is_some() && r["data"][0]["hash"].as_str().is_some());
+        assert!(r["started_at"].as_str().unwrap().ends_with('Z') && r["duration_seconds"].as_f64().is_some());
+        assert!(r["command"].as_str().unwrap().contains("run"));
+    }
+    assert!(record(&run, "sft")["summary"]["completed"].as_bool().unwrap());
+    assert!(record(&run, "eval")["eval"]["result"]["perplexity"].as_f64().unwrap() > 1.0);
+    let pipeline_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("pipeline.json")).unwrap()).unwrap();
+    assert_eq!(pipeline_json["stages"], serde_json::json!(["pt", "sft", "eval"]));
+
+    let again = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(
+        outcomes(&again),
+        vec!["pt: up to date (skipped)", "sft: up to date (skipped)", "eval: up to date (skipped)"]
+    );
+
+    let sft_before = std::fs::read(run.join("sft/final/model.safetensors")).unwrap();
+    let changed =
+        ok(align().args(["run", file.to_str().unwrap(), "--set", "stage.sft.train.lr=5e-3"]).output().unwrap());
+    assert_eq!(outcomes(&changed), vec!["pt: up to date (skipped)", "sft: ran", "eval: ran"]);
+    assert_ne!(std::fs::read(run.join("sft/final/model.safetensors")).unwrap(), sft_before);
+
+    let only = ok(align()
+        .args(["run", file.to_str().unwrap(), "--only", "eval", "--set", "stage.sft.train.lr=5e-3", "--restart"])
+        .output()
+        .unwrap());
+    assert_eq!(outcomes(&only), vec!["pt: not selected", "sft: not selected", "eval: ran"]);
+}
+
+#[test]
+fn killed_runner_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let file = pipeline(tmp.path(), &straight, "");
+    ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+
+    let killed = tmp.path().join("killed");
+    let file = pipeline(tmp.path(), &killed, "");
+    let mut child =
+        align().args(["run", file.to_str().unwrap()]).env("ALIGN_TEST_STEP_DELAY_MS", "150").spawn().unwrap();
+    let started = Instant::now();
+    while !killed.join("sft/checkpoint-2/COMPLETE").is_file() {
+        assert!(started.elapsed() < Duration::from_secs(180), "sft checkpoint-2 never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(record(&killed, "sft")["status"], "running");
+    let resumed = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&resumed), vec!["pt: up to date (skipped)", "sft: ran", "eval: ran"]);
+    for s in ["pt", "sft"] {
+        let a = std::fs::read(straight.join(s).join("final/model.safetensors")).unwrap();
+        let b = std::fs::read(killed.join(s).join("final/model.safetensors")).unwrap();
+        assert!(a == b, "{s}: final weights differ after kill + resume");
+    }
+}
+
+#[test]
+fn validation_errors_name_the_key_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("v");
+    let base = pipeline(tmp.path(), &run, "");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (text.replace("max_steps = 6", "max_stepz = 6"), "stage[1] (sft)"),
+        (text.replace("medical_sharegpt.jsonl", "missing.jsonl"), "stage[1].data"),
+        (text.replace("from = \"pt\"", "from = \"nope\""), "stage[1].from: unknown stage 'nope'"),
+        (text.replace("from = \"pt\"", "from = \"eval\""), "stage[1].from: 'eval' is this stage or a later one"),
+        (
+            format!(
+                "{text}\n[[stage]]\nname = \"rl\"\nkind = \"ppo\"\nfrom = \"sft\"\ndata = [{:?}]\n",
+                repo().join("data/prompts/medical_prompts.jsonl")
+            ),
+            "stage[3].reward_model",
+        ),
+        (
+            format!(
+                "{text}\n[[stage]]\nname = \"dpo\"\nkind = \"dpo\"\nfrom = \"sft\"\ndata = [{:?}]\n",
+                repo().join("data/sft/medical_sharegpt.jsonl")
+            ),
+            "stage[3].data: a dpo stage needs preference data",
+        ),
+        (text.replace("kind = \"sft\"", "kind = \"rlhf\""), "stage[1].kind"),
+        (text.replace("[defaults]", "[defaults]\ncolor = 1"), "stage[0] (pt)"),
+    ];
+    for (i, (body, want)) in cases.iter().enumerate() {
+        let f = tmp.path().join(format!("bad{i}.toml"));
+        std::fs::write(&f, body).unwrap();
+        let out = align().args(["run", f.to_str().unwrap()]).output().unwrap();
+        assert!(!out.status.success(), "case {i} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line =
+            err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("case {i}: no error line:\n{err}"));
+        assert!(line.contains(want), "case {i}: expected {want:?} in: {line}");
+        assert!(!run.exists(), "case {i}: validation must fail before anything runs");
+    }
+}
