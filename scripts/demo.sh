@@ -1,33 +1,35 @@
 #!/usr/bin/env bash
 # The main job: builds align (setting up .venv with torch when missing) and runs the embedded
-# demo in RUN_DIR (default runs/demo): train a byte-level BPE tokenizer on the project's medical
-# sample data, initialise a small Llama-shaped model, measure its perplexity, generate with the
-# chat template, and benchmark generation. (The training stages PT → SFT → RM → PPO/DPO join
-# this demo as they land; see README "Status".)
+# medical demo on CPU: trains a byte-level BPE tokenizer on the project's sample data, then runs
+# pipelines/medical-demo.toml (random-initialised Llama → pretraining → SFT → evaluation) and
+# prints the status table. Re-running skips what is done and resumes what was interrupted.
+#   scripts/demo.sh [extra `align run` flags, e.g. --restart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 cargo build --release -p align-cli
 align=target/release/align
-run=${RUN_DIR:-runs/demo}
-mkdir -p "$run"
+pipeline=${PIPELINE:-pipelines/medical-demo.toml}
 step() { printf '\n== %s\n' "$*" >&2; }
 
-step "1. tokenizer: byte-level BPE with a ChatML template"
-"$align" tokenizer train --vocab-size 2048 --out "$run/tokenizer" \
-  data/pretrain/medical_corpus.txt data/pretrain/medical_notes.jsonl data/sft/medical_sharegpt.jsonl
+step "tokenizer: byte-level BPE with a ChatML template (runs/demo/tokenizer)"
+if [ ! -f runs/demo/tokenizer/tokenizer.json ]; then
+  "$align" tokenizer train --vocab-size 2048 --out runs/demo/tokenizer \
+    data/pretrain/medical_corpus.txt data/pretrain/medical_notes.jsonl data/sft/medical_sharegpt.jsonl
+fi
 
-step "2. model: random-initialised Llama (pipelines/models/demo-llama.toml)"
-"$align" init --config pipelines/models/demo-llama.toml --tokenizer "$run/tokenizer" --out "$run/init"
+step "pipeline: $pipeline"
+"$align" run "$pipeline" "$@"
 
-step "3. perplexity of the untrained model (≈ vocabulary size: it knows nothing yet)"
-"$align" eval perplexity --model "$run/init" --data data/pretrain/medical_notes.jsonl --max-length 256
+if "$align" status --help >/dev/null 2>&1; then
+  step "status"
+  "$align" status runs/demo
+fi
+if "$align" report --help >/dev/null 2>&1; then
+  step "report"
+  "$align" report runs/demo
+fi
 
-step "4. chat generation (an untrained model answers with noise)"
-"$align" generate --model "$run/init" --chat --system "You are a careful medical assistant." \
-  --prompt "What should I do if I have a mild fever?" --max-new-tokens 24 --temperature 0.7 --top-p 0.9 --seed 1 --json
-
-step "5. generation throughput, batch 1 and 16"
-"$align" bench generate --model "$run/init" --batch-sizes 1,16 --prompt-len 32 --new-tokens 32 --repeats 1 --reference-python none
-
-printf '\ndemo finished: outputs in %s\n' "$run" >&2
+step "the SFT model answers (greedy, chat template)"
+"$align" generate --model runs/demo/sft/final --chat --prompt "What should I do if I have a mild fever?" --max-new-tokens 48
+printf '\ndemo finished: runs/demo\n' >&2
