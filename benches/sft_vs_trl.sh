@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# SFT throughput and peak memory: `align train sft` vs TRL's SFTTrainer on the same model,
+# conversations, sequence length (256), batch (4) and method (full and LoRA r=8 all-linear), on
+# CPU in f32. Prints tokens/s and peak RSS of each and the ratios.
+#   benches/sft_vs_trl.sh [MODEL_DIR]   (default .cache/smollm2; needs trl + peft in .venv)
+# Tokens/s = sequences/s × mean tokens per sequence (both sides truncate to 256), timed over the
+# steps after two warm-up steps. align trains on assistant tokens only, TRL here on all tokens:
+# the compute per step is the same.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+model=${1:-.cache/smollm2}
+data=data/sft/medical_sharegpt.jsonl
+steps=12
+[ -f "$model/config.json" ] || { echo "no model at $model (make one: ../shared/tools/make-smollm2.sh $model .venv/bin/python)" >&2; exit 1; }
+python -c "import trl, peft" 2>/dev/null || pip install -q "trl==1.16.0" "peft==0.21.2"
+cargo build --release -p align-cli >&2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+threads=$(python -c "import torch; print(torch.get_num_threads())")
+rss() { grep "Maximum resident set size" "$1" | awk '{print $NF}'; }
+printf '%-6s | %12s %12s %7s | %12s %12s %7s\n' method "align tok/s" "trl tok/s" ratio "align MiB" "trl MiB" ratio
+for method in full lora; do
+  cat > "$work/sft.toml" <<TOML
+model = "$model"
+data = ["$data"]
+output_dir = "$work/align-$method"
+method = "$method"
+[train]
+max_steps = $steps
+batch_size = 4
+lr = 1e-5
+max_length = 256
+threads = $threads
+save_every = 1000
+[lora]
+r = 8
+alpha = 16
+targets = ["all-linear"]
+TOML
+  /usr/bin/time -v target/release/align train sft --config "$work/sft.toml" --restart 2> "$work/align-$method.time" >/dev/null
+  a_tps=$(python - "$work/align-$method/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l][2:]
+print(sum(r["tokens_per_second"] for r in rows) / len(rows))
+PY
+)
+  /usr/bin/time -v python benches/trl_sft.py --model "$model" --data "$data" --method $method --steps $steps --threads "$threads" --out "$work/trl" > "$work/trl-$method.json" 2> "$work/trl-$method.time"
+  t_tps=$(python -c "import json;print(json.load(open('$work/trl-$method.json'))['tokens_per_second'])")
+  a_mem=$(( $(rss "$work/align-$method.time") / 1024 )); t_mem=$(( $(rss "$work/trl-$method.time") / 1024 ))
+  python - "$method" "$a_tps" "$t_tps" "$a_mem" "$t_mem" <<'PY'
+import sys
+m, a, t, am, tm = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+print(f"{m:<6} | {a:12.1f} {t:12.1f} {a/t:6.2f}x | {am:12d} {tm:12d} {am/tm:6.2f}x")
+PY
+done
+echo "tokens/s: higher is better; MiB = peak resident memory of the whole process: lower is better (targets: ≥ 1.2× tokens/s, ≤ 0.8× memory)"
