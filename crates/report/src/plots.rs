@@ -153,6 +153,9 @@ pub struct Plot {
     pub title: String,
     pub y_label: String,
     pub lines: Vec<Line>,
+    /// Steps whose loss was not finite (their update was skipped): red crosses on the x axis of
+    /// the loss plot.
+    pub nonfinite_steps: Vec<f64>,
 }
 
 fn line_of(log: &MetricLog, label: &str, source: Source) -> Option<Line> {
@@ -171,11 +174,23 @@ pub fn stage_plots(stage: &Stage) -> Vec<Plot> {
         .filter_map(|spec| {
             let lines: Vec<Line> =
                 spec.series.iter().filter_map(|(label, source)| line_of(&stage.metrics, label, *source)).collect();
+            let nonfinite_steps = if spec.slug == "loss" {
+                stage
+                    .metrics
+                    .train
+                    .iter()
+                    .filter(|l| l.skipped_nonfinite || l.values.get("loss").is_some_and(|v| !v.is_finite()))
+                    .map(|l| l.step as f64)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             (!lines.is_empty()).then(|| Plot {
                 slug: spec.slug.to_string(),
                 title: format!("{}: {}", stage.name, spec.title),
                 y_label: spec.y_label.to_string(),
                 lines,
+                nonfinite_steps,
             })
         })
         .collect()
@@ -271,7 +286,9 @@ pub const PLOT_SIZE: (u32, u32) = (900, 420);
 fn draw<'a>(plot: &Plot, buf: &'a mut [u8], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error + 'a>> {
     let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE)?;
-    let xs = axis_range(plot.lines.iter().flat_map(|l| l.points.iter().map(|p| p.0)));
+    let xs = axis_range(
+        plot.lines.iter().flat_map(|l| l.points.iter().map(|p| p.0)).chain(plot.nonfinite_steps.iter().copied()),
+    );
     let ys = axis_range(plot.lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)));
     let mut chart = ChartBuilder::on(&root)
         .caption(&plot.title, (FONT_FAMILY, 22).into_font())
@@ -300,6 +317,14 @@ fn draw<'a>(plot: &Plot, buf: &'a mut [u8], size: (u32, u32)) -> Result<(), Box<
         if line.markers {
             chart.draw_series(line.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
+    }
+    if !plot.nonfinite_steps.is_empty() {
+        let y = ys.0 + (ys.1 - ys.0) * 0.03;
+        let red = RGBColor(214, 39, 40);
+        chart
+            .draw_series(plot.nonfinite_steps.iter().map(|&x| Cross::new((x, y), 5, red.stroke_width(2))))?
+            .label("non-finite step (skipped)")
+            .legend(move |(x, y)| Cross::new((x + 10, y), 5, red.stroke_width(2)));
     }
     chart
         .configure_series_labels()
@@ -357,6 +382,7 @@ mod tests {
             title: "x".into(),
             y_label: "y".into(),
             lines: vec![Line { label: "a".into(), points, markers: false }],
+            nonfinite_steps: Vec::new(),
         };
         // a falling loss leaves the upper right empty
         let falling = line((0..10).map(|i| (i as f64, 10.0 - i as f64)).collect());
