@@ -114,15 +114,15 @@ pub fn bleu_from_stats(s: &BleuStats) -> Bleu {
     };
     let mut precisions = [0.0; 4];
     let mut smooth = 1.0;
-    for n in 0..4 {
-        if s.totals[n] == 0 {
+    for (p, (&matches, &total)) in precisions.iter_mut().zip(s.matches.iter().zip(&s.totals)) {
+        if total == 0 {
             break;
         }
-        precisions[n] = if s.matches[n] == 0 {
+        *p = if matches == 0 {
             smooth *= 2.0;
-            1.0 / (smooth * s.totals[n] as f64)
+            1.0 / (smooth * total as f64)
         } else {
-            s.matches[n] as f64 / s.totals[n] as f64
+            matches as f64 / total as f64
         };
     }
     let score = if precisions.iter().any(|&p| p <= 0.0) {
