@@ -5,7 +5,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use align_core::data::read_text_records;
+use align_core::answer_eval::{answer_case, evaluate_answers};
+use align_core::data::{read_sft, read_text_records, DataOptions};
 use align_core::logprobs::corpus_perplexity;
 
 use crate::common::load_session;
@@ -53,6 +54,77 @@ pub fn perplexity(args: PerplexityArgs) -> Result<()> {
     } else {
         println!("{:<12} {:>12} {:>14} {:>10}", "records", "tokens", "mean nll", "perplexity");
         println!("{:<12} {:>12} {:>14.6} {:>10.4}", r.records, tokens, nll / tokens.max(1) as f64, ppl);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AnswersArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// SFT conversations (.jsonl / .json: ShareGPT, OpenAI messages, Alpaca, prompt/completion).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Answer length limit in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Prompts generated together (left-padded).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Use only the first N conversations.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// One JSON object: {"bleu4","rouge_l","char_f1","samples","examples":[first 5]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn answers(args: AnswersArgs) -> Result<()> {
+    crate::existing(&args.data, "data file")?;
+    if args.batch_size == 0 {
+        bail!("--batch-size: expected at least 1, found 0");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit: expected at least 1, found 0");
+    }
+    let mut conversations = read_sft(&[&args.data], &DataOptions::default())?.records;
+    if let Some(n) = args.limit {
+        conversations.truncate(n);
+    }
+    let cases = conversations.iter().map(answer_case).collect::<Result<Vec<_>>>()?;
+    let s = load_session(&args.model)?;
+    let result = evaluate_answers(&s.model.lm, &s.tokenizer, &cases, args.max_new_tokens, args.batch_size)?;
+    if result.truncated_prompts > 0 {
+        tracing::warn!(
+            "{} prompts were cut from the left to fit the model's {} positions with {} new tokens",
+            result.truncated_prompts,
+            s.model.lm.config.max_position_embeddings,
+            args.max_new_tokens
+        );
+    }
+    tracing::info!(
+        "generated {} tokens for {} prompts in {:.2}s",
+        result.generated_tokens,
+        cases.len(),
+        result.seconds
+    );
+    let sc = result.scores;
+    if args.json {
+        let examples: Vec<_> = result
+            .answered
+            .iter()
+            .take(5)
+            .map(|a| json!({"prompt": a.prompt, "reference": a.reference, "answer": a.answer}))
+            .collect();
+        println!(
+            "{}",
+            json!({"bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "samples": sc.samples, "examples": examples})
+        );
+    } else {
+        println!("{:<10} {:>8} {:>6}", "metric", "value", "n");
+        for (name, value) in [("bleu4", sc.bleu4), ("rouge_l", sc.rouge_l), ("char_f1", sc.char_f1)] {
+            println!("{name:<10} {value:>8.4} {:>6}", sc.samples);
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
+use align_core::answer_eval::stop_token_ids;
 use align_core::chat::ChatMessage;
 use align_core::generate::{generate_with_stats, SamplingConfig};
 
@@ -94,8 +95,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
     };
-    let mut eos = tok.eos_token_ids.clone();
-    eos.extend(s.model.lm.config.eos_token_ids.iter().copied().filter(|e| !tok.eos_token_ids.contains(e)));
+    let eos = stop_token_ids(tok, &s.model.lm.config.eos_token_ids);
     tch::manual_seed(args.seed);
 
     let mut encoded = Vec::with_capacity(prompts.len());

@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod report_cmd;
 mod run;
 mod train;
 
@@ -51,12 +52,19 @@ enum Command {
     Export(export::ExportArgs),
     /// Show the libtorch build, threads and devices this binary sees.
     Env,
+    /// Write RUN_DIR/report/report.html with PNG plots and a diagnosis of every stage of a run.
+    Report(report_cmd::ReportArgs),
+    /// Print the stages of a run: kind, status, steps, last loss/metric, duration, diagnosis.
+    Status(report_cmd::StatusArgs),
 }
 
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Perplexity of a model on a text corpus (.txt lines or .jsonl `text`).
     Perplexity(eval::PerplexityArgs),
+    /// Answer quality on SFT conversations: greedy answers to each conversation's last prompt,
+    /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1).
+    Answers(eval::AnswersArgs),
 }
 
 #[derive(Subcommand)]
@@ -105,12 +113,15 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
+        Command::Eval(EvalCommand::Answers(a)) => eval::answers(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
         Command::Export(a) => export::run(a),
         Command::Env => common::print_env(),
+        Command::Report(a) => report_cmd::report(a),
+        Command::Status(a) => report_cmd::status(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! align-core: the one implementation of what every alignment stage shares — model definition,
 //! config parsing, checkpoint IO, tokenizer and chat templates, generation, log-probs, devices.
+pub mod answer_eval;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod text_metrics;
 pub mod tokenizer;
 pub mod train_config;
 pub mod train_setup;
