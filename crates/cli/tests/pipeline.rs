@@ -107,7 +107,7 @@ fn runs_skips_when_done_and_reruns_what_a_change_touches() {
         assert!(r["command"].as_str().unwrap().contains("run"));
     }
     assert!(record(&run, "sft")["summary"]["completed"].as_bool().unwrap());
-    assert!(record(&run, "eval")["eval"]["result"]["perplexity"].as_f64().unwrap() > 1.0);
+    assert!(record(&run, "eval")["eval"]["perplexity"].as_f64().unwrap() > 1.0);
     let pipeline_json: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("pipeline.json")).unwrap()).unwrap();
     assert_eq!(pipeline_json["stages"], serde_json::json!(["pt", "sft", "eval"]));

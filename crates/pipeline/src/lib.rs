@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use align_core::chat::strftime;
-use align_core::data::{expand_data_paths, read_preference, read_text_records, DataOptions};
+use align_core::data::{expand_data_paths, read_preference, read_sft, read_text_records, DataOptions};
 use align_core::train_config::{canonical_json, parse_override, set_path, sha256_hex, LoadedConfig};
 use align_core::trainer::TrainSummary;
 
@@ -19,7 +19,8 @@ use align_core::trainer::TrainSummary;
 pub const KINDS: &[&str] = &["pretrain", "sft", "reward", "dpo", "ppo", "eval"];
 /// Stage kinds this build can run (the others are validated and then refused clearly).
 pub const RUNNABLE: &[&str] = &["pretrain", "sft", "eval"];
-const STAGE_KEYS: &[&str] = &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch"];
+const STAGE_KEYS: &[&str] =
+    &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch", "max_new_tokens"];
 const DEFAULT_ONLY_KEYS: &[&str] = &["init", "tokenizer", "device", "dtype", "seed", "threads"];
 
 /// One stage as written in the pipeline file, with its position.
@@ -222,8 +223,8 @@ impl Pipeline {
                 }
             }
             let eval = string_at(t, "eval", &sat)?;
-            if kind == "eval" && eval.as_deref() != Some("perplexity") {
-                bail!("{sat}.eval: expected \"perplexity\", found {:?}", eval);
+            if kind == "eval" && !matches!(eval.as_deref(), Some("perplexity") | Some("answers")) {
+                bail!("{sat}.eval: expected \"perplexity\" or \"answers\", found {:?}", eval);
             }
             let allow_tokenizer_mismatch = t.get("allow_tokenizer_mismatch").and_then(|v| v.as_bool()).unwrap_or(false);
             let mut table = shared.clone();
@@ -251,10 +252,14 @@ impl Pipeline {
                 read_preference(&data, &DataOptions::default())
                     .map_err(|e| anyhow!("{sat}.data: a {kind} stage needs preference data: {e}"))?;
             }
-            if kind == "eval" {
+            if kind == "eval" && eval.as_deref() == Some("perplexity") {
                 for f in expand_data_paths(&data)? {
                     read_text_records(&f).map_err(|e| anyhow!("{sat}.data: {e}"))?;
                 }
+            }
+            if kind == "eval" && eval.as_deref() == Some("answers") {
+                read_sft(&data, &DataOptions::default())
+                    .map_err(|e| anyhow!("{sat}.data: an answers evaluation needs conversations: {e}"))?;
             }
             stages.push(StageSpec {
                 index: i,
@@ -595,15 +600,45 @@ fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
         .and_then(|d| d.as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let max_length =
-        s.table.get("train").and_then(|t| t.get("max_length")).and_then(|v| v.as_integer()).unwrap_or(1024) as usize;
+    let train = s.table.get("train");
+    let int = |key: &str, default: i64| {
+        train.and_then(|t| t.get(key)).and_then(|v| v.as_integer()).unwrap_or(default).max(1) as usize
+    };
+    if s.eval.as_deref() == Some("answers") {
+        let conversations = read_sft(&files, &DataOptions::default())?.records;
+        let cases = conversations.iter().map(align_core::answer_eval::answer_case).collect::<Result<Vec<_>>>()?;
+        let max_new = s.table.get("max_new_tokens").and_then(|v| v.as_integer()).unwrap_or(64).max(1) as usize;
+        let r = tch::no_grad(|| {
+            align_core::answer_eval::evaluate_answers(&m.lm, &tok, &cases, max_new, int("batch_size", 8))
+        })?;
+        let sc = r.scores;
+        tracing::info!(
+            "stage {}: BLEU-4 {:.4}, ROUGE-L {:.4}, char F1 {:.4} over {} answers",
+            s.name,
+            sc.bleu4,
+            sc.rouge_l,
+            sc.char_f1,
+            sc.samples
+        );
+        let examples: Vec<Value> = r
+            .answered
+            .iter()
+            .take(5)
+            .map(|a| json!({"prompt": a.prompt, "reference": a.reference, "answer": a.answer}))
+            .collect();
+        return Ok(
+            json!({"eval": "answers", "model": input.model.display().to_string(), "bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "samples": sc.samples, "examples": examples}),
+        );
+    }
     let mut texts = Vec::new();
     for f in expand_data_paths(&files)? {
         texts.extend(read_text_records(&f)?.into_iter().map(|r| r.text));
     }
-    let r = tch::no_grad(|| corpus_perplexity(&m.lm, &tok, &texts, max_length, 8192))?;
+    let r = tch::no_grad(|| corpus_perplexity(&m.lm, &tok, &texts, int("max_length", 1024), 8192))?;
     tracing::info!("stage {}: perplexity {:.3} over {} tokens", s.name, r.perplexity, r.tokens);
-    Ok(json!({"eval": "perplexity", "model": input.model.display().to_string(), "result": r}))
+    Ok(
+        json!({"eval": "perplexity", "model": input.model.display().to_string(), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "records": r.records}),
+    )
 }
 
 /// Creates (or reuses) RUN_DIR/init from `defaults.init` and `defaults.tokenizer` with `align init`'s code.
