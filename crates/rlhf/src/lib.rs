@@ -1,0 +1,5 @@
+//! align-rlhf: preference optimisation of a policy — the DPO family of losses (pure functions of
+//! log-probs) and the DPO stage (config, pair batches, objective, reference log-probs).
+pub mod dpo_loss;
+
+pub use dpo_loss::{dpo_loss, DpoLossOutput, DpoLossParams, DpoLossType, PairLogps};
