@@ -11,6 +11,7 @@ pub mod lm_objective;
 pub mod logprobs;
 pub mod model;
 pub mod optim;
+pub mod preference_batch;
 pub mod scalar_model;
 pub mod tokenizer;
 pub mod train_config;
