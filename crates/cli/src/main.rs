@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Generate text from prompts with a model folder.
     Generate(generate::GenerateArgs),
-    /// Train one stage (pretrain, sft) from a TOML config; resumes from the newest checkpoint.
+    /// Train one stage (pretrain, sft, reward, dpo) from a TOML config; resumes from the newest checkpoint.
     Train(train::TrainArgs),
     /// Evaluate a model.
     #[command(subcommand)]
@@ -51,6 +51,8 @@ enum Command {
 enum EvalCommand {
     /// Perplexity of a model on a text corpus (.txt lines or .jsonl `text`).
     Perplexity(eval::PerplexityArgs),
+    /// Pairwise accuracy and mean margin of a reward model on preference pairs.
+    Reward(eval::RewardEvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
+        Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
