@@ -122,7 +122,10 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&stats)?);
     } else {
-        println!("{:<8} {:>10} {:>12} {:>14} {:>16}", "pairs", "accuracy", "mean margin", "mean chosen", "mean rejected");
+        println!(
+            "{:<8} {:>10} {:>12} {:>14} {:>16}",
+            "pairs", "accuracy", "mean margin", "mean chosen", "mean rejected"
+        );
         println!(
             "{:<8} {:>10.4} {:>12.4} {:>14.4} {:>16.4}",
             stats.pairs, stats.accuracy, stats.mean_margin, stats.mean_chosen_reward, stats.mean_rejected_reward

@@ -105,8 +105,14 @@ fn train_dpo_with_overrides_logs_trl_metrics() {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
-    for k in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
-    {
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
         assert!(first[k].is_f64(), "{k} missing: {first}");
         assert!(eval_lines(&out)[0][format!("eval_{k}")].is_f64(), "eval_{k} missing");
     }

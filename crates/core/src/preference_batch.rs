@@ -10,10 +10,14 @@ use crate::data::{read_preference, split_by_ratio, DataOptions, LengthBudget, Le
 use crate::lm_objective::{pad_batch, predicted_labels};
 use crate::tokenizer::ModelTokenizer;
 use crate::train_config::LoadedConfig;
+use crate::trainer::Split;
 
 /// The training and validation pairs of a run: `val_data` when given, else `train.val_ratio` of
 /// `data` held out by a seeded split.
-pub fn read_pair_splits(cfg: &LoadedConfig, options: &DataOptions) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
+pub fn read_pair_splits(
+    cfg: &LoadedConfig,
+    options: &DataOptions,
+) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
     let c = &cfg.config;
     let data = read_preference(&c.data, options)?;
     if !c.val_data.is_empty() {
@@ -39,6 +43,22 @@ impl EncodedPair {
     }
 }
 
+/// Training and validation pairs as tokens.
+#[derive(Debug, Clone, Default)]
+pub struct PairSplits {
+    pub train: Vec<EncodedPair>,
+    pub validation: Vec<EncodedPair>,
+}
+
+impl PairSplits {
+    pub fn get(&self, split: Split) -> &[EncodedPair] {
+        match split {
+            Split::Train => &self.train,
+            Split::Validation => &self.validation,
+        }
+    }
+}
+
 /// How many pairs the length budget changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PairCounts {
@@ -49,7 +69,8 @@ pub struct PairCounts {
 
 /// Encodes one pair; see the module doc.
 pub fn encode_pair(tok: &ModelTokenizer, pair: &PreferencePair) -> Result<EncodedPair> {
-    let chosen = encode_final_answer(tok, &pair.chosen_messages()).map_err(|e| anyhow!("{}: chosen: {e}", pair.origin))?;
+    let chosen =
+        encode_final_answer(tok, &pair.chosen_messages()).map_err(|e| anyhow!("{}: chosen: {e}", pair.origin))?;
     let rejected =
         encode_final_answer(tok, &pair.rejected_messages()).map_err(|e| anyhow!("{}: rejected: {e}", pair.origin))?;
     Ok(EncodedPair { chosen, rejected })

@@ -101,7 +101,10 @@ pub struct LoadedScalarModel {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ScoreInit {
     /// `N(0, std²)` from `seed` (drawn on the CPU, so the same on every device).
-    Normal { std: f64, seed: u64 },
+    Normal {
+        std: f64,
+        seed: u64,
+    },
     Zeros,
 }
 
@@ -157,14 +160,16 @@ fn check_reward_config(raw: &Value, path: &Path) -> Result<()> {
             path.display()
         );
     }
-    let labels = match (raw.get("num_labels").and_then(Value::as_i64), raw.get("id2label").and_then(Value::as_object))
-    {
+    let labels = match (raw.get("num_labels").and_then(Value::as_i64), raw.get("id2label").and_then(Value::as_object)) {
         (Some(n), _) => n as usize,
         (None, Some(m)) => m.len(),
         (None, None) => 2, // transformers' default
     };
     if labels != 1 {
-        bail!("{}: field 'num_labels' / 'id2label': expected one label (a scalar score), found {labels}", path.display());
+        bail!(
+            "{}: field 'num_labels' / 'id2label': expected one label (a scalar score), found {labels}",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -176,7 +181,10 @@ pub fn load_reward_model(dir: &Path, device: Device, kind: Kind) -> Result<Loade
     let path = dir.join("config.json");
     check_reward_config(&config.raw, &path)?;
     let pad = config.pad_token_id.ok_or_else(|| {
-        anyhow!("{}: field 'pad_token_id': missing; a reward model needs it to find each row's last token", path.display())
+        anyhow!(
+            "{}: field 'pad_token_id': missing; a reward model needs it to find each row's last token",
+            path.display()
+        )
     })?;
     let (vs, rm) = build(&config, pad, device, kind);
     load_weights(&vs, dir, config.tie_word_embeddings)?;
@@ -238,7 +246,8 @@ mod tests {
         assert_eq!(all.size(), vec![2, 5]);
         assert!((all.double_value(&[1, 4]) - b.double_value(&[1])).abs() < 1e-5);
         // the seeded head is reproducible; zeros give zero scores
-        let again = scalar_model_from_causal_lm(&dir, Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, 1)).unwrap();
+        let again =
+            scalar_model_from_causal_lm(&dir, Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, 1)).unwrap();
         assert_eq!(again.rm.forward(&short).unwrap().double_value(&[0]), a);
         let zero = scalar_model_from_causal_lm(&dir, Device::Cpu, Kind::Float, 0, ScoreInit::Zeros).unwrap();
         assert_eq!(zero.rm.forward(&short).unwrap().double_value(&[0]), 0.0);

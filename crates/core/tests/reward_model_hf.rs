@@ -34,8 +34,11 @@ fn saved_reward_model_loads_in_transformers_with_equal_scores() {
     };
     let tmp = tempfile::tempdir().unwrap();
     // right-padded rows (pad id 0) of different lengths; one row contains no padding
-    let rows: Vec<Vec<i64>> =
-        vec![vec![1, 40, 41, 42, 2, 10, 0, 0, 0], vec![1, 50, 51, 52, 53, 54, 55, 2, 10], vec![7, 8, 0, 0, 0, 0, 0, 0, 0]];
+    let rows: Vec<Vec<i64>> = vec![
+        vec![1, 40, 41, 42, 2, 10, 0, 0, 0],
+        vec![1, 50, 51, 52, 53, 54, 55, 2, 10],
+        vec![7, 8, 0, 0, 0, 0, 0, 0, 0],
+    ];
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
     let ids = Tensor::from_slice(&flat).view([rows.len() as i64, rows[0].len() as i64]);
     for (i, name) in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"].iter().enumerate() {

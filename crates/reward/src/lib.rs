@@ -5,7 +5,7 @@ use serde::Deserialize;
 use tch::Kind;
 
 use align_core::data::{DataOptions, LengthBudget};
-use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PreferenceBatch};
+use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
 use align_core::scalar_model::{ScalarModel, ScoreInit};
 use align_core::train_config::LoadedConfig;
 use align_core::train_setup::TrainingScalarModel;
@@ -25,22 +25,6 @@ pub struct RewardSection {
     /// Weight of the reward-centring term (r_c + r_r)² (TRL's `center_rewards_coefficient`); 0 = off.
     #[serde(default)]
     pub center_rewards_coefficient: f64,
-}
-
-/// Training and validation pairs as tokens.
-#[derive(Debug, Clone, Default)]
-pub struct PairSplits {
-    pub train: Vec<EncodedPair>,
-    pub validation: Vec<EncodedPair>,
-}
-
-impl PairSplits {
-    pub fn get(&self, split: Split) -> &[EncodedPair] {
-        match split {
-            Split::Train => &self.train,
-            Split::Validation => &self.validation,
-        }
-    }
 }
 
 /// Scores of the chosen and rejected rows of a batch, each `[B]` f32.
@@ -124,7 +108,8 @@ pub fn pairwise_stats(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize
 /// LM is drawn from N(0, 1/hidden) with `train.seed`.
 pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
     let section: RewardSection = cfg.stage_section()?;
-    if !section.margin.is_finite() || !(section.center_rewards_coefficient >= 0.0) {
+    let coef = section.center_rewards_coefficient;
+    if !section.margin.is_finite() || !coef.is_finite() || coef < 0.0 {
         bail!(
             "{}: [reward]: expected a finite 'margin' and 'center_rewards_coefficient' ≥ 0, found {} and {}",
             cfg.origin.display(),

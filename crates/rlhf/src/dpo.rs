@@ -167,7 +167,10 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let ref_dir = resolve_model_dir(section.reference.as_deref().unwrap_or(&c.model))?;
     let reference = if !params.loss.needs_reference() {
         if section.precompute_ref || section.reference.is_some() {
-            tracing::warn!("[dpo] loss '{}' is reference-free: 'reference' and 'precompute_ref' are ignored", params.loss.as_str());
+            tracing::warn!(
+                "[dpo] loss '{}' is reference-free: 'reference' and 'precompute_ref' are ignored",
+                params.loss.as_str()
+            );
         }
         Reference::Free
     } else {
@@ -204,7 +207,11 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                 let model = load_reference_model(&ref_dir, device, kind)?;
                 compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id)
             })?;
-            tracing::info!("reference log-probs {} {}", if reused { "reused from" } else { "cached in" }, path.display());
+            tracing::info!(
+                "reference log-probs {} {}",
+                if reused { "reused from" } else { "cached in" },
+                path.display()
+            );
             Reference::Cached(logps)
         } else {
             Reference::Live(load_reference_model(&ref_dir, device, kind)?)

@@ -70,7 +70,7 @@ impl Default for DpoLossParams {
 impl DpoLossParams {
     /// Checks the values against what the chosen loss accepts; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if !(self.beta > 0.0) || !self.beta.is_finite() {
+        if !self.beta.is_finite() || self.beta <= 0.0 {
             bail!("'beta': expected a positive number, found {}", self.beta);
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
@@ -79,7 +79,8 @@ impl DpoLossParams {
         if self.label_smoothing > 0.0 && !matches!(self.loss, DpoLossType::Sigmoid | DpoLossType::Simpo) {
             bail!("'label_smoothing': only the sigmoid and simpo losses use it (loss = '{}')", self.loss.as_str());
         }
-        if !(self.sft_weight >= 0.0) || !(self.orpo_alpha >= 0.0) || !self.simpo_gamma.is_finite() {
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(self.sft_weight) || !non_negative(self.orpo_alpha) || !self.simpo_gamma.is_finite() {
             bail!("'sft_weight' and 'orpo_alpha': expected numbers ≥ 0, 'simpo_gamma' a finite number");
         }
         Ok(())
@@ -139,9 +140,10 @@ pub fn dpo_loss(x: &PairLogps, p: &DpoLossParams) -> Result<DpoLossOutput> {
     let avg_chosen = x.policy_chosen_logps.f_div(&x.chosen_tokens.f_clamp_min(1.0)?)?;
     let (loss, chosen_rewards, rejected_rewards) = match p.loss {
         DpoLossType::Sigmoid | DpoLossType::Ipo | DpoLossType::Hinge => {
-            let (rc, rr) = x.ref_chosen_logps.zip(x.ref_rejected_logps).ok_or_else(|| {
-                anyhow!("dpo_loss: loss '{}' needs the reference log-probs", p.loss.as_str())
-            })?;
+            let (rc, rr) = x
+                .ref_chosen_logps
+                .zip(x.ref_rejected_logps)
+                .ok_or_else(|| anyhow!("dpo_loss: loss '{}' needs the reference log-probs", p.loss.as_str()))?;
             ensure!(rc.size() == n && rr.size() == n, "dpo_loss: reference log-probs do not match the policy's {n:?}");
             let chosen_ratio = x.policy_chosen_logps.f_sub(rc)?;
             let rejected_ratio = x.policy_rejected_logps.f_sub(rr)?;
@@ -176,7 +178,11 @@ pub fn dpo_loss(x: &PairLogps, p: &DpoLossParams) -> Result<DpoLossOutput> {
         }
     };
     let loss = if p.sft_weight > 0.0 { loss.f_sub(&avg_chosen.f_mul_scalar(p.sft_weight)?)? } else { loss };
-    Ok(DpoLossOutput { loss, chosen_rewards: chosen_rewards.f_detach()?, rejected_rewards: rejected_rewards.f_detach()? })
+    Ok(DpoLossOutput {
+        loss,
+        chosen_rewards: chosen_rewards.f_detach()?,
+        rejected_rewards: rejected_rewards.f_detach()?,
+    })
 }
 
 #[cfg(test)]

@@ -57,16 +57,16 @@ pub enum Reference {
     /// The loss is reference-free (simpo, orpo).
     Free,
     /// A frozen model run under `no_grad` for every batch.
-    Live(LoadedModel),
+    Live(Box<LoadedModel>),
     /// Computed once before training.
     Cached(ReferenceLogps),
 }
 
 /// Loads the reference model with every parameter frozen.
-pub fn load_reference_model(dir: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
+pub fn load_reference_model(dir: &Path, device: Device, kind: Kind) -> Result<Box<LoadedModel>> {
     let mut m = load_causal_lm(dir, device, kind)?;
     m.vs.freeze();
-    Ok(m)
+    Ok(Box::new(m))
 }
 
 /// Reference log-probs of every pair of both splits, in micro-batches of `batch_size` pairs.
@@ -161,10 +161,7 @@ fn read_cache(path: &Path) -> Result<ReferenceLogps> {
             .map(|(_, t)| t.shallow_clone())
             .ok_or_else(|| anyhow!("{}: tensor '{name}' is missing", path.display()))
     };
-    Ok(ReferenceLogps {
-        train: (get(NAMES[0])?, get(NAMES[1])?),
-        validation: (get(NAMES[2])?, get(NAMES[3])?),
-    })
+    Ok(ReferenceLogps { train: (get(NAMES[0])?, get(NAMES[1])?), validation: (get(NAMES[2])?, get(NAMES[3])?) })
 }
 
 /// The reference log-probs for `key`: read from `output_dir/ref_logps-<key>.safetensors` when it

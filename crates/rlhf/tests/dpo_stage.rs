@@ -125,8 +125,12 @@ fn precomputed_reference_gives_the_live_reference_losses_and_is_reused() {
     assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), before);
     assert_eq!(series(&cached, "loss"), b);
     // a different max_length is a different key
-    align_rlhf::run_dpo(&config(&cached, &["dpo.precompute_ref=true", "train.max_length=400", "train.max_steps=1"]), true, None)
-        .unwrap();
+    align_rlhf::run_dpo(
+        &config(&cached, &["dpo.precompute_ref=true", "train.max_length=400", "train.max_steps=1"]),
+        true,
+        None,
+    )
+    .unwrap();
     assert_eq!(caches(&cached).len(), 2);
 }
 
@@ -172,10 +176,14 @@ fn every_loss_type_trains_and_bad_settings_name_the_key() {
             assert!(caches(&out).is_empty());
         }
     }
-    let e = align_rlhf::run_dpo(&config(&tmp.path().join("bad"), &["dpo.loss=hinge", "dpo.label_smoothing=0.2"]), false, None)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = align_rlhf::run_dpo(
+        &config(&tmp.path().join("bad"), &["dpo.loss=hinge", "dpo.label_smoothing=0.2"]),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("test.toml") && e.contains("[dpo]") && e.contains("label_smoothing"), "{e}");
     let e = LoadedConfig::from_table(
         toml::from_str("model = \"m\"\ndata = [\"d\"]\noutput_dir = \"o\"\n[dpo]\nloss = \"kto\"\n").unwrap(),
