@@ -32,7 +32,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a pipeline file: its stages in order, skipping what is up to date, resuming what was interrupted.
     Run(run::RunArgs),
-    /// Train one stage (pretrain, sft) from a TOML config; resumes from the newest checkpoint.
+    /// Train one stage (pretrain, sft, reward, dpo) from a TOML config; resumes from the newest checkpoint.
     Train(train::TrainArgs),
     /// Evaluate a model.
     #[command(subcommand)]
@@ -65,6 +65,8 @@ enum EvalCommand {
     /// Answer quality on SFT conversations: greedy answers to each conversation's last prompt,
     /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1).
     Answers(eval::AnswersArgs),
+    /// Pairwise accuracy and mean margin of a reward model on preference pairs.
+    Reward(eval::RewardEvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
         Command::Eval(EvalCommand::Answers(a)) => eval::answers(a),
+        Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),

@@ -1,4 +1,4 @@
-//! `align train STAGE --config FILE.toml [--set key=value …] [--restart]`.
+//! `align train pretrain|sft|reward|dpo --config FILE.toml [--set key=value …] [--restart]`.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -10,6 +10,10 @@ use align_core::train_config::LoadedConfig;
 pub enum Stage {
     Pretrain,
     Sft,
+    /// Reward model: scalar head + Bradley–Terry on preference pairs (`[reward]`).
+    Reward,
+    /// DPO and its variants on preference pairs (`[dpo]`).
+    Dpo,
 }
 
 #[derive(Args)]
@@ -40,6 +44,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Stage::Sft => {
             let cfg = LoadedConfig::load(&args.config, &args.overrides, "sft")?;
             ("sft", align_sft::run(&cfg, args.restart, args.stop_after)?)
+        }
+        Stage::Reward => {
+            let cfg = LoadedConfig::load(&args.config, &args.overrides, "reward")?;
+            ("reward", align_reward::run(&cfg, args.restart, args.stop_after)?)
+        }
+        Stage::Dpo => {
+            let cfg = LoadedConfig::load(&args.config, &args.overrides, "dpo")?;
+            ("dpo", align_rlhf::run_dpo(&cfg, args.restart, args.stop_after)?)
         }
     };
     eprintln!(

@@ -180,6 +180,19 @@ pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor)
 /// converted to each variable's dtype and device). Missing, unexpected or mis-shaped tensors are
 /// errors naming the tensor and both shapes.
 pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<()> {
+    load_weights_except(vs, dir, tied_embeddings, &|_| false, &|_| false)
+}
+
+/// `load_weights` that leaves out checkpoint tensors for which `skip` holds (e.g. `lm_head.weight`
+/// when a trunk gets a new head) and accepts variables for which `may_be_missing` holds staying
+/// as they are (e.g. a freshly initialised `score.weight`).
+pub fn load_weights_except(
+    vs: &VarStore,
+    dir: &Path,
+    tied_embeddings: bool,
+    skip: &dyn Fn(&str) -> bool,
+    may_be_missing: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let files = weight_files(dir)?;
     let vars = vs.variables();
     let mut seen = HashSet::new();
@@ -187,6 +200,7 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
     tch::no_grad(|| {
         for_each_tensor(&files, |file, name, t| {
             match vars.get(name) {
+                _ if skip(name) => {}
                 None if ignorable(name, tied_embeddings) => {}
                 None => {
                     unexpected.push(format!("'{name}' (in {})", file.file_name().unwrap_or_default().to_string_lossy()))
@@ -214,7 +228,7 @@ pub fn load_weights(vs: &VarStore, dir: &Path, tied_embeddings: bool) -> Result<
     // LoRA adapters attached before loading are not part of a base checkpoint
     let mut missing: Vec<String> = vars
         .keys()
-        .filter(|k| !seen.contains(*k) && !crate::lora::is_adapter_variable(k))
+        .filter(|k| !seen.contains(*k) && !crate::lora::is_adapter_variable(k) && !may_be_missing(k))
         .map(|k| format!("'{k}' {:?}", vars[k].size()))
         .collect();
     if !missing.is_empty() {
@@ -378,6 +392,11 @@ pub fn causal_lm_tensors(vs: &VarStore, config: &ModelConfig) -> BTreeMap<String
 /// Writes `config.json` from the parsed config, keeping every original field and recording the
 /// stored dtype and architecture.
 pub fn write_config(config: &ModelConfig, dir: &Path, stored: Kind, architecture: &str) -> Result<()> {
+    write_config_json(&config_json(config, stored, architecture), dir)
+}
+
+/// The `config.json` content `write_config` writes, for callers that add fields of their own.
+pub fn config_json(config: &ModelConfig, stored: Kind, architecture: &str) -> Value {
     let mut raw = config.raw.clone();
     if let Some(obj) = raw.as_object_mut() {
         let dtype_key =
@@ -386,8 +405,13 @@ pub fn write_config(config: &ModelConfig, dir: &Path, stored: Kind, architecture
         obj.insert("architectures".to_string(), json!([architecture]));
         obj.insert("tie_word_embeddings".to_string(), json!(config.tie_word_embeddings));
     }
+    raw
+}
+
+/// Writes `raw` as `dir/config.json`.
+pub fn write_config_json(raw: &Value, dir: &Path) -> Result<()> {
     let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&raw)? + "\n")
+    std::fs::write(&path, serde_json::to_string_pretty(raw)? + "\n")
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 

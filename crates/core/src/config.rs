@@ -35,6 +35,16 @@ impl ModelType {
             ModelType::Qwen3 => "Qwen3ForCausalLM",
         }
     }
+
+    /// The `architectures` entry transformers uses for a scalar (reward / value) head on the trunk.
+    pub fn sequence_classification_architecture(self) -> &'static str {
+        match self {
+            ModelType::Llama => "LlamaForSequenceClassification",
+            ModelType::Mistral => "MistralForSequenceClassification",
+            ModelType::Qwen2 => "Qwen2ForSequenceClassification",
+            ModelType::Qwen3 => "Qwen3ForSequenceClassification",
+        }
+    }
 }
 
 /// How RoPE frequencies are computed (`rope_type` in HF configs).

@@ -85,6 +85,28 @@ pub fn encode_conversation(
     Ok(LabeledTokens { input_ids, labels })
 }
 
+/// Keeps the labels of the last contiguous run of labelled tokens (the final assistant turn and
+/// its end-of-turn tokens) and clears every earlier one.
+pub fn keep_final_turn_labels(seq: &mut LabeledTokens) {
+    let Some(end) = seq.labels.iter().rposition(|&l| l != IGNORE_INDEX) else { return };
+    let start = seq.labels[..end].iter().rposition(|&l| l == IGNORE_INDEX).map_or(0, |i| i + 1);
+    for l in &mut seq.labels[..start] {
+        *l = IGNORE_INDEX;
+    }
+}
+
+/// Tokenises a conversation whose last message is the assistant's answer, with labels on that
+/// answer only (content plus the template's end-of-turn tokens): what RM, DPO and PPO score.
+pub fn encode_final_answer(tok: &ModelTokenizer, messages: &[ChatMessage]) -> Result<LabeledTokens> {
+    match messages.last() {
+        Some(m) if m.role == "assistant" => {}
+        _ => bail!("expected the conversation to end with the assistant's answer"),
+    }
+    let mut enc = encode_conversation(tok, messages, false)?;
+    keep_final_turn_labels(&mut enc);
+    Ok(enc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +144,11 @@ mod tests {
         );
         let all = encode_conversation(&t, &msgs, true).unwrap();
         assert_eq!(all.labels, all.input_ids);
+        // only the final answer
+        let last = encode_final_answer(&t, &msgs).unwrap();
+        assert_eq!(last.input_ids, enc.input_ids);
+        let labelled: Vec<i64> = last.labels.iter().copied().filter(|&l| l != IGNORE_INDEX).collect();
+        assert_eq!(t.decode(&labelled, false).unwrap(), "多喝水。<|im_end|>\n");
+        assert!(encode_final_answer(&t, &msgs[..4]).is_err());
     }
 }

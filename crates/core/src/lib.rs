@@ -14,6 +14,8 @@ pub mod logprobs;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod preference_batch;
+pub mod scalar_model;
 pub mod text_metrics;
 pub mod tokenizer;
 pub mod train_config;

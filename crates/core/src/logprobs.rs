@@ -29,6 +29,13 @@ pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tenso
     Ok((lp, mask))
 }
 
+/// Per-row sums of the labels' log-probabilities and the number of scored labels, both `[B]`
+/// f32 (the sequence log-prob of DPO-style losses).
+pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (lp, mask) = token_logprobs(logits, labels)?;
+    Ok((lp.f_sum_dim_intlist(1, false, Kind::Float)?, mask.f_sum_dim_intlist(1, false, Kind::Float)?))
+}
+
 /// Summed negative log-likelihood and number of predicted tokens of one sequence.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SequenceNll {
@@ -110,6 +117,9 @@ mod tests {
         assert!(!bool::try_from(mask.get(1).get(0)).unwrap());
         assert_eq!(lp.double_value(&[1, 0]), 0.0);
         assert_eq!(perplexity(&[SequenceNll { nll: 2.0, tokens: 2 }]), 1f64.exp());
+        let (sums, counts) = sequence_logprobs(&logits, &labels).unwrap();
+        assert!((sums.double_value(&[1]) - lp.get(1).sum(Kind::Float).double_value(&[])).abs() < 1e-6);
+        assert_eq!(Vec::<f32>::try_from(counts).unwrap(), vec![3.0, 2.0]);
     }
 }
 

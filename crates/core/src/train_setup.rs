@@ -3,7 +3,7 @@
 //! not stage-specific.
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{load_causal_lm, load_weights, resolve_model_dir, write_pretrained, LoadedModel, SaveOptions};
@@ -12,9 +12,13 @@ use crate::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, restore_adapter_weights, trainable_parameters, write_adapter,
     AdapterSaveOptions, FreezeConfig, LoraConfig,
 };
+use crate::scalar_model::{
+    load_reward_model, scalar_model_from_causal_lm, write_scalar_model, LoadedScalarModel, ScoreInit,
+};
 use crate::tokenizer::ModelTokenizer;
 use crate::train_config::{LoadedConfig, Method};
 use crate::trainer::ModelState;
+use crate::ModelConfig;
 
 /// The policy model of a training run and its tokenizer.
 pub struct TrainingModel {
@@ -35,12 +39,7 @@ impl TrainingModel {
     pub fn load(cfg: &LoadedConfig) -> Result<Self> {
         let c = &cfg.config;
         let t = &c.train;
-        if let Some(n) = t.threads {
-            tch::set_num_threads(n);
-        }
-        enable_cpu_features();
-        let device = parse_device(&t.device)?;
-        let kind = parse_dtype(t.dtype.as_deref(), device)?;
+        let (device, kind) = training_device(cfg)?;
         let dir = resolve_model_dir(&c.model)?;
         let mut loaded = load_causal_lm(&dir, device, kind)?;
         let tokenizer = ModelTokenizer::from_dir(&dir)?;
@@ -106,5 +105,69 @@ impl ModelState for TrainingModel {
 
     fn set_training(&self, on: bool) {
         self.loaded.lm.set_training(on);
+    }
+}
+
+/// Device and dtype of a training run (`train.device`, `train.dtype`), with `train.threads` applied.
+pub fn training_device(cfg: &LoadedConfig) -> Result<(Device, Kind)> {
+    let t = &cfg.config.train;
+    if let Some(n) = t.threads {
+        tch::set_num_threads(n);
+    }
+    enable_cpu_features();
+    let device = parse_device(&t.device)?;
+    Ok((device, parse_dtype(t.dtype.as_deref(), device)?))
+}
+
+/// A scalar-head model being trained (the reward model; PPO's value model later) and its tokenizer.
+pub struct TrainingScalarModel {
+    pub loaded: LoadedScalarModel,
+    pub tokenizer: ModelTokenizer,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl TrainingScalarModel {
+    /// Loads `model` of the config: a reward-model folder as it is, or a causal LM's trunk with a
+    /// new head initialised by `init(hidden_size)`. The padding id is the tokenizer's. Trunk and
+    /// head are trained in full (LoRA for scalar models is not available yet).
+    pub fn load(cfg: &LoadedConfig, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
+        let (device, kind) = training_device(cfg)?;
+        if cfg.config.method != Method::Full {
+            bail!(
+                "{}: key 'method': '{}' is not available for reward models yet (use method = \"full\")",
+                cfg.origin.display(),
+                format!("{:?}", cfg.config.method).to_lowercase()
+            );
+        }
+        let dir = resolve_model_dir(&cfg.config.model)?;
+        let tokenizer = ModelTokenizer::from_dir(&dir)?;
+        let config = ModelConfig::from_dir(&dir)?;
+        let is_scalar = config
+            .raw
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| a.iter().filter_map(|x| x.as_str()).any(|x| x.ends_with("ForSequenceClassification")));
+        let loaded = if is_scalar {
+            load_reward_model(&dir, device, kind)?
+        } else {
+            scalar_model_from_causal_lm(&dir, device, kind, tokenizer.padding_id(), init(config.hidden_size))?
+        };
+        Ok(TrainingScalarModel { loaded, tokenizer, device, kind })
+    }
+
+    /// Parameters that receive gradients (trunk and head), by HF name, sorted.
+    pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
+        trainable_parameters(&self.loaded.vs)
+    }
+}
+
+impl ModelState for TrainingScalarModel {
+    fn save(&self, dir: &Path) -> Result<()> {
+        write_scalar_model(&self.loaded.vs, &self.loaded.rm, dir, None, Some(&self.loaded.dir))
+    }
+
+    fn restore(&self, dir: &Path) -> Result<()> {
+        load_weights(&self.loaded.vs, dir, self.loaded.rm.config.tie_word_embeddings)
     }
 }

@@ -18,7 +18,7 @@ use align_core::trainer::TrainSummary;
 /// Stage kinds the runner knows.
 pub const KINDS: &[&str] = &["pretrain", "sft", "reward", "dpo", "ppo", "eval"];
 /// Stage kinds this build can run (the others are validated and then refused clearly).
-pub const RUNNABLE: &[&str] = &["pretrain", "sft", "eval"];
+pub const RUNNABLE: &[&str] = &["pretrain", "sft", "reward", "dpo", "eval"];
 const STAGE_KEYS: &[&str] =
     &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch", "max_new_tokens"];
 const DEFAULT_ONLY_KEYS: &[&str] = &["init", "tokenizer", "device", "dtype", "seed", "threads"];
@@ -441,8 +441,25 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 input.model.display()
             );
         }
-        let cfg =
-            if s.kind == "eval" { None } else { Some(p.stage_config(s, &input.model, input.adapter.as_deref())?) };
+        let mut spec = s.clone();
+        if let Some(r) = &s.reference {
+            let reference = produced.get(r).ok_or_else(|| {
+                anyhow!("stage '{}' needs '{r}' as its reference, which has not produced a model", s.name)
+            })?;
+            if reference.adapter.is_some() {
+                bail!("stage[{}] ({}).reference: '{r}' produced a LoRA adapter; a reference must be a full model (merge it with align export)", s.index, s.name);
+            }
+            set_path(
+                &mut spec.table,
+                &[s.kind.clone(), "reference".to_string()],
+                toml::Value::String(reference.model.display().to_string()),
+            )?;
+        }
+        let cfg = if s.kind == "eval" {
+            None
+        } else {
+            Some(p.stage_config(&spec, &input.model, input.adapter.as_deref())?)
+        };
         let config_json = match &cfg {
             Some(c) => serde_json::to_value(&c.config)?,
             None => serde_json::to_value(&s.table)?,
@@ -519,8 +536,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 write_record(&dir, &rec)?;
                 if let Some(o) = out {
                     produced.insert(s.name.clone(), o);
+                    upstream_reran = Some(s.name.clone());
                 }
-                upstream_reran = Some(s.name.clone());
                 outcomes.push((s.name.clone(), StageOutcome::Ran));
             }
             Err(e) => {
@@ -575,6 +592,8 @@ fn run_stage(
     match (s.kind.as_str(), cfg) {
         ("pretrain", Some(c)) => Ok((Some(align_pretrain::run(c, restart, None)?), None)),
         ("sft", Some(c)) => Ok((Some(align_sft::run(c, restart, None)?), None)),
+        ("reward", Some(c)) => Ok((Some(align_reward::run(c, restart, None)?), None)),
+        ("dpo", Some(c)) => Ok((Some(align_rlhf::run_dpo(c, restart, None)?), None)),
         ("eval", _) => Ok((None, Some(run_eval(s, input)?))),
         (kind, _) => bail!("kind '{kind}' is not available in this build yet"),
     }

@@ -1,0 +1,140 @@
+//! `align train reward|dpo` and `align eval reward` as a user runs them.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn align() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_align"));
+    c.env("ALIGN_LOG", "warn").env_remove("ALIGN_TEST_CRASH_IN_SAVE").env_remove("ALIGN_TEST_STEP_DELAY_MS");
+    c
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "align failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_config(dir: &Path, name: &str, out: &Path, stage: &str) -> PathBuf {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = [{:?}]\nval_data = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 20\nbatch_size = 8\nlr = 5e-3\nmax_length = 512\n{stage}\n",
+            repo().join("tests/fixtures/models/tiny-qwen2"),
+            repo().join("data/preference/medical_pairs.jsonl"),
+            repo().join("data/preference/medical_pairs_eval.jsonl"),
+            out
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn eval_lines(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("eval_loss").is_some())
+        .collect()
+}
+
+#[test]
+fn train_reward_then_eval_reward_agree_and_beat_chance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rm");
+    let cfg = write_config(tmp.path(), "rm", &out, "[reward]\nmargin = 0.0\ncenter_rewards_coefficient = 0.01");
+    ok(align().args(["train", "reward", "--config", s(&cfg)]).output().unwrap());
+    let last_eval = eval_lines(&out).pop().unwrap();
+    let printed = ok(align()
+        .args([
+            "eval",
+            "reward",
+            "--model",
+            s(&out.join("final")),
+            "--data",
+            s(&repo().join("data/preference/medical_pairs_eval.jsonl")),
+            "--max-length",
+            "512",
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let v: Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(v["pairs"], 50);
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.6, "held-out accuracy {acc}");
+    assert!((acc - last_eval["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(v["mean_margin"].as_f64().unwrap() > 0.0);
+    // the table form
+    let table = ok(align()
+        .args(["eval", "reward", "--model", s(&out.join("final")), "--data"])
+        .arg(repo().join("data/preference/medical_pairs_eval.jsonl"))
+        .args(["--max-length", "512"])
+        .output()
+        .unwrap());
+    assert!(table.contains("accuracy") && table.contains("mean margin"), "{table}");
+    // a causal LM is not a reward model
+    let bad = align()
+        .args(["eval", "reward", "--model", s(&repo().join("tests/fixtures/models/tiny-qwen2")), "--data"])
+        .arg(repo().join("data/preference/medical_pairs_eval.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("ForSequenceClassification"), "{err}");
+}
+
+#[test]
+fn train_dpo_with_overrides_logs_trl_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dpo");
+    let cfg = write_config(tmp.path(), "dpo", &out, "[dpo]\nbeta = 0.1\nprecompute_ref = true");
+    ok(align()
+        .args(["train", "dpo", "--config", s(&cfg), "--set", "train.max_steps=4", "--set", "train.lr=2e-4"])
+        .output()
+        .unwrap());
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+    for k in [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(first[k].is_f64(), "{k} missing: {first}");
+        assert!(eval_lines(&out)[0][format!("eval_{k}")].is_f64(), "eval_{k} missing");
+    }
+    assert!(out.join("final/model.safetensors").is_file());
+}
+
+#[test]
+fn rlhf_config_mistakes_are_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (stage, section, set, want) in [
+        ("reward", "[reward]", "reward.marginn=1", "marginn"),
+        ("dpo", "[dpo]", "dpo.loss=kto", "kto"),
+        ("dpo", "[dpo]", "dpo.beta=-1", "beta"),
+        ("reward", "[reward]", "method=lora", "lora"),
+        ("dpo", "[dpo]", "method=lora", "lora"),
+    ] {
+        let cfg = write_config(tmp.path(), stage, &tmp.path().join(stage), section);
+        let out = align().args(["train", stage, "--config", s(&cfg), "--set", set]).output().unwrap();
+        assert!(!out.status.success(), "--set {set} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line =
+            err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line for {set}:\n{err}"));
+        assert!(line.contains(want) && line.contains(".toml"), "--set {set}: {line}");
+    }
+}

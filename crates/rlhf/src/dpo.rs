@@ -1,0 +1,233 @@
+//! DPO stage: the policy's and the reference's summed log-probs of each pair's final answers
+//! (chosen and rejected rendered through the chat template) → a DPO-family loss.
+use anyhow::{anyhow, bail, Result};
+use serde::Deserialize;
+use serde_json::json;
+use tch::Kind;
+
+use align_core::checkpoint::resolve_model_dir;
+use align_core::config::ModelConfig;
+use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
+use align_core::model::CausalLm;
+use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
+use align_core::train_config::LoadedConfig;
+use align_core::train_setup::{training_device, TrainingModel};
+use align_core::trainer::{train, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::ModelTokenizer;
+
+use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
+use crate::reference::{
+    cached_reference_logps, compute_reference_logps, load_reference_model, pair_logps, reference_cache_key,
+    CacheInputs, Reference,
+};
+
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_gamma() -> f64 {
+    0.5
+}
+fn d_alpha() -> f64 {
+    0.1
+}
+
+/// `[dpo]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    /// β: how far the policy may move from the reference (sigmoid, ipo, hinge, simpo).
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// sigmoid | ipo | hinge | simpo | orpo.
+    #[serde(default)]
+    pub loss: DpoLossType,
+    /// cDPO label smoothing ε (sigmoid and simpo only).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target margin γ.
+    #[serde(default = "d_gamma")]
+    pub simpo_gamma: f64,
+    /// ORPO's odds-ratio weight.
+    #[serde(default = "d_alpha")]
+    pub orpo_alpha: f64,
+    /// Weight of an extra NLL term on the chosen answers (0 = none).
+    #[serde(default)]
+    pub sft_weight: f64,
+    /// Compute the reference log-probs once before training and cache them in `output_dir`.
+    #[serde(default)]
+    pub precompute_ref: bool,
+    /// Reference model folder (default: `model`, the initial policy).
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+impl DpoSection {
+    pub fn params(&self) -> DpoLossParams {
+        DpoLossParams {
+            loss: self.loss,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            simpo_gamma: self.simpo_gamma,
+            orpo_alpha: self.orpo_alpha,
+            sft_weight: self.sft_weight,
+        }
+    }
+}
+
+/// The DPO objective; one loss unit per pair. Metrics carry TRL's names.
+pub struct DpoObjective<'a> {
+    pub policy: &'a CausalLm,
+    pub reference: &'a Reference,
+    pub data: PairSplits,
+    pub params: DpoLossParams,
+    pub pad_id: i64,
+}
+
+impl Objective for DpoObjective<'_> {
+    fn len(&self, split: Split) -> usize {
+        self.data.get(split).len()
+    }
+
+    fn units(&self, _split: Split, _example: usize) -> f64 {
+        1.0
+    }
+
+    fn forward(&mut self, split: Split, examples: &[usize]) -> Result<MicroBatch> {
+        let pairs: Vec<&EncodedPair> = examples.iter().map(|&e| &self.data.get(split)[e]).collect();
+        let device = self.policy.device();
+        let batch = PreferenceBatch::new(&pairs, self.pad_id, device)?;
+        let (pc, pr, nc, nr) = pair_logps(self.policy, &batch)?;
+        let reference = match self.reference {
+            Reference::Free => None,
+            Reference::Live(m) => {
+                let (rc, rr, _, _) = tch::no_grad(|| pair_logps(&m.lm, &batch))?;
+                Some((rc, rr))
+            }
+            Reference::Cached(r) => Some(r.select(split, examples, device)?),
+        };
+        let out = dpo_loss(
+            &PairLogps {
+                policy_chosen_logps: &pc,
+                policy_rejected_logps: &pr,
+                ref_chosen_logps: reference.as_ref().map(|r| &r.0),
+                ref_rejected_logps: reference.as_ref().map(|r| &r.1),
+                chosen_tokens: &nc,
+                rejected_tokens: &nr,
+            },
+            &self.params,
+        )?;
+        let sum = |t: &tch::Tensor| -> Result<f64> { Ok(t.f_detach()?.f_sum(Kind::Double)?.f_double_value(&[])?) };
+        let (rc, rr) = (&out.chosen_rewards, &out.rejected_rewards);
+        let metrics = vec![
+            ("rewards/chosen".to_string(), sum(rc)?),
+            ("rewards/rejected".to_string(), sum(rr)?),
+            ("rewards/accuracies".to_string(), sum(&rc.f_gt_tensor(rr)?.f_to_kind(Kind::Float)?)?),
+            ("rewards/margins".to_string(), sum(&rc.f_sub(rr)?)?),
+            ("logps/chosen".to_string(), sum(&pc)?),
+            ("logps/rejected".to_string(), sum(&pr)?),
+        ];
+        Ok(MicroBatch { loss_sum: out.loss.f_sum(Kind::Float)?, tokens: batch.tokens, metrics })
+    }
+}
+
+/// Runs (or resumes) the DPO stage described by `cfg`. With `precompute_ref` the reference is
+/// loaded (before the policy), used for every pair once and dropped; the log-probs are cached in
+/// `output_dir/ref_logps-<key>.safetensors` and reused when the key matches.
+pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
+    let section: DpoSection = cfg.stage_section()?;
+    let origin = cfg.origin.display();
+    let params = section.params();
+    params.validate().map_err(|e| anyhow!("{origin}: [dpo] {e}"))?;
+    let options: DataOptions = cfg.data_options()?;
+    let c = &cfg.config;
+    let (device, kind) = training_device(cfg)?;
+    let policy_dir = resolve_model_dir(&c.model)?;
+    let tokenizer = ModelTokenizer::from_dir(&policy_dir)?;
+    let template = tokenizer.chat_template()?.source().to_string();
+    let pad_id = tokenizer.padding_id();
+
+    let budget = LengthBudget::new(c.train.max_length, options.length_policy);
+    let (train_pairs, val_pairs) = read_pair_splits(cfg, &options)?;
+    let (train_enc, tc) = encode_pairs(&tokenizer, &train_pairs.iter().collect::<Vec<_>>(), budget)?;
+    let (val_enc, vc) = encode_pairs(&tokenizer, &val_pairs.iter().collect::<Vec<_>>(), budget)?;
+    if train_enc.is_empty() {
+        bail!("{origin}: no training pair is left after the length budget (train.max_length = {})", c.train.max_length);
+    }
+    tracing::info!(
+        "DPO ({}) on {} pairs ({} truncated, {} dropped at max_length {}), {} validation",
+        params.loss.as_str(),
+        tc.kept,
+        tc.truncated,
+        tc.dropped,
+        c.train.max_length,
+        vc.kept
+    );
+    let data = PairSplits { train: train_enc, validation: val_enc };
+
+    let ref_dir = resolve_model_dir(section.reference.as_deref().unwrap_or(&c.model))?;
+    let reference = if !params.loss.needs_reference() {
+        if section.precompute_ref || section.reference.is_some() {
+            tracing::warn!(
+                "[dpo] loss '{}' is reference-free: 'reference' and 'precompute_ref' are ignored",
+                params.loss.as_str()
+            );
+        }
+        Reference::Free
+    } else {
+        let ref_config = ModelConfig::from_dir(&ref_dir)?;
+        let policy_config = ModelConfig::from_dir(&policy_dir)?;
+        if ref_config.vocab_size != policy_config.vocab_size {
+            bail!(
+                "{origin}: [dpo] reference: {} has vocab_size {} but the policy {} has {}; the reference must share the policy's tokenizer",
+                ref_dir.display(),
+                ref_config.vocab_size,
+                policy_dir.display(),
+                policy_config.vocab_size
+            );
+        }
+        if section.precompute_ref {
+            let inputs = CacheInputs {
+                reference_dir: &ref_dir,
+                data_files: &expand_data_paths(&c.data)?,
+                val_files: &if c.val_data.is_empty() { Vec::new() } else { expand_data_paths(&c.val_data)? },
+                chat_template: &template,
+                max_length: c.train.max_length,
+                settings: json!({
+                    "length_policy": options.length_policy,
+                    "val_ratio": c.train.val_ratio,
+                    "seed": c.train.seed,
+                    "dtype": format!("{kind:?}"),
+                    "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                }),
+                data: &data,
+            };
+            let key = reference_cache_key(&inputs)?;
+            let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, &data, || {
+                tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
+                let model = load_reference_model(&ref_dir, device, kind)?;
+                compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id)
+            })?;
+            tracing::info!(
+                "reference log-probs {} {}",
+                if reused { "reused from" } else { "cached in" },
+                path.display()
+            );
+            Reference::Cached(logps)
+        } else {
+            Reference::Live(load_reference_model(&ref_dir, device, kind)?)
+        }
+    };
+
+    let tm = TrainingModel::load(cfg)?;
+    let params_list = tm.trainable_params();
+    let mut objective = DpoObjective { policy: &tm.loaded.lm, reference: &reference, data, params, pad_id };
+    let run = TrainRun {
+        settings: &c.train,
+        output_dir: &c.output_dir,
+        params: params_list,
+        config_hash: &cfg.hash,
+        restart,
+        stop_after,
+    };
+    train(run, &mut objective, &tm)
+}

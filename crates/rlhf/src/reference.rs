@@ -1,0 +1,197 @@
+//! DPO's reference log-probs: each answer's summed log-prob under the frozen initial policy,
+//! computed live per batch by a second model (no gradients), or once before training and cached
+//! on disk under a key of everything they depend on, so no reference model is held in training.
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use align_core::checkpoint::{load_causal_lm, weight_files, LoadedModel};
+use align_core::logprobs::sequence_logprobs;
+use align_core::model::{CausalLm, ForwardOptions};
+use align_core::preference_batch::{PairSplits, PreferenceBatch};
+use align_core::train_config::{canonical_json, sha256_file, sha256_hex};
+use align_core::trainer::Split;
+
+/// Summed answer log-probs and answer token counts of a batch's chosen and rejected rows,
+/// each `[B]` f32: `(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)`.
+pub fn pair_logps(lm: &CausalLm, batch: &PreferenceBatch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let logits = lm.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
+    let (sums, counts) = sequence_logprobs(&logits, &batch.labels)?;
+    let (pc, pr) = batch.split(&sums)?;
+    let (nc, nr) = batch.split(&counts)?;
+    Ok((pc, pr, nc, nr))
+}
+
+/// Precomputed reference log-probs, `[N]` f32 on the CPU, per split: (chosen, rejected).
+pub struct ReferenceLogps {
+    pub train: (Tensor, Tensor),
+    pub validation: (Tensor, Tensor),
+}
+
+impl ReferenceLogps {
+    /// The reference log-probs of `examples` of `split`, on `device`.
+    pub fn select(&self, split: Split, examples: &[usize], device: Device) -> Result<(Tensor, Tensor)> {
+        let (c, r) = match split {
+            Split::Train => &self.train,
+            Split::Validation => &self.validation,
+        };
+        let idx: Vec<i64> = examples.iter().map(|&e| e as i64).collect();
+        let idx = Tensor::from_slice(&idx);
+        Ok((c.f_index_select(0, &idx)?.f_to_device(device)?, r.f_index_select(0, &idx)?.f_to_device(device)?))
+    }
+
+    fn matches(&self, data: &PairSplits) -> bool {
+        let n = |t: &Tensor| t.size().first().copied().unwrap_or(-1);
+        n(&self.train.0) == data.train.len() as i64
+            && n(&self.train.1) == data.train.len() as i64
+            && n(&self.validation.0) == data.validation.len() as i64
+            && n(&self.validation.1) == data.validation.len() as i64
+    }
+}
+
+/// Where the reference log-probs of a batch come from.
+pub enum Reference {
+    /// The loss is reference-free (simpo, orpo).
+    Free,
+    /// A frozen model run under `no_grad` for every batch.
+    Live(Box<LoadedModel>),
+    /// Computed once before training.
+    Cached(ReferenceLogps),
+}
+
+/// Loads the reference model with every parameter frozen.
+pub fn load_reference_model(dir: &Path, device: Device, kind: Kind) -> Result<Box<LoadedModel>> {
+    let mut m = load_causal_lm(dir, device, kind)?;
+    m.vs.freeze();
+    Ok(Box::new(m))
+}
+
+/// Reference log-probs of every pair of both splits, in micro-batches of `batch_size` pairs.
+pub fn compute_reference_logps(
+    lm: &CausalLm,
+    data: &PairSplits,
+    batch_size: usize,
+    pad_id: i64,
+) -> Result<ReferenceLogps> {
+    let _guard = tch::no_grad_guard();
+    let mut per_split = Vec::new();
+    for split in [Split::Train, Split::Validation] {
+        let pairs: Vec<_> = data.get(split).iter().collect();
+        let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+        for chunk in pairs.chunks(batch_size.max(1)) {
+            let batch = PreferenceBatch::new(chunk, pad_id, lm.device())?;
+            let (pc, pr, _, _) = pair_logps(lm, &batch)?;
+            chosen.push(pc.f_to_device(Device::Cpu)?);
+            rejected.push(pr.f_to_device(Device::Cpu)?);
+        }
+        let cat = |v: &[Tensor]| -> Result<Tensor> {
+            Ok(if v.is_empty() { Tensor::f_zeros([0], (Kind::Float, Device::Cpu))? } else { Tensor::f_cat(v, 0)? })
+        };
+        per_split.push((cat(&chosen)?, cat(&rejected)?));
+    }
+    let validation = per_split.pop().ok_or_else(|| anyhow!("no validation split"))?;
+    let train = per_split.pop().ok_or_else(|| anyhow!("no train split"))?;
+    Ok(ReferenceLogps { train, validation })
+}
+
+/// What the cached log-probs depend on besides the reference weights and the data files.
+pub struct CacheInputs<'a> {
+    pub reference_dir: &'a Path,
+    pub data_files: &'a [PathBuf],
+    pub val_files: &'a [PathBuf],
+    pub chat_template: &'a str,
+    pub max_length: usize,
+    /// Split and length settings, dtype and device: anything else that changes the numbers.
+    pub settings: Value,
+    /// The encoded pairs themselves (covers the tokenizer, template and split exactly).
+    pub data: &'a PairSplits,
+}
+
+/// SHA-256 key of the cache: hashes of the reference's config and weight files, of the data
+/// files' contents, the chat template, `max_length`, the other settings and the encoded pairs.
+pub fn reference_cache_key(inputs: &CacheInputs) -> Result<String> {
+    let mut weights = vec![sha256_file(&inputs.reference_dir.join("config.json"))?];
+    for f in weight_files(inputs.reference_dir)? {
+        weights.push(sha256_file(&f)?);
+    }
+    let files = |fs: &[PathBuf]| fs.iter().map(|f| sha256_file(f)).collect::<Result<Vec<_>>>();
+    let mut pairs = Sha256::new();
+    for split in [Split::Train, Split::Validation] {
+        pairs.update(format!("{split:?}:{};", inputs.data.get(split).len()));
+        for p in inputs.data.get(split) {
+            for side in [&p.chosen, &p.rejected] {
+                pairs.update((side.input_ids.len() as u64).to_le_bytes());
+                for (id, label) in side.input_ids.iter().zip(&side.labels) {
+                    pairs.update(id.to_le_bytes());
+                    pairs.update(label.to_le_bytes());
+                }
+            }
+        }
+    }
+    let pairs: String = pairs.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let key = json!({
+        "format": 1,
+        "reference_weights": weights,
+        "data": files(inputs.data_files)?,
+        "val_data": files(inputs.val_files)?,
+        "chat_template": inputs.chat_template,
+        "max_length": inputs.max_length,
+        "settings": inputs.settings,
+        "pairs": pairs,
+    });
+    Ok(sha256_hex(canonical_json(&key).as_bytes()))
+}
+
+/// The cache file of a key under `output_dir`.
+pub fn cache_path(output_dir: &Path, key: &str) -> PathBuf {
+    output_dir.join(format!("ref_logps-{key}.safetensors"))
+}
+
+const NAMES: [&str; 4] = ["train_chosen", "train_rejected", "validation_chosen", "validation_rejected"];
+
+fn read_cache(path: &Path) -> Result<ReferenceLogps> {
+    let tensors = Tensor::read_safetensors(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let get = |name: &str| -> Result<Tensor> {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| anyhow!("{}: tensor '{name}' is missing", path.display()))
+    };
+    Ok(ReferenceLogps { train: (get(NAMES[0])?, get(NAMES[1])?), validation: (get(NAMES[2])?, get(NAMES[3])?) })
+}
+
+/// The reference log-probs for `key`: read from `output_dir/ref_logps-<key>.safetensors` when it
+/// exists and fits the data, else computed by `compute` (which loads, uses and drops the
+/// reference model) and written atomically. Returns the log-probs, the file and whether it
+/// was reused.
+pub fn cached_reference_logps(
+    output_dir: &Path,
+    key: &str,
+    data: &PairSplits,
+    compute: impl FnOnce() -> Result<ReferenceLogps>,
+) -> Result<(ReferenceLogps, PathBuf, bool)> {
+    let path = cache_path(output_dir, key);
+    if path.is_file() {
+        match read_cache(&path) {
+            Ok(r) if r.matches(data) => return Ok((r, path, true)),
+            Ok(_) => tracing::warn!("{}: does not fit the data; computing it again", path.display()),
+            Err(e) => tracing::warn!("{e}; computing the reference log-probs again"),
+        }
+    }
+    let logps = compute()?;
+    std::fs::create_dir_all(output_dir).with_context(|| format!("{}: cannot create", output_dir.display()))?;
+    let tmp = output_dir.join(format!(".ref_logps-{key}.tmp-{}", std::process::id()));
+    let named = [
+        (NAMES[0], &logps.train.0),
+        (NAMES[1], &logps.train.1),
+        (NAMES[2], &logps.validation.0),
+        (NAMES[3], &logps.validation.1),
+    ];
+    Tensor::write_safetensors(&named, &tmp).map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok((logps, path, false))
+}

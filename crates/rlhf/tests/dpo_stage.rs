@@ -1,0 +1,199 @@
+//! The DPO stage on the sample preference data with a tiny model: ln 2 at step 0 when policy =
+//! reference, rewards/accuracies rise, the precomputed (cached) reference gives the live
+//! reference's losses, exact resume, and every loss type runs.
+use std::path::{Path, PathBuf};
+
+use align_core::train_config::LoadedConfig;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
+    let text = format!(
+        "model = {:?}\ndata = [{:?}]\nval_data = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 6\nbatch_size = 4\nlr = 5e-3\nmax_length = 512\nsave_every = 2\nwarmup_ratio = 0.2\nweight_decay = 0.1\n[dpo]\nbeta = 0.1\n",
+        repo().join("tests/fixtures/models/tiny-qwen2"),
+        repo().join("data/preference/medical_pairs.jsonl"),
+        repo().join("data/preference/medical_pairs_eval.jsonl"),
+        out
+    );
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "dpo").unwrap()
+}
+
+fn train_lines(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .collect()
+}
+
+fn series(out: &Path, key: &str) -> Vec<f64> {
+    train_lines(out).iter().map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))).collect()
+}
+
+fn caches(out: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("ref_logps-"))
+        .collect()
+}
+
+#[test]
+fn loss_at_step_zero_is_ln2_when_policy_equals_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [("live", "dpo.precompute_ref=false"), ("cached", "dpo.precompute_ref=true")] {
+        let out = tmp.path().join(name);
+        align_rlhf::run_dpo(&config(&out, &["train.max_steps=1", extra]), false, None).unwrap();
+        let loss = series(&out, "loss")[0];
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-5, "{name}: step-0 loss {loss}, expected ln 2");
+        let v = &train_lines(&out)[0];
+        assert!(v["rewards/margins"].as_f64().unwrap().abs() < 1e-5, "{v}");
+        assert!(v["logps/chosen"].as_f64().unwrap() < 0.0 && v["logps/rejected"].as_f64().unwrap() < 0.0);
+    }
+}
+
+#[test]
+fn rewards_accuracies_rise_over_a_short_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dpo");
+    let cfg = config(
+        &out,
+        &["train.max_steps=30", "train.batch_size=8", "train.lr=2e-4", "train.save_every=0", "train.eval_every=15"],
+    );
+    let s = align_rlhf::run_dpo(&cfg, false, None).unwrap();
+    assert!(s.completed);
+    let acc = series(&out, "rewards/accuracies");
+    let first: f64 = acc[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = acc[acc.len() - 8..].iter().sum::<f64>() / 8.0;
+    let loss = series(&out, "loss");
+    eprintln!(
+        "rewards/accuracies: first 4 steps {first:.3}, last 8 steps {last:.3}; loss {:.4} → {:.4}; {acc:?}",
+        loss[0],
+        loss[loss.len() - 1]
+    );
+    // policy = reference at step 1: every margin is exactly 0, so no pair counts as ranked right
+    assert_eq!(acc[0], 0.0);
+    assert!(last > first + 0.2 && last > 0.8, "rewards/accuracies did not rise: {first:.3} → {last:.3}");
+    let margins = series(&out, "rewards/margins");
+    assert!(margins[margins.len() - 1] > margins[1], "rewards/margins did not grow: {margins:?}");
+    let eval: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(eval.len(), 2);
+    let eval_acc: Vec<f64> = eval.iter().map(|v| v["eval_rewards/accuracies"].as_f64().unwrap()).collect();
+    eprintln!("held-out eval_rewards/accuracies after 15 and 30 steps: {eval_acc:?}");
+    assert!(eval_acc[1] > 0.7, "held-out rewards/accuracies {eval_acc:?}");
+    // the final folder is a loadable causal LM
+    align_core::load_causal_lm(&out.join("final"), tch::Device::Cpu, tch::Kind::Float).unwrap();
+}
+
+#[test]
+fn precomputed_reference_gives_the_live_reference_losses_and_is_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    align_rlhf::run_dpo(&config(&live, &["dpo.precompute_ref=false"]), false, None).unwrap();
+    let cached = tmp.path().join("cached");
+    let cfg = config(&cached, &["dpo.precompute_ref=true"]);
+    align_rlhf::run_dpo(&cfg, false, None).unwrap();
+    let (a, b) = (series(&live, "loss"), series(&cached, "loss"));
+    assert_eq!(a.len(), 6);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: live {x} vs precomputed {y}", step + 1);
+    }
+    for key in ["rewards/chosen", "rewards/accuracies", "logps/rejected"] {
+        for (x, y) in series(&live, key).iter().zip(series(&cached, key)) {
+            assert!((x - y).abs() < 1e-4, "{key}: live {x} vs precomputed {y}");
+        }
+    }
+    assert!(caches(&live).is_empty());
+    let files = caches(&cached);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(name.len(), "ref_logps-".len() + 64 + ".safetensors".len(), "{name}");
+    // starting over reuses the cache (same key, file untouched) and gives the same run
+    let before = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    align_rlhf::run_dpo(&cfg, true, None).unwrap();
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), before);
+    assert_eq!(series(&cached, "loss"), b);
+    // a different max_length is a different key
+    align_rlhf::run_dpo(
+        &config(&cached, &["dpo.precompute_ref=true", "train.max_length=400", "train.max_steps=1"]),
+        true,
+        None,
+    )
+    .unwrap();
+    assert_eq!(caches(&cached).len(), 2);
+}
+
+#[test]
+fn stop_and_resume_equals_straight_run_bitwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    align_rlhf::run_dpo(&config(&straight, &["dpo.precompute_ref=true"]), false, None).unwrap();
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(&resumed, &["dpo.precompute_ref=true"]);
+    let first = align_rlhf::run_dpo(&cfg, false, Some(3)).unwrap();
+    assert!(!first.completed && first.steps == 3);
+    let second = align_rlhf::run_dpo(&cfg, false, None).unwrap();
+    assert!(second.completed && second.steps == 6);
+    let a = std::fs::read(straight.join("final/model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ after stop + resume");
+    assert_eq!(series(&straight, "loss"), series(&resumed, "loss"));
+    assert_eq!(series(&straight, "rewards/accuracies"), series(&resumed, "rewards/accuracies"));
+}
+
+#[test]
+fn every_loss_type_trains_and_bad_settings_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (loss, extra) in [
+        ("ipo", "dpo.sft_weight=0.5"),
+        ("hinge", "dpo.beta=0.5"),
+        ("sigmoid", "dpo.label_smoothing=0.1"),
+        ("simpo", "dpo.beta=2.0"),
+        ("orpo", "dpo.orpo_alpha=0.5"),
+    ] {
+        let out = tmp.path().join(loss);
+        let s = align_rlhf::run_dpo(
+            &config(&out, &[&format!("dpo.loss={loss}"), extra, "train.max_steps=2", "train.save_every=0"]),
+            false,
+            None,
+        )
+        .unwrap();
+        assert!(s.completed, "{loss}");
+        let l = series(&out, "loss");
+        assert!(l.iter().all(|x| x.is_finite()), "{loss}: {l:?}");
+        if loss == "simpo" || loss == "orpo" {
+            assert!(caches(&out).is_empty());
+        }
+    }
+    let e = align_rlhf::run_dpo(
+        &config(&tmp.path().join("bad"), &["dpo.loss=hinge", "dpo.label_smoothing=0.2"]),
+        false,
+        None,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("test.toml") && e.contains("[dpo]") && e.contains("label_smoothing"), "{e}");
+    let e = LoadedConfig::from_table(
+        toml::from_str("model = \"m\"\ndata = [\"d\"]\noutput_dir = \"o\"\n[dpo]\nloss = \"kto\"\n").unwrap(),
+        Path::new("test.toml"),
+        &[],
+        "dpo",
+    )
+    .unwrap()
+    .stage_section::<align_rlhf::DpoSection>()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[dpo]") && e.contains("kto"), "{e}");
+}
