@@ -127,7 +127,6 @@ fn rlhf_config_mistakes_are_one_clear_line() {
         ("dpo", "[dpo]", "dpo.loss=kto", "kto"),
         ("dpo", "[dpo]", "dpo.beta=-1", "beta"),
         ("reward", "[reward]", "method=lora", "lora"),
-        ("dpo", "[dpo]", "method=lora", "lora"),
     ] {
         let cfg = write_config(tmp.path(), stage, &tmp.path().join(stage), section);
         let out = align().args(["train", stage, "--config", s(&cfg), "--set", set]).output().unwrap();
@@ -137,4 +136,29 @@ fn rlhf_config_mistakes_are_one_clear_line() {
             err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line for {set}:\n{err}"));
         assert!(line.contains(want) && line.contains(".toml"), "--set {set}: {line}");
     }
+}
+
+#[test]
+fn dpo_with_lora_trains_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dpo-lora");
+    let cfg = write_config(tmp.path(), "dpo", &out, "[dpo]");
+    let run = align()
+        .args([
+            "train",
+            "dpo",
+            "--config",
+            s(&cfg),
+            "--set",
+            "method=lora",
+            "--set",
+            "lora.r=4",
+            "--set",
+            "train.lr=1e-2",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(out.join("final/adapter_config.json").is_file() && out.join("final/adapter_model.safetensors").is_file());
+    assert!(!out.join("final/model.safetensors").exists());
 }
