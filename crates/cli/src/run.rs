@@ -22,11 +22,19 @@ pub struct RunArgs {
     /// Override a key: stage.NAME.train.lr=1e-4, defaults.seed=3, pipeline.run_dir=… (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Only validate the pipeline (keys, stage references, data files, stage configs) and exit.
+    #[arg(long)]
+    pub check: bool,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     crate::existing(&args.pipeline, "pipeline file")?;
     let p = Pipeline::load(&args.pipeline, &args.overrides)?;
+    if args.check {
+        let stages: Vec<String> = p.stages.iter().map(|s| format!("{} ({})", s.name, s.kind)).collect();
+        println!("{}: valid — {} stages: {}", args.pipeline.display(), stages.len(), stages.join(" → "));
+        return Ok(());
+    }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let outcomes = run_pipeline(&p, &RunOptions { from: args.from, only: args.only, restart: args.restart, command })?;
     for (name, o) in outcomes {

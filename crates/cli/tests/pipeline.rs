@@ -199,3 +199,73 @@ fn validation_errors_name_the_key_path() {
         assert!(!run.exists(), "case {i}: validation must fail before anything runs");
     }
 }
+
+#[test]
+fn lora_stages_chain_and_full_models_are_merged_where_needed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("lora");
+    let r = repo();
+    let file = tmp.path().join("lora.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[pipeline]
+name = "lora-chain"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = 4
+lr = 1e-2
+max_steps = 3
+max_length = 96
+[[stage]]
+name = "sft"
+kind = "sft"
+method = "lora"
+data = [{sft:?}]
+[stage.lora]
+r = 4
+[[stage]]
+name = "rm"
+kind = "reward"
+from = "sft"
+data = [{pairs:?}]
+[[stage]]
+name = "dpo"
+kind = "dpo"
+from = "sft"
+reference = "sft"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+[[stage]]
+name = "ppl"
+kind = "eval"
+eval = "perplexity"
+from = "dpo"
+data = [{ppl:?}]
+"#,
+            run = run,
+            model = r.join("tests/fixtures/models/tiny-llama"),
+            sft = r.join("data/sft/medical_sharegpt.jsonl"),
+            pairs = r.join("data/preference/medical_pairs.jsonl"),
+            ppl = r.join("tests/fixtures/perplexity.txt"),
+        ),
+    )
+    .unwrap();
+    let out = ok(align().args(["run", file.to_str().unwrap(), "--check"]).output().unwrap());
+    let _ = out;
+    ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    // the SFT adapter was merged once into a full model, used by the RM and as DPO's reference
+    assert!(run.join("sft/final/adapter_config.json").is_file());
+    assert!(run.join("sft/merged/model.safetensors").is_file());
+    let rm = record(&run, "rm");
+    assert_eq!(rm["inputs"][0]["path"].as_str().unwrap(), run.join("sft/merged").display().to_string());
+    let dpo = record(&run, "dpo");
+    assert_eq!(dpo["config"]["adapter"].as_str().unwrap(), run.join("sft/final").display().to_string());
+    assert!(run.join("dpo/final/adapter_config.json").is_file());
+    assert_eq!(record(&run, "ppl")["status"], "done");
+}

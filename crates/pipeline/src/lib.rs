@@ -441,14 +441,18 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 input.model.display()
             );
         }
+        // stages that need full models get LoRA outputs merged (cached next to the adapter)
+        let input = if s.kind == "reward" && input.adapter.is_some() { merged(&input)? } else { input };
         let mut spec = s.clone();
-        if let Some(r) = &s.reference {
-            let reference = produced.get(r).ok_or_else(|| {
+        let reference = match (&s.reference, s.kind.as_str()) {
+            (Some(r), _) => Some(produced.get(r).cloned().ok_or_else(|| {
                 anyhow!("stage '{}' needs '{r}' as its reference, which has not produced a model", s.name)
-            })?;
-            if reference.adapter.is_some() {
-                bail!("stage[{}] ({}).reference: '{r}' produced a LoRA adapter; a reference must be a full model (merge it with align export)", s.index, s.name);
-            }
+            })?),
+            (None, "dpo") if input.adapter.is_some() => Some(input.clone()),
+            _ => None,
+        };
+        if let Some(reference) = reference {
+            let reference = if reference.adapter.is_some() { merged(&reference)? } else { reference };
             set_path(
                 &mut spec.table,
                 &[s.kind.clone(), "reference".to_string()],
@@ -658,6 +662,30 @@ fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     Ok(
         json!({"eval": "perplexity", "model": input.model.display().to_string(), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "records": r.records}),
     )
+}
+
+/// A plain model folder for base + adapter: the adapter merged into the weights, written once to
+/// `<adapter folder>/../merged` and reused while the adapter's content hash is the same.
+fn merged(input: &Produced) -> Result<Produced> {
+    let Some(adapter) = &input.adapter else { return Ok(input.clone()) };
+    let dir = adapter.parent().unwrap_or(adapter).join("merged");
+    let marker = dir.join(".merged_from");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(input.hash.as_str()) {
+        tracing::info!("merging {} into {} → {}", adapter.display(), input.model.display(), dir.display());
+        let mut m = align_core::load_causal_lm(&input.model, tch::Device::Cpu, tch::Kind::Float)?;
+        align_core::lora::load_adapter(&m.vs, &mut m.lm, adapter)?;
+        align_core::lora::merge_lora(&m.vs, &mut m.lm)?;
+        let stored = align_core::ModelConfig::from_dir(&input.model)?.stored_dtype;
+        let dtype = match stored.as_deref() {
+            Some("bfloat16") => Some(tch::Kind::BFloat16),
+            Some("float16") => Some(tch::Kind::Half),
+            _ => None,
+        };
+        let opts = align_core::checkpoint::SaveOptions { dtype, companions_from: Some(adapter), ..Default::default() };
+        align_core::checkpoint::save_pretrained(&m.vs, &m.lm.config, &dir, &opts)?;
+        std::fs::write(&marker, &input.hash)?;
+    }
+    Ok(Produced { model: dir, adapter: None, hash: input.hash.clone() })
 }
 
 /// Creates (or reuses) RUN_DIR/init from `defaults.init` and `defaults.tokenizer` with `align init`'s code.
