@@ -161,4 +161,12 @@ fn dpo_with_lora_trains_an_adapter() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(out.join("final/adapter_config.json").is_file() && out.join("final/adapter_model.safetensors").is_file());
     assert!(!out.join("final/model.safetensors").exists());
+    // the reference is the policy with its (zero-initialised) adapters off: the first loss is ln 2
+    let first: Value = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .unwrap();
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
 }

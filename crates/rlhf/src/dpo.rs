@@ -11,6 +11,7 @@ use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::model::CausalLm;
 use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
 use align_core::train_config::LoadedConfig;
+use align_core::train_config::Method;
 use align_core::train_setup::{training_device, TrainingModel};
 use align_core::trainer::{train, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 use align_core::ModelTokenizer;
@@ -104,6 +105,11 @@ impl Objective for DpoObjective<'_> {
                 Some((rc, rr))
             }
             Reference::Cached(r) => Some(r.select(split, examples, device)?),
+            Reference::BaseOfPolicy => {
+                let (rc, rr, _, _) =
+                    tch::no_grad(|| align_core::lora::without_adapters(self.policy, |lm| pair_logps(lm, &batch)))?;
+                Some((rc, rr))
+            }
         };
         let out = dpo_loss(
             &PairLogps {
@@ -213,6 +219,12 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                 path.display()
             );
             Reference::Cached(logps)
+        } else if c.method == Method::Lora && c.adapter.is_none() && section.reference.is_none() {
+            // policy = base + fresh adapters, so the base is the adapters switched off
+            tracing::info!(
+                "reference: the policy's base model with its LoRA adapters disabled (one copy of the weights)"
+            );
+            Reference::BaseOfPolicy
         } else {
             Reference::Live(load_reference_model(&ref_dir, device, kind)?)
         }

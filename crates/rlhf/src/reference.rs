@@ -58,6 +58,9 @@ pub enum Reference {
     Free,
     /// A frozen model run under `no_grad` for every batch.
     Live(Box<LoadedModel>),
+    /// The LoRA policy itself with its adapters switched off: the base it started from, with no
+    /// second copy of the weights in memory.
+    BaseOfPolicy,
     /// Computed once before training.
     Cached(ReferenceLogps),
 }
