@@ -195,3 +195,80 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct WinrateArgs {
+    /// The model being judged.
+    #[arg(long)]
+    pub model: String,
+    /// The model it is compared with.
+    #[arg(long)]
+    pub baseline: String,
+    /// Reward model folder (align train reward output) that scores prompt + answer.
+    #[arg(long)]
+    pub reward_model: String,
+    /// Prompts (.jsonl / .json: {"prompt"}, {"question","answer"}, conversations, Alpaca).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Token budget of prompt + answer for the reward model.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// One JSON object: {"win_rate","ci_low","ci_high","wins","ties","losses","prompts","mean_score_model","mean_score_baseline"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn winrate(args: WinrateArgs) -> Result<()> {
+    use align_core::winrate::{answer_prompts, score_answers, win_rate};
+    crate::existing(&args.prompts, "prompt file")?;
+    let device = parse_device(&args.device)?;
+    let kind = parse_dtype(args.dtype.as_deref(), device)?;
+    let mut prompts: Vec<Vec<align_core::chat::ChatMessage>> =
+        align_core::data::read_prompts(&[&args.prompts], &DataOptions::default())?
+            .records
+            .into_iter()
+            .map(|r| r.messages)
+            .collect();
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    if prompts.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
+    }
+    // one model in memory at a time: answer with A, then B, then score both with the RM
+    let mut answers = Vec::new();
+    for spec in [&args.model, &args.baseline] {
+        let dir = resolve_model_dir(spec)?;
+        let m = align_core::load_causal_lm(&dir, device, kind)?;
+        let tok = ModelTokenizer::from_dir(&dir)?;
+        answers.push(tch::no_grad(|| answer_prompts(&m.lm, &tok, &prompts, args.max_new_tokens, args.batch_size))?);
+    }
+    let rm_dir = resolve_model_dir(&args.reward_model)?;
+    let rm = load_reward_model(&rm_dir, device, kind)?;
+    let rm_tok = ModelTokenizer::from_dir(&rm_dir)?;
+    let a = score_answers(&rm.rm, &rm_tok, &prompts, &answers[0], args.max_length, args.batch_size)?;
+    let b = score_answers(&rm.rm, &rm_tok, &prompts, &answers[1], args.max_length, args.batch_size)?;
+    let w = win_rate(&a, &b)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&w)?);
+    } else {
+        println!("{:<22} {:>10}", "metric", "value");
+        println!("{:<22} {:>10.4}", "win rate", w.win_rate);
+        println!("{:<22} {:>4.3}–{:.3}", "95% CI (Wilson)", w.ci_low, w.ci_high);
+        println!("{:<22} {:>10}", "wins / ties / losses", format!("{}/{}/{}", w.wins, w.ties, w.losses));
+        println!("{:<22} {:>10.4}", "mean RM score model", w.mean_score_model);
+        println!("{:<22} {:>10.4}", "mean RM score baseline", w.mean_score_baseline);
+    }
+    Ok(())
+}

@@ -67,6 +67,8 @@ enum EvalCommand {
     Answers(eval::AnswersArgs),
     /// Pairwise accuracy and mean margin of a reward model on preference pairs.
     Reward(eval::RewardEvalArgs),
+    /// Reward-model-judged win rate of a model over a baseline on prompts, with a 95% interval.
+    Winrate(eval::WinrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
         Command::Eval(EvalCommand::Answers(a)) => eval::answers(a),
         Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
+        Command::Eval(EvalCommand::Winrate(a)) => eval::winrate(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),

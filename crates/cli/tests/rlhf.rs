@@ -75,6 +75,35 @@ fn train_reward_then_eval_reward_agree_and_beat_chance() {
     assert!(acc > 0.6, "held-out accuracy {acc}");
     assert!((acc - last_eval["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9);
     assert!(v["mean_margin"].as_f64().unwrap() > 0.0);
+
+    // a model judged against itself ties on every prompt: win rate 0.5 inside its interval
+    let model = repo().join("tests/fixtures/models/tiny-qwen2");
+    let printed = ok(align()
+        .args([
+            "eval",
+            "winrate",
+            "--model",
+            s(&model),
+            "--baseline",
+            s(&model),
+            "--reward-model",
+            s(&out.join("final")),
+        ])
+        .args([
+            "--prompts",
+            s(&repo().join("data/prompts/medical_prompts.jsonl")),
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let w: Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!((w["ties"].as_u64(), w["prompts"].as_u64()), (Some(6), Some(6)));
+    assert_eq!(w["win_rate"].as_f64(), Some(0.5));
+    assert!(w["ci_low"].as_f64().unwrap() < 0.5 && w["ci_high"].as_f64().unwrap() > 0.5);
     // the table form
     let table = ok(align()
         .args(["eval", "reward", "--model", s(&out.join("final")), "--data"])

@@ -21,6 +21,7 @@ pub mod tokenizer;
 pub mod train_config;
 pub mod train_setup;
 pub mod trainer;
+pub mod winrate;
 
 pub use checkpoint::{load_causal_lm, LoadedModel};
 pub use config::ModelConfig;
