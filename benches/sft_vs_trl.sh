@@ -46,7 +46,8 @@ print(sum(r["tokens_per_second"] for r in rows) / len(rows))
 PY
 )
   /usr/bin/time -v python benches/trl_sft.py --model "$model" --data "$data" --method $method --steps $steps --threads "$threads" --out "$work/trl" > "$work/trl-$method.json" 2> "$work/trl-$method.time"
-  t_tps=$(python -c "import json;print(json.load(open('$work/trl-$method.json'))['tokens_per_second'])")
+  # the Trainer prints its own summary first; our JSON is the last line
+  t_tps=$(tail -n 1 "$work/trl-$method.json" | python -c "import json,sys;print(json.load(sys.stdin)['tokens_per_second'])")
   a_mem=$(( $(rss "$work/align-$method.time") / 1024 )); t_mem=$(( $(rss "$work/trl-$method.time") / 1024 ))
   python - "$method" "$a_tps" "$t_tps" "$a_mem" "$t_mem" <<'PY'
 import sys
