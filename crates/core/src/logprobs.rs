@@ -10,22 +10,28 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Log-probabilities of `labels` under `logits` with the causal shift: entry `t` of the result is
 /// `log p(labels[t+1] | tokens ..= t)`. Returns `([B, T-1]` f32 log-probs, 0 where ignored;
-/// `[B, T-1]` bool mask of scored positions`)`. Computed as `logit[label] - logsumexp(logits)` in
-/// f32 without materialising a full log-softmax.
+/// `[B, T-1]` bool mask of scored positions`)`. The labels are shifted (not the logits) and scored
+/// with the fused cross-entropy kernel, as transformers does, so no `[B, T, V]` slice, log-softmax
+/// or gather temporary is kept for the backward pass beyond the kernel's own.
 pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let (ls, ys) = (logits.size(), labels.size());
     ensure!(
         ls.len() == 3 && ys.len() == 2 && ls[..2] == ys[..],
         "token_logprobs: logits {ls:?} and labels {ys:?} do not match"
     );
-    let t = ls[1];
-    let logits = logits.f_narrow(1, 0, t - 1)?.f_to_kind(Kind::Float)?;
-    let labels = labels.f_narrow(1, 1, t - 1)?;
-    let mask = labels.f_ne(IGNORE_INDEX)?;
-    let safe = labels.f_mul(&mask)?;
-    let picked = logits.f_gather(-1, &safe.f_unsqueeze(-1)?, false)?.f_squeeze_dim(-1)?;
-    let lse = logits.f_logsumexp([-1], false)?;
-    let lp = picked.f_sub(&lse)?.f_mul(&mask)?;
+    let (b, t, v) = (ls[0], ls[1], ls[2]);
+    // position t is scored against labels[t + 1]; the last position has nothing to predict
+    let pad = Tensor::f_full([b, 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
+    let shifted = Tensor::f_cat(&[&labels.f_narrow(1, 1, t - 1)?, &pad], 1)?;
+    let nll = logits.f_to_kind(Kind::Float)?.f_view([b * t, v])?.f_cross_entropy_loss::<Tensor>(
+        &shifted.f_view([b * t])?,
+        None,
+        tch::Reduction::None,
+        IGNORE_INDEX,
+        0.0,
+    )?;
+    let lp = nll.f_neg()?.f_view([b, t])?.f_narrow(1, 0, t - 1)?;
+    let mask = shifted.f_narrow(1, 0, t - 1)?.f_ne(IGNORE_INDEX)?;
     Ok((lp, mask))
 }
 
