@@ -1,38 +1,13 @@
 //! `align export` end to end (merged folder loads in transformers with PEFT's logits) and the
 //! `--adapter` flag of the model-loading commands, plus one-line errors for bad adapters.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-fn align(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).args(args).env("ALIGN_LOG", "warn").output().expect("run align")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = align(args);
-    assert!(out.status.success(), "align {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a failing command and returns its error line, checking it is one clear line.
-fn fails(args: &[&str]) -> String {
-    let out = align(args);
-    assert!(!out.status.success(), "align {args:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "align {args:?} panicked:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    lines[0].to_string()
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod support;
+use support::fixtures;
+use support::{fails, ok, s};
 
 fn python_with(modules: &str) -> Option<PathBuf> {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");

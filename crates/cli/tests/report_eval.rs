@@ -1,37 +1,12 @@
 //! End-to-end tests of `align status`, `align report` (on a synthetic run folder) and
 //! `align eval answers` (on the tiny Llama fixture and the medical SFT eval sample).
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
-fn align(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).args(args).env("ALIGN_LOG", "warn").output().expect("run align")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = align(args);
-    assert!(out.status.success(), "align {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = align(args);
-    assert!(!out.status.success(), "align {args:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!err.contains("panicked"), "align {args:?} panicked:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    lines[0].to_string()
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod support;
+use support::repo;
+use support::{fails, ok, s};
 
 /// A run with a finished SFT stage (falling loss, eval lines) and a pending DPO stage.
 fn small_run(dir: &Path) {
