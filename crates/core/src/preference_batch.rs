@@ -57,6 +57,12 @@ impl PairSplits {
             Split::Validation => &self.validation,
         }
     }
+
+    /// The batch of the given examples of a split (chosen rows, then rejected rows).
+    pub fn batch(&self, split: Split, examples: &[usize], pad_id: i64, device: Device) -> Result<PreferenceBatch> {
+        let pairs: Vec<&EncodedPair> = examples.iter().map(|&e| &self.get(split)[e]).collect();
+        PreferenceBatch::new(&pairs, pad_id, device)
+    }
 }
 
 /// How many pairs the length budget changed.

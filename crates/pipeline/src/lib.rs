@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use align_core::chat::strftime;
 use align_core::data::{expand_data_paths, read_preference, read_sft, read_text_records, DataOptions};
-use align_core::train_config::{canonical_json, parse_override, set_path, sha256_hex, LoadedConfig};
+use align_core::train_config::{canonical_json, parse_override, set_path, sha256_file, sha256_hex, LoadedConfig};
 use align_core::trainer::TrainSummary;
 
 /// Stage kinds the runner knows.
@@ -311,8 +311,7 @@ pub fn content_hash(path: &Path) -> Result<String> {
     files.sort();
     let mut acc = String::new();
     for (rel, full) in files {
-        let bytes = std::fs::read(&full).with_context(|| format!("{}: cannot read", full.display()))?;
-        acc.push_str(&format!("{rel}:{};", sha256_hex(&bytes)));
+        acc.push_str(&format!("{rel}:{};", sha256_file(&full)?));
     }
     Ok(sha256_hex(acc.as_bytes()))
 }
@@ -335,7 +334,7 @@ pub fn tokenizer_hash(dir: &Path) -> Result<String> {
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
         let p = dir.join(f);
         if p.is_file() {
-            acc.push_str(&format!("{f}:{};", sha256_hex(&std::fs::read(&p)?)));
+            acc.push_str(&format!("{f}:{};", sha256_file(&p)?));
         }
     }
     if acc.is_empty() {

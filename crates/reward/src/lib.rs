@@ -49,8 +49,7 @@ impl Objective for RewardObjective<'_> {
     }
 
     fn forward(&mut self, split: Split, examples: &[usize]) -> Result<MicroBatch> {
-        let pairs: Vec<&EncodedPair> = examples.iter().map(|&e| &self.data.get(split)[e]).collect();
-        let batch = PreferenceBatch::new(&pairs, self.rm.pad_token_id, self.rm.device())?;
+        let batch = self.data.batch(split, examples, self.rm.pad_token_id, self.rm.device())?;
         let (rc, rr) = score_batch(self.rm, &batch)?;
         let loss = bradley_terry_loss(&rc, &rr, self.section.margin, self.section.center_rewards_coefficient)?;
         let sum = |t: &tch::Tensor| -> Result<f64> { Ok(t.f_detach()?.f_sum(Kind::Double)?.f_double_value(&[])?) };

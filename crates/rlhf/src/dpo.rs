@@ -9,7 +9,7 @@ use align_core::checkpoint::resolve_model_dir;
 use align_core::config::ModelConfig;
 use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::model::CausalLm;
-use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
+use align_core::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train_config::LoadedConfig;
 use align_core::train_config::Method;
 use align_core::train_setup::{training_device, TrainingModel};
@@ -94,9 +94,8 @@ impl Objective for DpoObjective<'_> {
     }
 
     fn forward(&mut self, split: Split, examples: &[usize]) -> Result<MicroBatch> {
-        let pairs: Vec<&EncodedPair> = examples.iter().map(|&e| &self.data.get(split)[e]).collect();
         let device = self.policy.device();
-        let batch = PreferenceBatch::new(&pairs, self.pad_id, device)?;
+        let batch = self.data.batch(split, examples, self.pad_id, device)?;
         let (pc, pr, nc, nr) = pair_logps(self.policy, &batch)?;
         let reference = match self.reference {
             Reference::Free => None,
