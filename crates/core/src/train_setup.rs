@@ -141,17 +141,22 @@ impl TrainingScalarModel {
             );
         }
         let dir = resolve_model_dir(&cfg.config.model)?;
-        let tokenizer = ModelTokenizer::from_dir(&dir)?;
-        let config = ModelConfig::from_dir(&dir)?;
+        Self::from_dir(&dir, device, kind, init)
+    }
+
+    /// Loads the scalar model at `dir` (see [`TrainingScalarModel::load`]) with every weight trainable.
+    pub fn from_dir(dir: &Path, device: Device, kind: Kind, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
+        let tokenizer = ModelTokenizer::from_dir(dir)?;
+        let config = ModelConfig::from_dir(dir)?;
         let is_scalar = config
             .raw
             .get("architectures")
             .and_then(|a| a.as_array())
             .is_some_and(|a| a.iter().filter_map(|x| x.as_str()).any(|x| x.ends_with("ForSequenceClassification")));
         let loaded = if is_scalar {
-            load_reward_model(&dir, device, kind)?
+            load_reward_model(dir, device, kind)?
         } else {
-            scalar_model_from_causal_lm(&dir, device, kind, tokenizer.padding_id(), init(config.hidden_size))?
+            scalar_model_from_causal_lm(dir, device, kind, tokenizer.padding_id(), init(config.hidden_size))?
         };
         Ok(TrainingScalarModel { loaded, tokenizer, device, kind })
     }
