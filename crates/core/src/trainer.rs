@@ -101,7 +101,10 @@ pub struct TrainSummary {
 
 pub const COMPLETE_MARKER: &str = "COMPLETE";
 const STATE_DIR: &str = "train_state";
-const METRICS: &str = "metrics.jsonl";
+pub const METRICS: &str = "metrics.jsonl";
+pub const SUMMARY: &str = "train_summary.json";
+/// Sampled rollouts of a PPO run (removed with the rest of a run on restart).
+pub const SAMPLES: &str = "samples.jsonl";
 
 /// A seeded permutation of `0..n` for one epoch (splitmix64 + Fisher–Yates): the data order is a
 /// pure function of (seed, epoch), so the data cursor is just a count of examples consumed.
@@ -147,14 +150,15 @@ pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-fn read_state(dir: &Path) -> Result<LoopState> {
+/// Reads `train_state/state.json` of a checkpoint folder (the loop's, or a stage's own state).
+pub fn read_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join(STATE_DIR).join("state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))
 }
 
 /// Keeps the metric lines of steps ≤ `step` (a resumed run rewrites what came after).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }
@@ -175,12 +179,13 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     std::fs::write(path, out).with_context(|| format!("{}: cannot rewrite", path.display()))
 }
 
-struct MetricsLog {
+/// `metrics.jsonl`, one JSON object per line, flushed after every line.
+pub struct MetricsLog {
     file: std::fs::File,
 }
 
 impl MetricsLog {
-    fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -188,40 +193,99 @@ impl MetricsLog {
             .with_context(|| format!("{}: cannot open", path.display()))?;
         Ok(MetricsLog { file })
     }
-    fn write(&mut self, v: &Value) -> Result<()> {
+    pub fn write(&mut self, v: &Value) -> Result<()> {
         writeln!(self.file, "{v}")?;
         self.file.flush()?;
         Ok(())
     }
 }
 
+/// Creates `out`; with `restart` removes its checkpoints, final folder, metrics and summary; and
+/// removes folders a crash left half-written (a checkpoint is only complete under its own name).
+pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let half_written = name.starts_with(".checkpoint-") || name.starts_with(".final.");
+        let previous_run = restart
+            && (name.starts_with("checkpoint-")
+                || name == "final"
+                || name == METRICS
+                || name == SUMMARY
+                || name == SAMPLES);
+        if half_written || previous_run {
+            let path = entry.path();
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
+                .with_context(|| format!("{}: cannot remove", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Test hook: `ALIGN_TEST_STEP_DELAY_MS` slows every step (or PPO iteration) down so a test can
+/// kill the process mid-run.
+pub fn test_step_delay() {
+    if let Some(ms) = std::env::var("ALIGN_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// Writes `OUTPUT/checkpoint-STEP` through a temporary folder: `fill` writes the model(s) and
+/// `train_state/`, then the COMPLETE marker goes in and the folder is renamed into place; only
+/// the newest `keep` complete checkpoints are kept (0 = all).
+pub fn write_checkpoint(out: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = out.join(format!("checkpoint-{step}"));
+    write_folder(&dir, |tmp| {
+        fill(tmp)?;
+        if std::env::var("ALIGN_TEST_CRASH_IN_SAVE").ok().and_then(|v| v.parse::<u64>().ok()) == Some(step) {
+            // test hook: die in the middle of writing a checkpoint, as a SIGKILL would
+            std::process::abort();
+        }
+        std::fs::write(tmp.join(COMPLETE_MARKER), format!("{step}\n"))?;
+        Ok(())
+    })?;
+    if keep > 0 {
+        let all = complete_checkpoints(out);
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            std::fs::remove_dir_all(old).with_context(|| format!("{}: cannot remove", old.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `train_state/` into a checkpoint folder: each optimizer's state as
+/// `<name>.safetensors` and the loop's `state.json`.
+pub fn write_train_state<S: Serialize>(dir: &Path, optimizers: &[(&str, &AdamW)], state: &S) -> Result<()> {
+    let st = dir.join(STATE_DIR);
+    std::fs::create_dir_all(&st)?;
+    for (name, opt) in optimizers {
+        let sub = st.join(format!(".{name}"));
+        std::fs::create_dir_all(&sub)?;
+        save_tensors(&opt.state_tensors(), &sub, None, usize::MAX)?;
+        std::fs::rename(sub.join(crate::checkpoint::SINGLE_FILE), st.join(format!("{name}.safetensors")))?;
+        std::fs::remove_dir(&sub)?;
+    }
+    std::fs::write(st.join("state.json"), serde_json::to_string_pretty(state)? + "\n")?;
+    Ok(())
+}
+
+/// Restores an optimizer written by [`write_train_state`] under `name`, with its step count.
+pub fn read_optimizer_state(dir: &Path, name: &str, opt: &mut AdamW, steps: u64) -> Result<()> {
+    let file = dir.join(STATE_DIR).join(format!("{name}.safetensors"));
+    let device = opt.parameters().next().map(|p| p.1.device()).unwrap_or(tch::Device::Cpu);
+    let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&file)
+        .map_err(|e| anyhow!("{}: {e}", file.display()))?
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(device)))
+        .collect();
+    opt.load_state(&tensors, steps).with_context(|| format!("{}", file.display()))
+}
+
 /// Runs (or resumes) training to the end; returns the summary.
 pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelState) -> Result<TrainSummary> {
     let s = run.settings;
     let out = run.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    if run.restart {
-        for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with("checkpoint-")
-                || name == "final"
-                || name.starts_with(".checkpoint-")
-                || name.starts_with(".final")
-            {
-                std::fs::remove_dir_all(entry.path())?;
-            } else if name == METRICS || name == "train_summary.json" {
-                std::fs::remove_file(entry.path())?;
-            }
-        }
-    }
-    // folders a crash left half-written (a checkpoint is only ever complete under its own name)
-    for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if (name.starts_with(".checkpoint-") || name.starts_with(".final.")) && entry.path().is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        }
-    }
-    let step_delay = std::env::var("ALIGN_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    prepare_output_dir(out, run.restart)?;
     let n_train = objective.len(Split::Train);
     if n_train == 0 {
         bail!("no training examples");
@@ -235,7 +299,7 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
     let mut state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..Default::default() };
 
     if let Some((step, dir)) = complete_checkpoints(out).pop() {
-        let saved = read_state(&dir)?;
+        let saved: LoopState = read_state(&dir)?;
         if saved.config_hash != run.config_hash {
             tracing::warn!(
                 "{}: resuming a run whose config has changed since (use --restart to start over)",
@@ -243,13 +307,7 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
             );
         }
         model.restore(&dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
-        let opt_file = dir.join(STATE_DIR).join("optimizer.safetensors");
-        let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&opt_file)
-            .map_err(|e| anyhow!("{}: {e}", opt_file.display()))?
-            .into_iter()
-            .map(|(k, v)| (k, v.to_device(opt.parameters().next().map(|p| p.1.device()).unwrap_or(tch::Device::Cpu))))
-            .collect();
-        opt.load_state(&tensors, saved.step - saved.nonfinite_total)?;
+        read_optimizer_state(&dir, "optimizer", &mut opt, saved.step - saved.nonfinite_total)?;
         state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..saved };
         truncate_metrics(&out.join(METRICS), step)?;
         tracing::info!("resuming from {} (step {step} of {total})", dir.display());
@@ -275,10 +333,7 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
             break;
         }
         let step_started = Instant::now();
-        if let Some(ms) = step_delay {
-            // test hook: slow steps down so a test can kill the process mid-run
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
+        test_step_delay();
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
         tch::manual_seed((s.seed as i64).wrapping_add(state.step as i64));
         // the examples of this step, continuing the seeded epoch stream
@@ -422,11 +477,12 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
         final_dir,
     };
-    std::fs::write(out.join("train_summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::write(out.join(SUMMARY), serde_json::to_string_pretty(&summary)? + "\n")?;
     Ok(summary)
 }
 
-fn last_logged(out: &Path, key: &str) -> Option<f64> {
+/// The last value of `key` in `OUTPUT/metrics.jsonl`.
+pub fn last_logged(out: &Path, key: &str) -> Option<f64> {
     let text = std::fs::read_to_string(out.join(METRICS)).ok()?;
     text.lines()
         .rev()
@@ -471,31 +527,14 @@ fn save_checkpoint(out: &Path, state: &LoopState, opt: &AdamW, model: &dyn Model
     if !opt.all_finite()? {
         bail!("step {}: weights are not finite; refusing to save a checkpoint", state.step);
     }
-    let dir = out.join(format!("checkpoint-{}", state.step));
-    write_folder(&dir, |tmp| {
+    write_checkpoint(out, state.step, keep, |tmp| {
         model.save(tmp)?;
-        let st = tmp.join(STATE_DIR);
-        std::fs::create_dir_all(&st)?;
-        save_tensors(&opt.state_tensors(), &st, None, usize::MAX)?;
-        std::fs::rename(st.join(crate::checkpoint::SINGLE_FILE), st.join("optimizer.safetensors"))?;
-        std::fs::write(st.join("state.json"), serde_json::to_string_pretty(state)? + "\n")?;
-        if std::env::var("ALIGN_TEST_CRASH_IN_SAVE").ok().and_then(|v| v.parse::<u64>().ok()) == Some(state.step) {
-            // test hook: die in the middle of writing a checkpoint, as a SIGKILL would
-            std::process::abort();
-        }
-        std::fs::write(tmp.join(COMPLETE_MARKER), format!("{}\n", state.step))?;
-        Ok(())
-    })?;
-    if keep > 0 {
-        let all = complete_checkpoints(out);
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old).with_context(|| format!("{}: cannot remove", old.display()))?;
-        }
-    }
-    Ok(())
+        write_train_state(tmp, &[("optimizer", opt)], state)
+    })
 }
 
-fn progress_bar(total: u64, at: u64) -> Option<indicatif::ProgressBar> {
+/// A progress bar over `total` steps when stderr is a terminal (None otherwise: log lines instead).
+pub fn progress_bar(total: u64, at: u64) -> Option<indicatif::ProgressBar> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return None;
     }

@@ -2,6 +2,7 @@
 //! log-probs) and the DPO stage (config, pair batches, objective, reference log-probs).
 pub mod dpo;
 pub mod dpo_loss;
+pub mod ppo_loss;
 pub mod reference;
 
 pub use dpo::{run as run_dpo, DpoObjective, DpoSection};
