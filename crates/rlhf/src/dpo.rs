@@ -10,16 +10,15 @@ use align_core::config::ModelConfig;
 use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::model::CausalLm;
 use align_core::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
-use align_core::train_config::LoadedConfig;
-use align_core::train_config::Method;
+use align_core::train_config::{sha256_file, LoadedConfig};
 use align_core::train_setup::{training_device, TrainingModel};
 use align_core::trainer::{train, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 use align_core::ModelTokenizer;
 
 use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
 use crate::reference::{
-    cached_reference_logps, compute_reference_logps, load_reference_model, pair_logps, reference_cache_key,
-    CacheInputs, Reference,
+    cached_reference_logps, compute_reference_logps, load_reference_model, pair_logps, policy_reference,
+    reference_cache_key, CacheInputs, Reference,
 };
 
 fn d_beta() -> f64 {
@@ -98,17 +97,8 @@ impl Objective for DpoObjective<'_> {
         let batch = self.data.batch(split, examples, self.pad_id, device)?;
         let (pc, pr, nc, nr) = pair_logps(self.policy, &batch)?;
         let reference = match self.reference {
-            Reference::Free => None,
-            Reference::Live(m) => {
-                let (rc, rr, _, _) = tch::no_grad(|| pair_logps(&m.lm, &batch))?;
-                Some((rc, rr))
-            }
             Reference::Cached(r) => Some(r.select(split, examples, device)?),
-            Reference::BaseOfPolicy => {
-                let (rc, rr, _, _) =
-                    tch::no_grad(|| align_core::lora::without_adapters(self.policy, |lm| pair_logps(lm, &batch)))?;
-                Some((rc, rr))
-            }
+            other => other.run(self.policy, |lm| pair_logps(lm, &batch))?.map(|(rc, rr, _, _)| (rc, rr)),
         };
         let out = dpo_loss(
             &PairLogps {
@@ -170,6 +160,11 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let data = PairSplits { train: train_enc, validation: val_enc };
 
     let ref_dir = resolve_model_dir(section.reference.as_deref().unwrap_or(&c.model))?;
+    // without an explicit reference, the reference is the initial policy: model + its adapter
+    let ref_adapter = match &section.reference {
+        None => c.adapter.as_deref().map(resolve_model_dir).transpose()?,
+        Some(_) => None,
+    };
     let reference = if !params.loss.needs_reference() {
         if section.precompute_ref || section.reference.is_some() {
             tracing::warn!(
@@ -203,13 +198,20 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                     "seed": c.train.seed,
                     "dtype": format!("{kind:?}"),
                     "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                    "reference_adapter": match &ref_adapter {
+                        Some(a) => json!([
+                            sha256_file(&a.join("adapter_config.json"))?,
+                            sha256_file(&a.join("adapter_model.safetensors"))?
+                        ]),
+                        None => serde_json::Value::Null,
+                    },
                 }),
                 data: &data,
             };
             let key = reference_cache_key(&inputs)?;
             let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, &data, || {
                 tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
-                let model = load_reference_model(&ref_dir, device, kind)?;
+                let model = load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind)?;
                 compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id)
             })?;
             tracing::info!(
@@ -218,14 +220,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                 path.display()
             );
             Reference::Cached(logps)
-        } else if c.method == Method::Lora && c.adapter.is_none() && section.reference.is_none() {
-            // policy = base + fresh adapters, so the base is the adapters switched off
-            tracing::info!(
-                "reference: the policy's base model with its LoRA adapters disabled (one copy of the weights)"
-            );
-            Reference::BaseOfPolicy
         } else {
-            Reference::Live(load_reference_model(&ref_dir, device, kind)?)
+            policy_reference(cfg, section.reference.as_deref(), device, kind)?
         }
     };
 

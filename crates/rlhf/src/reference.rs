@@ -8,11 +8,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use align_core::checkpoint::{load_causal_lm, weight_files, LoadedModel};
+use align_core::checkpoint::{load_causal_lm, resolve_model_dir, weight_files, LoadedModel};
 use align_core::logprobs::sequence_logprobs;
+use align_core::lora::{load_adapter, merge_lora, without_adapters};
 use align_core::model::{CausalLm, ForwardOptions};
 use align_core::preference_batch::{PairSplits, PreferenceBatch};
 use align_core::train_config::{canonical_json, sha256_file, sha256_hex};
+use align_core::train_config::{LoadedConfig, Method};
 use align_core::trainer::Split;
 
 /// Summed answer log-probs and answer token counts of a batch's chosen and rejected rows,
@@ -65,11 +67,57 @@ pub enum Reference {
     Cached(ReferenceLogps),
 }
 
-/// Loads the reference model with every parameter frozen.
-pub fn load_reference_model(dir: &Path, device: Device, kind: Kind) -> Result<Box<LoadedModel>> {
+impl Reference {
+    /// Runs `f` without gradients on the reference model: the frozen copy, or the policy with
+    /// its adapters switched off. None when the reference is not a model (free, cached).
+    pub fn run<T>(&self, policy: &CausalLm, f: impl FnOnce(&CausalLm) -> Result<T>) -> Result<Option<T>> {
+        match self {
+            Reference::Free | Reference::Cached(_) => Ok(None),
+            Reference::Live(m) => tch::no_grad(|| f(&m.lm)).map(Some),
+            Reference::BaseOfPolicy => tch::no_grad(|| without_adapters(policy, f)).map(Some),
+        }
+    }
+}
+
+/// Loads the reference model with every parameter frozen; `adapter` (a PEFT folder) is merged
+/// into it first.
+pub fn load_reference_model(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: Device,
+    kind: Kind,
+) -> Result<Box<LoadedModel>> {
     let mut m = load_causal_lm(dir, device, kind)?;
+    if let Some(a) = adapter {
+        load_adapter(&m.vs, &mut m.lm, a)?;
+        merge_lora(&m.vs, &mut m.lm)?;
+    }
     m.vs.freeze();
     Ok(Box::new(m))
+}
+
+/// The reference of a policy-optimisation stage whose policy starts from `model` (+ `adapter`):
+/// that same model, frozen, unless `explicit` names another folder. A LoRA policy with fresh
+/// adapters uses its own base with the adapters disabled, so no second copy is loaded.
+pub fn policy_reference(cfg: &LoadedConfig, explicit: Option<&str>, device: Device, kind: Kind) -> Result<Reference> {
+    let c = &cfg.config;
+    if let Some(dir) = explicit {
+        let dir = resolve_model_dir(dir)?;
+        tracing::info!("reference: {} (frozen)", dir.display());
+        return Ok(Reference::Live(load_reference_model(&dir, None, device, kind)?));
+    }
+    if c.method == Method::Lora && c.adapter.is_none() {
+        tracing::info!("reference: the policy's base model with its LoRA adapters disabled (one copy of the weights)");
+        return Ok(Reference::BaseOfPolicy);
+    }
+    let dir = resolve_model_dir(&c.model)?;
+    let adapter = c.adapter.as_deref().map(resolve_model_dir).transpose()?;
+    tracing::info!(
+        "reference: a frozen copy of the initial policy {}{}",
+        dir.display(),
+        adapter.as_ref().map_or(String::new(), |a| format!(" + adapter {}", a.display()))
+    );
+    Ok(Reference::Live(load_reference_model(&dir, adapter.as_deref(), device, kind)?))
 }
 
 /// Reference log-probs of every pair of both splits, in micro-batches of `batch_size` pairs.

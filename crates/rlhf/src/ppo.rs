@@ -1,0 +1,943 @@
+//! PPO stage: each iteration samples responses to a batch of prompts with the policy (batched
+//! KV-cache generation), scores them with the reward model, shapes per-token rewards with a KL
+//! penalty against the reference, estimates advantages with GAE on the critic's values, and runs
+//! `ppo_epochs` passes of clipped policy and value updates over minibatches. Checkpoints are
+//! taken at iteration boundaries and resume exactly.
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use align_core::answer_eval::stop_token_ids;
+use align_core::chat::ChatMessage;
+use align_core::checkpoint::{resolve_model_dir, write_folder};
+use align_core::config::ModelConfig;
+use align_core::data::read_prompts;
+use align_core::generate::{generate_with_stats, Generation, SamplingConfig};
+use align_core::optim::{learning_rate, AdamW, AdamWConfig};
+use align_core::scalar_model::{load_reward_model, LoadedScalarModel, ScoreInit};
+use align_core::train_config::{LoadedConfig, TrainSection};
+use align_core::train_setup::{training_device, TrainingModel, TrainingScalarModel};
+use align_core::trainer::{
+    complete_checkpoints, epoch_order, last_logged, prepare_output_dir, progress_bar, read_optimizer_state, read_state,
+    test_step_delay, truncate_metrics, write_checkpoint, write_train_state, MetricsLog, ModelState, TrainSummary,
+    METRICS, SAMPLES, SUMMARY,
+};
+use align_core::winrate::score_answers;
+use align_core::ModelTokenizer;
+
+use crate::ppo_loss::{
+    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, token_rewards, AdaptiveKl,
+    KlEstimator, RunningMoments,
+};
+use crate::reference::{policy_reference, Reference};
+use crate::rollout::RolloutBatch;
+
+fn d_rollout() -> usize {
+    16
+}
+fn d_epochs() -> usize {
+    4
+}
+fn d_new_tokens() -> usize {
+    128
+}
+fn d_temperature() -> f64 {
+    0.7
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_kl_coef() -> f64 {
+    0.05
+}
+fn d_horizon() -> f64 {
+    10000.0
+}
+fn d_lam() -> f64 {
+    0.95
+}
+fn d_clip() -> f64 {
+    0.2
+}
+fn d_vf_coef() -> f64 {
+    0.1
+}
+fn d_sample_every() -> u64 {
+    10
+}
+fn d_samples() -> usize {
+    4
+}
+fn d_max_kl() -> f64 {
+    10.0
+}
+fn d_min_len() -> f64 {
+    2.0
+}
+fn d_patience() -> u64 {
+    3
+}
+
+/// `[ppo]`. Defaults follow TRL's PPOConfig where it has the same knob.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSection {
+    /// Reward model folder (a *ForSequenceClassification model, e.g. the reward stage's output).
+    pub reward_model: String,
+    /// Critic: "reward_model" (its trunk and head, the default), "policy" (the policy's trunk
+    /// with a fresh head), or a model folder.
+    #[serde(default)]
+    pub value_model: Option<String>,
+    /// Reference policy folder (default: the initial policy).
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Prompts sampled per iteration.
+    #[serde(default = "d_rollout")]
+    pub rollout_batch_size: usize,
+    /// Rows generated together (default: the whole rollout batch).
+    #[serde(default)]
+    pub generation_batch_size: Option<usize>,
+    /// Rollouts per optimizer step (default: the whole rollout batch); `train.batch_size` rows
+    /// go through each forward pass.
+    #[serde(default)]
+    pub mini_batch_size: Option<usize>,
+    /// Passes over the rollouts per iteration.
+    #[serde(default = "d_epochs")]
+    pub ppo_epochs: usize,
+    #[serde(default = "d_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Prompts longer than this (tokens, chat template applied) are dropped and counted
+    /// (default: `train.max_length − max_new_tokens`).
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// Sampling temperature (> 0); log-probs are taken at the same temperature.
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_one")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// KL penalty coefficient (the starting value when `target_kl` is set).
+    #[serde(default = "d_kl_coef")]
+    pub kl_coef: f64,
+    /// k1 (log-ratio) or k3.
+    #[serde(default)]
+    pub kl_estimator: KlEstimator,
+    /// Adaptive KL control: steer the per-sequence KL towards this target (None = fixed kl_coef).
+    #[serde(default)]
+    pub target_kl: Option<f64>,
+    /// Horizon of the adaptive controller (rollouts).
+    #[serde(default = "d_horizon")]
+    pub kl_horizon: f64,
+    #[serde(default = "d_one")]
+    pub gamma: f64,
+    #[serde(default = "d_lam")]
+    pub lam: f64,
+    #[serde(default = "d_clip")]
+    pub cliprange: f64,
+    #[serde(default = "d_clip")]
+    pub cliprange_value: f64,
+    /// Weight of the value loss.
+    #[serde(default = "d_vf_coef")]
+    pub vf_coef: f64,
+    /// Critic learning rate (default: `train.lr`; follows the same schedule).
+    #[serde(default)]
+    pub value_lr: Option<f64>,
+    /// Subtracted from the score of a response that did not end with eos.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+    /// Scale the per-token rewards to unit variance before GAE.
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    /// Normalise scores with running mean and standard deviation over all iterations.
+    #[serde(default)]
+    pub normalize_reward: bool,
+    /// Clip (normalised) scores to ±this.
+    #[serde(default)]
+    pub reward_clip: Option<f64>,
+    /// Write prompt/response/score samples to samples.jsonl every N iterations (0 = never).
+    #[serde(default = "d_sample_every")]
+    pub sample_every: u64,
+    #[serde(default = "d_samples")]
+    pub num_samples: usize,
+    /// Guardrail: per-sequence KL (objective/kl) above this (0 = off).
+    #[serde(default = "d_max_kl")]
+    pub max_kl: f64,
+    /// Guardrail: mean response length below this (tokens; 0 = off).
+    #[serde(default = "d_min_len")]
+    pub min_response_length: f64,
+    /// Iterations in a row a guardrail must trip before it acts.
+    #[serde(default = "d_patience")]
+    pub guardrail_patience: u64,
+    /// Stop the run when a guardrail acts (default: warn only).
+    #[serde(default)]
+    pub stop_on_guardrail: bool,
+}
+
+impl PpoSection {
+    fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("rollout_batch_size", self.rollout_batch_size as f64),
+            ("ppo_epochs", self.ppo_epochs as f64),
+            ("max_new_tokens", self.max_new_tokens as f64),
+            ("temperature", self.temperature),
+            ("cliprange", self.cliprange),
+            ("cliprange_value", self.cliprange_value),
+            ("kl_horizon", self.kl_horizon),
+        ];
+        for (key, v) in positive {
+            if !(v > 0.0) {
+                return Err(format!("{key}: must be > 0, got {v}"));
+            }
+        }
+        if self.rollout_batch_size < 2 {
+            return Err("rollout_batch_size: must be at least 2 (advantages are whitened over the batch)".into());
+        }
+        for (key, v) in
+            [("mini_batch_size", self.mini_batch_size), ("generation_batch_size", self.generation_batch_size)]
+        {
+            if v == Some(0) {
+                return Err(format!("{key}: must be > 0"));
+            }
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p: must be in (0, 1], got {}", self.top_p));
+        }
+        for (key, v) in [("gamma", self.gamma), ("lam", self.lam)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{key}: must be in [0, 1], got {v}"));
+            }
+        }
+        if self.kl_coef < 0.0 || self.vf_coef < 0.0 {
+            return Err("kl_coef and vf_coef must be ≥ 0".into());
+        }
+        if let Some(t) = self.target_kl.filter(|t| !(*t > 0.0)) {
+            return Err(format!("target_kl: must be > 0, got {t}"));
+        }
+        if let Some(c) = self.reward_clip.filter(|c| !(*c > 0.0)) {
+            return Err(format!("reward_clip: must be > 0, got {c}"));
+        }
+        Ok(())
+    }
+}
+
+/// Guardrail counters: iterations in a row each condition has held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Guards {
+    kl_over: u64,
+    too_short: u64,
+    at_max: u64,
+}
+
+/// Saved with every checkpoint: everything the loop needs to continue exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PpoState {
+    iteration: u64,
+    total_iterations: u64,
+    prompts_consumed: u64,
+    kl_coef: f64,
+    reward_moments: RunningMoments,
+    policy_updates: u64,
+    value_updates: u64,
+    nonfinite_in_row: u64,
+    nonfinite_total: u64,
+    guards: Guards,
+    rollout_tokens: u64,
+    config_hash: String,
+    elapsed_seconds: f64,
+}
+
+/// A prompt ready for rollouts.
+struct Prompt {
+    messages: Vec<ChatMessage>,
+    /// The rendered prompt (chat template with the generation prompt).
+    text: String,
+    ids: Vec<i64>,
+}
+
+/// Renders and encodes the prompts; drops (and counts) those over `max_len` tokens.
+fn load_prompts(cfg: &LoadedConfig, tok: &ModelTokenizer, max_len: usize) -> Result<Vec<Prompt>> {
+    let options = cfg.data_options()?;
+    let data = read_prompts(&cfg.config.data, &options)?;
+    let total = data.records.len();
+    let mut out = Vec::with_capacity(total);
+    for rec in data.records {
+        let text = tok.apply_chat_template(&rec.messages, true).with_context(|| format!("{}", rec.origin))?;
+        let ids = tok.encode(&text, false)?;
+        if ids.is_empty() || ids.len() > max_len {
+            continue;
+        }
+        out.push(Prompt { messages: rec.messages, text, ids });
+    }
+    let dropped = total - out.len();
+    tracing::info!("PPO prompts: {} of {total} kept ({dropped} longer than {max_len} tokens dropped)", out.len());
+    if out.len() < 2 {
+        bail!(
+            "{}: only {} prompt(s) fit [ppo] max_prompt_length = {max_len} ({dropped} dropped); PPO needs at least 2",
+            cfg.origin.display(),
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+/// The critic: from the reward model (default), from the policy with a fresh head, or a folder.
+fn load_value_model(
+    section: &PpoSection,
+    reward_dir: &Path,
+    policy_dir: &Path,
+    seed: u64,
+    device: Device,
+    kind: Kind,
+) -> Result<TrainingScalarModel> {
+    let dir = match section.value_model.as_deref() {
+        None | Some("reward_model") => reward_dir.to_path_buf(),
+        Some("policy") => policy_dir.to_path_buf(),
+        Some(other) => resolve_model_dir(other)?,
+    };
+    let value = TrainingScalarModel::from_dir(&dir, device, kind, |h| ScoreInit::default_for(h, seed))?;
+    let policy_vocab = ModelConfig::from_dir(policy_dir)?.vocab_size;
+    if value.loaded.rm.config.vocab_size != policy_vocab {
+        bail!(
+            "[ppo] value_model: {} has vocab_size {} but the policy has {policy_vocab}; the critic reads the policy's tokens (use value_model = \"policy\")",
+            dir.display(),
+            value.loaded.rm.config.vocab_size
+        );
+    }
+    tracing::info!("value model (critic): {}", dir.display());
+    Ok(value)
+}
+
+/// What one iteration measured, for metrics.jsonl.
+struct IterationReport {
+    line: Value,
+    kl: f64,
+    mean_length: f64,
+    all_at_max: bool,
+    any_skipped: bool,
+    new_tokens: usize,
+}
+
+/// The loaded models and settings of a run.
+struct Ppo<'a> {
+    section: &'a PpoSection,
+    train: &'a TrainSection,
+    policy: &'a TrainingModel,
+    reference: &'a Reference,
+    reward: &'a LoadedScalarModel,
+    reward_tokenizer: &'a ModelTokenizer,
+    value: &'a TrainingScalarModel,
+    prompts: &'a [Prompt],
+    stops: Vec<i64>,
+    pad_id: i64,
+    mini_batch: usize,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.f_to_kind(Kind::Double)?.f_double_value(&[])?)
+}
+
+impl Ppo<'_> {
+    fn sampling(&self) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens: self.section.max_new_tokens,
+            temperature: self.section.temperature,
+            top_k: self.section.top_k,
+            top_p: Some(self.section.top_p),
+            repetition_penalty: None,
+        }
+    }
+
+    /// The prompts of the iteration: the next `rollout_batch_size` of the seeded epoch stream.
+    fn next_prompts(&self, consumed: u64) -> Vec<usize> {
+        let n = self.prompts.len() as u64;
+        let mut cache: Option<(u64, Vec<usize>)> = None;
+        (0..self.section.rollout_batch_size as u64)
+            .map(|k| {
+                let pos = consumed + k;
+                let epoch = pos / n;
+                if cache.as_ref().map(|c| c.0) != Some(epoch) {
+                    cache = Some((epoch, epoch_order(n as usize, self.train.seed, epoch)));
+                }
+                cache.as_ref().map(|c| c.1[(pos % n) as usize]).unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Runs forward passes over the rollout in micro-batches of `train.batch_size` rows and
+    /// concatenates the `[b, R]` results.
+    fn per_row(&self, batch: &RolloutBatch, f: impl Fn(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
+        let n = batch.input_ids.size()[0] as usize;
+        let rows: Vec<usize> = (0..n).collect();
+        let mut parts = Vec::new();
+        for chunk in rows.chunks(self.train.batch_size.max(1)) {
+            parts.push(f(&batch.rows(chunk)?)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Shapes raw RM scores: normalisation (running statistics), clipping, missing-eos penalty.
+    fn shape_scores(&self, raw: &[f64], generations: &[Generation], moments: &mut RunningMoments) -> Vec<f64> {
+        let s = self.section;
+        if s.normalize_reward {
+            moments.update(raw);
+        }
+        raw.iter()
+            .zip(generations)
+            .map(|(&x, g)| {
+                let mut v = if s.normalize_reward { (x - moments.mean) / moments.std() } else { x };
+                if let Some(c) = s.reward_clip {
+                    v = v.clamp(-c, c);
+                }
+                if let (Some(p), false) = (s.missing_eos_penalty, g.stopped_on_eos) {
+                    v -= p;
+                }
+                v
+            })
+            .collect()
+    }
+
+    /// One PPO iteration: rollouts, scoring, advantages, `ppo_epochs` of updates.
+    fn iteration(
+        &self,
+        state: &mut PpoState,
+        policy_opt: &mut AdamW,
+        value_opt: &mut AdamW,
+        lr: f64,
+        value_lr: f64,
+        samples: &mut Option<MetricsLog>,
+    ) -> Result<IterationReport> {
+        let s = self.section;
+        let lm = &self.policy.loaded.lm;
+        let critic = &self.value.loaded.rm;
+        let device = lm.device();
+        let started = Instant::now();
+        tch::manual_seed((self.train.seed as i64).wrapping_add(state.iteration as i64));
+        let picked = self.next_prompts(state.prompts_consumed);
+        let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+
+        // 1. rollouts (dropout off, adapters on)
+        lm.set_training(false);
+        let t = Instant::now();
+        let mut generations = Vec::with_capacity(picked.len());
+        let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size).max(1);
+        for chunk in prompt_ids.chunks(gen_batch) {
+            generations.extend(generate_with_stats(lm, chunk, &self.sampling(), &self.stops, self.pad_id)?.0);
+        }
+        let generation_seconds = t.elapsed().as_secs_f64();
+        let new_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+
+        // 2. reward-model scores of prompt + response (rendered with the RM's chat template)
+        let t = Instant::now();
+        let tok = &self.policy.tokenizer;
+        let answers: Vec<String> =
+            generations.iter().map(|g| tok.decode(&g.tokens, true)).collect::<Result<Vec<_>>>()?;
+        let conversations: Vec<Vec<ChatMessage>> = picked.iter().map(|&i| self.prompts[i].messages.clone()).collect();
+        let rm = &self.reward.rm;
+        let max_rm = rm.config.max_position_embeddings.max(1) as usize;
+        let raw = score_answers(rm, self.reward_tokenizer, &conversations, &answers, max_rm, self.train.batch_size)?;
+        let shaped = self.shape_scores(&raw, &generations, &mut state.reward_moments);
+        let scoring_seconds = t.elapsed().as_secs_f64();
+
+        // 3. old log-probs, reference log-probs and values (no gradients)
+        let t = Instant::now();
+        let batch = RolloutBatch::new(&prompt_ids, &generations, self.pad_id, device)?;
+        let mask = &batch.response_mask;
+        let (old_logprobs, ref_logprobs, old_values) = tch::no_grad(|| -> Result<_> {
+            let old = self.per_row(&batch, |b| b.response_logprobs(lm, s.temperature))?;
+            let reference = self.per_row(&batch, |b| {
+                self.reference
+                    .run(lm, |r| b.response_logprobs(r, s.temperature))?
+                    .ok_or_else(|| anyhow!("PPO needs a reference model"))
+            })?;
+            let values = self.per_row(&batch, |b| b.response_values(critic))?;
+            Ok((old, reference, values))
+        })?;
+        let forward_seconds = t.elapsed().as_secs_f64();
+
+        // 4. rewards and advantages
+        let scores = Tensor::from_slice(&shaped).f_to_device(device)?;
+        let kl = kl_per_token(&old_logprobs, &ref_logprobs, mask, s.kl_estimator)?;
+        let (mut rewards, non_score) = token_rewards(&kl, mask, &scores, state.kl_coef)?;
+        if s.whiten_rewards {
+            rewards = masked_whiten(&rewards, mask, false)?.f_mul(mask)?;
+        }
+        let (advantages, returns) = gae_advantages(&rewards, &old_values, mask, s.gamma, s.lam)?;
+        let advantages = masked_whiten(&advantages, mask, true)?.f_mul(mask)?;
+
+        // 5. PPO epochs over minibatches
+        let t = Instant::now();
+        let n = picked.len();
+        let opt_stats = self.optimise(
+            &batch,
+            [&old_logprobs, &old_values, &advantages, &returns],
+            state,
+            policy_opt,
+            value_opt,
+            (lr, value_lr),
+            n,
+        )?;
+        let optimisation_seconds = t.elapsed().as_secs_f64();
+
+        // metrics (TRL / OpenRLHF names)
+        let rows = n as f64;
+        let seq_sum = |x: &Tensor| -> Result<f64> { Ok(scalar(&x.f_sum(Kind::Double)?)? / rows) };
+        let kl_mean = seq_sum(&kl)?;
+        let non_score_mean = seq_sum(&non_score)?;
+        let score_mean = shaped.iter().sum::<f64>() / rows;
+        let lengths: Vec<usize> = generations.iter().map(|g| g.tokens.len()).collect();
+        let mean_length = lengths.iter().sum::<usize>() as f64 / rows;
+        let eos_rate = generations.iter().filter(|g| g.stopped_on_eos).count() as f64 / rows;
+        let all_at_max = generations.iter().all(|g| !g.stopped_on_eos && g.tokens.len() >= s.max_new_tokens);
+        let tokens = scalar(&mask.f_sum(Kind::Double)?)?.max(1.0);
+        let total_seconds = started.elapsed().as_secs_f64();
+        let mut line = json!({
+            "step": state.iteration + 1,
+            "lr": lr,
+            "kl_coef": state.kl_coef,
+            "objective/kl": kl_mean,
+            "objective/entropy": -seq_sum(&old_logprobs.f_mul(mask)?)?,
+            "objective/non_score_reward": non_score_mean,
+            "objective/rlhf_reward": score_mean + non_score_mean,
+            "objective/scores": score_mean,
+            "rm/score": raw.iter().sum::<f64>() / rows,
+            "val/mean": scalar(&old_values.f_sum(Kind::Double)?)? / tokens,
+            "response_length_mean": mean_length,
+            "eos_rate": eos_rate,
+            "time/generation": generation_seconds,
+            "time/scoring": scoring_seconds,
+            "time/forward": forward_seconds,
+            "time/optimisation": optimisation_seconds,
+            "time/iteration": total_seconds,
+            "generation_share": generation_seconds / total_seconds.max(1e-9),
+            "rollout_tokens_per_second": new_tokens as f64 / generation_seconds.max(1e-9),
+        });
+        for (k, v) in opt_stats.metrics {
+            line[k] = json!(v);
+        }
+        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && state.iteration % s.sample_every == 0) {
+            for (k, &i) in picked.iter().enumerate().take(s.num_samples) {
+                log.write(&json!({
+                    "step": state.iteration + 1,
+                    "prompt": self.prompts[i].text,
+                    "response": answers[k],
+                    "score": raw[k],
+                    "stopped_on_eos": generations[k].stopped_on_eos,
+                }))?;
+            }
+        }
+        state.prompts_consumed += n as u64;
+        Ok(IterationReport {
+            line,
+            kl: kl_mean,
+            mean_length,
+            all_at_max,
+            any_skipped: opt_stats.skipped > 0 || !raw.iter().all(|x| x.is_finite()),
+            new_tokens,
+        })
+    }
+
+    /// `ppo_epochs` passes of minibatch updates of the policy and the critic. Each minibatch's
+    /// losses are token means over its rollouts (micro-batches accumulate into one step).
+    #[allow(clippy::too_many_arguments)]
+    fn optimise(
+        &self,
+        batch: &RolloutBatch,
+        [old_logprobs, old_values, advantages, returns]: [&Tensor; 4],
+        state: &mut PpoState,
+        policy_opt: &mut AdamW,
+        value_opt: &mut AdamW,
+        (lr, value_lr): (f64, f64),
+        n: usize,
+    ) -> Result<OptimiseStats> {
+        let s = self.section;
+        let lm = &self.policy.loaded.lm;
+        let critic = &self.value.loaded.rm;
+        let device = lm.device();
+        let mut sums = std::collections::BTreeMap::<&str, f64>::new();
+        let mut updates = 0f64;
+        let mut skipped = 0u64;
+        let all_finite = |t: &Tensor| -> Result<bool> { Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0) };
+        if !all_finite(advantages)? || !all_finite(returns)? {
+            // a non-finite score or value poisons every update of the iteration
+            return Ok(OptimiseStats { metrics: Vec::new(), skipped: 1 });
+        }
+        let order_seed = self.train.seed ^ (state.iteration.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for epoch in 0..s.ppo_epochs as u64 {
+            let order = epoch_order(n, order_seed, epoch);
+            for mb in order.chunks(self.mini_batch) {
+                let mb_index =
+                    Tensor::from_slice(&mb.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?;
+                let mb_tokens =
+                    scalar(&batch.response_mask.f_index_select(0, &mb_index)?.f_sum(Kind::Double)?)?.max(1.0);
+                let mut mb_sums = [0f64; 7];
+                for micro in mb.chunks(self.train.batch_size.max(1)) {
+                    let sub = batch.rows(micro)?;
+                    let idx =
+                        Tensor::from_slice(&micro.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?;
+                    let pick = |t: &Tensor| t.f_index_select(0, &idx);
+                    let m = &sub.response_mask;
+                    let new_logprobs = sub.response_logprobs(lm, s.temperature)?;
+                    let new_values = sub.response_values(critic)?;
+                    let pl = clipped_policy_loss(&new_logprobs, &pick(old_logprobs)?, &pick(advantages)?, s.cliprange)?;
+                    let vl = clipped_value_loss(&new_values, &pick(old_values)?, &pick(returns)?, s.cliprange_value)?;
+                    let masked_sum = |x: &Tensor| -> Result<Tensor> { Ok(x.f_mul(m)?.f_sum(Kind::Float)?) };
+                    let pg = masked_sum(&pl.losses)?;
+                    let vf = masked_sum(&vl.losses)?;
+                    let loss = pg.f_add(&vf.f_mul_scalar(s.vf_coef)?)?.f_div_scalar(mb_tokens)?;
+                    loss.f_backward()?;
+                    let _guard = tch::no_grad_guard();
+                    for (k, x) in [
+                        scalar(&pg)?,
+                        scalar(&vf)?,
+                        scalar(&masked_sum(&pl.clipped)?)?,
+                        scalar(&masked_sum(&vl.clipped)?)?,
+                        scalar(&masked_sum(&pl.approx_kl)?)?,
+                        scalar(&masked_sum(&pl.ratio)?)?,
+                        scalar(&loss)? * mb_tokens,
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        mb_sums[k] += x;
+                    }
+                }
+                let policy_norm = policy_opt.grad_norm()?;
+                let value_norm = value_opt.grad_norm()?;
+                let finite = mb_sums.iter().all(|x| x.is_finite()) && policy_norm.is_finite() && value_norm.is_finite();
+                if finite {
+                    for (opt, norm, rate) in
+                        [(&mut *policy_opt, policy_norm, lr), (&mut *value_opt, value_norm, value_lr)]
+                    {
+                        if self.train.max_grad_norm > 0.0 && norm > self.train.max_grad_norm {
+                            opt.scale_grads(self.train.max_grad_norm / (norm + 1e-6))?;
+                        }
+                        opt.step(rate)?;
+                    }
+                    state.policy_updates += 1;
+                    state.value_updates += 1;
+                    updates += 1.0;
+                    let names = [
+                        "loss/policy",
+                        "val/vf_loss",
+                        "policy/clipfrac",
+                        "val/clipfrac",
+                        "policy/approxkl",
+                        "policy/ratio",
+                        "loss",
+                    ];
+                    for (name, v) in names.iter().zip(mb_sums) {
+                        *sums.entry(name).or_default() += v / mb_tokens;
+                    }
+                    *sums.entry("grad_norm").or_default() += policy_norm;
+                    *sums.entry("val/grad_norm").or_default() += value_norm;
+                } else {
+                    skipped += 1;
+                    tracing::warn!(
+                        "iteration {}: non-finite PPO loss or gradient (policy grad norm {policy_norm}, value grad norm {value_norm}); update skipped",
+                        state.iteration + 1
+                    );
+                }
+                policy_opt.zero_grad();
+                value_opt.zero_grad();
+            }
+        }
+        let mut metrics: Vec<(String, f64)> = sums
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), if updates > 0.0 { v / updates } else { f64::NAN }))
+            .collect();
+        metrics.push(("skipped_updates".into(), skipped as f64));
+        Ok(OptimiseStats { metrics, skipped })
+    }
+}
+
+struct OptimiseStats {
+    metrics: Vec<(String, f64)>,
+    skipped: u64,
+}
+
+const POLICY_OPT: &str = "policy_optimizer";
+const VALUE_OPT: &str = "value_optimizer";
+const VALUE_DIR: &str = "value_model";
+
+fn adamw(params: Vec<(String, Tensor)>, t: &TrainSection) -> Result<AdamW> {
+    AdamW::new(
+        params,
+        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+    )
+}
+
+/// Writes the policy (HF folder, or PEFT adapter under LoRA) with the critic in `value_model/`.
+fn save_models(dir: &Path, policy: &TrainingModel, value: &TrainingScalarModel) -> Result<()> {
+    policy.save(dir)?;
+    let value_dir = dir.join(VALUE_DIR);
+    std::fs::create_dir_all(&value_dir).with_context(|| format!("{}: cannot create", value_dir.display()))?;
+    value.save(&value_dir)
+}
+
+/// Runs (or resumes) the PPO stage described by `cfg`.
+pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
+    let section: PpoSection = cfg.stage_section()?;
+    let origin = cfg.origin.display();
+    section.validate().map_err(|e| anyhow!("{origin}: [ppo] {e}"))?;
+    let c = &cfg.config;
+    let t = &c.train;
+    if !c.val_data.is_empty() || t.val_ratio > 0.0 {
+        tracing::warn!("{origin}: PPO does not evaluate on held-out prompts; val_data / train.val_ratio are ignored");
+    }
+    let max_prompt = match section.max_prompt_length {
+        Some(n) => n,
+        None => t.max_length.checked_sub(section.max_new_tokens).filter(|&n| n > 0).ok_or_else(|| {
+            anyhow!(
+                "{origin}: train.max_length ({}) leaves no room for prompts after [ppo] max_new_tokens ({}); set [ppo] max_prompt_length",
+                t.max_length,
+                section.max_new_tokens
+            )
+        })?,
+    };
+    let out = c.output_dir.as_path();
+    prepare_output_dir(out, restart)?;
+    let (device, kind) = training_device(cfg)?;
+
+    let policy_dir = resolve_model_dir(&c.model)?;
+    let reward_dir = resolve_model_dir(&section.reward_model)?;
+    let reference = policy_reference(cfg, section.reference.as_deref(), device, kind)?;
+    let mut reward =
+        load_reward_model(&reward_dir, device, kind).with_context(|| format!("{origin}: [ppo] reward_model"))?;
+    reward.vs.freeze();
+    let reward_tokenizer = ModelTokenizer::from_dir(&reward_dir)?;
+    let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
+    let policy = TrainingModel::load(cfg)?;
+    let prompts = load_prompts(cfg, &policy.tokenizer, max_prompt)?;
+    let window = max_prompt + section.max_new_tokens;
+    if window as i64 > policy.loaded.lm.config.max_position_embeddings {
+        tracing::warn!(
+            "prompt budget {max_prompt} + max_new_tokens {} exceeds the policy's max_position_embeddings ({})",
+            section.max_new_tokens,
+            policy.loaded.lm.config.max_position_embeddings
+        );
+    }
+
+    let total = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        ((t.epochs * prompts.len() as f64) / section.rollout_batch_size as f64).ceil().max(1.0) as u64
+    };
+    let warmup = (t.warmup_ratio * total as f64).round() as u64;
+    let mut policy_opt = adamw(policy.trainable_params(), t)?;
+    let mut value_opt = adamw(value.trainable_params(), t)?;
+    let mut state = PpoState {
+        total_iterations: total,
+        kl_coef: section.kl_coef,
+        config_hash: cfg.hash.clone(),
+        ..Default::default()
+    };
+    if let Some((iteration, dir)) = complete_checkpoints(out).pop() {
+        let saved: PpoState = read_state(&dir)?;
+        if saved.config_hash != cfg.hash {
+            tracing::warn!(
+                "{}: resuming a run whose config has changed since (use --restart to start over)",
+                dir.display()
+            );
+        }
+        policy.restore(&dir).with_context(|| format!("{}: cannot restore the policy", dir.display()))?;
+        value
+            .restore(&dir.join(VALUE_DIR))
+            .with_context(|| format!("{}: cannot restore the value model", dir.display()))?;
+        read_optimizer_state(&dir, POLICY_OPT, &mut policy_opt, saved.policy_updates)?;
+        read_optimizer_state(&dir, VALUE_OPT, &mut value_opt, saved.value_updates)?;
+        state = PpoState { total_iterations: total, config_hash: cfg.hash.clone(), ..saved };
+        truncate_metrics(&out.join(METRICS), iteration)?;
+        truncate_metrics(&out.join(SAMPLES), iteration)?;
+        tracing::info!("resuming PPO from {} (iteration {iteration} of {total})", dir.display());
+    } else {
+        truncate_metrics(&out.join(METRICS), 0)?;
+        truncate_metrics(&out.join(SAMPLES), 0)?;
+    }
+    let mut metrics = MetricsLog::open(&out.join(METRICS))?;
+    let mut samples = if section.sample_every > 0 { Some(MetricsLog::open(&out.join(SAMPLES))?) } else { None };
+    let mut controller =
+        section.target_kl.map(|target| AdaptiveKl { coef: state.kl_coef, target, horizon: section.kl_horizon });
+
+    let ppo = Ppo {
+        section: &section,
+        train: t,
+        policy: &policy,
+        reference: &reference,
+        reward: &reward,
+        reward_tokenizer: &reward_tokenizer,
+        value: &value,
+        prompts: &prompts,
+        stops: stop_token_ids(&policy.tokenizer, &policy.loaded.lm.config.eos_token_ids),
+        pad_id: policy.tokenizer.padding_id(),
+        mini_batch: section.mini_batch_size.unwrap_or(section.rollout_batch_size).min(section.rollout_batch_size),
+    };
+    tracing::info!(
+        "PPO: {total} iterations × {} prompts, {} epochs of minibatches of {}, max_new_tokens {}, kl_coef {}{}",
+        section.rollout_batch_size,
+        section.ppo_epochs,
+        ppo.mini_batch,
+        section.max_new_tokens,
+        state.kl_coef,
+        section.target_kl.map_or(String::new(), |k| format!(" (adaptive, target {k})"))
+    );
+    let value_lr_base = section.value_lr.unwrap_or(t.lr);
+    let bar = progress_bar(total, state.iteration);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_seconds;
+    let mut stop_reason = String::from("completed");
+    let mut saved_at = complete_checkpoints(out).last().map(|c| c.0);
+    let mut guard_stop: Option<String> = None;
+
+    while state.iteration < total {
+        if stop_after.is_some_and(|s| state.iteration >= s) {
+            stop_reason = format!("stopped after iteration {}", state.iteration);
+            break;
+        }
+        test_step_delay();
+        let lr = learning_rate(state.iteration, total, t.lr, warmup, t.schedule, t.min_lr_ratio);
+        let value_lr = if t.lr > 0.0 { value_lr_base * lr / t.lr } else { value_lr_base };
+        let report = ppo.iteration(&mut state, &mut policy_opt, &mut value_opt, lr, value_lr, &mut samples)?;
+        state.iteration += 1;
+        state.rollout_tokens += report.new_tokens as u64;
+        if report.any_skipped {
+            state.nonfinite_in_row += 1;
+            state.nonfinite_total += 1;
+        } else {
+            state.nonfinite_in_row = 0;
+        }
+        if let Some(ctl) = controller.as_mut() {
+            ctl.update(report.kl, section.rollout_batch_size);
+            state.kl_coef = ctl.coef;
+        }
+        metrics.write(&report.line)?;
+        let line = &report.line;
+        let get = |k: &str| line.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let message = format!(
+            "score {:.3} kl {:.3} len {:.1} eos {:.2}",
+            get("objective/scores"),
+            report.kl,
+            report.mean_length,
+            get("eos_rate")
+        );
+        if let Some(b) = &bar {
+            b.set_position(state.iteration);
+            b.set_message(message);
+        } else if state.iteration % t.log_every.max(1) == 0 || state.iteration == total {
+            tracing::info!(
+                "iteration {}/{total} {message} · generation {:.1}s scoring {:.1}s forward {:.1}s optimisation {:.1}s · {:.0} rollout tok/s",
+                state.iteration,
+                get("time/generation"),
+                get("time/scoring"),
+                get("time/forward"),
+                get("time/optimisation"),
+                get("rollout_tokens_per_second")
+            );
+        }
+        if state.nonfinite_in_row >= t.max_nonfinite_steps.max(1) {
+            bail!(
+                "stopping: {} PPO iterations in a row had non-finite scores, losses or gradients (the last good checkpoint is kept; lower train.lr?)",
+                state.nonfinite_in_row
+            );
+        }
+        if let Some(g) = check_guardrails(&section, &mut state.guards, &report) {
+            if section.stop_on_guardrail {
+                guard_stop = Some(g);
+                break;
+            }
+            tracing::warn!("{g}");
+        }
+        if (t.save_every > 0 && state.iteration % t.save_every == 0) || state.iteration == total {
+            state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+            save(out, &state, &policy, &value, &policy_opt, &value_opt, t.save_total_limit)?;
+            saved_at = Some(state.iteration);
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(g) = &guard_stop {
+        stop_reason = format!("stopped by a guardrail: {g}");
+    }
+    let completed = state.iteration >= total && guard_stop.is_none();
+    let mut final_dir = None;
+    if completed {
+        if saved_at != Some(state.iteration) {
+            state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+            save(out, &state, &policy, &value, &policy_opt, &value_opt, t.save_total_limit)?;
+        }
+        let dir = out.join("final");
+        write_folder(&dir, |tmp| save_models(tmp, &policy, &value))?;
+        final_dir = Some(dir);
+    }
+    let summary = TrainSummary {
+        steps: state.iteration,
+        total_steps: total,
+        completed,
+        stop_reason,
+        last_loss: last_logged(out, "loss"),
+        eval_loss: None,
+        best_eval_loss: None,
+        nonfinite_steps: state.nonfinite_total,
+        tokens_seen: state.rollout_tokens,
+        seconds: elapsed_before + started.elapsed().as_secs_f64(),
+        final_dir,
+    };
+    std::fs::write(out.join(SUMMARY), serde_json::to_string_pretty(&summary)? + "\n")?;
+    if let Some(g) = guard_stop {
+        bail!("PPO stopped by a guardrail after iteration {}: {g} (the last checkpoint is kept)", state.iteration);
+    }
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save(
+    out: &Path,
+    state: &PpoState,
+    policy: &TrainingModel,
+    value: &TrainingScalarModel,
+    policy_opt: &AdamW,
+    value_opt: &AdamW,
+    keep: usize,
+) -> Result<()> {
+    if !policy_opt.all_finite()? || !value_opt.all_finite()? {
+        bail!("iteration {}: weights are not finite; refusing to save a checkpoint", state.iteration);
+    }
+    write_checkpoint(out, state.iteration, keep, |tmp| {
+        save_models(tmp, policy, value)?;
+        write_train_state(tmp, &[(POLICY_OPT, policy_opt), (VALUE_OPT, value_opt)], state)
+    })
+}
+
+/// Updates the guardrail counters; returns a message when one has held for `guardrail_patience`
+/// iterations in a row.
+fn check_guardrails(s: &PpoSection, g: &mut Guards, r: &IterationReport) -> Option<String> {
+    let bump = |c: &mut u64, on: bool| *c = if on { *c + 1 } else { 0 };
+    bump(&mut g.kl_over, s.max_kl > 0.0 && !(r.kl <= s.max_kl));
+    bump(&mut g.too_short, s.min_response_length > 0.0 && r.mean_length < s.min_response_length);
+    bump(&mut g.at_max, r.all_at_max);
+    let k = s.guardrail_patience.max(1);
+    if g.kl_over >= k {
+        return Some(format!(
+            "KL to the reference is {:.3} (> max_kl {}) for {} iterations in a row; raise kl_coef or lower train.lr",
+            r.kl, s.max_kl, g.kl_over
+        ));
+    }
+    if g.too_short >= k {
+        return Some(format!(
+            "mean response length collapsed to {:.2} tokens (< min_response_length {}) for {} iterations in a row",
+            r.mean_length, s.min_response_length, g.too_short
+        ));
+    }
+    if g.at_max >= k {
+        return Some(format!(
+            "every response ran to max_new_tokens ({}) without eos for {} iterations in a row; set missing_eos_penalty?",
+            s.max_new_tokens, g.at_max
+        ));
+    }
+    None
+}

@@ -1,0 +1,143 @@
+//! PPO rollouts as tensors: prompts (left-padded) followed by the sampled responses
+//! (right-padded) in one `[B, P + R]` batch, and the per-response-token log-probs and values the
+//! policy, reference and critic assign to them. Row `i`, column `j` of every `[B, R]` tensor is
+//! response token `j` of rollout `i`.
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+use align_core::generate::Generation;
+use align_core::logprobs::{token_logprobs, IGNORE_INDEX};
+use align_core::model::{CausalLm, ForwardOptions};
+use align_core::scalar_model::ScalarModel;
+
+/// One iteration's prompts and responses, laid out for forward passes.
+pub struct RolloutBatch {
+    /// `[B, P + R]`: prompt left-padded to `P`, response right-padded to `R`.
+    pub input_ids: Tensor,
+    /// `[B, P + R]`, 1 on real tokens.
+    pub attention_mask: Tensor,
+    /// `[B, R]` f32, 1 on response tokens.
+    pub response_mask: Tensor,
+    /// `P`.
+    pub prompt_width: i64,
+    /// `R` (≥ 1).
+    pub response_width: i64,
+}
+
+impl RolloutBatch {
+    /// Lays out `prompts[i]` + `generations[i].tokens`; rows with an empty response get one
+    /// masked padding token so every row has a response slot.
+    pub fn new(prompts: &[Vec<i64>], generations: &[Generation], pad_id: i64, device: Device) -> Result<Self> {
+        ensure!(prompts.len() == generations.len() && !prompts.is_empty(), "rollouts: prompts and responses differ");
+        let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let r = generations.iter().map(|g| g.tokens.len()).max().unwrap_or(0).max(1);
+        let (b, w) = (prompts.len(), p + r);
+        let mut ids = vec![pad_id; b * w];
+        let mut mask = vec![0i64; b * w];
+        let mut resp = vec![0f32; b * r];
+        for (i, (prompt, g)) in prompts.iter().zip(generations).enumerate() {
+            let row = i * w;
+            let off = p - prompt.len();
+            ids[row + off..row + p].copy_from_slice(prompt);
+            mask[row + off..row + p].iter_mut().for_each(|m| *m = 1);
+            ids[row + p..row + p + g.tokens.len()].copy_from_slice(&g.tokens);
+            mask[row + p..row + p + g.tokens.len()].iter_mut().for_each(|m| *m = 1);
+            resp[i * r..i * r + g.tokens.len()].iter_mut().for_each(|m| *m = 1.0);
+        }
+        let shape = [b as i64, w as i64];
+        Ok(RolloutBatch {
+            input_ids: Tensor::from_slice(&ids).f_view(shape)?.f_to_device(device)?,
+            attention_mask: Tensor::from_slice(&mask).f_view(shape)?.f_to_device(device)?,
+            response_mask: Tensor::from_slice(&resp).f_view([b as i64, r as i64])?.f_to_device(device)?,
+            prompt_width: p as i64,
+            response_width: r as i64,
+        })
+    }
+
+    /// The rows `rows` of the batch (a micro-batch).
+    pub fn rows(&self, rows: &[usize]) -> Result<RolloutBatch> {
+        let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::from_slice(&idx).f_to_device(self.input_ids.device())?;
+        Ok(RolloutBatch {
+            input_ids: self.input_ids.f_index_select(0, &idx)?,
+            attention_mask: self.attention_mask.f_index_select(0, &idx)?,
+            response_mask: self.response_mask.f_index_select(0, &idx)?,
+            prompt_width: self.prompt_width,
+            response_width: self.response_width,
+        })
+    }
+
+    fn options(&self) -> ForwardOptions<'_> {
+        ForwardOptions { attention_mask: Some(&self.attention_mask), position_ids: None, segment_ids: None }
+    }
+
+    /// Log-probs of the response tokens under `lm` with its logits divided by `temperature`
+    /// (the distribution they were sampled from), `[B, R]` f32, 0 on padding. Only the positions
+    /// that predict response tokens go through the LM head.
+    pub fn response_logprobs(&self, lm: &CausalLm, temperature: f64) -> Result<Tensor> {
+        let (p, r) = (self.prompt_width, self.response_width);
+        let hidden = lm.model.forward(&self.input_ids, &self.options(), None)?;
+        // positions P-1 .. P+R-1 predict the response tokens at P .. P+R
+        let mut logits = lm.lm_logits(&hidden.f_narrow(1, p - 1, r + 1)?)?;
+        if temperature > 0.0 && temperature != 1.0 {
+            logits = logits.f_div_scalar(temperature)?;
+        }
+        let targets = self.input_ids.f_narrow(1, p - 1, r + 1)?;
+        let scored = Tensor::f_cat(
+            &[&Tensor::f_ones([targets.size()[0], 1], (Kind::Bool, targets.device()))?, &self.response_mask.f_gt(0.5)?],
+            1,
+        )?;
+        let labels = targets.f_where_scalarother(&scored, IGNORE_INDEX)?;
+        let (lp, _) = token_logprobs(&logits, &labels)?;
+        Ok(lp)
+    }
+
+    /// The critic's value of the state before each response token, `[B, R]` f32, 0 on padding.
+    pub fn response_values(&self, critic: &ScalarModel) -> Result<Tensor> {
+        let values = critic.forward_all(&self.input_ids, &self.options())?;
+        Ok(values.f_narrow(1, self.prompt_width - 1, self.response_width)?.f_mul(&self.response_mask)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use align_core::checkpoint::load_causal_lm;
+    use std::path::Path;
+
+    fn tiny() -> align_core::LoadedModel {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-qwen2");
+        load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap()
+    }
+
+    fn generation(tokens: &[i64]) -> Generation {
+        Generation { tokens: tokens.to_vec(), stopped_on_eos: false }
+    }
+
+    /// Each row's response log-probs equal those of the unpadded sequence scored alone.
+    #[test]
+    fn batched_response_logprobs_equal_one_sequence_at_a_time() {
+        let m = tiny();
+        let prompts = vec![vec![5i64, 9, 11, 40], vec![7i64, 3]];
+        let gens = vec![generation(&[12, 13]), generation(&[20, 21, 22])];
+        let batch = RolloutBatch::new(&prompts, &gens, 0, Device::Cpu).unwrap();
+        assert_eq!((batch.prompt_width, batch.response_width), (4, 3));
+        let lp = tch::no_grad(|| batch.response_logprobs(&m.lm, 0.7)).unwrap();
+        for (i, (p, g)) in prompts.iter().zip(&gens).enumerate() {
+            let alone = RolloutBatch::new(&[p.clone()], &[g.clone()], 0, Device::Cpu).unwrap();
+            let want = tch::no_grad(|| alone.response_logprobs(&m.lm, 0.7)).unwrap();
+            let got = lp.get(i as i64).narrow(0, 0, g.tokens.len() as i64);
+            let diff = (got - want.get(0)).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "row {i}: {diff}");
+            // direct check of one token: log softmax(logits / T) at the prompt's last position
+            let ids = Tensor::from_slice(p).view([1, -1]);
+            let logits = tch::no_grad(|| m.lm.forward(&ids, &ForwardOptions::default(), None)).unwrap();
+            let last = logits.get(0).get(p.len() as i64 - 1).f_div_scalar(0.7).unwrap();
+            let expect = last.log_softmax(-1, Kind::Float).double_value(&[g.tokens[0]]);
+            assert!((lp.double_value(&[i as i64, 0]) - expect).abs() < 1e-5);
+        }
+        // padding after the shorter response is 0
+        assert_eq!(lp.double_value(&[0, 2]), 0.0);
+        assert_eq!(Vec::<f32>::try_from(batch.response_mask.get(0)).unwrap(), vec![1.0, 1.0, 0.0]);
+    }
+}
