@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job: builds align (setting up .venv with torch when missing) and runs the embedded
 # medical demo on CPU: trains a byte-level BPE tokenizer on the project's sample data, then runs
-# pipelines/medical-demo.toml (random-initialised Llama → pretraining → SFT → evaluation) and
-# prints the status table. Re-running skips what is done and resumes what was interrupted.
+# pipelines/medical-demo.toml (random-initialised Llama → pretraining → SFT → reward model → PPO →
+# evaluation), prints the status table, writes the report and lets the aligned model answer.
+# Re-running skips what is done and resumes what was interrupted. PIPELINE=pipelines/medical-demo-dpo.toml
+# runs the DPO twin in the same run directory (only its "rlhf" stage and the evaluations re-run).
 #   scripts/demo.sh [extra `align run` flags, e.g. --restart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,6 @@ if "$align" report --help >/dev/null 2>&1; then
   "$align" report runs/demo
 fi
 
-step "the SFT model answers (greedy, chat template)"
-"$align" generate --model runs/demo/sft/final --chat --prompt "What should I do if I have a mild fever?" --max-new-tokens 48
+step "the aligned model answers (greedy, chat template)"
+"$align" generate --model runs/demo/rlhf/final --chat --prompt "What should I do if I have a mild fever?" --max-new-tokens 48
 printf '\ndemo finished: runs/demo\n' >&2

@@ -1,4 +1,4 @@
-//! `align train pretrain|sft|reward|dpo --config FILE.toml [--set key=value …] [--restart]`.
+//! `align train pretrain|sft|reward|dpo|ppo --config FILE.toml [--set key=value …] [--restart]`.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -14,6 +14,8 @@ pub enum Stage {
     Reward,
     /// DPO and its variants on preference pairs (`[dpo]`).
     Dpo,
+    /// PPO on prompts with a reward model (`[ppo]`).
+    Ppo,
 }
 
 #[derive(Args)]
@@ -29,7 +31,7 @@ pub struct TrainArgs {
     /// Start over instead of resuming from the newest checkpoint in output_dir.
     #[arg(long)]
     pub restart: bool,
-    /// Stop (as if interrupted) after this many steps; the run resumes from there.
+    /// Stop (as if interrupted) after this many steps (PPO: iterations); the run resumes from there.
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
 }
@@ -52,6 +54,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Stage::Dpo => {
             let cfg = LoadedConfig::load(&args.config, &args.overrides, "dpo")?;
             ("dpo", align_rlhf::run_dpo(&cfg, args.restart, args.stop_after)?)
+        }
+        Stage::Ppo => {
+            let cfg = LoadedConfig::load(&args.config, &args.overrides, "ppo")?;
+            ("ppo", align_rlhf::run_ppo(&cfg, args.restart, args.stop_after)?)
         }
     };
     eprintln!(

@@ -184,6 +184,22 @@ fn validation_errors_name_the_key_path() {
             ),
             "stage[3].data: a dpo stage needs preference data",
         ),
+        (
+            format!(
+                "{text}\n[[stage]]\nname = \"rm\"\nkind = \"reward\"\nfrom = \"sft\"\ndata = [{pairs:?}]\n[[stage]]\nname = \"rl\"\nkind = \"ppo\"\nfrom = \"sft\"\nreward_model = \"rm\"\ndata = [{:?}]\n",
+                repo().join("data/pretrain/medical_notes.jsonl"),
+                pairs = repo().join("data/preference/medical_pairs.jsonl")
+            ),
+            "stage[4].data: a ppo stage needs prompt data",
+        ),
+        (
+            format!(
+                "{text}\n[[stage]]\nname = \"rm\"\nkind = \"reward\"\nfrom = \"sft\"\ndata = [{pairs:?}]\n[[stage]]\nname = \"rl\"\nkind = \"ppo\"\nfrom = \"sft\"\nreward_model = \"rm\"\ndata = [{:?}]\n[stage.ppo]\ncliprange = -1.0\n",
+                repo().join("data/prompts/medical_qa.jsonl"),
+                pairs = repo().join("data/preference/medical_pairs.jsonl")
+            ),
+            "stage[4] (rl): [ppo] cliprange",
+        ),
         (text.replace("kind = \"sft\"", "kind = \"rlhf\""), "stage[1].kind"),
         (text.replace("[defaults]", "[defaults]\ncolor = 1"), "stage[0] (pt)"),
     ];
@@ -268,4 +284,100 @@ data = [{ppl:?}]
     assert_eq!(dpo["config"]["adapter"].as_str().unwrap(), run.join("sft/final").display().to_string());
     assert!(run.join("dpo/final/adapter_config.json").is_file());
     assert_eq!(record(&run, "ppl")["status"], "done");
+}
+
+/// PT-less chain SFT → RM → PPO, then the same file with the "rlhf" stage switched to DPO (kind
+/// and data): SFT and RM are skipped, only "rlhf" re-runs.
+#[test]
+fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("rl");
+    let r = repo();
+    let body = |kind: &str, data: &Path, section: &str| {
+        format!(
+            r#"[pipeline]
+name = "rl"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = 4
+lr = 1e-3
+max_steps = 3
+max_length = 256
+[[stage]]
+name = "sft"
+kind = "sft"
+data = [{sft:?}]
+[[stage]]
+name = "rm"
+kind = "reward"
+from = "sft"
+data = [{pairs:?}]
+[[stage]]
+name = "rlhf"
+kind = "{kind}"
+from = "sft"
+{section}
+data = [{data:?}]
+"#,
+            model = r.join("tests/fixtures/models/tiny-qwen2"),
+            sft = r.join("data/sft/medical_sharegpt.jsonl"),
+            pairs = r.join("data/preference/medical_pairs.jsonl"),
+        )
+    };
+    let ppo = tmp.path().join("ppo.toml");
+    let prompts = r.join("data/prompts/medical_qa.jsonl");
+    std::fs::write(
+        &ppo,
+        body("ppo", &prompts, "reward_model = \"rm\"\n[stage.ppo]\nrollout_batch_size = 4\nmax_new_tokens = 8\nppo_epochs = 1"),
+    )
+    .unwrap();
+    let first = ok(align().args(["run", ppo.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&first), vec!["sft: ran", "rm: ran", "rlhf: ran"]);
+    let rec = record(&run, "rlhf");
+    assert_eq!(rec["kind"], "ppo");
+    assert_eq!(rec["status"], "done");
+    let roles: Vec<&str> = rec["inputs"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, vec!["model", "reward_model"]);
+    assert_eq!(rec["summary"]["steps"], 3);
+    assert!(run.join("rlhf/final/value_model/model.safetensors").is_file());
+    assert_eq!(std::fs::read_to_string(run.join("rlhf/metrics.jsonl")).unwrap().lines().count(), 3);
+
+    let dpo = tmp.path().join("dpo.toml");
+    std::fs::write(&dpo, body("dpo", &r.join("data/preference/medical_pairs.jsonl"), "")).unwrap();
+    let swapped = ok(align().args(["run", dpo.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rm: up to date (skipped)", "rlhf: ran"]);
+    assert_eq!(record(&run, "rlhf")["kind"], "dpo");
+    assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
+}
+
+/// The shipped demo and its DPO twin validate, and differ only in the "rlhf" stage.
+#[test]
+fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = repo();
+    let mut stages = Vec::new();
+    for name in ["medical-demo", "medical-demo-dpo"] {
+        let text = std::fs::read_to_string(r.join(format!("pipelines/{name}.toml"))).unwrap();
+        let text = text
+            .replace("\"runs/demo/tokenizer\"", &format!("{:?}", r.join("tests/fixtures/tokenizer")))
+            .replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
+        let file = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&file, &text).unwrap();
+        let out = align().current_dir(&r).args(["run", file.to_str().unwrap(), "--check"]).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        stages.push(doc["stage"].as_array().unwrap().clone());
+    }
+    let names = |s: &[toml::Value]| s.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(names(&stages[0]), names(&stages[1]));
+    for (a, b) in stages[0].iter().zip(&stages[1]) {
+        if a["name"].as_str() == Some("rlhf") {
+            assert_eq!((a["kind"].as_str(), b["kind"].as_str()), (Some("ppo"), Some("dpo")));
+        } else {
+            assert_eq!(a, b, "stage {} differs between the twins", a["name"]);
+        }
+    }
 }

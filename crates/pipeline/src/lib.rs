@@ -11,14 +11,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use align_core::chat::strftime;
-use align_core::data::{expand_data_paths, read_preference, read_sft, read_text_records, DataOptions};
+use align_core::data::{expand_data_paths, read_preference, read_prompts, read_sft, read_text_records, DataOptions};
 use align_core::train_config::{canonical_json, parse_override, set_path, sha256_file, sha256_hex, LoadedConfig};
 use align_core::trainer::TrainSummary;
 
 /// Stage kinds the runner knows.
 pub const KINDS: &[&str] = &["pretrain", "sft", "reward", "dpo", "ppo", "eval"];
-/// Stage kinds this build can run (the others are validated and then refused clearly).
-pub const RUNNABLE: &[&str] = &["pretrain", "sft", "reward", "dpo", "eval"];
 const STAGE_KEYS: &[&str] =
     &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch", "max_new_tokens"];
 const DEFAULT_ONLY_KEYS: &[&str] = &["init", "tokenizer", "device", "dtype", "seed", "threads"];
@@ -214,8 +212,12 @@ impl Pipeline {
             let from = refer("from")?;
             let reward_model = refer("reward_model")?;
             let reference = refer("reference")?;
-            if kind == "ppo" && reward_model.is_none() {
-                bail!("{sat}.reward_model: a ppo stage needs a reward model (the name of an earlier reward stage)");
+            let external_rm = t.get("ppo").and_then(|p| p.get("reward_model")).is_some();
+            if kind == "ppo" && reward_model.is_none() && !external_rm {
+                bail!("{sat}.reward_model: a ppo stage needs a reward model (the name of an earlier reward stage, or a folder as ppo.reward_model)");
+            }
+            if kind == "ppo" && reward_model.is_some() && external_rm {
+                bail!("{sat}.ppo.reward_model: give the reward model once (stage reward_model = STAGE, or ppo.reward_model = FOLDER)");
             }
             if let Some(rm) = &reward_model {
                 if stages.iter().any(|s| &s.name == rm && s.kind != "reward") {
@@ -252,6 +254,10 @@ impl Pipeline {
                 read_preference(&data, &DataOptions::default())
                     .map_err(|e| anyhow!("{sat}.data: a {kind} stage needs preference data: {e}"))?;
             }
+            if kind == "ppo" {
+                read_prompts(&data, &DataOptions::default())
+                    .map_err(|e| anyhow!("{sat}.data: a ppo stage needs prompt data: {e}"))?;
+            }
             if kind == "eval" && eval.as_deref() == Some("perplexity") {
                 for f in expand_data_paths(&data)? {
                     read_text_records(&f).map_err(|e| anyhow!("{sat}.data: {e}"))?;
@@ -274,10 +280,12 @@ impl Pipeline {
             });
         }
         let p = Pipeline { name, run_dir, file: file.to_path_buf(), init, tokenizer, base_model, stages };
-        // every training stage's config must parse (unknown keys, bad values) before anything runs
+        // every training stage's config and own section must parse (unknown keys, bad values)
+        // before anything runs
         for s in &p.stages {
             if s.kind != "eval" {
-                p.stage_config(s, Path::new("MODEL"), None)
+                let cfg = p.stage_config(s, Path::new("MODEL"), None);
+                cfg.and_then(|c| check_stage_section(&c))
                     .map_err(|e| anyhow!("{at}stage[{}] ({}): {e}", s.index, s.name))?;
             }
         }
@@ -297,6 +305,28 @@ impl Pipeline {
         }
         t.insert("output_dir".into(), toml::Value::String(self.stage_dir(s).display().to_string()));
         LoadedConfig::from_table(t, &self.file, &[], &s.kind)
+    }
+}
+
+/// Deserialises (and where the stage has checks, validates) a stage's own section, so unknown
+/// keys and bad values are reported before anything trains.
+fn check_stage_section(cfg: &LoadedConfig) -> Result<()> {
+    match cfg.stage_name.as_str() {
+        "pretrain" => cfg.stage_section::<align_pretrain::PretrainSection>().map(|_| ()),
+        "sft" => cfg.stage_section::<align_sft::SftSection>().map(|_| ()),
+        "reward" => cfg.stage_section::<align_reward::RewardSection>().map(|_| ()),
+        "dpo" => {
+            let d: align_rlhf::DpoSection = cfg.stage_section()?;
+            d.params().validate().map_err(|e| anyhow!("[dpo] {e}"))
+        }
+        "ppo" => {
+            // the reward model is filled in at run time from the stage it names
+            let mut c = cfg.clone();
+            c.stage.entry("reward_model").or_insert(toml::Value::String("REWARD_MODEL".into()));
+            let section: align_rlhf::PpoSection = c.stage_section()?;
+            section.validate().map_err(|e| anyhow!("[ppo] {e}"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -428,9 +458,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             outcomes.push((s.name.clone(), StageOutcome::NotSelected));
             continue;
         }
-        if !RUNNABLE.contains(&s.kind.as_str()) {
-            bail!("stage[{}] ({}): kind '{}' is not available in this build yet", s.index, s.name, s.kind);
-        }
         let tok_hash = tokenizer_hash(&input.model)?;
         if tok_hash != pipeline_tokenizer && !s.allow_tokenizer_mismatch {
             bail!(
@@ -450,13 +477,31 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             (None, "dpo") if input.adapter.is_some() => Some(input.clone()),
             _ => None,
         };
+        let mut spec_reference_input = None;
         if let Some(reference) = reference {
             let reference = if reference.adapter.is_some() { merged(&reference)? } else { reference };
+            spec_reference_input = Some(reference.clone());
             set_path(
                 &mut spec.table,
                 &[s.kind.clone(), "reference".to_string()],
                 toml::Value::String(reference.model.display().to_string()),
             )?;
+        }
+        let mut extra_inputs = Vec::new();
+        if let Some(r) = &spec_reference_input {
+            extra_inputs.push(json!({"role": "reference", "path": r.model.display().to_string(), "hash": r.hash}));
+        }
+        if let Some(rm_stage) = &s.reward_model {
+            let rm = produced.get(rm_stage).cloned().ok_or_else(|| {
+                anyhow!("stage '{}' needs '{rm_stage}' as its reward model, which has not produced a model", s.name)
+            })?;
+            let rm = if rm.adapter.is_some() { merged(&rm)? } else { rm };
+            set_path(
+                &mut spec.table,
+                &[s.kind.clone(), "reward_model".to_string()],
+                toml::Value::String(rm.model.display().to_string()),
+            )?;
+            extra_inputs.push(json!({"role": "reward_model", "path": rm.model.display().to_string(), "hash": rm.hash}));
         }
         let cfg = if s.kind == "eval" {
             None
@@ -479,9 +524,10 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         for f in expand_data_paths(&data_files)? {
             data.push(json!({"path": f.display().to_string(), "hash": content_hash(&f)?}));
         }
-        let inputs = vec![
+        let mut inputs = vec![
             json!({"role": "model", "path": input.model.display().to_string(), "adapter": input.adapter.as_ref().map(|a| a.display().to_string()), "hash": input.hash}),
         ];
+        inputs.extend(extra_inputs);
         let input_hash = sha256_hex(canonical_json(&json!({"config": config_hash, "inputs": inputs, "data": data, "tokenizer": tok_hash, "kind": s.kind, "eval": s.eval})).as_bytes());
 
         let up_to_date =
@@ -597,6 +643,7 @@ fn run_stage(
         ("sft", Some(c)) => Ok((Some(align_sft::run(c, restart, None)?), None)),
         ("reward", Some(c)) => Ok((Some(align_reward::run(c, restart, None)?), None)),
         ("dpo", Some(c)) => Ok((Some(align_rlhf::run_dpo(c, restart, None)?), None)),
+        ("ppo", Some(c)) => Ok((Some(align_rlhf::run_ppo(c, restart, None)?), None)),
         ("eval", _) => Ok((None, Some(run_eval(s, input)?))),
         (kind, _) => bail!("kind '{kind}' is not available in this build yet"),
     }

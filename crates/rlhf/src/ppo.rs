@@ -179,7 +179,7 @@ pub struct PpoSection {
 }
 
 impl PpoSection {
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), String> {
         let positive = [
             ("rollout_batch_size", self.rollout_batch_size as f64),
             ("ppo_epochs", self.ppo_epochs as f64),
