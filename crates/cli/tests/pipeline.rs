@@ -319,8 +319,8 @@ data = [{pairs:?}]
 name = "rlhf"
 kind = "{kind}"
 from = "sft"
-{section}
 data = [{data:?}]
+{section}
 "#,
             model = r.join("tests/fixtures/models/tiny-qwen2"),
             sft = r.join("data/sft/medical_sharegpt.jsonl"),
