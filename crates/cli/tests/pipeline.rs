@@ -331,7 +331,11 @@ data = [{data:?}]
     let prompts = r.join("data/prompts/medical_qa.jsonl");
     std::fs::write(
         &ppo,
-        body("ppo", &prompts, "reward_model = \"rm\"\n[stage.ppo]\nrollout_batch_size = 4\nmax_new_tokens = 8\nppo_epochs = 1"),
+        body(
+            "ppo",
+            &prompts,
+            "reward_model = \"rm\"\n[stage.ppo]\nrollout_batch_size = 4\nmax_new_tokens = 8\nppo_epochs = 1",
+        ),
     )
     .unwrap();
     let first = ok(align().args(["run", ppo.to_str().unwrap()]).output().unwrap());

@@ -138,6 +138,18 @@ impl Default for TrainSection {
     }
 }
 
+impl TrainSection {
+    /// The optimizer settings of `[train]`.
+    pub fn adamw(&self) -> crate::optim::AdamWConfig {
+        crate::optim::AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 /// A training config: the keys shared by every stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

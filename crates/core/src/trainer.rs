@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tch::Tensor;
 
 use crate::checkpoint::{save_tensors, write_folder};
-use crate::optim::{learning_rate, AdamW, AdamWConfig};
+use crate::optim::{learning_rate, AdamW};
 use crate::train_config::TrainSection;
 
 /// Which part of the data a batch comes from.
@@ -123,6 +123,23 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
         order.swap(i, j);
     }
     order
+}
+
+/// Items `start .. start + count` of the endless seeded stream over `0..n` that concatenates
+/// `epoch_order(n, seed, 0)`, `epoch_order(n, seed, 1)`, …: the data cursor of a run is just
+/// `start`, the count of items consumed.
+pub fn stream_indices(n: usize, seed: u64, start: u64, count: usize) -> Vec<usize> {
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    (0..count as u64)
+        .map(|k| {
+            let pos = start + k;
+            let epoch = pos / n as u64;
+            if order.as_ref().map(|o| o.0) != Some(epoch) {
+                order = Some((epoch, epoch_order(n, seed, epoch)));
+            }
+            order.as_ref().map(|o| o.1[(pos % n as u64) as usize]).unwrap_or(0)
+        })
+        .collect()
 }
 
 /// Optimizer steps of a run: `max_steps`, or enough for `epochs` passes over `n` examples.
@@ -292,10 +309,7 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
     }
     let total = total_steps(s, n_train);
     let warmup = (s.warmup_ratio * total as f64).round() as u64;
-    let mut opt = AdamW::new(
-        run.params,
-        AdamWConfig { beta1: s.adam_beta1, beta2: s.adam_beta2, eps: s.adam_epsilon, weight_decay: s.weight_decay },
-    )?;
+    let mut opt = AdamW::new(run.params, s.adamw())?;
     let mut state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..Default::default() };
 
     if let Some((step, dir)) = complete_checkpoints(out).pop() {
@@ -323,7 +337,6 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
     let mut last_loss = None;
     let mut last_eval = None;
     let mut stop_reason = String::from("completed");
-    let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut saved_at = complete_checkpoints(out).last().map(|c| c.0);
     let n_val = objective.len(Split::Validation);
 
@@ -337,15 +350,7 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
         tch::manual_seed((s.seed as i64).wrapping_add(state.step as i64));
         // the examples of this step, continuing the seeded epoch stream
-        let mut examples = Vec::with_capacity(per_step);
-        for k in 0..per_step as u64 {
-            let pos = state.examples_consumed + k;
-            let epoch = pos / n_train as u64;
-            if order_cache.as_ref().map(|c| c.0) != Some(epoch) {
-                order_cache = Some((epoch, epoch_order(n_train, s.seed, epoch)));
-            }
-            examples.push(order_cache.as_ref().map(|c| c.1[(pos % n_train as u64) as usize]).unwrap_or(0));
-        }
+        let examples = stream_indices(n_train, s.seed, state.examples_consumed, per_step);
         let units: f64 = examples.iter().map(|&e| objective.units(Split::Train, e)).sum::<f64>().max(1.0);
         model.set_training(true);
         let mut loss_value = 0f64;
@@ -560,6 +565,23 @@ mod tests {
         assert_eq!(a, epoch_order(50, 7, 0));
         assert_ne!(a, epoch_order(50, 7, 1));
         assert_ne!(a, epoch_order(50, 8, 0));
+    }
+
+    /// Resume state is JSON: every f64 must read back bit-exactly (serde_json's float_roundtrip).
+    #[test]
+    fn state_floats_read_back_exactly() {
+        for x in [0.049985717128823985f64, 0.1 + 0.2, 1e-300, 2.0f64.sqrt(), -7.123456789012345e-5] {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn stream_continues_across_epochs_from_any_cursor() {
+        let all = stream_indices(5, 3, 0, 12);
+        assert_eq!(&all[..5], &epoch_order(5, 3, 0)[..]);
+        assert_eq!(&all[5..10], &epoch_order(5, 3, 1)[..]);
+        assert_eq!(stream_indices(5, 3, 7, 5), all[7..12].to_vec());
     }
 
     #[test]

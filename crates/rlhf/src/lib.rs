@@ -4,10 +4,12 @@
 pub mod dpo;
 pub mod dpo_loss;
 pub mod ppo;
+pub mod ppo_config;
 pub mod ppo_loss;
 pub mod reference;
 pub mod rollout;
 
 pub use dpo::{run as run_dpo, DpoObjective, DpoSection};
 pub use dpo_loss::{dpo_loss, DpoLossOutput, DpoLossParams, DpoLossType, PairLogps};
-pub use ppo::{run as run_ppo, PpoSection};
+pub use ppo::run as run_ppo;
+pub use ppo_config::PpoSection;

@@ -17,221 +17,25 @@ use align_core::checkpoint::{resolve_model_dir, write_folder};
 use align_core::config::ModelConfig;
 use align_core::data::read_prompts;
 use align_core::generate::{generate_with_stats, Generation, SamplingConfig};
-use align_core::optim::{learning_rate, AdamW, AdamWConfig};
+use align_core::optim::{learning_rate, AdamW};
 use align_core::scalar_model::{load_reward_model, LoadedScalarModel, ScoreInit};
 use align_core::train_config::{LoadedConfig, TrainSection};
 use align_core::train_setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::trainer::{
     complete_checkpoints, epoch_order, last_logged, prepare_output_dir, progress_bar, read_optimizer_state, read_state,
-    test_step_delay, truncate_metrics, write_checkpoint, write_train_state, MetricsLog, ModelState, TrainSummary,
-    METRICS, SAMPLES, SUMMARY,
+    stream_indices, test_step_delay, truncate_metrics, write_checkpoint, write_train_state, MetricsLog, ModelState,
+    TrainSummary, METRICS, SAMPLES, SUMMARY,
 };
 use align_core::winrate::score_answers;
 use align_core::ModelTokenizer;
 
+use crate::ppo_config::{check_guardrails, GuardInputs, Guards, PpoSection};
 use crate::ppo_loss::{
     clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, token_rewards, AdaptiveKl,
-    KlEstimator, RunningMoments,
+    RunningMoments,
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rollout::RolloutBatch;
-
-fn d_rollout() -> usize {
-    16
-}
-fn d_epochs() -> usize {
-    4
-}
-fn d_new_tokens() -> usize {
-    128
-}
-fn d_temperature() -> f64 {
-    0.7
-}
-fn d_one() -> f64 {
-    1.0
-}
-fn d_kl_coef() -> f64 {
-    0.05
-}
-fn d_horizon() -> f64 {
-    10000.0
-}
-fn d_lam() -> f64 {
-    0.95
-}
-fn d_clip() -> f64 {
-    0.2
-}
-fn d_vf_coef() -> f64 {
-    0.1
-}
-fn d_sample_every() -> u64 {
-    10
-}
-fn d_samples() -> usize {
-    4
-}
-fn d_max_kl() -> f64 {
-    10.0
-}
-fn d_min_len() -> f64 {
-    2.0
-}
-fn d_patience() -> u64 {
-    3
-}
-
-/// `[ppo]`. Defaults follow TRL's PPOConfig where it has the same knob.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PpoSection {
-    /// Reward model folder (a *ForSequenceClassification model, e.g. the reward stage's output).
-    pub reward_model: String,
-    /// Critic: "reward_model" (its trunk and head, the default), "policy" (the policy's trunk
-    /// with a fresh head), or a model folder.
-    #[serde(default)]
-    pub value_model: Option<String>,
-    /// Reference policy folder (default: the initial policy).
-    #[serde(default)]
-    pub reference: Option<String>,
-    /// Prompts sampled per iteration.
-    #[serde(default = "d_rollout")]
-    pub rollout_batch_size: usize,
-    /// Rows generated together (default: the whole rollout batch).
-    #[serde(default)]
-    pub generation_batch_size: Option<usize>,
-    /// Rollouts per optimizer step (default: the whole rollout batch); `train.batch_size` rows
-    /// go through each forward pass.
-    #[serde(default)]
-    pub mini_batch_size: Option<usize>,
-    /// Passes over the rollouts per iteration.
-    #[serde(default = "d_epochs")]
-    pub ppo_epochs: usize,
-    #[serde(default = "d_new_tokens")]
-    pub max_new_tokens: usize,
-    /// Prompts longer than this (tokens, chat template applied) are dropped and counted
-    /// (default: `train.max_length − max_new_tokens`).
-    #[serde(default)]
-    pub max_prompt_length: Option<usize>,
-    /// Sampling temperature (> 0); log-probs are taken at the same temperature.
-    #[serde(default = "d_temperature")]
-    pub temperature: f64,
-    #[serde(default = "d_one")]
-    pub top_p: f64,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    /// KL penalty coefficient (the starting value when `target_kl` is set).
-    #[serde(default = "d_kl_coef")]
-    pub kl_coef: f64,
-    /// k1 (log-ratio) or k3.
-    #[serde(default)]
-    pub kl_estimator: KlEstimator,
-    /// Adaptive KL control: steer the per-sequence KL towards this target (None = fixed kl_coef).
-    #[serde(default)]
-    pub target_kl: Option<f64>,
-    /// Horizon of the adaptive controller (rollouts).
-    #[serde(default = "d_horizon")]
-    pub kl_horizon: f64,
-    #[serde(default = "d_one")]
-    pub gamma: f64,
-    #[serde(default = "d_lam")]
-    pub lam: f64,
-    #[serde(default = "d_clip")]
-    pub cliprange: f64,
-    #[serde(default = "d_clip")]
-    pub cliprange_value: f64,
-    /// Weight of the value loss.
-    #[serde(default = "d_vf_coef")]
-    pub vf_coef: f64,
-    /// Critic learning rate (default: `train.lr`; follows the same schedule).
-    #[serde(default)]
-    pub value_lr: Option<f64>,
-    /// Subtracted from the score of a response that did not end with eos.
-    #[serde(default)]
-    pub missing_eos_penalty: Option<f64>,
-    /// Scale the per-token rewards to unit variance before GAE.
-    #[serde(default)]
-    pub whiten_rewards: bool,
-    /// Normalise scores with running mean and standard deviation over all iterations.
-    #[serde(default)]
-    pub normalize_reward: bool,
-    /// Clip (normalised) scores to ±this.
-    #[serde(default)]
-    pub reward_clip: Option<f64>,
-    /// Write prompt/response/score samples to samples.jsonl every N iterations (0 = never).
-    #[serde(default = "d_sample_every")]
-    pub sample_every: u64,
-    #[serde(default = "d_samples")]
-    pub num_samples: usize,
-    /// Guardrail: per-sequence KL (objective/kl) above this (0 = off).
-    #[serde(default = "d_max_kl")]
-    pub max_kl: f64,
-    /// Guardrail: mean response length below this (tokens; 0 = off).
-    #[serde(default = "d_min_len")]
-    pub min_response_length: f64,
-    /// Iterations in a row a guardrail must trip before it acts.
-    #[serde(default = "d_patience")]
-    pub guardrail_patience: u64,
-    /// Stop the run when a guardrail acts (default: warn only).
-    #[serde(default)]
-    pub stop_on_guardrail: bool,
-}
-
-impl PpoSection {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
-            ("rollout_batch_size", self.rollout_batch_size as f64),
-            ("ppo_epochs", self.ppo_epochs as f64),
-            ("max_new_tokens", self.max_new_tokens as f64),
-            ("temperature", self.temperature),
-            ("cliprange", self.cliprange),
-            ("cliprange_value", self.cliprange_value),
-            ("kl_horizon", self.kl_horizon),
-        ];
-        for (key, v) in positive {
-            if !(v > 0.0) {
-                return Err(format!("{key}: must be > 0, got {v}"));
-            }
-        }
-        if self.rollout_batch_size < 2 {
-            return Err("rollout_batch_size: must be at least 2 (advantages are whitened over the batch)".into());
-        }
-        for (key, v) in
-            [("mini_batch_size", self.mini_batch_size), ("generation_batch_size", self.generation_batch_size)]
-        {
-            if v == Some(0) {
-                return Err(format!("{key}: must be > 0"));
-            }
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p: must be in (0, 1], got {}", self.top_p));
-        }
-        for (key, v) in [("gamma", self.gamma), ("lam", self.lam)] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{key}: must be in [0, 1], got {v}"));
-            }
-        }
-        if self.kl_coef < 0.0 || self.vf_coef < 0.0 {
-            return Err("kl_coef and vf_coef must be ≥ 0".into());
-        }
-        if let Some(t) = self.target_kl.filter(|t| !(*t > 0.0)) {
-            return Err(format!("target_kl: must be > 0, got {t}"));
-        }
-        if let Some(c) = self.reward_clip.filter(|c| !(*c > 0.0)) {
-            return Err(format!("reward_clip: must be > 0, got {c}"));
-        }
-        Ok(())
-    }
-}
-
-/// Guardrail counters: iterations in a row each condition has held.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-struct Guards {
-    kl_over: u64,
-    too_short: u64,
-    at_max: u64,
-}
 
 /// Saved with every checkpoint: everything the loop needs to continue exactly.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -315,9 +119,7 @@ fn load_value_model(
 /// What one iteration measured, for metrics.jsonl.
 struct IterationReport {
     line: Value,
-    kl: f64,
-    mean_length: f64,
-    all_at_max: bool,
+    guard: GuardInputs,
     any_skipped: bool,
     new_tokens: usize,
 }
@@ -350,22 +152,6 @@ impl Ppo<'_> {
             top_p: Some(self.section.top_p),
             repetition_penalty: None,
         }
-    }
-
-    /// The prompts of the iteration: the next `rollout_batch_size` of the seeded epoch stream.
-    fn next_prompts(&self, consumed: u64) -> Vec<usize> {
-        let n = self.prompts.len() as u64;
-        let mut cache: Option<(u64, Vec<usize>)> = None;
-        (0..self.section.rollout_batch_size as u64)
-            .map(|k| {
-                let pos = consumed + k;
-                let epoch = pos / n;
-                if cache.as_ref().map(|c| c.0) != Some(epoch) {
-                    cache = Some((epoch, epoch_order(n as usize, self.train.seed, epoch)));
-                }
-                cache.as_ref().map(|c| c.1[(pos % n) as usize]).unwrap_or(0)
-            })
-            .collect()
     }
 
     /// Runs forward passes over the rollout in micro-batches of `train.batch_size` rows and
@@ -417,7 +203,7 @@ impl Ppo<'_> {
         let device = lm.device();
         let started = Instant::now();
         tch::manual_seed((self.train.seed as i64).wrapping_add(state.iteration as i64));
-        let picked = self.next_prompts(state.prompts_consumed);
+        let picked = stream_indices(self.prompts.len(), self.train.seed, state.prompts_consumed, s.rollout_batch_size);
         let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
 
         // 1. rollouts (dropout off, adapters on)
@@ -533,9 +319,7 @@ impl Ppo<'_> {
         state.prompts_consumed += n as u64;
         Ok(IterationReport {
             line,
-            kl: kl_mean,
-            mean_length,
-            all_at_max,
+            guard: GuardInputs { kl: kl_mean, mean_length, all_at_max },
             any_skipped: opt_stats.skipped > 0 || !raw.iter().all(|x| x.is_finite()),
             new_tokens,
         })
@@ -664,13 +448,6 @@ const POLICY_OPT: &str = "policy_optimizer";
 const VALUE_OPT: &str = "value_optimizer";
 const VALUE_DIR: &str = "value_model";
 
-fn adamw(params: Vec<(String, Tensor)>, t: &TrainSection) -> Result<AdamW> {
-    AdamW::new(
-        params,
-        AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
-    )
-}
-
 /// Writes the policy (HF folder, or PEFT adapter under LoRA) with the critic in `value_model/`.
 fn save_models(dir: &Path, policy: &TrainingModel, value: &TrainingScalarModel) -> Result<()> {
     policy.save(dir)?;
@@ -728,8 +505,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         ((t.epochs * prompts.len() as f64) / section.rollout_batch_size as f64).ceil().max(1.0) as u64
     };
     let warmup = (t.warmup_ratio * total as f64).round() as u64;
-    let mut policy_opt = adamw(policy.trainable_params(), t)?;
-    let mut value_opt = adamw(value.trainable_params(), t)?;
+    let mut policy_opt = AdamW::new(policy.trainable_params(), t.adamw())?;
+    let mut value_opt = AdamW::new(value.trainable_params(), t.adamw())?;
     let mut state = PpoState {
         total_iterations: total,
         kl_coef: section.kl_coef,
@@ -811,7 +588,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             state.nonfinite_in_row = 0;
         }
         if let Some(ctl) = controller.as_mut() {
-            ctl.update(report.kl, section.rollout_batch_size);
+            ctl.update(report.guard.kl, section.rollout_batch_size);
             state.kl_coef = ctl.coef;
         }
         metrics.write(&report.line)?;
@@ -820,8 +597,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         let message = format!(
             "score {:.3} kl {:.3} len {:.1} eos {:.2}",
             get("objective/scores"),
-            report.kl,
-            report.mean_length,
+            report.guard.kl,
+            report.guard.mean_length,
             get("eos_rate")
         );
         if let Some(b) = &bar {
@@ -844,7 +621,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                 state.nonfinite_in_row
             );
         }
-        if let Some(g) = check_guardrails(&section, &mut state.guards, &report) {
+        if let Some(g) = check_guardrails(&section, &mut state.guards, &report.guard) {
             if section.stop_on_guardrail {
                 guard_stop = Some(g);
                 break;
@@ -911,33 +688,4 @@ fn save(
         save_models(tmp, policy, value)?;
         write_train_state(tmp, &[(POLICY_OPT, policy_opt), (VALUE_OPT, value_opt)], state)
     })
-}
-
-/// Updates the guardrail counters; returns a message when one has held for `guardrail_patience`
-/// iterations in a row.
-fn check_guardrails(s: &PpoSection, g: &mut Guards, r: &IterationReport) -> Option<String> {
-    let bump = |c: &mut u64, on: bool| *c = if on { *c + 1 } else { 0 };
-    bump(&mut g.kl_over, s.max_kl > 0.0 && !(r.kl <= s.max_kl));
-    bump(&mut g.too_short, s.min_response_length > 0.0 && r.mean_length < s.min_response_length);
-    bump(&mut g.at_max, r.all_at_max);
-    let k = s.guardrail_patience.max(1);
-    if g.kl_over >= k {
-        return Some(format!(
-            "KL to the reference is {:.3} (> max_kl {}) for {} iterations in a row; raise kl_coef or lower train.lr",
-            r.kl, s.max_kl, g.kl_over
-        ));
-    }
-    if g.too_short >= k {
-        return Some(format!(
-            "mean response length collapsed to {:.2} tokens (< min_response_length {}) for {} iterations in a row",
-            r.mean_length, s.min_response_length, g.too_short
-        ));
-    }
-    if g.at_max >= k {
-        return Some(format!(
-            "every response ran to max_new_tokens ({}) without eos for {} iterations in a row; set missing_eos_penalty?",
-            s.max_new_tokens, g.at_max
-        ));
-    }
-    None
 }
