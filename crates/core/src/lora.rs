@@ -1,11 +1,14 @@
-//! Parameter-efficient fine-tuning: LoRA adapters on the decoder's projections (attach, disable,
-//! merge, save and load in PEFT's format) and freezing all but selected parameters.
+//! Parameter-efficient fine-tuning: LoRA adapters on the projections of a decoder trunk (attach,
+//! disable, merge, save and load in PEFT's format) and freezing all but selected parameters. One
+//! implementation serves every model built on the trunk ([`LoraModel`]): the causal LM, and the
+//! scalar (reward) model, whose `score` head trains in full beside the adapters and is saved with
+//! them, as PEFT's `task_type = "SEQ_CLS"` with `modules_to_save = ["score"]` does.
 //!
 //! An adapted projection computes `x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ` with `A: [r, in]`
 //! (PEFT's kaiming-uniform init), `B: [out, r]` (zeros) and `scaling = alpha / r` (rsLoRA:
 //! `alpha / √r`). The adapter variables live in the model's `VarStore` under
 //! `<module>.lora_A.weight` / `<module>.lora_B.weight`; on disk (PEFT) the same names carry the
-//! `base_model.model.` prefix.
+//! `base_model.model.` prefix, as do the weights of the modules saved in full (`score.weight`).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,14 +18,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::checkpoint::{copy_companions, for_each_tensor, save_tensors, write_folder, SINGLE_FILE};
-use crate::model::{CausalLm, RunMode};
+use crate::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE};
+use crate::model::{RunMode, Trunk};
 
 /// `targets` value selecting every projection of the decoder layers (not the LM head).
 pub const ALL_LINEAR: &str = "all-linear";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// PEFT's prefix of every saved key of a causal-LM adapter.
+/// PEFT's prefix of every saved key of an adapter file (the adapter and the modules saved in full).
 const PEFT_PREFIX: &str = "base_model.model.";
 
 /// LoRA options (the `[lora]` table of a stage config).
@@ -129,6 +132,27 @@ fn adapter_kind(base: Kind) -> Kind {
     }
 }
 
+/// A model whose decoder trunk takes LoRA adapters, and what PEFT records for it: its
+/// `task_type`, and the modules trained in full beside the adapters and saved with them
+/// (`modules_to_save`; a reward model's `score` head). Every function of this module works on
+/// any such model.
+pub trait LoraModel {
+    /// PEFT's `task_type` of an adapter made for this model (`CAUSAL_LM`, `SEQ_CLS`).
+    const PEFT_TASK_TYPE: &'static str;
+    /// PEFT's `modules_to_save`: module names whose variables train in full under LoRA and are
+    /// stored in the adapter file as `base_model.model.<name>.weight`.
+    const MODULES_TO_SAVE: &'static [&'static str];
+    /// The decoder trunk whose projections take adapters.
+    fn trunk(&self) -> &Trunk;
+    fn trunk_mut(&mut self) -> &mut Trunk;
+    /// The variables of `MODULES_TO_SAVE` by HF name (`score.weight`), sorted.
+    fn modules_to_save(&self) -> Vec<(String, Tensor)>;
+}
+
+/// Module names PEFT adds to `modules_to_save` of every `SEQ_CLS` adapter (it keeps those the
+/// model has): a model holds one of them.
+const PEFT_CLASSIFIER_NAMES: &[&str] = &["classifier", "score"];
+
 /// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`).
 pub fn is_adapter_variable(name: &str) -> bool {
     name.contains(".lora_A.") || name.contains(".lora_B.")
@@ -139,10 +163,10 @@ fn module_matches(path: &str, target: &str) -> bool {
         || (path.len() > target.len() && path.ends_with(target) && path[..path.len() - target.len()].ends_with('.'))
 }
 
-/// The module paths of `lm` selected by `targets` (PEFT's rule: a module is selected when its
+/// The module paths of `trunk` selected by `targets` (PEFT's rule: a module is selected when its
 /// path equals a target or ends with `.target`). Every target must select something.
-fn resolve_targets(lm: &CausalLm, targets: &[String]) -> Result<Vec<String>> {
-    let names: Vec<String> = lm.linears().into_iter().map(|(n, _)| n).collect();
+fn resolve_targets(trunk: &Trunk, targets: &[String]) -> Result<Vec<String>> {
+    let names: Vec<String> = trunk.linears().into_iter().map(|(n, _)| n).collect();
     if targets.len() == 1 && targets[0] == ALL_LINEAR {
         return Ok(names);
     }
@@ -150,7 +174,7 @@ fn resolve_targets(lm: &CausalLm, targets: &[String]) -> Result<Vec<String>> {
         if !names.iter().any(|n| module_matches(n, t)) {
             bail!(
                 "target '{t}' matches no projection of this model (each decoder layer has q_proj, k_proj, v_proj, \
-                 o_proj, gate_proj, up_proj and down_proj; embeddings and the LM head cannot be adapted)"
+                 o_proj, gate_proj, up_proj and down_proj; embeddings and heads such as lm_head or score cannot be adapted)"
             );
         }
     }
@@ -159,27 +183,34 @@ fn resolve_targets(lm: &CausalLm, targets: &[String]) -> Result<Vec<String>> {
 
 /// Attaches fresh adapters (A kaiming-uniform from libtorch's global generator, B zeros) to the
 /// projections `config.targets` selects, registers them in `vs` and freezes every other
-/// variable (`requires_grad = false`). Attach after loading the base weights. Returns the
-/// adapted module paths.
-pub fn attach_lora(vs: &VarStore, lm: &mut CausalLm, config: &LoraConfig) -> Result<Vec<String>> {
-    attach(vs, lm, config, true)
+/// variable (`requires_grad = false`) except those of the model's `modules_to_save` (a reward
+/// model's head), which keep training in full. Attach after loading the base weights. Returns
+/// the adapted module paths.
+pub fn attach_lora<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig) -> Result<Vec<String>> {
+    attach(vs, model, config, true)
 }
 
-fn attach(vs: &VarStore, lm: &mut CausalLm, config: &LoraConfig, random_a: bool) -> Result<Vec<String>> {
+fn attach<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig, random_a: bool) -> Result<Vec<String>> {
     config.validate()?;
-    ensure!(lm.lora_config().is_none(), "LoRA adapters are already attached to this model");
-    let modules = resolve_targets(lm, &config.targets).context("lora.targets")?;
+    let trunk = model.trunk();
+    ensure!(trunk.lora_config().is_none(), "LoRA adapters are already attached to this model");
+    let modules = resolve_targets(trunk, &config.targets).context("lora.targets")?;
     let wanted: HashSet<&str> = modules.iter().map(String::as_str).collect();
     let vars = vs.variables();
     for name in vars.keys() {
         ensure!(!is_adapter_variable(name), "the model already holds LoRA variable '{name}'");
     }
-    let (kind, device, mode, r) = (adapter_kind(lm.kind()), lm.device(), lm.run_mode(), config.r);
+    let kind = adapter_kind(trunk.embed_tokens.kind());
+    let (device, mode, r) = (trunk.embed_tokens.device(), trunk.run_mode(), config.r);
+    let full: Vec<Tensor> = model.modules_to_save().into_iter().map(|(_, t)| t).collect();
     tch::no_grad(|| -> Result<()> {
         for v in vars.values() {
             let _ = v.shallow_clone().f_requires_grad_(false)?;
         }
-        for (path, lin) in lm.linears_mut() {
+        for t in &full {
+            let _ = t.shallow_clone().f_requires_grad_(true)?;
+        }
+        for (path, lin) in model.trunk_mut().linears_mut() {
             if !wanted.contains(path.as_str()) {
                 continue;
             }
@@ -208,17 +239,19 @@ fn attach(vs: &VarStore, lm: &mut CausalLm, config: &LoraConfig, random_a: bool)
         }
         Ok(())
     })?;
-    lm.set_lora_config(Some(config.clone()));
+    model.trunk_mut().set_lora_config(Some(config.clone()));
     Ok(modules)
 }
 
-/// Runs `f` with the adapters disabled (the base model, e.g. the DPO/PPO reference), then
-/// restores the previous state, also when `f` fails.
-pub fn without_adapters<T>(lm: &CausalLm, f: impl FnOnce(&CausalLm) -> Result<T>) -> Result<T> {
-    let was = lm.adapters_enabled();
-    lm.set_adapters_enabled(false);
-    let out = f(lm);
-    lm.set_adapters_enabled(was);
+/// Runs `f` with the trunk's adapters disabled (the base model, e.g. the DPO/PPO reference),
+/// then restores the previous state, also when `f` fails. Modules trained in full (a reward
+/// model's head) keep their current weights: the model keeps only one copy of them.
+pub fn without_adapters<M: LoraModel, T>(model: &M, f: impl FnOnce(&M) -> Result<T>) -> Result<T> {
+    let trunk = model.trunk();
+    let was = trunk.adapters_enabled();
+    trunk.set_adapters_enabled(false);
+    let out = f(model);
+    trunk.set_adapters_enabled(was);
     out
 }
 
@@ -236,20 +269,21 @@ fn remove_variables(vs: &VarStore, names: &[String]) -> Result<()> {
 }
 
 /// Folds every adapter into its base weight (`W += scaling · B A`, in W's dtype), then removes
-/// the adapters from the model and their variables from `vs`. The `requires_grad` flags of the
-/// base weights are left as they are.
-pub fn merge_lora(vs: &VarStore, lm: &mut CausalLm) -> Result<()> {
-    ensure!(lm.lora_config().is_some(), "no LoRA adapters are attached: nothing to merge");
+/// the adapters from the model and their variables from `vs`, leaving a plain model (a reward
+/// model keeps its trained head). The `requires_grad` flags of the base weights are left as they
+/// are.
+pub fn merge_lora<M: LoraModel>(vs: &VarStore, model: &mut M) -> Result<()> {
+    ensure!(model.trunk().lora_config().is_some(), "no LoRA adapters are attached: nothing to merge");
     let mut removed = Vec::new();
     tch::no_grad(|| -> Result<()> {
         let mut deltas = Vec::new();
-        for (path, lin) in lm.linears() {
+        for (path, lin) in model.trunk().linears() {
             if let Some(lora) = &lin.lora {
                 deltas.push((path, lora.delta_weight()?.f_to_kind(lin.weight.kind())?));
             }
         }
         let mut deltas: HashMap<String, Tensor> = deltas.into_iter().collect();
-        for (path, lin) in lm.linears_mut() {
+        for (path, lin) in model.trunk_mut().linears_mut() {
             if let Some(delta) = deltas.remove(&path) {
                 let _ = lin.weight.f_add_(&delta)?;
                 lin.lora = None;
@@ -260,20 +294,25 @@ pub fn merge_lora(vs: &VarStore, lm: &mut CausalLm) -> Result<()> {
         Ok(())
     })?;
     remove_variables(vs, &removed)?;
-    lm.set_lora_config(None);
-    lm.set_adapters_enabled(true);
+    let trunk = model.trunk_mut();
+    trunk.set_lora_config(None);
+    trunk.set_adapters_enabled(true);
     Ok(())
 }
 
-/// The adapter weights under PEFT's saved names
-/// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
-pub fn adapter_tensors(lm: &CausalLm) -> BTreeMap<String, Tensor> {
+/// What an adapter file holds, under PEFT's saved names: the adapter weights
+/// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) and the weights of the
+/// modules trained in full (`base_model.model.score.weight`).
+pub fn adapter_tensors<M: LoraModel>(model: &M) -> BTreeMap<String, Tensor> {
     let mut out = BTreeMap::new();
-    for (path, lin) in lm.linears() {
+    for (path, lin) in model.trunk().linears() {
         if let Some(lora) = &lin.lora {
             out.insert(format!("{PEFT_PREFIX}{path}.lora_A.weight"), lora.lora_a.shallow_clone());
             out.insert(format!("{PEFT_PREFIX}{path}.lora_B.weight"), lora.lora_b.shallow_clone());
         }
+    }
+    for (name, t) in model.modules_to_save() {
+        out.insert(format!("{PEFT_PREFIX}{name}"), t);
     }
     out
 }
@@ -287,10 +326,11 @@ pub struct AdapterSaveOptions<'a> {
     pub companions_from: Option<&'a Path>,
 }
 
-/// `adapter_config.json` as PEFT 0.21 writes it for a plain LoRA adapter.
-fn peft_config_json(lm: &CausalLm, config: &LoraConfig, base: Option<&str>) -> Value {
+/// `adapter_config.json` as PEFT 0.21 writes it for a plain LoRA adapter on `model`.
+fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&str>) -> Value {
     let targets: Vec<String> = if config.targets.len() == 1 && config.targets[0] == ALL_LINEAR {
-        let short: BTreeSet<String> = lm
+        let short: BTreeSet<String> = model
+            .trunk()
             .linears()
             .into_iter()
             .filter(|(_, l)| l.lora.is_some())
@@ -305,6 +345,7 @@ fn peft_config_json(lm: &CausalLm, config: &LoraConfig, base: Option<&str>) -> V
     } else {
         json!(config.alpha)
     };
+    let modules_to_save = if M::MODULES_TO_SAVE.is_empty() { Value::Null } else { json!(M::MODULES_TO_SAVE) };
     json!({
         "alpha_pattern": {},
         "auto_mapping": null,
@@ -320,14 +361,14 @@ fn peft_config_json(lm: &CausalLm, config: &LoraConfig, base: Option<&str>) -> V
         "lora_alpha": alpha,
         "lora_bias": false,
         "lora_dropout": config.dropout,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "peft_type": "LORA",
         "r": config.r,
         "rank_pattern": {},
         "revision": null,
         "target_modules": targets,
         "target_parameters": null,
-        "task_type": "CAUSAL_LM",
+        "task_type": M::PEFT_TASK_TYPE,
         "use_dora": false,
         "use_rslora": config.use_rslora,
     })
@@ -335,9 +376,10 @@ fn peft_config_json(lm: &CausalLm, config: &LoraConfig, base: Option<&str>) -> V
 
 /// Writes `adapter_model.safetensors`, `adapter_config.json` and the companion files into the
 /// existing folder `dir` (no temporary folder: see `save_adapter`).
-pub fn write_adapter(lm: &CausalLm, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
-    let config = lm.lora_config().ok_or_else(|| anyhow!("no LoRA adapters are attached: nothing to save"))?;
-    let tensors = adapter_tensors(lm);
+pub fn write_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
+    let config =
+        model.trunk().lora_config().ok_or_else(|| anyhow!("no LoRA adapters are attached: nothing to save"))?;
+    let tensors = adapter_tensors(model);
     // the one safetensors writer (checkpoint::save_tensors) names its file model.safetensors
     let staging = dir.join(".adapter-weights");
     std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
@@ -347,7 +389,7 @@ pub fn write_adapter(lm: &CausalLm, dir: &Path, opts: &AdapterSaveOptions) -> Re
         .with_context(|| format!("{}: cannot move into place", target.display()))?;
     std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
-    let cfg = peft_config_json(lm, config, opts.base_model_name_or_path.as_deref());
+    let cfg = peft_config_json(model, config, opts.base_model_name_or_path.as_deref());
     std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")
         .with_context(|| format!("{}: cannot write", path.display()))?;
     if let Some(from) = opts.companions_from {
@@ -356,10 +398,10 @@ pub fn write_adapter(lm: &CausalLm, dir: &Path, opts: &AdapterSaveOptions) -> Re
     Ok(())
 }
 
-/// Saves the attached adapters as a PEFT adapter folder, written to a temporary sibling folder
-/// and renamed into place when complete.
-pub fn save_adapter(lm: &CausalLm, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
-    write_folder(dir, |tmp| write_adapter(lm, tmp, opts))
+/// Saves the attached adapters (and the modules trained in full) as a PEFT adapter folder,
+/// written to a temporary sibling folder and renamed into place when complete.
+pub fn save_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
+    write_folder(dir, |tmp| write_adapter(model, tmp, opts))
 }
 
 /// A field that is absent or holds nothing (null, false, "", [], {}).
@@ -373,10 +415,48 @@ fn is_unset(v: Option<&Value>) -> bool {
     }
 }
 
+/// `adapter_config.json` of an adapter folder, as far as this implementation reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterFolderConfig {
+    pub lora: LoraConfig,
+    /// `task_type` (`CAUSAL_LM`, `SEQ_CLS`, …), when given.
+    pub task_type: Option<String>,
+    /// `modules_to_save`, without repeats (PEFT writes `["score", "classifier", "score"]` for a
+    /// sequence classifier).
+    pub modules_to_save: Vec<String>,
+    /// `base_model_name_or_path`, when given.
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl AdapterFolderConfig {
+    /// True for an adapter of a reward model (`*ForSequenceClassification`): `task_type` is
+    /// `SEQ_CLS` or the `score` head is among `modules_to_save`.
+    pub fn is_reward_model(&self) -> bool {
+        self.task_type.as_deref() == Some("SEQ_CLS") || self.modules_to_save.iter().any(|m| m == "score")
+    }
+
+    /// The base model folder `base_model_name_or_path` names (a folder, relative to the working
+    /// directory as PEFT reads it, or a hub id in the local HF cache).
+    pub fn base_model_dir(&self, dir: &Path) -> Result<PathBuf> {
+        let at = dir.join(ADAPTER_CONFIG_FILE);
+        let base = self.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| {
+            anyhow!("{}: field 'base_model_name_or_path': missing; name the base model explicitly", at.display())
+        })?;
+        resolve_model_dir(base).with_context(|| format!("{}: field 'base_model_name_or_path'", at.display()))
+    }
+}
+
 /// Reads `adapter_config.json` of an adapter folder (ours or PEFT's) as a `LoraConfig`. Options
-/// this implementation does not have (DoRA, biases, per-layer ranks, modules_to_save, …) are
-/// errors naming the field.
+/// this implementation does not have (DoRA, biases, per-layer ranks, …) are errors naming the
+/// field. See [`read_adapter_folder_config`] for the task type and the modules saved in full.
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    Ok(read_adapter_folder_config(dir)?.lora)
+}
+
+/// Reads `adapter_config.json` of an adapter folder (ours or PEFT's): the LoRA options, the task
+/// type, `modules_to_save` and the base model. Options this implementation does not have are
+/// errors naming the field.
+pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
     if !path.is_file() {
         bail!(
@@ -414,21 +494,44 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         Some(Value::Bool(b)) => *b,
         Some(v) => bail!("{at}: field 'use_rslora': expected true or false, found {v}"),
     };
+    let strings = |k: &str, items: &[Value]| -> Result<Vec<String>> {
+        items
+            .iter()
+            .map(|t| {
+                t.as_str().map(str::to_string).ok_or_else(|| anyhow!("{at}: field '{k}': expected strings, found {t}"))
+            })
+            .collect()
+    };
     let targets = match field("target_modules") {
         Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
         Some(Value::String(s)) => bail!(
             "{at}: field 'target_modules': a regular expression ({s:?}) is not supported; give a list of module names"
         ),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("{at}: field 'target_modules': expected strings, found {t}"))
-            })
-            .collect::<Result<Vec<_>>>()?,
+        Some(Value::Array(items)) => strings("target_modules", items)?,
         Some(v) => bail!("{at}: field 'target_modules': expected a list of module names, found {v}"),
         None => bail!("{at}: field 'target_modules': missing (expected a list of module names)"),
+    };
+    let mut modules_to_save: Vec<String> = Vec::new();
+    match field("modules_to_save") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for m in strings("modules_to_save", items)? {
+                if !modules_to_save.contains(&m) {
+                    modules_to_save.push(m);
+                }
+            }
+        }
+        Some(v) => bail!("{at}: field 'modules_to_save': expected a list of module names, found {v}"),
+    }
+    let task_type = match field("task_type") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => bail!("{at}: field 'task_type': expected a string, found {v}"),
+    };
+    let base_model_name_or_path = match field("base_model_name_or_path") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => bail!("{at}: field 'base_model_name_or_path': expected a string, found {v}"),
     };
     if let Some(b) = field("bias") {
         ensure!(b == "none", "{at}: field 'bias': only \"none\" is supported, found {b}");
@@ -437,7 +540,6 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         "use_dora",
         "lora_bias",
         "fan_in_fan_out",
-        "modules_to_save",
         "layers_to_transform",
         "rank_pattern",
         "alpha_pattern",
@@ -452,9 +554,37 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
             bail!("{at}: field '{key}': {} is not supported (only plain LoRA on linear layers is)", obj[key]);
         }
     }
-    let config = LoraConfig { r, alpha, dropout, targets, use_rslora };
-    config.validate().with_context(|| format!("{at}"))?;
-    Ok(config)
+    let lora = LoraConfig { r, alpha, dropout, targets, use_rslora };
+    lora.validate().with_context(|| format!("{at}"))?;
+    Ok(AdapterFolderConfig { lora, task_type, modules_to_save, base_model_name_or_path })
+}
+
+/// The modules of `M` whose weights an adapter folder carries (PEFT's `modules_to_save` as PEFT
+/// applies it: listed ones, and for an adapter of `M`'s own task type every module `M` saves in
+/// full). A listed module `M` does not have is an error naming the field, except the classifier
+/// names PEFT adds to every `SEQ_CLS` adapter.
+fn full_modules_of<M: LoraModel>(folder: &AdapterFolderConfig, at: &Path) -> Result<Vec<&'static str>> {
+    let seq_cls = folder.task_type.as_deref() == Some("SEQ_CLS");
+    for m in &folder.modules_to_save {
+        if !M::MODULES_TO_SAVE.contains(&m.as_str()) && !(seq_cls && PEFT_CLASSIFIER_NAMES.contains(&m.as_str())) {
+            let hint = if folder.is_reward_model() {
+                " (a reward-model adapter: load it onto the reward model, e.g. with `align eval reward` or `align export`)"
+            } else {
+                " (modules trained in full are supported only for a reward model's score head)"
+            };
+            bail!(
+                "{}: field 'modules_to_save': module '{m}' is not saved in full by a {} model{hint}",
+                at.display(),
+                M::PEFT_TASK_TYPE
+            );
+        }
+    }
+    let own_task = folder.task_type.as_deref() == Some(M::PEFT_TASK_TYPE);
+    Ok(M::MODULES_TO_SAVE
+        .iter()
+        .copied()
+        .filter(|m| own_task || folder.modules_to_save.iter().any(|l| l == m))
+        .collect())
 }
 
 /// `base_model.model.<module>.lora_A[.<adapter name>].weight` → `<module>.lora_A.weight`.
@@ -467,13 +597,16 @@ fn variable_name_of(key: &str) -> Option<String> {
     (ok && i > 0).then(|| format!("{}.{}.weight", parts[..i].join("."), parts[i]))
 }
 
-/// Loads an adapter folder (written by `save_adapter` or by PEFT's `save_pretrained`) into `lm`.
-/// Without attached adapters, attaches them as the folder's config says; with adapters attached
-/// (resuming a LoRA run), the folder must have the same r, alpha, rsLoRA flag and modules.
-/// Shapes are checked against the base model; errors name the file and the tensor. Returns the
-/// configuration in effect.
-pub fn load_adapter(vs: &VarStore, lm: &mut CausalLm, dir: &Path) -> Result<LoraConfig> {
-    let file_config = read_adapter_config(dir)?;
+/// Loads an adapter folder (written by `save_adapter` or by PEFT's `save_pretrained`) into
+/// `model`. Without attached adapters, attaches them as the folder's config says; with adapters
+/// attached (resuming a LoRA run), the folder must have the same r, alpha, rsLoRA flag and
+/// modules. The weights of modules saved in full (a reward model's `score`) are copied into the
+/// model. A trunk-only adapter loads onto any model on that trunk; one with modules saved in full
+/// only onto a model that has them. Shapes are checked against the base model; errors name the
+/// file and the tensor. Returns the configuration in effect.
+pub fn load_adapter<M: LoraModel>(vs: &VarStore, model: &mut M, dir: &Path) -> Result<LoraConfig> {
+    let folder = read_adapter_folder_config(dir)?;
+    let file_config = &folder.lora;
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let at = config_path.display();
     let weights = dir.join(ADAPTER_WEIGHTS_FILE);
@@ -483,10 +616,12 @@ pub fn load_adapter(vs: &VarStore, lm: &mut CausalLm, dir: &Path) -> Result<Lora
         }
         bail!("{}: missing (the adapter weights)", weights.display());
     }
-    let wanted = resolve_targets(lm, &file_config.targets).with_context(|| format!("{at}: field 'target_modules'"))?;
-    match lm.lora_config() {
+    let full = full_modules_of::<M>(&folder, &config_path)?;
+    let wanted = resolve_targets(model.trunk(), &file_config.targets)
+        .with_context(|| format!("{at}: field 'target_modules'"))?;
+    match model.trunk().lora_config() {
         None => {
-            attach(vs, lm, &file_config, false).with_context(|| format!("{at}"))?;
+            attach(vs, model, file_config, false).with_context(|| format!("{at}"))?;
         }
         Some(have) => {
             ensure!(
@@ -508,7 +643,7 @@ pub fn load_adapter(vs: &VarStore, lm: &mut CausalLm, dir: &Path) -> Result<Lora
                 have.use_rslora
             );
             let attached: Vec<String> =
-                lm.linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
+                model.trunk().linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
             if attached != wanted {
                 let only_file: Vec<&String> = wanted.iter().filter(|w| !attached.contains(w)).collect();
                 let only_model: Vec<&String> = attached.iter().filter(|w| !wanted.contains(w)).collect();
@@ -518,16 +653,23 @@ pub fn load_adapter(vs: &VarStore, lm: &mut CausalLm, dir: &Path) -> Result<Lora
             }
         }
     }
-    copy_adapter_weights(lm, &weights)?;
-    lm.lora_config().cloned().ok_or_else(|| anyhow!("{at}: adapters were not attached"))
+    copy_adapter_weights(model, &full, &weights)?;
+    model.trunk().lora_config().cloned().ok_or_else(|| anyhow!("{at}: adapters were not attached"))
 }
 
-fn copy_adapter_weights(lm: &CausalLm, weights: &Path) -> Result<()> {
+/// Copies the tensors of an adapter file into the attached adapters and into the variables of
+/// the `full` modules; every one of them must be present with its shape.
+fn copy_adapter_weights<M: LoraModel>(model: &M, full: &[&str], weights: &Path) -> Result<()> {
     let mut vars: HashMap<String, Tensor> = HashMap::new();
-    for (path, lin) in lm.linears() {
+    for (path, lin) in model.trunk().linears() {
         if let Some(l) = &lin.lora {
             vars.insert(format!("{path}.lora_A.weight"), l.lora_a.shallow_clone());
             vars.insert(format!("{path}.lora_B.weight"), l.lora_b.shallow_clone());
+        }
+    }
+    for (name, t) in model.modules_to_save() {
+        if full.iter().any(|m| name.strip_prefix(m).is_some_and(|rest| rest.starts_with('.'))) {
+            vars.insert(name, t);
         }
     }
     let mut seen = HashSet::new();
@@ -535,10 +677,22 @@ fn copy_adapter_weights(lm: &CausalLm, weights: &Path) -> Result<()> {
     tch::no_grad(|| {
         for_each_tensor(&files, |file, name, t| {
             let at = file.display();
-            let var_name = variable_name_of(name).ok_or_else(|| {
-                anyhow!("{at}: tensor '{name}': not a LoRA weight (expected {PEFT_PREFIX}<module>.lora_A.weight or .lora_B.weight)")
-            })?;
-            let module = var_name.rsplitn(3, '.').nth(2).unwrap_or(&var_name).to_string();
+            let (var_name, module) = match variable_name_of(name) {
+                Some(v) => {
+                    let module = v.rsplitn(3, '.').nth(2).unwrap_or(&v).to_string();
+                    (v, module)
+                }
+                None => {
+                    let v = name.strip_prefix(PEFT_PREFIX).unwrap_or(name).to_string();
+                    if !vars.contains_key(&v) {
+                        bail!(
+                            "{at}: tensor '{name}': not a LoRA weight (expected {PEFT_PREFIX}<module>.lora_A.weight or .lora_B.weight) nor a weight of a module adapter_config.json's modules_to_save names for this model"
+                        );
+                    }
+                    let module = v.rsplit_once('.').map_or(v.as_str(), |(m, _)| m).to_string();
+                    (v, module)
+                }
+            };
             let var = vars.get(&var_name).ok_or_else(|| {
                 anyhow!("{at}: tensor '{name}': the model has no adapted module '{module}' (adapter_config.json's target_modules do not select it)")
             })?;
@@ -559,13 +713,50 @@ fn copy_adapter_weights(lm: &CausalLm, weights: &Path) -> Result<()> {
         missing.sort();
         let shown: Vec<String> = missing.iter().take(4).map(|m| format!("'{PEFT_PREFIX}{m}'")).collect();
         bail!(
-            "{}: lacks {} tensor(s) for modules its adapter_config.json targets: {}{}",
+            "{}: lacks {} tensor(s) for modules its adapter_config.json targets or saves in full: {}{}",
             weights.display(),
             missing.len(),
             shown.join(", "),
             if missing.len() > shown.len() { " …" } else { "" }
         );
     }
+    Ok(())
+}
+
+/// Copies the tensors of an adapter folder into adapters already attached to the model (resume
+/// from a checkpoint of the same run); needs no mutable model. Every attached adapter tensor and
+/// every other trainable variable (the modules trained in full, such as a reward model's head)
+/// must be present with its shape.
+pub fn restore_adapter_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    let file = dir.join(ADAPTER_WEIGHTS_FILE);
+    let vars = vs.variables();
+    let mut seen = HashSet::new();
+    tch::no_grad(|| {
+        for_each_tensor(std::slice::from_ref(&file), |f, key, t| {
+            let name =
+                variable_name_of(key).unwrap_or_else(|| key.strip_prefix(PEFT_PREFIX).unwrap_or(key).to_string());
+            let var = vars.get(&name).filter(|v| is_adapter_variable(&name) || v.requires_grad()).ok_or_else(|| {
+                anyhow!("{}: '{key}' is neither an attached adapter nor a trained module of the model", f.display())
+            })?;
+            ensure!(
+                var.size() == t.size(),
+                "{}: '{key}' has shape {:?}, the model's variable {:?}",
+                f.display(),
+                t.size(),
+                var.size()
+            );
+            var.shallow_clone().f_copy_(&t)?;
+            seen.insert(name);
+            Ok(())
+        })
+    })?;
+    let mut missing: Vec<&String> = vars
+        .iter()
+        .filter(|(k, v)| (is_adapter_variable(k) || v.requires_grad()) && !seen.contains(*k))
+        .map(|(k, _)| k)
+        .collect();
+    missing.sort();
+    ensure!(missing.is_empty(), "{}: lacks tensors {missing:?}", file.display());
     Ok(())
 }
 
@@ -579,20 +770,22 @@ pub struct FreezeConfig {
     pub modules: Vec<String>,
 }
 
-/// The decoder layer index of a parameter name (`model.layers.<i>.…`).
-fn layer_of(name: &str) -> Option<i64> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+/// The decoder layer index of a parameter name (`<trunk>.layers.<i>.…`).
+fn layer_of(name: &str, trunk_prefix: &str) -> Option<i64> {
+    name.strip_prefix(trunk_prefix)?.strip_prefix(".layers.")?.split('.').next()?.parse().ok()
 }
 
 /// Sets `requires_grad` on every variable of `vs` as `freeze` selects and returns the names of
-/// the trainable ones (sorted). Cannot be combined with LoRA (the adapter checkpoint would not
-/// hold the unfrozen base parameters).
-pub fn apply_freeze(vs: &VarStore, lm: &CausalLm, freeze: &FreezeConfig) -> Result<Vec<String>> {
+/// the trainable ones (sorted). The model's modules saved in full under LoRA (a reward model's
+/// new `score` head) always train. Cannot be combined with LoRA (the adapter checkpoint would
+/// not hold the unfrozen base parameters).
+pub fn apply_freeze<M: LoraModel>(vs: &VarStore, model: &M, freeze: &FreezeConfig) -> Result<Vec<String>> {
+    let trunk = model.trunk();
     ensure!(
-        lm.lora_config().is_none(),
+        trunk.lora_config().is_none(),
         "freeze: cannot be combined with LoRA (LoRA already trains only its adapters; an adapter checkpoint would not hold unfrozen base parameters)"
     );
-    let layers = lm.config.num_hidden_layers;
+    let layers = trunk.layers.len() as i64;
     if let Some(n) = freeze.last_layers {
         ensure!(
             (1..=layers).contains(&n),
@@ -610,11 +803,12 @@ pub fn apply_freeze(vs: &VarStore, lm: &CausalLm, freeze: &FreezeConfig) -> Resu
             bail!("freeze.modules: '{m}' matches no parameter name (names look like model.layers.0.mlp.up_proj.weight, model.embed_tokens.weight, model.norm.weight)");
         }
     }
+    let always: HashSet<String> = model.modules_to_save().into_iter().map(|(n, _)| n).collect();
     let first_trained = freeze.last_layers.map(|n| layers - n);
     let mut trainable = Vec::new();
     for (name, v) in &vars {
-        let in_last = matches!((first_trained, layer_of(name)), (Some(f), Some(i)) if i >= f);
-        let on = in_last || freeze.modules.iter().any(|m| name.contains(m.as_str()));
+        let in_last = matches!((first_trained, layer_of(name, trunk.prefix())), (Some(f), Some(i)) if i >= f);
+        let on = in_last || always.contains(name) || freeze.modules.iter().any(|m| name.contains(m.as_str()));
         let _ = v.shallow_clone().f_requires_grad_(on)?;
         if on {
             trainable.push(name.clone());
@@ -674,34 +868,4 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("lora.targets"));
         assert!(LoraConfig { r: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("lora.r"));
     }
-}
-
-/// Copies the tensors of an adapter folder into adapters already attached to the model (resume
-/// from a checkpoint of the same run); needs no mutable model. Every attached adapter tensor must
-/// be present with its shape.
-pub fn restore_adapter_weights(vs: &VarStore, dir: &Path) -> Result<()> {
-    let file = dir.join(ADAPTER_WEIGHTS_FILE);
-    let vars = vs.variables();
-    let mut seen = std::collections::HashSet::new();
-    tch::no_grad(|| {
-        crate::checkpoint::for_each_tensor(std::slice::from_ref(&file), |f, key, t| {
-            let name = variable_name_of(key).ok_or_else(|| anyhow!("{}: '{key}' is not a LoRA tensor", f.display()))?;
-            let var = vars
-                .get(&name)
-                .ok_or_else(|| anyhow!("{}: '{key}' has no attached adapter in the model", f.display()))?;
-            ensure!(
-                var.size() == t.size(),
-                "{}: '{key}' has shape {:?}, the attached adapter {:?}",
-                f.display(),
-                t.size(),
-                var.size()
-            );
-            var.shallow_clone().f_copy_(&t)?;
-            seen.insert(name);
-            Ok(())
-        })
-    })?;
-    let missing: Vec<&String> = vars.keys().filter(|k| is_adapter_variable(k) && !seen.contains(*k)).collect();
-    ensure!(missing.is_empty(), "{}: lacks adapter tensors {missing:?}", file.display());
-    Ok(())
 }

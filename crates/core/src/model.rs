@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::{ModelConfig, RopeScaling};
-use crate::lora::{LoraAdapter, LoraConfig};
+use crate::lora::{LoraAdapter, LoraConfig, LoraModel};
 
 /// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
 /// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.
@@ -44,7 +44,8 @@ impl Linear {
 }
 
 /// Run-time switches a model shares with its LoRA adapters: training mode (adapter dropout on)
-/// and whether adapters take part in the forward pass. Both can be flipped through `&CausalLm`.
+/// and whether adapters take part in the forward pass. Both can be flipped through a shared
+/// reference to the model (`CausalLm`, `ScalarModel`), whose trunk owns them.
 #[derive(Debug)]
 pub struct RunMode {
     training: AtomicBool,
@@ -280,13 +281,19 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
 }
 
-/// The decoder trunk (`model.*` in HF checkpoints): embeddings, layers, final norm.
+/// The decoder trunk (`model.*` in HF checkpoints): embeddings, layers, final norm. Its
+/// projections are what LoRA adapts, so it also holds the adapters' run-time switches and
+/// configuration, whatever head sits on it.
 #[derive(Debug)]
 pub struct Trunk {
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     inv_freq: Tensor,
+    /// The trunk's path in the `VarStore` (`model`), the prefix of its parameter names.
+    prefix: String,
+    mode: Arc<RunMode>,
+    lora: Option<LoraConfig>,
 }
 
 /// The inputs of one forward pass besides the token ids.
@@ -324,7 +331,85 @@ impl Trunk {
         let freqs: Vec<f32> =
             rope_inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling).into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::from_slice(&freqs).to_device(p.device());
-        Trunk { embed_tokens, layers, norm, inv_freq }
+        let prefix = p.components().collect::<Vec<_>>().join(".");
+        Trunk { embed_tokens, layers, norm, inv_freq, prefix, mode: Arc::new(RunMode::new()), lora: None }
+    }
+
+    /// The trunk's path in the `VarStore` (`model`): its parameter names start with it and a dot.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Training mode turns on LoRA dropout; a new model starts in evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        self.mode.training.store(training, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.mode.training()
+    }
+
+    /// With adapters disabled the forward pass is the base model's. See `lora::without_adapters`.
+    pub fn set_adapters_enabled(&self, enabled: bool) {
+        self.mode.adapters_enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn adapters_enabled(&self) -> bool {
+        self.mode.adapters_enabled()
+    }
+
+    /// The LoRA configuration of the attached adapters, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    pub(crate) fn run_mode(&self) -> Arc<RunMode> {
+        self.mode.clone()
+    }
+
+    pub(crate) fn set_lora_config(&mut self, config: Option<LoraConfig>) {
+        self.lora = config;
+    }
+
+    /// The projections of the decoder layers by HF module path (`model.layers.0.self_attn.q_proj`),
+    /// layer by layer in the order q, k, v, o, gate, up, down. Heads are not among them.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("{}.layers.{i}.{name}", self.prefix), lin));
+            }
+        }
+        out
+    }
+
+    /// `linears`, mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{}.layers.{i}.{name}", self.prefix), lin));
+            }
+        }
+        out
     }
 
     fn rope(&self, position_ids: &Tensor, kind: Kind) -> Result<RopeTables> {
@@ -415,8 +500,6 @@ pub struct CausalLm {
     pub config: ModelConfig,
     pub model: Trunk,
     lm_head: Tensor,
-    mode: Arc<RunMode>,
-    lora: Option<LoraConfig>,
 }
 
 impl CausalLm {
@@ -428,7 +511,7 @@ impl CausalLm {
         } else {
             (root / "lm_head").zeros("weight", &[config.vocab_size, config.hidden_size])
         };
-        CausalLm { config: config.clone(), model, lm_head, mode: Arc::new(RunMode::new()), lora: None }
+        CausalLm { config: config.clone(), model, lm_head }
     }
 
     /// Projects hidden states to vocabulary logits (in the model's dtype).
@@ -452,75 +535,54 @@ impl CausalLm {
 
     /// Training mode turns on LoRA dropout; a new model starts in evaluation mode.
     pub fn set_training(&self, training: bool) {
-        self.mode.training.store(training, Ordering::Relaxed);
+        self.model.set_training(training);
     }
 
     pub fn is_training(&self) -> bool {
-        self.mode.training()
+        self.model.is_training()
     }
 
     /// With adapters disabled the forward pass is the base model's (e.g. the DPO/PPO reference).
     /// See also `lora::without_adapters`.
     pub fn set_adapters_enabled(&self, enabled: bool) {
-        self.mode.adapters_enabled.store(enabled, Ordering::Relaxed);
+        self.model.set_adapters_enabled(enabled);
     }
 
     pub fn adapters_enabled(&self) -> bool {
-        self.mode.adapters_enabled()
+        self.model.adapters_enabled()
     }
 
     /// The LoRA configuration of the attached adapters, if any.
     pub fn lora_config(&self) -> Option<&LoraConfig> {
-        self.lora.as_ref()
-    }
-
-    pub(crate) fn run_mode(&self) -> Arc<RunMode> {
-        self.mode.clone()
-    }
-
-    pub(crate) fn set_lora_config(&mut self, config: Option<LoraConfig>) {
-        self.lora = config;
+        self.model.lora_config()
     }
 
     /// The projections of the decoder layers by HF module path (`model.layers.0.self_attn.q_proj`),
     /// layer by layer in the order q, k, v, o, gate, up, down. The LM head is not among them.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
-        for (i, l) in self.model.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.{name}"), lin));
-            }
-        }
-        out
+        self.model.linears()
     }
 
     /// `linears`, mutably.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
-        for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.{name}"), lin));
-            }
-        }
-        out
+        self.model.linears_mut()
+    }
+}
+
+impl LoraModel for CausalLm {
+    const PEFT_TASK_TYPE: &'static str = "CAUSAL_LM";
+    const MODULES_TO_SAVE: &'static [&'static str] = &[];
+
+    fn trunk(&self) -> &Trunk {
+        &self.model
+    }
+
+    fn trunk_mut(&mut self) -> &mut Trunk {
+        &mut self.model
+    }
+
+    fn modules_to_save(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
     }
 }
 
