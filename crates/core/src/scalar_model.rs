@@ -1,9 +1,10 @@
 //! A scalar head (`score.weight`, `[1, hidden]`, no bias) on the shared decoder trunk: the reward
 //! model (score of the last non-pad token) and, per position, a value model. Saved and loaded as
-//! a transformers `*ForSequenceClassification` folder with `num_labels = 1`.
+//! a transformers `*ForSequenceClassification` folder with `num_labels = 1`, or under LoRA as a
+//! PEFT `SEQ_CLS` adapter folder (trunk adapters + the head, which trains in full).
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
@@ -12,7 +13,9 @@ use crate::checkpoint::{
     DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::config::ModelConfig;
-use crate::model::{ForwardOptions, Trunk};
+use crate::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE};
+use crate::model::{ForwardOptions, Linear, Trunk};
+use crate::tokenizer::ModelTokenizer;
 
 /// HF name of the head's weight.
 pub const SCORE_WEIGHT: &str = "score.weight";
@@ -87,6 +90,39 @@ impl ScalarModel {
 
     pub fn device(&self) -> Device {
         self.model.embed_tokens.device()
+    }
+
+    /// Training mode turns on LoRA dropout; a new model starts in evaluation mode.
+    pub fn set_training(&self, training: bool) {
+        self.model.set_training(training);
+    }
+
+    /// The LoRA configuration of the adapters attached to the trunk, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.model.lora_config()
+    }
+
+    /// The trunk's projections by HF module path (see `Trunk::linears`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        self.model.linears()
+    }
+}
+
+/// LoRA on the trunk; the head is PEFT's `modules_to_save` of a `SEQ_CLS` adapter.
+impl LoraModel for ScalarModel {
+    const PEFT_TASK_TYPE: &'static str = "SEQ_CLS";
+    const MODULES_TO_SAVE: &'static [&'static str] = &["score"];
+
+    fn trunk(&self) -> &Trunk {
+        &self.model
+    }
+
+    fn trunk_mut(&mut self) -> &mut Trunk {
+        &mut self.model
+    }
+
+    fn modules_to_save(&self) -> Vec<(String, Tensor)> {
+        vec![(SCORE_WEIGHT.to_string(), self.score.weight.shallow_clone())]
     }
 }
 
@@ -174,6 +210,93 @@ fn check_reward_config(raw: &Value, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `config.json` names a `*ForSequenceClassification` architecture.
+pub fn is_sequence_classifier(config: &ModelConfig) -> bool {
+    config
+        .raw
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().filter_map(Value::as_str).any(|x| x.ends_with("ForSequenceClassification")))
+}
+
+/// A scalar model from `dir`: a reward-model folder as it is, or a causal LM's trunk with a new
+/// head initialised by `init(hidden_size)` and `pad_token_id` as its padding id.
+pub fn load_scalar_model(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    pad_token_id: i64,
+    init: impl FnOnce(i64) -> ScoreInit,
+) -> Result<LoadedScalarModel> {
+    let config = ModelConfig::from_dir(dir)?;
+    if is_sequence_classifier(&config) {
+        load_reward_model(dir, device, kind)
+    } else {
+        scalar_model_from_causal_lm(dir, device, kind, pad_token_id, init(config.hidden_size))
+    }
+}
+
+/// A reward model ready for scoring, from a reward-model folder or a LoRA reward-model adapter,
+/// with the folder its tokenizer is read from:
+/// * `dir` a `*ForSequenceClassification` folder, no `adapter`: that model;
+/// * `dir` a PEFT adapter folder of a reward model (`adapter_config.json`, `task_type: "SEQ_CLS"`):
+///   the adapter on its `base_model_name_or_path`;
+/// * `adapter` given: that adapter on `dir` (a reward-model folder, or the causal LM whose trunk
+///   the adapter and its `score` head were trained on).
+///
+/// The adapter is merged into the weights; tokenizer files saved with it win over the base's.
+pub fn load_reward_model_or_adapter(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: Device,
+    kind: Kind,
+) -> Result<(LoadedScalarModel, PathBuf)> {
+    let (base, adapter) = match adapter {
+        Some(a) => {
+            ensure!(
+                !dir.join(ADAPTER_CONFIG_FILE).is_file(),
+                "{}: an adapter folder given as the model together with the adapter {}; give the base model and the adapter",
+                dir.display(),
+                a.display()
+            );
+            (dir.to_path_buf(), a.to_path_buf())
+        }
+        None if dir.join(ADAPTER_CONFIG_FILE).is_file() => {
+            let folder = read_adapter_folder_config(dir)?;
+            ensure!(
+                folder.is_reward_model(),
+                "{}: field 'task_type': {:?} is not a reward-model adapter (expected \"SEQ_CLS\")",
+                dir.join(ADAPTER_CONFIG_FILE).display(),
+                folder.task_type
+            );
+            (folder.base_model_dir(dir)?, dir.to_path_buf())
+        }
+        None => return Ok((load_reward_model(dir, device, kind)?, dir.to_path_buf())),
+    };
+    if !adapter.is_dir() {
+        bail!("{}: no such adapter folder", adapter.display());
+    }
+    let tokenizer_dir = if adapter.join("tokenizer.json").is_file() { adapter.clone() } else { base.clone() };
+    let base_config = ModelConfig::from_dir(&base)?;
+    if !is_sequence_classifier(&base_config) {
+        // the head must come from the adapter
+        let folder = read_adapter_folder_config(&adapter)?;
+        ensure!(
+            folder.is_reward_model(),
+            "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {:?}, no score head)",
+            base.display(),
+            adapter.join(ADAPTER_CONFIG_FILE).display(),
+            folder.task_type
+        );
+    }
+    let pad = ModelTokenizer::from_dir(&tokenizer_dir)?.padding_id();
+    let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
+    load_adapter(&m.vs, &mut m.rm, &adapter)
+        .with_context(|| format!("adapter {} on {}", adapter.display(), base.display()))?;
+    merge_lora(&m.vs, &mut m.rm)?;
+    Ok((m, tokenizer_dir))
+}
+
 /// Loads a reward-model folder written by [`write_scalar_model`] or transformers
 /// (`*ForSequenceClassification`, one label, `pad_token_id` set).
 pub fn load_reward_model(dir: &Path, device: Device, kind: Kind) -> Result<LoadedScalarModel> {
@@ -202,6 +325,11 @@ pub fn write_scalar_model(
     dtype: Option<Kind>,
     companions_from: Option<&Path>,
 ) -> Result<()> {
+    ensure!(
+        rm.lora_config().is_none(),
+        "{}: the scalar model has LoRA adapters attached; save them with lora::save_adapter or merge them first",
+        dir.display()
+    );
     let tensors = vs.variables().into_iter().collect();
     ensure!(vs.variables().contains_key(SCORE_WEIGHT), "scalar model has no {SCORE_WEIGHT}");
     save_tensors(&tensors, dir, dtype, DEFAULT_MAX_SHARD_BYTES)?;

@@ -9,16 +9,13 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{load_causal_lm, load_weights, resolve_model_dir, write_pretrained, LoadedModel, SaveOptions};
 use crate::device::{enable_cpu_features, parse_device, parse_dtype};
 use crate::lora::{
-    apply_freeze, attach_lora, load_adapter, merge_lora, restore_adapter_weights, trainable_parameters, write_adapter,
-    AdapterSaveOptions, FreezeConfig, LoraConfig,
+    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, restore_adapter_weights,
+    trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
 };
-use crate::scalar_model::{
-    load_reward_model, scalar_model_from_causal_lm, write_scalar_model, LoadedScalarModel, ScoreInit,
-};
+use crate::scalar_model::{load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::tokenizer::ModelTokenizer;
 use crate::train_config::{LoadedConfig, Method};
 use crate::trainer::ModelState;
-use crate::ModelConfig;
 
 /// The policy model of a training run and its tokenizer.
 pub struct TrainingModel {
@@ -119,49 +116,86 @@ pub fn training_device(cfg: &LoadedConfig) -> Result<(Device, Kind)> {
     Ok((device, parse_dtype(t.dtype.as_deref(), device)?))
 }
 
-/// A scalar-head model being trained (the reward model; PPO's value model later) and its tokenizer.
+/// A scalar-head model being trained (the reward model; PPO's value model) and its tokenizer.
 pub struct TrainingScalarModel {
     pub loaded: LoadedScalarModel,
     pub tokenizer: ModelTokenizer,
     pub device: Device,
     pub kind: Kind,
+    pub method: Method,
+    /// The `model` key as given (recorded as the adapter's base model under LoRA).
+    pub base_name: String,
 }
 
 impl TrainingScalarModel {
     /// Loads `model` of the config: a reward-model folder as it is, or a causal LM's trunk with a
-    /// new head initialised by `init(hidden_size)`. The padding id is the tokenizer's. Trunk and
-    /// head are trained in full (LoRA for scalar models is not available yet).
+    /// new head initialised by `init(hidden_size)`; the padding id is the tokenizer's. Then
+    /// prepares the method as [`TrainingModel::load`] does: full, LoRA (`[lora]` adapters on the
+    /// trunk; a starting `adapter` must be a reward-model adapter and is loaded into them) or
+    /// freeze (`[freeze]`). The head (`score`) always trains, as PEFT's `modules_to_save`. Under
+    /// full/freeze a starting `adapter` (of a reward model, or of the causal LM's trunk) is merged
+    /// into the weights first.
     pub fn load(cfg: &LoadedConfig, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
+        let c = &cfg.config;
         let (device, kind) = training_device(cfg)?;
-        if cfg.config.method != Method::Full {
-            bail!(
-                "{}: key 'method': '{}' is not available for reward models yet (use method = \"full\")",
-                cfg.origin.display(),
-                format!("{:?}", cfg.config.method).to_lowercase()
-            );
+        let dir = resolve_model_dir(&c.model)?;
+        let mut tm = Self::from_dir(&dir, device, kind, init)?;
+        tm.base_name = c.model.clone();
+        let at = |what: &str| format!("{}: {what}", cfg.origin.display());
+        let adapter = c.adapter.as_ref().map(|a| resolve_model_dir(a)).transpose()?;
+        let loaded = &mut tm.loaded;
+        match c.method {
+            Method::Lora => {
+                let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
+                lora.validate().with_context(|| at("[lora]"))?;
+                match &adapter {
+                    Some(a) => {
+                        let folder = read_adapter_folder_config(a)?;
+                        if !folder.is_reward_model() {
+                            bail!(
+                                "{}: {} is not a reward-model adapter (task_type {:?}): a LoRA reward model continues only a SEQ_CLS adapter; merge a causal-LM adapter into the model first (align export)",
+                                at("key 'adapter'"),
+                                a.display(),
+                                folder.task_type
+                            );
+                        }
+                        load_adapter(&loaded.vs, &mut loaded.rm, a)?;
+                    }
+                    None => {
+                        tch::manual_seed(c.train.seed as i64);
+                        attach_lora(&loaded.vs, &mut loaded.rm, &lora).with_context(|| at("[lora]"))?;
+                    }
+                }
+            }
+            Method::Full | Method::Freeze => {
+                if let Some(a) = &adapter {
+                    load_adapter(&loaded.vs, &mut loaded.rm, a)?;
+                    merge_lora(&loaded.vs, &mut loaded.rm)?;
+                    for (_, v) in loaded.vs.variables() {
+                        let _ = v.set_requires_grad(true);
+                    }
+                }
+                if c.method == Method::Freeze {
+                    let freeze: FreezeConfig = cfg.section("freeze", c.freeze.as_ref())?;
+                    apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
+                }
+            }
         }
-        let dir = resolve_model_dir(&cfg.config.model)?;
-        Self::from_dir(&dir, device, kind, init)
+        tm.method = c.method;
+        tm.loaded.rm.set_training(true);
+        Ok(tm)
     }
 
-    /// Loads the scalar model at `dir` (see [`TrainingScalarModel::load`]) with every weight trainable.
+    /// Loads the scalar model at `dir` (a reward-model folder, or a causal LM's trunk with a new
+    /// head) with every weight trainable (method full).
     pub fn from_dir(dir: &Path, device: Device, kind: Kind, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
         let tokenizer = ModelTokenizer::from_dir(dir)?;
-        let config = ModelConfig::from_dir(dir)?;
-        let is_scalar = config
-            .raw
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| a.iter().filter_map(|x| x.as_str()).any(|x| x.ends_with("ForSequenceClassification")));
-        let loaded = if is_scalar {
-            load_reward_model(dir, device, kind)?
-        } else {
-            scalar_model_from_causal_lm(dir, device, kind, tokenizer.padding_id(), init(config.hidden_size))?
-        };
-        Ok(TrainingScalarModel { loaded, tokenizer, device, kind })
+        let loaded = load_scalar_model(dir, device, kind, tokenizer.padding_id(), init)?;
+        let base_name = dir.display().to_string();
+        Ok(TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name })
     }
 
-    /// Parameters that receive gradients (trunk and head), by HF name, sorted.
+    /// Parameters that receive gradients (trunk or adapters, and the head), by HF name, sorted.
     pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
         trainable_parameters(&self.loaded.vs)
     }
@@ -169,10 +203,24 @@ impl TrainingScalarModel {
 
 impl ModelState for TrainingScalarModel {
     fn save(&self, dir: &Path) -> Result<()> {
+        if self.method == Method::Lora {
+            let opts = AdapterSaveOptions {
+                base_model_name_or_path: Some(self.base_name.clone()),
+                companions_from: Some(&self.loaded.dir),
+            };
+            return write_adapter(&self.loaded.rm, dir, &opts);
+        }
         write_scalar_model(&self.loaded.vs, &self.loaded.rm, dir, None, Some(&self.loaded.dir))
     }
 
     fn restore(&self, dir: &Path) -> Result<()> {
+        if self.method == Method::Lora {
+            return restore_adapter_weights(&self.loaded.vs, dir);
+        }
         load_weights(&self.loaded.vs, dir, self.loaded.rm.config.tie_word_embeddings)
+    }
+
+    fn set_training(&self, on: bool) {
+        self.loaded.rm.set_training(on);
     }
 }

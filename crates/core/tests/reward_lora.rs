@@ -1,0 +1,239 @@
+//! LoRA on a reward model (trunk adapters + the `score` head trained in full, as PEFT's
+//! `task_type = "SEQ_CLS"`, `modules_to_save = ["score"]`): a PEFT-written adapter reproduces
+//! PEFT's scores, ours loads in PEFT with equal scores, merging keeps the scores, only adapters and
+//! head train, and adapters of the wrong kind fail with an error naming the field. Fixture:
+//! `tests/fixtures/make_peft_fixtures.py` (`peft/llama-seqcls`).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use align_core::lora::{
+    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
+    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
+};
+use align_core::scalar_model::{
+    load_reward_model, load_reward_model_or_adapter, scalar_model_from_causal_lm, write_scalar_model,
+    LoadedScalarModel, ScalarModel, ScoreInit,
+};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn tensor(file: &Path, name: &str) -> Tensor {
+    Tensor::read_safetensors(file).unwrap().into_iter().find(|(n, _)| n == name).unwrap().1
+}
+
+/// The trunk of a causal-LM fixture with a seeded head (pad id 0).
+fn scalar(name: &str, seed: u64) -> LoadedScalarModel {
+    scalar_model_from_causal_lm(&model_dir(name), Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, seed))
+        .unwrap()
+}
+
+fn scores(rm: &ScalarModel, ids: &Tensor) -> Vec<f32> {
+    Vec::try_from(tch::no_grad(|| rm.forward(ids)).unwrap()).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Right-padded rows (pad id 0), one without padding: the rows the fixture was scored on.
+fn padded_ids() -> Tensor {
+    tensor(&fixtures().join("peft/llama-seqcls/golden.safetensors"), "input_ids")
+}
+
+/// Gives every adapter a non-zero B (A is already random) so it changes the scores.
+fn randomise_adapters(rm: &ScalarModel, seed: i64) {
+    tch::manual_seed(seed);
+    tch::no_grad(|| {
+        for (_, lin) in rm.linears() {
+            if let Some(l) = &lin.lora {
+                l.lora_b.shallow_clone().copy_(&(Tensor::randn(l.lora_b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+    });
+}
+
+#[test]
+fn peft_reward_adapter_reproduces_peft_scores_and_merges() {
+    let dir = fixtures().join("peft/llama-seqcls");
+    let want: Vec<f32> = Vec::try_from(tensor(&dir.join("golden.safetensors"), "scores")).unwrap();
+    let folder = read_adapter_folder_config(&dir).unwrap();
+    assert!(folder.is_reward_model());
+    assert_eq!(folder.modules_to_save, vec!["score", "classifier"], "PEFT's repeats are dropped");
+    // on the causal LM's trunk with a zero head: the adapter brings the trained head
+    let mut m =
+        scalar_model_from_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float, 0, ScoreInit::Zeros).unwrap();
+    let ids = padded_ids();
+    let cfg = load_adapter(&m.vs, &mut m.rm, &dir).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+    let got = scores(&m.rm, &ids);
+    assert!(max_diff(&got, &want) < 1e-5, "ours {got:?} vs PEFT {want:?}");
+    // disabling the adapters leaves the (loaded) head on the base trunk
+    let off = without_adapters(&m.rm, |rm| Ok(scores(rm, &ids))).unwrap();
+    assert!(max_diff(&off, &want) > 1e-3, "the adapters change the scores");
+    assert!(m.rm.model.adapters_enabled());
+    merge_lora(&m.vs, &mut m.rm).unwrap();
+    assert!(m.rm.lora_config().is_none() && m.vs.variables().keys().all(|k| !k.contains("lora_")));
+    assert!(max_diff(&scores(&m.rm, &ids), &want) < 1e-5, "merging changes the scores");
+    // the merged model saves as a reward-model folder with the same scores
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    std::fs::create_dir_all(&out).unwrap();
+    write_scalar_model(&m.vs, &m.rm, &out, None, Some(&model_dir("tiny-llama"))).unwrap();
+    let back = load_reward_model(&out, Device::Cpu, Kind::Float).unwrap();
+    assert!(max_diff(&scores(&back.rm, &ids), &want) < 1e-5);
+    // the loader every consumer uses: base + adapter, merged
+    let (rm, tok_dir) =
+        load_reward_model_or_adapter(&model_dir("tiny-llama"), Some(&dir), Device::Cpu, Kind::Float).unwrap();
+    assert!(max_diff(&scores(&rm.rm, &ids), &want) < 1e-5);
+    assert_eq!(tok_dir, model_dir("tiny-llama"), "the fixture holds no tokenizer files");
+}
+
+fn python_with_peft() -> Option<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import peft, transformers"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok.then_some(python)
+}
+
+#[test]
+fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = padded_ids();
+    for (name, base, cfg) in [
+        (
+            "llama-qv",
+            "tiny-llama",
+            LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() },
+        ),
+        ("qwen2-all", "tiny-qwen2", LoraConfig { r: 4, alpha: 16.0, ..Default::default() }),
+    ] {
+        let mut m = scalar(base, 3);
+        tch::manual_seed(5);
+        attach_lora(&m.vs, &mut m.rm, &cfg).unwrap();
+        // only the adapters and the head train
+        let trainable: Vec<String> = trainable_parameters(&m.vs).into_iter().map(|(n, _)| n).collect();
+        assert!(trainable.contains(&"score.weight".to_string()), "{name}: {trainable:?}");
+        assert!(trainable.iter().all(|n| n == "score.weight" || n.contains(".lora_")), "{name}: {trainable:?}");
+        let head_before = scores(&m.rm, &ids);
+        randomise_adapters(&m.rm, 6);
+        let ours = scores(&m.rm, &ids);
+        assert!(max_diff(&ours, &head_before) > 1e-3, "{name}: the adapters change the scores");
+        let out = tmp.path().join(name);
+        let base_dir = model_dir(base);
+        let opts = AdapterSaveOptions {
+            base_model_name_or_path: Some(base_dir.display().to_string()),
+            companions_from: Some(&base_dir),
+        };
+        save_adapter(&m.rm, &out, &opts).unwrap();
+        let cfg_json: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_json["task_type"], "SEQ_CLS");
+        assert_eq!(cfg_json["modules_to_save"], json!(["score"]));
+        let keys: Vec<String> = Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(keys.contains(&"base_model.model.score.weight".to_string()), "{name}: {keys:?}");
+        assert!(keys.iter().all(|k| k == "base_model.model.score.weight" || k.contains(".lora_")), "{keys:?}");
+
+        // an adapter folder given as the model resolves its base from base_model_name_or_path
+        let (back, _) = load_reward_model_or_adapter(&out, None, Device::Cpu, Kind::Float).unwrap();
+        assert!(max_diff(&scores(&back.rm, &ids), &ours) < 1e-5, "{name}: reload differs");
+        // resuming: the same adapter into adapters attached from the same config
+        let mut resumed = scalar(base, 99);
+        attach_lora(&resumed.vs, &mut resumed.rm, &cfg).unwrap();
+        load_adapter(&resumed.vs, &mut resumed.rm, &out).unwrap();
+        assert!(max_diff(&scores(&resumed.rm, &ids), &ours) < 1e-6, "{name}: resume differs");
+
+        match python_with_peft() {
+            None => println!("SKIPPED: PEFT check of our reward adapter ({name}): .venv/bin/python has no peft"),
+            Some(python) => {
+                let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
+                let file = tmp.path().join(format!("{name}.json"));
+                std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string())
+                    .unwrap();
+                let r = Command::new(python)
+                    .arg(fixtures().join("make_peft_fixtures.py"))
+                    .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
+                    .output()
+                    .unwrap();
+                let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+                assert!(r.status.success(), "{name}: PEFT does not reproduce our scores:\n{text}");
+            }
+        }
+    }
+}
+
+#[test]
+fn adapters_of_the_wrong_kind_fail_naming_the_field() {
+    // a reward-model adapter does not load onto a causal LM
+    let mut lm = align_core::load_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+    let e = format!("{:#}", load_adapter(&lm.vs, &mut lm.lm, &fixtures().join("peft/llama-seqcls")).unwrap_err());
+    assert!(e.contains("adapter_config.json") && e.contains("modules_to_save") && e.contains("score"), "{e}");
+    // a causal-LM adapter adapts only the trunk of a reward model: the head stays as it was
+    let ids = padded_ids();
+    let mut m = scalar("tiny-llama", 4);
+    let before = scores(&m.rm, &ids);
+    let head = m.rm.score.weight.copy();
+    load_adapter(&m.vs, &mut m.rm, &fixtures().join("peft/llama-qv")).unwrap();
+    assert!(m.rm.score.weight.equal(&head));
+    assert!(max_diff(&scores(&m.rm, &ids), &before) > 1e-4);
+    // … but is not a reward model by itself
+    let e = format!(
+        "{:#}",
+        load_reward_model_or_adapter(
+            &model_dir("tiny-llama"),
+            Some(&fixtures().join("peft/llama-qv")),
+            Device::Cpu,
+            Kind::Float
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(e.contains("reward") && e.contains("adapter_config.json"), "{e}");
+    // a reward-model adapter whose file lacks the head it declares
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("no-head");
+    std::fs::create_dir_all(&broken).unwrap();
+    let src = fixtures().join("peft/llama-seqcls");
+    std::fs::copy(src.join("adapter_config.json"), broken.join("adapter_config.json")).unwrap();
+    let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(src.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("score.weight"))
+        .collect();
+    Tensor::write_safetensors(&kept, broken.join("adapter_model.safetensors")).unwrap();
+    let mut m = scalar("tiny-llama", 4);
+    let e = format!("{:#}", load_adapter(&m.vs, &mut m.rm, &broken).unwrap_err());
+    assert!(e.contains("adapter_model.safetensors") && e.contains("base_model.model.score.weight"), "{e}");
+}
+
+#[test]
+fn freezing_a_reward_model_keeps_its_head_trainable() {
+    let m = scalar("tiny-qwen2", 1);
+    let trained = apply_freeze(&m.vs, &m.rm, &FreezeConfig { last_layers: Some(1), modules: vec![] }).unwrap();
+    assert!(trained.contains(&"score.weight".to_string()));
+    assert!(trained.iter().all(|n| n == "score.weight" || n.starts_with("model.layers.1.")), "{trained:?}");
+    // LoRA and freezing do not combine, as for a causal LM
+    let mut m = scalar("tiny-qwen2", 1);
+    attach_lora(&m.vs, &mut m.rm, &LoraConfig::default()).unwrap();
+    let e = apply_freeze(&m.vs, &m.rm, &FreezeConfig { last_layers: Some(1), modules: vec![] }).unwrap_err();
+    assert!(e.to_string().contains("freeze"), "{e}");
+    // a model with adapters attached cannot be saved as a full folder by mistake
+    let tmp = tempfile::tempdir().unwrap();
+    let e = write_scalar_model(&m.vs, &m.rm, tmp.path(), None, None).unwrap_err().to_string();
+    assert!(e.contains("LoRA"), "{e}");
+}
