@@ -1,13 +1,19 @@
-//! The RM stage end to end on the sample preference data with a tiny model: exact resume, the
-//! held-out accuracy beats chance, and the final folder is a reward model that loads back.
+//! The RM stage end to end on the sample preference data with a tiny model, in full and under
+//! LoRA: exact resume, the held-out accuracy beats chance, and the final folder is a reward model
+//! (or a PEFT reward-model adapter) that loads back with the scores of the last evaluation.
 use std::path::{Path, PathBuf};
 
 use align_core::data::{read_preference, DataOptions, LengthBudget, LengthPolicy};
 use align_core::preference_batch::encode_pairs;
-use align_core::scalar_model::load_reward_model;
+use align_core::scalar_model::{load_reward_model, load_reward_model_or_adapter};
 use align_core::train_config::LoadedConfig;
 use align_core::ModelTokenizer;
 use serde_json::Value;
+
+/// libtorch's random generator is global to the process: runs that draw from it (head and LoRA
+/// init, dropout) must not overlap, or their exact-resume guarantees do not hold. Real runs are one
+/// per process; these tests take turns.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -44,6 +50,7 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn stop_and_resume_equals_straight_run_bitwise() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
     let s = align_reward::run(&config(&straight, &[]), false, None).unwrap();
@@ -73,6 +80,7 @@ fn stop_and_resume_equals_straight_run_bitwise() {
 
 #[test]
 fn held_out_accuracy_beats_chance_and_the_saved_model_agrees() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("rm");
     let cfg = config(&out, &["train.max_steps=60", "train.batch_size=8", "train.eval_every=30", "train.save_every=0"]);
@@ -97,4 +105,121 @@ fn held_out_accuracy_beats_chance_and_the_saved_model_agrees() {
     let stats = align_reward::pairwise_stats(&rm.rm, &enc, 16).unwrap();
     assert!((stats.accuracy - acc).abs() < 1e-9, "{} vs {acc}", stats.accuracy);
     assert!((stats.mean_margin - evals[1]["eval_margin"].as_f64().unwrap()).abs() < 1e-3);
+}
+
+const LORA: &[&str] = &["method=lora", "lora.r=8", "lora.alpha=16", "lora.dropout=0.1"];
+
+fn with_lora<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    LORA.iter().chain(extra).copied().collect()
+}
+
+fn tensor_names(file: &Path) -> Vec<String> {
+    tch::Tensor::read_safetensors(file).unwrap().into_iter().map(|(n, _)| n).collect()
+}
+
+#[test]
+fn lora_run_saves_peft_reward_adapters_and_resumes_bitwise() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let s = align_reward::run(&config(&straight, &with_lora(&[])), false, None).unwrap();
+    assert!(s.completed && s.steps == 6);
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(&resumed, &with_lora(&[]));
+    assert!(!align_reward::run(&cfg, false, Some(3)).unwrap().completed);
+    assert!(align_reward::run(&cfg, false, None).unwrap().completed);
+    for d in [&straight, &resumed] {
+        assert!(d.join("final/adapter_config.json").is_file() && d.join("final/adapter_model.safetensors").is_file());
+        assert!(!d.join("final/model.safetensors").exists(), "a LoRA run saves the adapter, not the base");
+    }
+    let a = std::fs::read(straight.join("final/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "adapter and head differ after stop + resume (dropout RNG and data order must be restored)");
+    assert_eq!(losses(&straight), losses(&resumed));
+    // checkpoints are PEFT reward-model adapters with their state: trunk adapters and the head only
+    let ckpt = resumed.join("checkpoint-4");
+    let cfg_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["task_type"], "SEQ_CLS");
+    assert_eq!(cfg_json["modules_to_save"], serde_json::json!(["score"]));
+    assert!(ckpt.join("train_state/optimizer.safetensors").is_file());
+    let names = tensor_names(&ckpt.join("adapter_model.safetensors"));
+    assert!(names.contains(&"base_model.model.score.weight".to_string()));
+    assert!(names.iter().all(|n| n == "base_model.model.score.weight" || n.contains(".lora_")), "{names:?}");
+    assert_eq!(names.len(), 1 + 2 * 7 * 2, "all-linear on 2 layers: 14 adapted projections + the head");
+}
+
+#[test]
+fn lora_reward_model_beats_chance_and_its_adapter_scores_as_the_last_evaluation() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rm-lora");
+    let extra =
+        ["train.max_steps=60", "train.batch_size=8", "train.lr=1e-2", "train.eval_every=30", "train.save_every=0"];
+    let s = align_reward::run(&config(&out, &with_lora(&extra)), false, None).unwrap();
+    assert!(s.completed);
+    let lines = metric_lines(&out);
+    let train_losses: Vec<f64> = lines.iter().filter_map(|v| v.get("loss")?.as_f64()).collect();
+    let (first, last) = (&train_losses[..10], &train_losses[train_losses.len() - 10..]);
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    assert!(mean(last) < mean(first), "training loss does not fall: {} → {}", mean(first), mean(last));
+    let evals: Vec<&Value> = lines.iter().filter(|v| v.get("eval_loss").is_some()).collect();
+    let acc = evals[1]["eval_accuracy"].as_f64().unwrap();
+    eprintln!("LoRA RM held-out accuracy: {} after 15 steps, {acc} after 30", evals[0]["eval_accuracy"]);
+    assert!(acc >= 0.7, "held-out pairwise accuracy {acc} (chance is 0.5)");
+
+    // the adapter folder (base resolved from adapter_config.json) scores as the last evaluation did
+    let (rm, tok_dir) =
+        load_reward_model_or_adapter(&out.join("final"), None, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    assert_eq!(tok_dir, out.join("final"), "tokenizer files are saved with the adapter");
+    let tok = ModelTokenizer::from_dir(&tok_dir).unwrap();
+    let pairs = read_preference(&[repo().join("data/preference/medical_pairs_eval.jsonl")], &DataOptions::default())
+        .unwrap()
+        .records;
+    let (enc, _) =
+        encode_pairs(&tok, &pairs.iter().collect::<Vec<_>>(), LengthBudget::new(512, LengthPolicy::Truncate)).unwrap();
+    let stats = align_reward::pairwise_stats(&rm.rm, &enc, 16).unwrap();
+    assert!((stats.accuracy - acc).abs() < 1e-9, "{} vs {acc}", stats.accuracy);
+    assert!((stats.mean_margin - evals[1]["eval_margin"].as_f64().unwrap()).abs() < 1e-3);
+
+    // only adapters and head changed: the merged model's other weights are the base's, bit for bit
+    let base = repo().join("tests/fixtures/models/tiny-qwen2");
+    let base_vars: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(base.join("model.safetensors")).unwrap().into_iter().collect();
+    let vars = rm.vs.variables();
+    let mut changed = Vec::new();
+    for (name, t) in &vars {
+        if name == "score.weight" {
+            continue;
+        }
+        if !t.equal(&base_vars[name]) {
+            changed.push(name.clone());
+        }
+    }
+    let adapted = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    assert!(!changed.is_empty());
+    assert!(
+        changed.iter().all(|n| n.ends_with(".weight") && adapted.iter().any(|p| n.contains(p))),
+        "only adapted projection weights may differ after the merge: {changed:?}"
+    );
+}
+
+#[test]
+fn freeze_trains_the_last_layers_and_the_head() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rm-freeze");
+    let cfg = config(&out, &["method=freeze", "freeze.last_layers=1", "train.max_steps=2", "train.save_every=0"]);
+    align_reward::run(&cfg, false, None).unwrap();
+    let rm = load_reward_model(&out.join("final"), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let base = repo().join("tests/fixtures/models/tiny-qwen2");
+    let base_vars: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(base.join("model.safetensors")).unwrap().into_iter().collect();
+    for (name, t) in rm.vs.variables() {
+        if name == "score.weight" {
+            continue;
+        }
+        let changed = !t.equal(&base_vars[&name]);
+        assert_eq!(changed, name.starts_with("model.layers.1."), "{name}: changed = {changed}");
+    }
 }
