@@ -561,12 +561,12 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
 
 /// The modules of `M` whose weights an adapter folder carries (PEFT's `modules_to_save` as PEFT
 /// applies it: listed ones, and for an adapter of `M`'s own task type every module `M` saves in
-/// full). A listed module `M` does not have is an error naming the field, except the classifier
-/// names PEFT adds to every `SEQ_CLS` adapter.
+/// full). A listed module `M` does not save in full is an error naming the field, except, for a
+/// `SEQ_CLS` adapter on a `SEQ_CLS` model, the classifier names PEFT adds to every such adapter.
 fn full_modules_of<M: LoraModel>(folder: &AdapterFolderConfig, at: &Path) -> Result<Vec<&'static str>> {
-    let seq_cls = folder.task_type.as_deref() == Some("SEQ_CLS");
+    let classifier = M::PEFT_TASK_TYPE == "SEQ_CLS" && folder.task_type.as_deref() == Some("SEQ_CLS");
     for m in &folder.modules_to_save {
-        if !M::MODULES_TO_SAVE.contains(&m.as_str()) && !(seq_cls && PEFT_CLASSIFIER_NAMES.contains(&m.as_str())) {
+        if !M::MODULES_TO_SAVE.contains(&m.as_str()) && !(classifier && PEFT_CLASSIFIER_NAMES.contains(&m.as_str())) {
             let hint = if folder.is_reward_model() {
                 " (a reward-model adapter: load it onto the reward model, e.g. with `align eval reward` or `align export`)"
             } else {
