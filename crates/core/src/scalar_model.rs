@@ -265,9 +265,9 @@ pub fn load_reward_model_or_adapter(
             let folder = read_adapter_folder_config(dir)?;
             ensure!(
                 folder.is_reward_model(),
-                "{}: field 'task_type': {:?} is not a reward-model adapter (expected \"SEQ_CLS\")",
+                "{}: field 'task_type': {} is not a reward-model adapter (expected \"SEQ_CLS\")",
                 dir.join(ADAPTER_CONFIG_FILE).display(),
-                folder.task_type
+                folder.task_type.as_deref().unwrap_or("none")
             );
             (folder.base_model_dir(dir)?, dir.to_path_buf())
         }
@@ -283,10 +283,10 @@ pub fn load_reward_model_or_adapter(
         let folder = read_adapter_folder_config(&adapter)?;
         ensure!(
             folder.is_reward_model(),
-            "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {:?}, no score head)",
+            "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {}, no score head)",
             base.display(),
             adapter.join(ADAPTER_CONFIG_FILE).display(),
-            folder.task_type
+            folder.task_type.as_deref().unwrap_or("none")
         );
     }
     let pad = ModelTokenizer::from_dir(&tokenizer_dir)?.padding_id();

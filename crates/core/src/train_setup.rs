@@ -153,10 +153,10 @@ impl TrainingScalarModel {
                         let folder = read_adapter_folder_config(a)?;
                         if !folder.is_reward_model() {
                             bail!(
-                                "{}: {} is not a reward-model adapter (task_type {:?}): a LoRA reward model continues only a SEQ_CLS adapter; merge a causal-LM adapter into the model first (align export)",
+                                "{}: {} is not a reward-model adapter (task_type {}): a LoRA reward model continues only a SEQ_CLS adapter; merge a causal-LM adapter into the model first (align export)",
                                 at("key 'adapter'"),
                                 a.display(),
-                                folder.task_type
+                                folder.task_type.as_deref().unwrap_or("none")
                             );
                         }
                         load_adapter(&loaded.vs, &mut loaded.rm, a)?;

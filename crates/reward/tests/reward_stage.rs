@@ -223,3 +223,25 @@ fn freeze_trains_the_last_layers_and_the_head() {
         assert_eq!(changed, name.starts_with("model.layers.1."), "{name}: changed = {changed}");
     }
 }
+
+#[test]
+fn lora_run_continues_a_reward_adapter_and_refuses_a_causal_lm_adapter() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let peft = repo().join("tests/fixtures/peft");
+    let llama = format!("model={:?}", repo().join("tests/fixtures/models/tiny-llama").display().to_string());
+    // a PEFT reward-model adapter (r 4, its own targets and head) is trained further
+    let out = tmp.path().join("continued");
+    let start = format!("adapter={:?}", peft.join("llama-seqcls").display().to_string());
+    let extra = ["method=lora", llama.as_str(), start.as_str(), "train.max_steps=2", "train.save_every=0"];
+    align_reward::run(&config(&out, &extra), false, None).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_i64(), cfg["task_type"].as_str()), (Some(4), Some("SEQ_CLS")));
+    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "q_proj", "v_proj"]));
+    // a causal-LM adapter cannot be continued as a reward model's
+    let start = format!("adapter={:?}", peft.join("llama-qv").display().to_string());
+    let extra = ["method=lora", llama.as_str(), start.as_str(), "train.max_steps=2"];
+    let e = format!("{:#}", align_reward::run(&config(&tmp.path().join("refused"), &extra), false, None).unwrap_err());
+    assert!(e.contains("adapter") && e.contains("CAUSAL_LM") && e.contains("test.toml"), "{e}");
+}
