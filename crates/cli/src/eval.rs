@@ -11,7 +11,7 @@ use align_core::data::{read_preference, read_sft, read_text_records, DataOptions
 use align_core::device::{parse_device, parse_dtype};
 use align_core::logprobs::corpus_perplexity;
 use align_core::preference_batch::encode_pairs;
-use align_core::scalar_model::load_reward_model;
+use align_core::scalar_model::load_reward_model_or_adapter;
 use align_core::ModelTokenizer;
 
 use crate::common::load_session;
@@ -136,7 +136,9 @@ pub fn answers(args: AnswersArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct RewardEvalArgs {
-    /// --model: a reward-model folder (`*ForSequenceClassification`, as `align train reward` writes it).
+    /// --model: a reward-model folder (`*ForSequenceClassification`, as `align train reward` writes
+    /// it), or a LoRA reward-model adapter folder (its base model is adapter_config.json's
+    /// base_model_name_or_path); --adapter: a reward-model adapter applied on top of --model.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Preference files (any format `align data check --kind preference` reads; repeatable).
@@ -165,8 +167,12 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
     let device = parse_device(&args.model.device)?;
     let kind = parse_dtype(args.model.dtype.as_deref(), device)?;
     let dir = resolve_model_dir(&args.model.model)?;
-    let rm = load_reward_model(&dir, device, kind)?;
-    let tokenizer = ModelTokenizer::from_dir(&dir)?;
+    let adapter = args.model.adapter.as_ref().map(PathBuf::from);
+    if let Some(a) = adapter.as_ref().filter(|a| !a.is_dir()) {
+        bail!("--adapter {}: no such adapter folder", a.display());
+    }
+    let (rm, tokenizer_dir) = load_reward_model_or_adapter(&dir, adapter.as_deref(), device, kind)?;
+    let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir)?;
     let pairs = read_preference(&args.data, &DataOptions::default())?.records;
     let budget = LengthBudget::new(args.max_length, LengthPolicy::Truncate);
     let (encoded, counts) = encode_pairs(&tokenizer, &pairs.iter().collect::<Vec<_>>(), budget)?;
@@ -204,7 +210,8 @@ pub struct WinrateArgs {
     /// The model it is compared with.
     #[arg(long)]
     pub baseline: String,
-    /// Reward model folder (align train reward output) that scores prompt + answer.
+    /// Reward model folder (align train reward output: a full model, or a LoRA adapter folder on
+    /// its base_model_name_or_path) that scores prompt + answer.
     #[arg(long)]
     pub reward_model: String,
     /// Prompts (.jsonl / .json: {"prompt"}, {"question","answer"}, conversations, Alpaca).
@@ -255,8 +262,8 @@ pub fn winrate(args: WinrateArgs) -> Result<()> {
         answers.push(tch::no_grad(|| answer_prompts(&m.lm, &tok, &prompts, args.max_new_tokens, args.batch_size))?);
     }
     let rm_dir = resolve_model_dir(&args.reward_model)?;
-    let rm = load_reward_model(&rm_dir, device, kind)?;
-    let rm_tok = ModelTokenizer::from_dir(&rm_dir)?;
+    let (rm, rm_tok_dir) = load_reward_model_or_adapter(&rm_dir, None, device, kind)?;
+    let rm_tok = ModelTokenizer::from_dir(&rm_tok_dir)?;
     let a = score_answers(&rm.rm, &rm_tok, &prompts, &answers[0], args.max_length, args.batch_size)?;
     let b = score_answers(&rm.rm, &rm_tok, &prompts, &answers[1], args.max_length, args.batch_size)?;
     let w = win_rate(&a, &b)?;

@@ -1,8 +1,9 @@
-//! `align export`: merges a LoRA adapter into its base model and writes a plain HF model folder,
-//! verified by comparing the reloaded folder's logits with base + adapter on a probe batch.
+//! `align export`: merges a LoRA adapter into its base model and writes a plain HF model folder
+//! (a causal LM, or for a reward-model adapter a `*ForSequenceClassification` folder), verified by
+//! comparing the reloaded folder's logits (scores) with base + adapter on a probe batch.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use tch::{Device, Kind, Tensor};
 
@@ -11,16 +12,21 @@ use align_core::checkpoint::{
     DEFAULT_MAX_SHARD_BYTES,
 };
 use align_core::device::{parse_device, parse_dtype};
-use align_core::lora::{load_adapter, merge_lora};
+use align_core::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
 use align_core::model::ForwardOptions;
-use align_core::CausalLm;
+use align_core::scalar_model::{
+    load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit,
+};
+use align_core::{LoadedModel, ModelConfig, ModelTokenizer};
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Base model folder (HF layout) or a hub id present in the local HF cache.
+    /// Base model folder (HF layout) or a hub id present in the local HF cache (default: the
+    /// adapter's base_model_name_or_path).
     #[arg(long)]
-    pub model: String,
-    /// LoRA adapter folder (PEFT layout: adapter_config.json + adapter_model.safetensors).
+    pub model: Option<String>,
+    /// LoRA adapter folder (PEFT layout: adapter_config.json + adapter_model.safetensors). A
+    /// reward-model adapter (task_type SEQ_CLS, with its score head) exports a reward model.
     #[arg(long)]
     pub adapter: PathBuf,
     /// Output folder for the merged model (replaced if it exists).
@@ -49,8 +55,83 @@ fn probe_ids(vocab: i64, device: Device) -> Result<Tensor> {
     Ok(Tensor::f_from_slice(&ids)?.f_view([3, 16])?.f_to_device(device)?)
 }
 
-fn probe_logits(lm: &CausalLm, ids: &Tensor) -> Result<Tensor> {
-    Ok(tch::no_grad(|| lm.forward(ids, &ForwardOptions::default(), None))?.f_to_kind(Kind::Float)?)
+/// The model an adapter is merged into: a causal LM, or a reward model (trunk + score head).
+enum Exported {
+    Causal(LoadedModel),
+    Reward(LoadedScalarModel),
+}
+
+impl Exported {
+    /// `base` in f32; a reward model on a causal LM's trunk starts with a zero head (the adapter
+    /// carries the trained one) and pads with `tokenizer_dir`'s padding id.
+    fn load(base: &Path, reward: bool, tokenizer_dir: &Path, device: Device) -> Result<Self> {
+        if !reward {
+            return Ok(Exported::Causal(load_causal_lm(base, device, Kind::Float)?));
+        }
+        let pad = ModelTokenizer::from_dir(tokenizer_dir)?.padding_id();
+        Ok(Exported::Reward(load_scalar_model(base, device, Kind::Float, pad, |_| ScoreInit::Zeros)?))
+    }
+
+    /// A written folder, loaded back in f32.
+    fn reload(dir: &Path, reward: bool, device: Device) -> Result<Self> {
+        Ok(if reward {
+            Exported::Reward(load_reward_model(dir, device, Kind::Float)?)
+        } else {
+            Exported::Causal(load_causal_lm(dir, device, Kind::Float)?)
+        })
+    }
+
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Exported::Causal(m) => &m.lm.config,
+            Exported::Reward(m) => &m.rm.config,
+        }
+    }
+
+    fn vs(&self) -> &tch::nn::VarStore {
+        match self {
+            Exported::Causal(m) => &m.vs,
+            Exported::Reward(m) => &m.vs,
+        }
+    }
+
+    /// Logits `[B, T, vocab]`, or a reward model's score at every position `[B, T]`, in f32.
+    fn probe(&self, ids: &Tensor) -> Result<Tensor> {
+        let out = tch::no_grad(|| match self {
+            Exported::Causal(m) => m.lm.forward(ids, &ForwardOptions::default(), None),
+            Exported::Reward(m) => m.rm.forward_all(ids, &ForwardOptions::default()),
+        })?;
+        Ok(out.f_to_kind(Kind::Float)?)
+    }
+
+    /// Loads the adapter; returns its config and the number of adapted projections.
+    fn load_adapter(&mut self, adapter: &Path) -> Result<(LoraConfig, usize)> {
+        let (lora, linears) = match self {
+            Exported::Causal(m) => (load_adapter(&m.vs, &mut m.lm, adapter)?, m.lm.linears()),
+            Exported::Reward(m) => (load_adapter(&m.vs, &mut m.rm, adapter)?, m.rm.linears()),
+        };
+        let adapted = linears.into_iter().filter(|(_, l)| l.lora.is_some()).count();
+        Ok((lora, adapted))
+    }
+
+    fn merge(&mut self) -> Result<()> {
+        match self {
+            Exported::Causal(m) => merge_lora(&m.vs, &mut m.lm),
+            Exported::Reward(m) => merge_lora(&m.vs, &mut m.rm),
+        }
+    }
+
+    /// Weights (in `stored`) and config.json into `dir`.
+    fn write(&self, dir: &Path, stored: Kind) -> Result<()> {
+        match self {
+            Exported::Causal(m) => {
+                let tensors = causal_lm_tensors(&m.vs, &m.lm.config);
+                save_tensors(&tensors, dir, Some(stored), DEFAULT_MAX_SHARD_BYTES)?;
+                write_config(&m.lm.config, dir, stored, m.lm.config.model_type.causal_lm_architecture())
+            }
+            Exported::Reward(m) => write_scalar_model(&m.vs, &m.rm, dir, Some(stored), None),
+        }
+    }
 }
 
 fn stored_kind(name: Option<&str>) -> Kind {
@@ -88,10 +169,14 @@ pub fn run(args: ExportArgs) -> Result<()> {
         tch::set_num_threads(n);
     }
     let device = parse_device(&args.device)?;
-    let base_dir = resolve_model_dir(&args.model)?;
     if !args.adapter.is_dir() {
         bail!("--adapter {}: no such adapter folder", args.adapter.display());
     }
+    let folder = read_adapter_folder_config(&args.adapter)?;
+    let base_dir = match &args.model {
+        Some(m) => resolve_model_dir(m)?,
+        None => folder.base_model_dir(&args.adapter).context("--model not given")?,
+    };
     if same_folder(&args.out, &base_dir) || same_folder(&args.out, &args.adapter) {
         bail!("--out {}: would overwrite an input folder; choose a new folder", args.out.display());
     }
@@ -100,46 +185,44 @@ pub fn run(args: ExportArgs) -> Result<()> {
             bail!("--tolerance: expected a number ≥ 0, found {t}");
         }
     }
-    let mut m = load_causal_lm(&base_dir, device, Kind::Float)?;
+    let reward = folder.is_reward_model();
+    let tokenizer_dir = if args.adapter.join("tokenizer.json").is_file() { &args.adapter } else { &base_dir };
+    let mut m = Exported::load(&base_dir, reward, tokenizer_dir, device)?;
     let stored = match args.dtype.as_deref() {
         Some(d) => parse_dtype(Some(d), device)?,
-        None => stored_kind(m.lm.config.stored_dtype.as_deref()),
+        None => stored_kind(m.config().stored_dtype.as_deref()),
     };
-    let probe = probe_ids(m.lm.config.vocab_size, device)?;
-    let base_logits = probe_logits(&m.lm, &probe)?;
-    let lora = load_adapter(&m.vs, &mut m.lm, &args.adapter)?;
-    let adapted = m.lm.linears().into_iter().filter(|(_, l)| l.lora.is_some()).count();
-    let want = probe_logits(&m.lm, &probe)?;
-    let (effect, _) = logit_difference(&want, &base_logits)?;
-    merge_lora(&m.vs, &mut m.lm)?;
+    let probe = probe_ids(m.config().vocab_size, device)?;
+    let base_out = m.probe(&probe)?;
+    let (lora, adapted) = m.load_adapter(&args.adapter)?;
+    let want = m.probe(&probe)?;
+    let (effect, _) = logit_difference(&want, &base_out)?;
+    m.merge()?;
     let tolerance = args.tolerance.unwrap_or(1e-4);
-    let (merge_rel, merge_abs) = logit_difference(&probe_logits(&m.lm, &probe)?, &want)?;
+    let (merge_rel, merge_abs) = logit_difference(&m.probe(&probe)?, &want)?;
+    let what = if reward { "scores" } else { "logits" };
     if !(merge_rel <= tolerance) {
         bail!(
-            "merging {} changes the probe logits by {merge_abs:.3e} (relative {merge_rel:.3e}), above the tolerance {tolerance:.1e}; nothing was written",
+            "merging {} changes the probe {what} by {merge_abs:.3e} (relative {merge_rel:.3e}), above the tolerance {tolerance:.1e}; nothing was written",
             args.adapter.display()
         );
     }
 
     let mut report = None;
     write_folder(&args.out, |tmp| {
-        let tensors = causal_lm_tensors(&m.vs, &m.lm.config);
-        save_tensors(&tensors, tmp, Some(stored), DEFAULT_MAX_SHARD_BYTES)?;
-        write_config(&m.lm.config, tmp, stored, m.lm.config.model_type.causal_lm_architecture())?;
+        m.write(tmp, stored)?;
         copy_companions(&base_dir, tmp)?;
         // tokenizer files saved with the adapter (e.g. a chat template added in SFT) win
         copy_companions(&args.adapter, tmp)?;
-        drop(tensors);
         // the folder must give exactly the merged model as rounded to the stored dtype
-        round_variables(&m.vs, stored)?;
-        let expected = probe_logits(&m.lm, &probe)?;
+        round_variables(m.vs(), stored)?;
+        let expected = m.probe(&probe)?;
         drop(m);
-        let written = load_causal_lm(tmp, device, Kind::Float)?;
-        let got = probe_logits(&written.lm, &probe)?;
+        let got = Exported::reload(tmp, reward, device)?.probe(&probe)?;
         let (file_rel, file_abs) = logit_difference(&got, &expected)?;
         if !(file_rel <= 1e-6) {
             bail!(
-                "the written folder does not reproduce the merged model: probe logits differ by {file_abs:.3e}; nothing was written to {}",
+                "the written folder does not reproduce the merged model: probe {what} differ by {file_abs:.3e}; nothing was written to {}",
                 args.out.display()
             );
         }
@@ -148,16 +231,18 @@ pub fn run(args: ExportArgs) -> Result<()> {
     })?;
     let (rel, max_abs) = report.unwrap_or_default();
     println!(
-        "merged {} (r {}, alpha {}, {adapted} modules) into {} → {} ({})",
+        "merged {} (r {}, alpha {}, {adapted} modules{}) into {} → {} ({}{})",
         args.adapter.display(),
         lora.r,
         lora.alpha,
+        if reward { ", score head" } else { "" },
         base_dir.display(),
         args.out.display(),
+        if reward { "reward model, " } else { "" },
         align_core::checkpoint::hf_dtype_name(stored)
     );
     println!(
-        "probe logits: max abs difference {max_abs:.3e} (relative {rel:.3e}) between the exported model and base + adapter; merge in f32: {merge_abs:.3e} (tolerance {tolerance:.1e}); the adapter itself moves them by up to {effect:.3e} (relative)"
+        "probe {what}: max abs difference {max_abs:.3e} (relative {rel:.3e}) between the exported model and base + adapter; merge in f32: {merge_abs:.3e} (tolerance {tolerance:.1e}); the adapter itself moves them by up to {effect:.3e} (relative)"
     );
     Ok(())
 }

@@ -135,3 +135,44 @@ fn bad_adapters_and_outputs_fail_with_one_line() {
     let e = fails(&["export", "--model", s(&llama), "--adapter", s(&llama), "--out", s(&out), "--device", "cpu"]);
     assert!(e.contains("adapter_config.json"), "{e}");
 }
+
+#[test]
+fn export_merges_a_peft_reward_adapter_into_a_reward_model_transformers_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models/tiny-llama");
+    let adapter = fixtures().join("peft/llama-seqcls");
+    let out = tmp.path().join("rm");
+    let stdout = ok(&["export", "--model", s(&model), "--adapter", s(&adapter), "--out", s(&out), "--device", "cpu"]);
+    assert!(stdout.contains("score head") && stdout.contains("probe scores"), "{stdout}");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!((cfg["num_labels"].as_i64(), cfg["pad_token_id"].as_i64()), (Some(1), Some(0)));
+    let names = tensor_names(&out.join("model.safetensors"));
+    assert!(names.contains(&"score.weight".to_string()) && !names.iter().any(|n| n.contains("lora")), "{names:?}");
+    assert!(!names.contains(&"lm_head.weight".to_string()));
+    // transformers reproduces PEFT's scores of base + adapter from the merged folder alone
+    let golden = tch::Tensor::read_safetensors(adapter.join("golden.safetensors")).unwrap();
+    let get = |n: &str| golden.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let ids = get("input_ids");
+    let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
+    let scores: Vec<f32> = Vec::try_from(get("scores")).unwrap();
+    let file = tmp.path().join("scores.json");
+    std::fs::write(&file, serde_json::json!({"input_ids": rows, "scores": scores}).to_string()).unwrap();
+    match python_with("transformers") {
+        None => {
+            println!("SKIPPED: transformers check of the exported reward model: .venv/bin/python has no transformers")
+        }
+        Some(python) => {
+            let r = Command::new(python)
+                .arg(fixtures().join("check_reward_model.py"))
+                .args([s(&out), s(&file)])
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+            assert!(r.status.success(), "transformers does not reproduce PEFT's scores:\n{text}");
+        }
+    }
+    // a reward-model adapter is not an adapter of the causal LM
+    let e = fails(&["generate", "--model", s(&model), "--adapter", s(&adapter), "--prompt", "hi", "--device", "cpu"]);
+    assert!(e.contains("modules_to_save") && e.contains("reward"), "{e}");
+}

@@ -1,4 +1,4 @@
-//! `align train reward|dpo` and `align eval reward` as a user runs them.
+//! `align train reward|dpo` and `align eval reward` as a user runs them, in full and with LoRA.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -155,7 +155,7 @@ fn rlhf_config_mistakes_are_one_clear_line() {
         ("reward", "[reward]", "reward.marginn=1", "marginn"),
         ("dpo", "[dpo]", "dpo.loss=kto", "kto"),
         ("dpo", "[dpo]", "dpo.beta=-1", "beta"),
-        ("reward", "[reward]", "method=lora", "lora"),
+        ("reward", "[reward]", "method=freeze", "freeze"),
     ] {
         let cfg = write_config(tmp.path(), stage, &tmp.path().join(stage), section);
         let out = align().args(["train", stage, "--config", s(&cfg), "--set", set]).output().unwrap();
@@ -264,4 +264,78 @@ fn train_ppo_killed_mid_iteration_resumes_to_the_same_weights() {
         assert_eq!(x["objective/scores"], y["objective/scores"]);
         assert_eq!(x["kl_coef"], y["kl_coef"]);
     }
+}
+
+fn reward_stats(args: &[&str]) -> Value {
+    let printed = ok(align()
+        .args(["eval", "reward"])
+        .args(args)
+        .arg("--data")
+        .arg(repo().join("data/preference/medical_pairs_eval.jsonl"))
+        .args(["--max-length", "512", "--device", "cpu", "--json"])
+        .output()
+        .unwrap());
+    serde_json::from_str(printed.trim()).unwrap()
+}
+
+#[test]
+fn lora_reward_model_is_an_adapter_that_eval_export_and_winrate_accept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rm-lora");
+    let cfg = write_config(tmp.path(), "rm-lora", &out, "[lora]\nr = 8\n[reward]");
+    ok(align()
+        .args(["train", "reward", "--config", s(&cfg), "--set", "method=lora", "--set", "train.lr=1e-2"])
+        .output()
+        .unwrap());
+    let adapter = out.join("final");
+    assert!(adapter.join("adapter_config.json").is_file() && !adapter.join("model.safetensors").exists());
+    let last_eval = eval_lines(&out).pop().unwrap();
+    // the adapter folder alone (base from adapter_config.json), and base + --adapter, agree with
+    // the run's last evaluation
+    let alone = reward_stats(&["--model", s(&adapter)]);
+    assert_eq!(alone["pairs"], 50);
+    assert!((alone["accuracy"].as_f64().unwrap() - last_eval["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(alone["accuracy"].as_f64().unwrap() > 0.6, "{alone}");
+    let base = repo().join("tests/fixtures/models/tiny-qwen2");
+    let with_flag = reward_stats(&["--model", s(&base), "--adapter", s(&adapter)]);
+    assert_eq!(alone, with_flag);
+    // export merges it into a full reward model (base from adapter_config.json) with the same scores
+    let merged = tmp.path().join("rm-merged");
+    let printed = ok(align()
+        .args(["export", "--adapter", s(&adapter), "--out", s(&merged), "--device", "cpu"])
+        .output()
+        .unwrap());
+    assert!(printed.contains("reward model") && printed.contains("probe scores"), "{printed}");
+    let cfg_json: Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["architectures"][0], "Qwen2ForSequenceClassification");
+    assert_eq!(cfg_json["num_labels"], 1);
+    let full = reward_stats(&["--model", s(&merged)]);
+    assert_eq!(full["accuracy"], alone["accuracy"]);
+    let close = |k: &str| (full[k].as_f64().unwrap() - alone[k].as_f64().unwrap()).abs() < 1e-4;
+    assert!(close("mean_margin") && close("mean_chosen_reward"), "{full} vs {alone}");
+    // win rate judged by the adapter folder
+    let printed = ok(align()
+        .args(["eval", "winrate", "--model", s(&base), "--baseline", s(&base), "--reward-model", s(&adapter)])
+        .args(["--prompts", s(&repo().join("data/prompts/medical_prompts.jsonl"))])
+        .args(["--limit", "3", "--max-new-tokens", "4", "--device", "cpu", "--json"])
+        .output()
+        .unwrap());
+    let w: Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(w["ties"].as_u64(), Some(3));
+    // a causal-LM adapter is not a reward model
+    let bad = align()
+        .args([
+            "eval",
+            "reward",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&repo().join("tests/fixtures/peft/qwen2-all-rslora")),
+        ])
+        .arg("--data")
+        .arg(repo().join("data/preference/medical_pairs_eval.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("reward-model adapter"), "{err}");
 }
