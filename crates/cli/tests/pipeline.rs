@@ -247,7 +247,10 @@ r = 4
 name = "rm"
 kind = "reward"
 from = "sft"
+method = "lora"
 data = [{pairs:?}]
+[stage.lora]
+r = 4
 [[stage]]
 name = "dpo"
 kind = "dpo"
@@ -280,6 +283,20 @@ data = [{ppl:?}]
     assert!(run.join("sft/merged/model.safetensors").is_file());
     let rm = record(&run, "rm");
     assert_eq!(rm["inputs"][0]["path"].as_str().unwrap(), run.join("sft/merged").display().to_string());
+    // the LoRA reward model is a PEFT SEQ_CLS adapter on that merged model, usable as it is
+    let rm_adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("rm/final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(rm_adapter["task_type"], "SEQ_CLS");
+    assert_eq!(rm_adapter["base_model_name_or_path"].as_str().unwrap(), run.join("sft/merged").display().to_string());
+    let eval = align()
+        .args(["eval", "reward", "--model", run.join("rm/final").to_str().unwrap(), "--device", "cpu", "--json"])
+        .arg("--data")
+        .arg(r.join("data/preference/medical_pairs_eval.jsonl"))
+        .output()
+        .unwrap();
+    ok(eval.clone());
+    let stats: Value = serde_json::from_str(String::from_utf8_lossy(&eval.stdout).trim()).unwrap();
+    assert_eq!(stats["pairs"], 50);
     let dpo = record(&run, "dpo");
     assert_eq!(dpo["config"]["adapter"].as_str().unwrap(), run.join("sft/final").display().to_string());
     assert!(run.join("dpo/final/adapter_config.json").is_file());

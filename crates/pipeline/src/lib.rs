@@ -451,7 +451,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         if !selected {
             // an unselected stage still passes on what it produced earlier
             if let Some(prev) = previous.filter(|r| r.status == "done") {
-                if let Some(out) = stage_output(p, s, &input, &prev) {
+                if let Some(out) = stage_output(p, s, &trained_from(s, input)?, &prev) {
                     produced.insert(s.name.clone(), out);
                 }
             }
@@ -467,8 +467,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 input.model.display()
             );
         }
-        // stages that need full models get LoRA outputs merged (cached next to the adapter)
-        let input = if s.kind == "reward" && input.adapter.is_some() { merged(&input)? } else { input };
+        let input = trained_from(s, input)?;
         let mut spec = s.clone();
         let reference = match (&s.reference, s.kind.as_str()) {
             (Some(r), _) => Some(produced.get(r).cloned().ok_or_else(|| {
@@ -600,6 +599,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
     Ok(outcomes)
 }
 
+/// The model a stage trains from: its input, except that a reward stage, which starts from a full
+/// causal LM, gets a LoRA input merged (cached next to the adapter).
+fn trained_from(s: &StageSpec, input: Produced) -> Result<Produced> {
+    if s.kind == "reward" && input.adapter.is_some() {
+        merged(&input)
+    } else {
+        Ok(input)
+    }
+}
+
 /// What a finished stage passes to the stages after it: its `final/` folder (a LoRA stage passes
 /// its base model plus the adapter).
 fn stage_output(p: &Pipeline, s: &StageSpec, input: &Produced, rec: &StageRecord) -> Option<Produced> {
@@ -710,7 +719,8 @@ fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     )
 }
 
-/// A plain model folder for base + adapter: the adapter merged into the weights, written once to
+/// A plain model folder for base + adapter: the adapter merged into the weights (a reward-model
+/// adapter gives a `*ForSequenceClassification` folder), written once to
 /// `<adapter folder>/../merged` and reused while the adapter's content hash is the same.
 fn merged(input: &Produced) -> Result<Produced> {
     let Some(adapter) = &input.adapter else { return Ok(input.clone()) };
@@ -718,17 +728,30 @@ fn merged(input: &Produced) -> Result<Produced> {
     let marker = dir.join(".merged_from");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(input.hash.as_str()) {
         tracing::info!("merging {} into {} → {}", adapter.display(), input.model.display(), dir.display());
-        let mut m = align_core::load_causal_lm(&input.model, tch::Device::Cpu, tch::Kind::Float)?;
-        align_core::lora::load_adapter(&m.vs, &mut m.lm, adapter)?;
-        align_core::lora::merge_lora(&m.vs, &mut m.lm)?;
         let stored = align_core::ModelConfig::from_dir(&input.model)?.stored_dtype;
         let dtype = match stored.as_deref() {
             Some("bfloat16") => Some(tch::Kind::BFloat16),
             Some("float16") => Some(tch::Kind::Half),
             _ => None,
         };
-        let opts = align_core::checkpoint::SaveOptions { dtype, companions_from: Some(adapter), ..Default::default() };
-        align_core::checkpoint::save_pretrained(&m.vs, &m.lm.config, &dir, &opts)?;
+        if align_core::lora::read_adapter_folder_config(adapter)?.is_reward_model() {
+            let (m, _) = align_core::scalar_model::load_reward_model_or_adapter(
+                &input.model,
+                Some(adapter),
+                tch::Device::Cpu,
+                tch::Kind::Float,
+            )?;
+            align_core::checkpoint::write_folder(&dir, |tmp| {
+                align_core::scalar_model::write_scalar_model(&m.vs, &m.rm, tmp, dtype, Some(adapter))
+            })?;
+        } else {
+            let mut m = align_core::load_causal_lm(&input.model, tch::Device::Cpu, tch::Kind::Float)?;
+            align_core::lora::load_adapter(&m.vs, &mut m.lm, adapter)?;
+            align_core::lora::merge_lora(&m.vs, &mut m.lm)?;
+            let opts =
+                align_core::checkpoint::SaveOptions { dtype, companions_from: Some(adapter), ..Default::default() };
+            align_core::checkpoint::save_pretrained(&m.vs, &m.lm.config, &dir, &opts)?;
+        }
         std::fs::write(&marker, &input.hash)?;
     }
     Ok(Produced { model: dir, adapter: None, hash: input.hash.clone() })
@@ -746,4 +769,37 @@ fn init_model(p: &Pipeline, desc: &Path, tokenizer: &Path) -> Result<Produced> {
     }
     let hash = sha256_hex(format!("init:{key}").as_bytes());
     Ok(Produced { model: dir, adapter: None, hash })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    }
+
+    #[test]
+    fn a_reward_adapter_is_merged_into_a_reward_model_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        // a LoRA reward stage's output: base model + adapter in <stage>/final
+        let adapter = tmp.path().join("rm/final");
+        std::fs::create_dir_all(&adapter).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixtures().join("peft/llama-seqcls").join(f), adapter.join(f)).unwrap();
+        }
+        let input = Produced {
+            model: fixtures().join("models/tiny-llama"),
+            adapter: Some(adapter.clone()),
+            hash: "h1".to_string(),
+        };
+        let out = merged(&input).unwrap();
+        assert_eq!((out.model.clone(), out.adapter.clone()), (tmp.path().join("rm/merged"), None));
+        let rm = align_core::scalar_model::load_reward_model(&out.model, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        let golden = tch::Tensor::read_safetensors(fixtures().join("peft/llama-seqcls/golden.safetensors")).unwrap();
+        let get = |n: &str| golden.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        let got = tch::no_grad(|| rm.rm.forward(&get("input_ids"))).unwrap();
+        let diff = (got - get("scores")).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "merged reward model scores differ from PEFT's by {diff}");
+    }
 }
