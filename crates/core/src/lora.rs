@@ -566,7 +566,9 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
 fn full_modules_of<M: LoraModel>(folder: &AdapterFolderConfig, at: &Path) -> Result<Vec<&'static str>> {
     let classifier = M::PEFT_TASK_TYPE == "SEQ_CLS" && folder.task_type.as_deref() == Some("SEQ_CLS");
     for m in &folder.modules_to_save {
-        if !M::MODULES_TO_SAVE.contains(&m.as_str()) && !(classifier && PEFT_CLASSIFIER_NAMES.contains(&m.as_str())) {
+        let known =
+            M::MODULES_TO_SAVE.contains(&m.as_str()) || (classifier && PEFT_CLASSIFIER_NAMES.contains(&m.as_str()));
+        if !known {
             let hint = if folder.is_reward_model() {
                 " (a reward-model adapter: load it onto the reward model, e.g. with `align eval reward` or `align export`)"
             } else {
