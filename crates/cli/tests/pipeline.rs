@@ -402,3 +402,60 @@ fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
         }
     }
 }
+
+/// A reward stage trained with LoRA feeds a PPO stage: the PPO stage reads the adapter merged
+/// into a full reward-model folder (`rm/merged`), recorded as its reward-model input.
+#[test]
+fn a_lora_reward_stage_feeds_ppo_as_a_merged_reward_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("rm-lora");
+    let r = repo();
+    let file = tmp.path().join("rm-lora.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[pipeline]
+name = "rm-lora"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = 4
+lr = 1e-3
+max_steps = 2
+max_length = 256
+[[stage]]
+name = "rm"
+kind = "reward"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+[[stage]]
+name = "rlhf"
+kind = "ppo"
+reward_model = "rm"
+data = [{prompts:?}]
+[stage.ppo]
+rollout_batch_size = 4
+max_new_tokens = 8
+ppo_epochs = 1
+"#,
+            model = r.join("tests/fixtures/models/tiny-qwen2"),
+            pairs = r.join("data/preference/medical_pairs.jsonl"),
+            prompts = r.join("data/prompts/medical_qa.jsonl"),
+        ),
+    )
+    .unwrap();
+    ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert!(run.join("rm/final/adapter_config.json").is_file());
+    let merged: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("rm/merged/config.json")).unwrap()).unwrap();
+    assert_eq!(merged["architectures"][0], "Qwen2ForSequenceClassification");
+    let rec = record(&run, "rlhf");
+    assert_eq!(rec["status"], "done");
+    let merged_path = run.join("rm/merged").display().to_string();
+    assert_eq!(rec["inputs"][1]["role"], "reward_model");
+    assert_eq!(rec["inputs"][1]["path"].as_str(), Some(merged_path.as_str()));
+}

@@ -10,9 +10,11 @@ use crate::checkpoint::{load_causal_lm, load_weights, resolve_model_dir, write_p
 use crate::device::{enable_cpu_features, parse_device, parse_dtype};
 use crate::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, restore_adapter_weights,
-    trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
+    trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig, ADAPTER_CONFIG_FILE,
 };
-use crate::scalar_model::{load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::scalar_model::{
+    load_reward_model_or_adapter, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit,
+};
 use crate::tokenizer::ModelTokenizer;
 use crate::train_config::{LoadedConfig, Method};
 use crate::trainer::ModelState;
@@ -139,6 +141,13 @@ impl TrainingScalarModel {
         let c = &cfg.config;
         let (device, kind) = training_device(cfg)?;
         let dir = resolve_model_dir(&c.model)?;
+        if dir.join(ADAPTER_CONFIG_FILE).is_file() {
+            bail!(
+                "{}: key 'model': {} is an adapter folder; give its base model as model and the folder as adapter",
+                cfg.origin.display(),
+                dir.display()
+            );
+        }
         let mut tm = Self::from_dir(&dir, device, kind, init)?;
         tm.base_name = c.model.clone();
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
@@ -186,12 +195,21 @@ impl TrainingScalarModel {
         Ok(tm)
     }
 
-    /// Loads the scalar model at `dir` (a reward-model folder, or a causal LM's trunk with a new
-    /// head) with every weight trainable (method full).
+    /// Loads the scalar model at `dir` (a reward-model folder, a LoRA reward-model adapter folder
+    /// merged into its `base_model_name_or_path`, or a causal LM's trunk with a new head) with
+    /// every weight trainable (method full).
     pub fn from_dir(dir: &Path, device: Device, kind: Kind, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
+        let base_name = dir.display().to_string();
+        if dir.join(ADAPTER_CONFIG_FILE).is_file() {
+            let (loaded, tokenizer_dir) = load_reward_model_or_adapter(dir, None, device, kind)?;
+            for (_, v) in loaded.vs.variables() {
+                let _ = v.set_requires_grad(true);
+            }
+            let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir)?;
+            return Ok(TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name });
+        }
         let tokenizer = ModelTokenizer::from_dir(dir)?;
         let loaded = load_scalar_model(dir, device, kind, tokenizer.padding_id(), init)?;
-        let base_name = dir.display().to_string();
         Ok(TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name })
     }
 

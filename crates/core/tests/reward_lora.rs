@@ -14,6 +14,7 @@ use align_core::scalar_model::{
     load_reward_model, load_reward_model_or_adapter, scalar_model_from_causal_lm, write_scalar_model,
     LoadedScalarModel, ScalarModel, ScoreInit,
 };
+use align_core::train_setup::TrainingScalarModel;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -152,6 +153,10 @@ fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
         // an adapter folder given as the model resolves its base from base_model_name_or_path
         let (back, _) = load_reward_model_or_adapter(&out, None, Device::Cpu, Kind::Float).unwrap();
         assert!(max_diff(&scores(&back.rm, &ids), &ours) < 1e-5, "{name}: reload differs");
+        // … and a scalar model trained in full from it (PPO's critic) is that merged model
+        let critic = TrainingScalarModel::from_dir(&out, Device::Cpu, Kind::Float, |_| ScoreInit::Zeros).unwrap();
+        assert!(critic.loaded.vs.variables().iter().all(|(n, t)| t.requires_grad() && !n.contains("lora_")));
+        assert!(max_diff(&scores(&critic.loaded.rm, &ids), &ours) < 1e-5, "{name}: critic differs");
         // resuming: the same adapter into adapters attached from the same config
         let mut resumed = scalar(base, 99);
         attach_lora(&resumed.vs, &mut resumed.rm, &cfg).unwrap();

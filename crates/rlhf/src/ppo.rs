@@ -18,7 +18,7 @@ use align_core::config::ModelConfig;
 use align_core::data::read_prompts;
 use align_core::generate::{generate_with_stats, Generation, SamplingConfig};
 use align_core::optim::{learning_rate, AdamW};
-use align_core::scalar_model::{load_reward_model, LoadedScalarModel, ScoreInit};
+use align_core::scalar_model::{load_reward_model_or_adapter, LoadedScalarModel, ScoreInit};
 use align_core::train_config::{LoadedConfig, TrainSection};
 use align_core::train_setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::trainer::{
@@ -483,10 +483,11 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let policy_dir = resolve_model_dir(&c.model)?;
     let reward_dir = resolve_model_dir(&section.reward_model)?;
     let reference = policy_reference(cfg, section.reference.as_deref(), device, kind)?;
-    let mut reward =
-        load_reward_model(&reward_dir, device, kind).with_context(|| format!("{origin}: [ppo] reward_model"))?;
+    // a reward-model folder, or a LoRA reward model's adapter folder (merged into its base)
+    let (mut reward, reward_tokenizer_dir) = load_reward_model_or_adapter(&reward_dir, None, device, kind)
+        .with_context(|| format!("{origin}: [ppo] reward_model"))?;
     reward.vs.freeze();
-    let reward_tokenizer = ModelTokenizer::from_dir(&reward_dir)?;
+    let reward_tokenizer = ModelTokenizer::from_dir(&reward_tokenizer_dir)?;
     let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
     let policy = TrainingModel::load(cfg)?;
     let prompts = load_prompts(cfg, &policy.tokenizer, max_prompt)?;

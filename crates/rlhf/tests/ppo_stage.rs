@@ -260,3 +260,50 @@ fn config_errors_name_the_key() {
     let err = align_rlhf::run_ppo(&config(&out, &reward, &[]), false, None).unwrap_err();
     assert!(format!("{err:#}").contains("rm"), "{err:#}");
 }
+
+/// A LoRA reward model (`align train reward` with `method = "lora"` saves a PEFT `SEQ_CLS`
+/// adapter folder) is accepted as `[ppo] reward_model`, for the reward and the critic, and gives
+/// bitwise the run of its merged full folder.
+#[test]
+fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
+    use align_core::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig};
+    use align_core::scalar_model::{load_reward_model_or_adapter, scalar_model_from_causal_lm, ScoreInit};
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("rm-lora");
+    let mut m =
+        scalar_model_from_causal_lm(&policy_dir(), Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, 3)).unwrap();
+    tch::manual_seed(4);
+    let lora = LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() };
+    attach_lora(&m.vs, &mut m.rm, &lora).unwrap();
+    tch::no_grad(|| {
+        for (_, lin) in m.rm.linears() {
+            if let Some(l) = &lin.lora {
+                l.lora_b.shallow_clone().copy_(&(Tensor::randn(l.lora_b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+    });
+    let opts = AdapterSaveOptions {
+        base_model_name_or_path: Some(policy_dir().display().to_string()),
+        companions_from: Some(&policy_dir()),
+    };
+    save_adapter(&m.rm, &adapter, &opts).unwrap();
+    let merged = tmp.path().join("rm-merged");
+    let (full, _) = load_reward_model_or_adapter(&adapter, None, Device::Cpu, Kind::Float).unwrap();
+    std::fs::create_dir_all(&merged).unwrap();
+    write_scalar_model(&full.vs, &full.rm, &merged, None, Some(&policy_dir())).unwrap();
+
+    let extra = ["train.max_steps=2", "train.save_every=0"];
+    let (a, b) = (tmp.path().join("with-adapter"), tmp.path().join("with-merged"));
+    align_rlhf::run_ppo(&config(&a, &adapter, &extra), false, None).unwrap();
+    align_rlhf::run_ppo(&config(&b, &merged, &extra), false, None).unwrap();
+    let (x, y) = (lines(&a), lines(&b));
+    assert_eq!(x.len(), 2);
+    for (x, y) in x.iter().zip(&y) {
+        for key in ["objective/scores", "val/vf_loss", "loss"] {
+            assert_eq!(x[key], y[key], "{key}: {x} vs {y}");
+        }
+    }
+    // the critic started from the merged reward model and trained in full
+    assert_same_weights(&a.join("final/value_model"), &b.join("final/value_model"));
+}
