@@ -1,7 +1,10 @@
-//! The one training loop every stage runs. A stage supplies an `Objective` (its batches and loss)
-//! and a `ModelState` (how its weights are saved and restored); the loop does gradient
-//! accumulation normalised by loss units (label tokens, pairs), clipping, the LR schedule, the
-//! NaN guard, evaluation and early stopping, metrics, and checkpoints with exact resume.
+//! The one training loop every stage runs. A stage hands it a [`TrainStep`] — what one optimizer
+//! step does (a supervised objective's accumulated micro-batches, or a PPO iteration), which
+//! models and optimizers it owns and what state it adds to `train_state/` — and the loop owns
+//! the rest: the step count and LR schedule, seeding, the data cursor, the non-finite guard,
+//! evaluation, early stopping (with `best/`), metrics, and checkpoints with exact resume,
+//! `final/` and `train_summary.json`. The supervised stages (PT, SFT, RM, DPO) are one
+//! [`SupervisedStep`] over their [`Objective`].
 //! Exactness relies on libtorch's process-global random generator, reseeded every step: run one
 //! training per process (or serialise runs that draw random numbers).
 use std::collections::BTreeMap;
@@ -11,8 +14,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tch::Tensor;
+
+pub use align_runs::TrainSummary;
+use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, RUN_OUTPUTS, TRAIN_STATE};
+pub use align_runs::files::{COMPLETE_MARKER, METRICS, SAMPLES, SUMMARY};
 
 use crate::checkpoint::{save_tensors, write_folder};
 use crate::optim::{learning_rate, AdamW};
@@ -35,7 +42,7 @@ pub struct MicroBatch {
     pub metrics: Vec<(String, f64)>,
 }
 
-/// A stage's data and objective.
+/// A supervised stage's data and objective.
 pub trait Objective {
     fn len(&self, split: Split) -> usize;
     /// Loss units of one example: label tokens for language modelling, 1 for a preference pair.
@@ -55,12 +62,89 @@ pub trait ModelState {
     fn set_training(&self, _on: bool) {}
 }
 
-/// The loop's inputs besides the stage.
+/// Where the loop is when it asks for a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepContext {
+    /// Steps done before this one (0-based index of this step).
+    pub step: u64,
+    pub total_steps: u64,
+    /// The learning rate of this step (the schedule's value).
+    pub lr: f64,
+    /// Examples consumed before this step: the cursor into the seeded stream of
+    /// [`stream_indices`] over the step's examples.
+    pub examples_consumed: u64,
+}
+
+/// Why a step asks the loop to stop.
+#[derive(Debug, Clone)]
+pub struct StopRequest {
+    /// Recorded as the summary's `stop_reason`.
+    pub reason: String,
+    /// Stop with an error (after the summary is written) instead of a normal, incomplete end.
+    pub fail: bool,
+}
+
+/// What one step did, for the loop.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    /// The step's loss, logged as `loss`.
+    pub loss: Option<f64>,
+    /// The step's metrics, in the order they are logged.
+    pub metrics: Vec<(String, f64)>,
+    /// Examples of the data stream this step consumed.
+    pub examples: u64,
+    /// Tokens processed (throughput and `tokens_seen`).
+    pub tokens: u64,
+    /// False when a non-finite loss, score or gradient made the step skip its update.
+    pub applied: bool,
+    /// A short progress message (`loss 1.234`, `score 0.3 kl 1.2`).
+    pub progress: String,
+    pub stop: Option<StopRequest>,
+}
+
+/// Mean loss and metrics of an evaluation.
+pub type Evaluation = (f64, BTreeMap<String, f64>);
+
+/// One optimizer step of a stage: the only thing a stage hands the loop.
+pub trait TrainStep {
+    /// What a step is called in logs ("step", "iteration").
+    fn unit(&self) -> &'static str {
+        "step"
+    }
+    /// Examples in one epoch of the training data.
+    fn examples(&self) -> usize;
+    /// Examples one step consumes.
+    fn examples_per_step(&self) -> usize;
+    /// Runs one step.
+    fn step(&mut self, at: &StepContext) -> Result<StepReport>;
+    /// The optimizers the step owns, by name (each saved as `train_state/NAME.safetensors`).
+    fn optimizers(&self) -> Vec<(&'static str, &AdamW)>;
+    fn optimizers_mut(&mut self) -> Vec<(&'static str, &mut AdamW)>;
+    /// Writes the trained model(s) as loadable folders into `dir` (a checkpoint, `final/`, `best/`).
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Loads what `save` wrote back into the live models.
+    fn restore(&self, dir: &Path) -> Result<()>;
+    /// The step's own resume state (saved in `train_state/state.json` under `stage`).
+    fn state(&self) -> Result<Value> {
+        Ok(Value::Null)
+    }
+    fn load_state(&mut self, _state: &Value) -> Result<()> {
+        Ok(())
+    }
+    /// True when the stage has validation data to evaluate.
+    fn has_validation(&self) -> bool {
+        false
+    }
+    /// Mean loss and metrics over the validation data.
+    fn evaluate(&mut self) -> Result<Evaluation> {
+        bail!("this stage has no validation data")
+    }
+}
+
+/// The loop's inputs besides the step.
 pub struct TrainRun<'a> {
     pub settings: &'a TrainSection,
     pub output_dir: &'a Path,
-    /// Trainable parameters by name, in a fixed order.
-    pub params: Vec<(String, Tensor)>,
     pub config_hash: &'a str,
     /// Start over instead of resuming from the newest checkpoint.
     pub restart: bool,
@@ -70,41 +154,24 @@ pub struct TrainRun<'a> {
 
 /// Persisted with every checkpoint; everything the loop needs to continue exactly.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct LoopState {
     pub step: u64,
     pub total_steps: u64,
     pub examples_consumed: u64,
     pub tokens_seen: u64,
     pub best_eval_loss: Option<f64>,
+    pub best_step: Option<u64>,
     pub evals_without_improvement: u64,
     pub nonfinite_in_row: u64,
     pub nonfinite_total: u64,
     pub config_hash: String,
     pub elapsed_seconds: f64,
+    /// Updates each optimizer applied (Adam's bias-correction counts).
+    pub optimizer_steps: BTreeMap<String, u64>,
+    /// The step's own state ([`TrainStep::state`]).
+    pub stage: Value,
 }
-
-/// What a finished (or stopped) run reports; written to `OUTPUT/train_summary.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainSummary {
-    pub steps: u64,
-    pub total_steps: u64,
-    pub completed: bool,
-    pub stop_reason: String,
-    pub last_loss: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub best_eval_loss: Option<f64>,
-    pub nonfinite_steps: u64,
-    pub tokens_seen: u64,
-    pub seconds: f64,
-    pub final_dir: Option<PathBuf>,
-}
-
-pub const COMPLETE_MARKER: &str = "COMPLETE";
-const STATE_DIR: &str = "train_state";
-pub const METRICS: &str = "metrics.jsonl";
-pub const SUMMARY: &str = "train_summary.json";
-/// Sampled rollouts of a PPO run (removed with the rest of a run on restart).
-pub const SAMPLES: &str = "samples.jsonl";
 
 /// A seeded permutation of `0..n` for one epoch (splitmix64 + Fisher–Yates): the data order is a
 /// pure function of (seed, epoch), so the data cursor is just a count of examples consumed.
@@ -142,15 +209,6 @@ pub fn stream_indices(n: usize, seed: u64, start: u64, count: usize) -> Vec<usiz
         .collect()
 }
 
-/// Optimizer steps of a run: `max_steps`, or enough for `epochs` passes over `n` examples.
-pub fn total_steps(s: &TrainSection, n: usize) -> u64 {
-    if s.max_steps > 0 {
-        return s.max_steps;
-    }
-    let per_step = (s.batch_size * s.grad_accum) as f64;
-    ((s.epochs * n as f64) / per_step).ceil().max(1.0) as u64
-}
-
 /// Complete checkpoints under `output_dir`, oldest first.
 pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(output_dir)
@@ -169,7 +227,7 @@ pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Reads `train_state/state.json` of a checkpoint folder (the loop's, or a stage's own state).
 pub fn read_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
-    let path = dir.join(STATE_DIR).join("state.json");
+    let path = dir.join(TRAIN_STATE).join("state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))
 }
@@ -217,19 +275,17 @@ impl MetricsLog {
     }
 }
 
-/// Creates `out`; with `restart` removes its checkpoints, final folder, metrics and summary; and
-/// removes folders a crash left half-written (a checkpoint is only complete under its own name).
+/// Creates `out`; with `restart` removes its checkpoints and what the run wrote (metrics,
+/// summary, samples, `final/`, `best/`); and removes folders a crash left half-written (a
+/// checkpoint is only complete under its own name).
 pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().to_string();
-        let half_written = name.starts_with(".checkpoint-") || name.starts_with(".final.");
-        let previous_run = restart
-            && (name.starts_with("checkpoint-")
-                || name == "final"
-                || name == METRICS
-                || name == SUMMARY
-                || name == SAMPLES);
+        let half_written = name.starts_with(&format!(".{CHECKPOINT_PREFIX}"))
+            || name.starts_with(&format!(".{FINAL}."))
+            || name.starts_with(&format!(".{BEST}."));
+        let previous_run = restart && (name.starts_with(CHECKPOINT_PREFIX) || RUN_OUTPUTS.contains(&name.as_str()));
         if half_written || previous_run {
             let path = entry.path();
             if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
@@ -241,7 +297,7 @@ pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<()> {
 
 /// Test hook: `ALIGN_TEST_STEP_DELAY_MS` slows every step (or PPO iteration) down so a test can
 /// kill the process mid-run.
-pub fn test_step_delay() {
+fn test_step_delay() {
     if let Some(ms) = std::env::var("ALIGN_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
@@ -250,8 +306,8 @@ pub fn test_step_delay() {
 /// Writes `OUTPUT/checkpoint-STEP` through a temporary folder: `fill` writes the model(s) and
 /// `train_state/`, then the COMPLETE marker goes in and the folder is renamed into place; only
 /// the newest `keep` complete checkpoints are kept (0 = all).
-pub fn write_checkpoint(out: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = out.join(format!("checkpoint-{step}"));
+fn write_checkpoint(out: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = out.join(format!("{CHECKPOINT_PREFIX}{step}"));
     write_folder(&dir, |tmp| {
         fill(tmp)?;
         if std::env::var("ALIGN_TEST_CRASH_IN_SAVE").ok().and_then(|v| v.parse::<u64>().ok()) == Some(step) {
@@ -272,8 +328,8 @@ pub fn write_checkpoint(out: &Path, step: u64, keep: usize, fill: impl FnOnce(&P
 
 /// Writes `train_state/` into a checkpoint folder: each optimizer's state as
 /// `<name>.safetensors` and the loop's `state.json`.
-pub fn write_train_state<S: Serialize>(dir: &Path, optimizers: &[(&str, &AdamW)], state: &S) -> Result<()> {
-    let st = dir.join(STATE_DIR);
+fn write_train_state(dir: &Path, optimizers: &[(&str, &AdamW)], state: &LoopState) -> Result<()> {
+    let st = dir.join(TRAIN_STATE);
     std::fs::create_dir_all(&st)?;
     for (name, opt) in optimizers {
         let sub = st.join(format!(".{name}"));
@@ -287,32 +343,51 @@ pub fn write_train_state<S: Serialize>(dir: &Path, optimizers: &[(&str, &AdamW)]
 }
 
 /// Restores an optimizer written by [`write_train_state`] under `name`, with its step count.
-pub fn read_optimizer_state(dir: &Path, name: &str, opt: &mut AdamW, steps: u64) -> Result<()> {
-    let file = dir.join(STATE_DIR).join(format!("{name}.safetensors"));
+fn read_optimizer_state(dir: &Path, name: &str, opt: &mut AdamW, steps: u64) -> Result<()> {
+    let file = dir.join(TRAIN_STATE).join(format!("{name}.safetensors"));
     let device = opt.parameters().next().map(|p| p.1.device()).unwrap_or(tch::Device::Cpu);
     let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&file)
         .map_err(|e| anyhow!("{}: {e}", file.display()))?
         .into_iter()
-        .map(|(k, v)| (k, v.to_device(device)))
+        .map(|(k, v)| (k.to_string(), v.to_device(device)))
         .collect();
     opt.load_state(&tensors, steps).with_context(|| format!("{}", file.display()))
 }
 
+/// Clips the gradients of `opt` to `max_norm` (when > 0) given their global norm, then applies
+/// one update with `lr`: the one clipping rule of every stage.
+pub fn clip_and_step(opt: &mut AdamW, grad_norm: f64, max_norm: f64, lr: f64) -> Result<()> {
+    if max_norm > 0.0 && grad_norm > max_norm {
+        opt.scale_grads(max_norm / (grad_norm + 1e-6))?;
+    }
+    opt.step(lr)
+}
+
+/// Optimizer steps of a run: `max_steps`, or enough for `epochs` passes over `examples` at
+/// `per_step` examples a step.
+pub fn planned_steps(s: &TrainSection, examples: usize, per_step: usize) -> u64 {
+    if s.max_steps > 0 {
+        return s.max_steps;
+    }
+    ((s.epochs * examples as f64) / per_step.max(1) as f64).ceil().max(1.0) as u64
+}
+
 /// Runs (or resumes) training to the end; returns the summary.
-pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelState) -> Result<TrainSummary> {
+pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let s = run.settings;
     let out = run.output_dir;
+    let unit = step.unit();
     prepare_output_dir(out, run.restart)?;
-    let n_train = objective.len(Split::Train);
+    let n_train = step.examples();
     if n_train == 0 {
         bail!("no training examples");
     }
-    let total = total_steps(s, n_train);
+    let per_step = step.examples_per_step();
+    let total = planned_steps(s, n_train, per_step);
     let warmup = (s.warmup_ratio * total as f64).round() as u64;
-    let mut opt = AdamW::new(run.params, s.adamw())?;
     let mut state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..Default::default() };
 
-    if let Some((step, dir)) = complete_checkpoints(out).pop() {
+    if let Some((at, dir)) = complete_checkpoints(out).pop() {
         let saved: LoopState = read_state(&dir)?;
         if saved.config_hash != run.config_hash {
             tracing::warn!(
@@ -320,155 +395,152 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
                 dir.display()
             );
         }
-        model.restore(&dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
-        read_optimizer_state(&dir, "optimizer", &mut opt, saved.step - saved.nonfinite_total)?;
+        step.restore(&dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
+        for (name, opt) in step.optimizers_mut() {
+            let n = saved.optimizer_steps.get(name).copied().ok_or_else(|| {
+                anyhow!("{}: train_state/state.json: optimizer_steps lacks '{name}'", dir.display())
+            })?;
+            read_optimizer_state(&dir, name, opt, n)?;
+        }
+        step.load_state(&saved.stage)
+            .with_context(|| format!("{}: train_state/state.json: field 'stage'", dir.display()))?;
         state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..saved };
-        truncate_metrics(&out.join(METRICS), step)?;
-        tracing::info!("resuming from {} (step {step} of {total})", dir.display());
+        for log in [METRICS, SAMPLES] {
+            truncate_metrics(&out.join(log), at)?;
+        }
+        tracing::info!("resuming from {} ({unit} {at} of {total})", dir.display());
     } else {
-        truncate_metrics(&out.join(METRICS), 0)?;
+        for log in [METRICS, SAMPLES] {
+            truncate_metrics(&out.join(log), 0)?;
+        }
     }
     let mut metrics = MetricsLog::open(&out.join(METRICS))?;
 
-    let per_step = s.batch_size * s.grad_accum;
-    let bar = progress_bar(total, state.step);
+    let bar = progress_bar(total, state.step, unit);
     let started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let mut last_loss = None;
     let mut last_eval = None;
     let mut stop_reason = String::from("completed");
+    let mut stop_request: Option<StopRequest> = None;
     let mut saved_at = complete_checkpoints(out).last().map(|c| c.0);
-    let n_val = objective.len(Split::Validation);
+    let evaluates = step.has_validation() && s.eval_every > 0;
+    let keeps_best = step.has_validation() && s.early_stopping_patience > 0;
+    let mut early_stopped = false;
 
     while state.step < total {
         if run.stop_after.is_some_and(|stop| state.step >= stop) {
-            stop_reason = format!("stopped after step {}", state.step);
+            stop_reason = format!("stopped after {unit} {}", state.step);
             break;
         }
         let step_started = Instant::now();
         test_step_delay();
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
         tch::manual_seed((s.seed as i64).wrapping_add(state.step as i64));
-        // the examples of this step, continuing the seeded epoch stream
-        let examples = stream_indices(n_train, s.seed, state.examples_consumed, per_step);
-        let units: f64 = examples.iter().map(|&e| objective.units(Split::Train, e)).sum::<f64>().max(1.0);
-        model.set_training(true);
-        let mut loss_value = 0f64;
-        let mut tokens = 0usize;
-        let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
-        for micro in examples.chunks(s.batch_size) {
-            let mb = objective.forward(Split::Train, micro)?;
-            let loss = mb.loss_sum.f_div_scalar(units)?;
-            loss_value += loss.f_double_value(&[])?;
-            loss.f_backward()?;
-            tokens += mb.tokens;
-            for (k, v) in mb.metrics {
-                *metric_sums.entry(k).or_default() += v;
-            }
-        }
-        let grad_norm = opt.grad_norm()?;
-        let finite = loss_value.is_finite() && grad_norm.is_finite();
-        if finite {
-            if s.max_grad_norm > 0.0 && grad_norm > s.max_grad_norm {
-                opt.scale_grads(s.max_grad_norm / (grad_norm + 1e-6))?;
-            }
-            opt.step(lr)?;
+        let at = StepContext { step: state.step, total_steps: total, lr, examples_consumed: state.examples_consumed };
+        let report = step.step(&at)?;
+        if report.applied {
             state.nonfinite_in_row = 0;
         } else {
             state.nonfinite_in_row += 1;
             state.nonfinite_total += 1;
-            tracing::warn!(
-                "step {}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); update skipped",
-                state.step + 1
-            );
         }
-        opt.zero_grad();
         state.step += 1;
-        state.examples_consumed += per_step as u64;
-        state.tokens_seen += tokens as u64;
+        state.examples_consumed += report.examples;
+        state.tokens_seen += report.tokens;
         let secs = step_started.elapsed().as_secs_f64();
-        let mut line = json!({
-            "step": state.step,
-            "epoch": state.examples_consumed as f64 / n_train as f64,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_second": tokens as f64 / secs.max(1e-9),
-        });
-        for (k, v) in &metric_sums {
-            line[k.as_str()] = json!(v / units);
+        let mut line = Map::new();
+        line.insert("step".into(), json!(state.step));
+        line.insert("epoch".into(), json!(state.examples_consumed as f64 / n_train as f64));
+        if let Some(l) = report.loss {
+            line.insert("loss".into(), json!(l));
         }
-        if !finite {
-            line["skipped_nonfinite"] = json!(true);
+        line.insert("lr".into(), json!(lr));
+        line.insert("tokens_per_second".into(), json!(report.tokens as f64 / secs.max(1e-9)));
+        for (k, v) in &report.metrics {
+            line.insert(k.clone(), json!(v));
         }
-        metrics.write(&line)?;
-        last_loss = Some(loss_value);
+        if !report.applied {
+            line.insert("skipped_nonfinite".into(), json!(true));
+        }
+        metrics.write(&Value::Object(line))?;
+        last_loss = report.loss.or(last_loss);
         if let Some(b) = &bar {
             b.set_position(state.step);
-            b.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
+            b.set_message(report.progress.clone());
         } else if state.step % s.log_every.max(1) == 0 || state.step == total {
             tracing::info!(
-                "step {}/{total} loss {loss_value:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s",
+                "{unit} {}/{total} {} lr {lr:.3e} · {:.0} tok/s",
                 state.step,
-                tokens as f64 / secs.max(1e-9)
+                report.progress,
+                report.tokens as f64 / secs.max(1e-9)
             );
         }
         if state.nonfinite_in_row >= s.max_nonfinite_steps.max(1) {
             bail!(
-                "stopping: {} non-finite steps in a row (last good checkpoint is kept; lower train.lr?)",
+                "stopping: {} non-finite {unit}s in a row (non-finite loss, score or gradient; the last good checkpoint is kept; lower train.lr?)",
                 state.nonfinite_in_row
             );
         }
+        if let Some(stop) = report.stop {
+            stop_reason = stop.reason.clone();
+            stop_request = Some(stop);
+            break;
+        }
 
-        let eval_now = n_val > 0 && s.eval_every > 0 && state.step % s.eval_every == 0;
-        if eval_now {
-            let e = evaluate(objective, model, s.batch_size)?;
+        if evaluates && state.step % s.eval_every == 0 {
+            let e = step.evaluate()?;
             last_eval = Some(e.0);
             write_eval(&mut metrics, state.step, &e)?;
             if state.best_eval_loss.is_none_or(|b| e.0 < b) {
                 state.best_eval_loss = Some(e.0);
+                state.best_step = Some(state.step);
                 state.evals_without_improvement = 0;
+                if keeps_best {
+                    write_folder(&out.join(BEST), |tmp| step.save(tmp))?;
+                }
             } else {
                 state.evals_without_improvement += 1;
             }
         }
-        let early_stop = s.early_stopping_patience > 0 && state.evals_without_improvement >= s.early_stopping_patience;
-        let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total || early_stop;
+        early_stopped =
+            s.early_stopping_patience > 0 && state.evals_without_improvement >= s.early_stopping_patience;
+        let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total || early_stopped;
         if save_now {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &state, &opt, model, s.save_total_limit)?;
+            save_checkpoint(out, &mut state, step, s.save_total_limit)?;
             saved_at = Some(state.step);
         }
-        if early_stop {
+        if early_stopped {
             stop_reason = format!(
-                "early stopping: eval loss did not improve for {} evaluations",
-                state.evals_without_improvement
+                "early stopping: eval loss did not improve for {} evaluations (best at step {})",
+                state.evals_without_improvement,
+                state.best_step.map_or("-".to_string(), |b| b.to_string())
             );
+            tracing::info!("{stop_reason}; its weights are in {}", out.join(BEST).display());
             break;
         }
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let completed = state.step >= total || stop_reason.starts_with("early stopping");
+    let completed = stop_request.is_none() && (state.step >= total || early_stopped);
     let mut final_dir = None;
     if completed {
-        if n_val > 0 && !(s.eval_every > 0 && state.step % s.eval_every == 0) {
-            let e = evaluate(objective, model, s.batch_size)?;
+        if step.has_validation() && !(evaluates && state.step % s.eval_every == 0) {
+            let e = step.evaluate()?;
             last_eval = Some(e.0);
             write_eval(&mut metrics, state.step, &e)?;
         }
         if saved_at != Some(state.step) {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &state, &opt, model, s.save_total_limit)?;
+            save_checkpoint(out, &mut state, step, s.save_total_limit)?;
         }
-        if !opt.all_finite()? {
-            bail!("the final weights are not finite; nothing was saved as final");
-        }
-        let dir = out.join("final");
-        write_folder(&dir, |tmp| model.save(tmp))?;
+        let dir = out.join(FINAL);
+        write_folder(&dir, |tmp| step.save(tmp))?;
         final_dir = Some(dir);
     }
+    let best_dir = Some(out.join(BEST)).filter(|d| keeps_best && d.is_dir());
     let summary = TrainSummary {
         steps: state.step,
         total_steps: total,
@@ -477,12 +549,17 @@ pub fn train(run: TrainRun, objective: &mut dyn Objective, model: &dyn ModelStat
         last_loss: last_loss.or_else(|| last_logged(out, "loss")),
         eval_loss: last_eval.or_else(|| last_logged(out, "eval_loss")),
         best_eval_loss: state.best_eval_loss,
+        best_step: state.best_step,
+        best_dir,
         nonfinite_steps: state.nonfinite_total,
         tokens_seen: state.tokens_seen,
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
         final_dir,
     };
     std::fs::write(out.join(SUMMARY), serde_json::to_string_pretty(&summary)? + "\n")?;
+    if let Some(stop) = stop_request.filter(|s| s.fail) {
+        bail!("stopped after {unit} {}: {} (the last checkpoint is kept)", state.step, stop.reason);
+    }
     Ok(summary)
 }
 
@@ -495,7 +572,7 @@ pub fn last_logged(out: &Path, key: &str) -> Option<f64> {
         .find_map(|v| v.get(key).and_then(Value::as_f64))
 }
 
-fn write_eval(metrics: &mut MetricsLog, step: u64, e: &(f64, BTreeMap<String, f64>)) -> Result<()> {
+fn write_eval(metrics: &mut MetricsLog, step: u64, e: &Evaluation) -> Result<()> {
     let mut line = json!({"step": step, "eval_loss": e.0});
     for (k, v) in &e.1 {
         line[format!("eval_{k}")] = json!(v);
@@ -504,12 +581,136 @@ fn write_eval(metrics: &mut MetricsLog, step: u64, e: &(f64, BTreeMap<String, f6
     metrics.write(&line)
 }
 
-/// Mean loss (and metrics) over the validation split, without gradients or dropout.
-pub fn evaluate(
+fn save_checkpoint(out: &Path, state: &mut LoopState, step: &dyn TrainStep, keep: usize) -> Result<()> {
+    for (name, opt) in step.optimizers() {
+        if !opt.all_finite()? {
+            bail!("step {}: the weights of '{name}' are not finite; refusing to save a checkpoint", state.step);
+        }
+    }
+    state.optimizer_steps = step.optimizers().into_iter().map(|(n, o)| (n.to_string(), o.steps)).collect();
+    state.stage = step.state()?;
+    write_checkpoint(out, state.step, keep, |tmp| {
+        step.save(tmp)?;
+        write_train_state(tmp, &step.optimizers(), state)
+    })
+}
+
+/// A supervised stage's step (PT, SFT, RM, DPO): the next `batch_size · grad_accum` examples of
+/// the seeded epoch stream in micro-batches of `batch_size`, the loss normalised by the loss
+/// units of all of them, one global-norm-clipped AdamW update (skipped when the loss or the
+/// gradient is not finite).
+pub struct SupervisedStep<'a> {
+    objective: &'a mut dyn Objective,
+    model: &'a dyn ModelState,
+    opt: AdamW,
+    settings: &'a TrainSection,
+}
+
+const OPTIMIZER: &str = "optimizer";
+
+impl<'a> SupervisedStep<'a> {
+    /// `params`: the trainable parameters by name, in a fixed order.
+    pub fn new(
+        objective: &'a mut dyn Objective,
+        model: &'a dyn ModelState,
+        params: Vec<(String, Tensor)>,
+        settings: &'a TrainSection,
+    ) -> Result<Self> {
+        Ok(SupervisedStep { objective, model, opt: AdamW::new(params, settings.adamw())?, settings })
+    }
+}
+
+impl TrainStep for SupervisedStep<'_> {
+    fn examples(&self) -> usize {
+        self.objective.len(Split::Train)
+    }
+
+    fn examples_per_step(&self) -> usize {
+        self.settings.batch_size * self.settings.grad_accum
+    }
+
+    fn step(&mut self, at: &StepContext) -> Result<StepReport> {
+        let s = self.settings;
+        let n = self.objective.len(Split::Train);
+        let per_step = self.examples_per_step();
+        let examples = stream_indices(n, s.seed, at.examples_consumed, per_step);
+        let units: f64 = examples.iter().map(|&e| self.objective.units(Split::Train, e)).sum::<f64>().max(1.0);
+        self.model.set_training(true);
+        let mut loss_value = 0f64;
+        let mut tokens = 0usize;
+        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        for micro in examples.chunks(s.batch_size) {
+            let mb = self.objective.forward(Split::Train, micro)?;
+            let loss = mb.loss_sum.f_div_scalar(units)?;
+            loss_value += loss.f_double_value(&[])?;
+            loss.f_backward()?;
+            tokens += mb.tokens;
+            for (k, v) in mb.metrics {
+                *sums.entry(k).or_default() += v;
+            }
+        }
+        let grad_norm = self.opt.grad_norm()?;
+        let applied = loss_value.is_finite() && grad_norm.is_finite();
+        if applied {
+            clip_and_step(&mut self.opt, grad_norm, s.max_grad_norm, at.lr)?;
+        } else {
+            tracing::warn!(
+                "step {}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); update skipped",
+                at.step + 1
+            );
+        }
+        self.opt.zero_grad();
+        let mut metrics = vec![("grad_norm".to_string(), grad_norm)];
+        metrics.extend(sums.into_iter().map(|(k, v)| (k, v / units)));
+        Ok(StepReport {
+            loss: Some(loss_value),
+            metrics,
+            examples: per_step as u64,
+            tokens: tokens as u64,
+            applied,
+            progress: format!("loss {loss_value:.4} grad_norm {grad_norm:.3}"),
+            stop: None,
+        })
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &AdamW)> {
+        vec![(OPTIMIZER, &self.opt)]
+    }
+
+    fn optimizers_mut(&mut self) -> Vec<(&'static str, &mut AdamW)> {
+        vec![(OPTIMIZER, &mut self.opt)]
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.model.save(dir)
+    }
+
+    fn restore(&self, dir: &Path) -> Result<()> {
+        self.model.restore(dir)
+    }
+
+    fn has_validation(&self) -> bool {
+        self.objective.len(Split::Validation) > 0
+    }
+
+    fn evaluate(&mut self) -> Result<Evaluation> {
+        evaluate(self.objective, self.model, self.settings.batch_size)
+    }
+}
+
+/// Trains a supervised stage: [`train`] with a [`SupervisedStep`] over `objective`.
+pub fn train_supervised(
+    run: TrainRun,
     objective: &mut dyn Objective,
     model: &dyn ModelState,
-    batch_size: usize,
-) -> Result<(f64, BTreeMap<String, f64>)> {
+    params: Vec<(String, Tensor)>,
+) -> Result<TrainSummary> {
+    let mut step = SupervisedStep::new(objective, model, params, run.settings)?;
+    train(run, &mut step)
+}
+
+/// Mean loss (and metrics) over the validation split, without gradients or dropout.
+pub fn evaluate(objective: &mut dyn Objective, model: &dyn ModelState, batch_size: usize) -> Result<Evaluation> {
     model.set_training(false);
     let n = objective.len(Split::Validation);
     let all: Vec<usize> = (0..n).collect();
@@ -528,25 +729,15 @@ pub fn evaluate(
     Ok((loss / units, sums.into_iter().map(|(k, v)| (k, v / units)).collect()))
 }
 
-fn save_checkpoint(out: &Path, state: &LoopState, opt: &AdamW, model: &dyn ModelState, keep: usize) -> Result<()> {
-    if !opt.all_finite()? {
-        bail!("step {}: weights are not finite; refusing to save a checkpoint", state.step);
-    }
-    write_checkpoint(out, state.step, keep, |tmp| {
-        model.save(tmp)?;
-        write_train_state(tmp, &[("optimizer", opt)], state)
-    })
-}
-
 /// A progress bar over `total` steps when stderr is a terminal (None otherwise: log lines instead).
-pub fn progress_bar(total: u64, at: u64) -> Option<indicatif::ProgressBar> {
+fn progress_bar(total: u64, at: u64, unit: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return None;
     }
     let bar = indicatif::ProgressBar::new(total);
-    let style =
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {elapsed} elapsed · ETA {eta} · {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit}s · {{elapsed}} elapsed · ETA {{eta}} · {{msg}}");
+    let style = indicatif::ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_position(at);
     Some(bar)
@@ -586,9 +777,9 @@ mod tests {
 
     #[test]
     fn total_steps_from_epochs() {
-        let s = TrainSection { epochs: 2.0, batch_size: 4, grad_accum: 2, ..Default::default() };
-        assert_eq!(total_steps(&s, 20), 5);
+        let s = TrainSection { epochs: 2.0, ..Default::default() };
+        assert_eq!(planned_steps(&s, 20, 8), 5);
         let s = TrainSection { max_steps: 7, ..Default::default() };
-        assert_eq!(total_steps(&s, 20), 7);
+        assert_eq!(planned_steps(&s, 20, 8), 7);
     }
 }

@@ -8,7 +8,7 @@ use align_core::data::{read_pretrain, split_by_ratio, DataOptions};
 use align_core::lm_objective::{NextTokenObjective, SequenceSplits};
 use align_core::train_config::LoadedConfig;
 use align_core::train_setup::TrainingModel;
-use align_core::trainer::{train, TrainRun, TrainSummary};
+use align_core::trainer::{train_supervised, TrainRun, TrainSummary};
 
 /// `[pretrain]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -70,8 +70,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let params = tm.trainable_params();
     let mut objective = NextTokenObjective { lm: &tm.loaded.lm, data, pad_id: tm.tokenizer.padding_id() };
     let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
-    train(run, &mut objective, &tm)
+        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    train_supervised(run, &mut objective, &tm, params)
 }
 
 #[cfg(test)]

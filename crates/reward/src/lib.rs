@@ -9,7 +9,7 @@ use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, 
 use align_core::scalar_model::{ScalarModel, ScoreInit};
 use align_core::train_config::LoadedConfig;
 use align_core::train_setup::TrainingScalarModel;
-use align_core::trainer::{train, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 
 pub mod bt_loss;
 
@@ -143,6 +143,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let mut objective =
         RewardObjective { rm: &tm.loaded.rm, data: PairSplits { train: train_enc, validation: val_enc }, section };
     let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
-    train(run, &mut objective, &tm)
+        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    train_supervised(run, &mut objective, &tm, params)
 }

@@ -12,7 +12,7 @@ use align_core::model::CausalLm;
 use align_core::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train_config::{sha256_file, LoadedConfig};
 use align_core::train_setup::{training_device, TrainingModel};
-use align_core::trainer::{train, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 use align_core::ModelTokenizer;
 
 use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
@@ -228,13 +228,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let tm = TrainingModel::load(cfg)?;
     let params_list = tm.trainable_params();
     let mut objective = DpoObjective { policy: &tm.loaded.lm, reference: &reference, data, params, pad_id };
-    let run = TrainRun {
-        settings: &c.train,
-        output_dir: &c.output_dir,
-        params: params_list,
-        config_hash: &cfg.hash,
-        restart,
-        stop_after,
-    };
-    train(run, &mut objective, &tm)
+    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    train_supervised(run, &mut objective, &tm, params_list)
 }

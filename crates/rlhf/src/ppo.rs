@@ -1,8 +1,9 @@
 //! PPO stage: each iteration samples responses to a batch of prompts with the policy (batched
 //! KV-cache generation), scores them with the reward model, shapes per-token rewards with a KL
 //! penalty against the reference, estimates advantages with GAE on the critic's values, and runs
-//! `ppo_epochs` passes of clipped policy and value updates over minibatches. Checkpoints are
-//! taken at iteration boundaries and resume exactly.
+//! `ppo_epochs` passes of clipped policy and value updates over minibatches. One iteration is
+//! one step of the core's training loop ([`PpoStep`]), which owns checkpoints, exact resume at
+//! iteration boundaries, metrics and the summary.
 use std::path::Path;
 use std::time::Instant;
 
@@ -13,18 +14,17 @@ use tch::{Device, Kind, Tensor};
 
 use align_core::answer_eval::stop_token_ids;
 use align_core::chat::ChatMessage;
-use align_core::checkpoint::{resolve_model_dir, write_folder};
+use align_core::checkpoint::resolve_model_dir;
 use align_core::config::ModelConfig;
 use align_core::data::read_prompts;
 use align_core::generate::{generate_with_stats, Generation, SamplingConfig};
-use align_core::optim::{learning_rate, AdamW};
+use align_core::optim::AdamW;
 use align_core::scalar_model::{load_reward_model_or_adapter, LoadedScalarModel, ScoreInit};
 use align_core::train_config::{LoadedConfig, TrainSection};
 use align_core::train_setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::trainer::{
-    complete_checkpoints, epoch_order, last_logged, prepare_output_dir, progress_bar, read_optimizer_state, read_state,
-    stream_indices, test_step_delay, truncate_metrics, write_checkpoint, write_train_state, MetricsLog, ModelState,
-    TrainSummary, METRICS, SAMPLES, SUMMARY,
+    clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, StopRequest,
+    TrainRun, TrainStep, TrainSummary, SAMPLES,
 };
 use align_core::winrate::score_answers;
 use align_core::ModelTokenizer;
@@ -37,22 +37,13 @@ use crate::ppo_loss::{
 use crate::reference::{policy_reference, Reference};
 use crate::rollout::RolloutBatch;
 
-/// Saved with every checkpoint: everything the loop needs to continue exactly.
+/// PPO's own part of every checkpoint's state (the loop keeps the iteration count, the prompt
+/// cursor, the optimizers' step counts and the non-finite counters).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct PpoState {
-    iteration: u64,
-    total_iterations: u64,
-    prompts_consumed: u64,
     kl_coef: f64,
     reward_moments: RunningMoments,
-    policy_updates: u64,
-    value_updates: u64,
-    nonfinite_in_row: u64,
-    nonfinite_total: u64,
     guards: Guards,
-    rollout_tokens: u64,
-    config_hash: String,
-    elapsed_seconds: f64,
 }
 
 /// A prompt ready for rollouts.
@@ -190,6 +181,7 @@ impl Ppo<'_> {
     /// One PPO iteration: rollouts, scoring, advantages, `ppo_epochs` of updates.
     fn iteration(
         &self,
+        at: &StepContext,
         state: &mut PpoState,
         policy_opt: &mut AdamW,
         value_opt: &mut AdamW,
@@ -202,8 +194,7 @@ impl Ppo<'_> {
         let critic = &self.value.loaded.rm;
         let device = lm.device();
         let started = Instant::now();
-        tch::manual_seed((self.train.seed as i64).wrapping_add(state.iteration as i64));
-        let picked = stream_indices(self.prompts.len(), self.train.seed, state.prompts_consumed, s.rollout_batch_size);
+        let picked = stream_indices(self.prompts.len(), self.train.seed, at.examples_consumed, s.rollout_batch_size);
         let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
 
         // 1. rollouts (dropout off, adapters on)
@@ -261,7 +252,7 @@ impl Ppo<'_> {
         let opt_stats = self.optimise(
             &batch,
             [&old_logprobs, &old_values, &advantages, &returns],
-            state,
+            at.step,
             policy_opt,
             value_opt,
             (lr, value_lr),
@@ -282,8 +273,6 @@ impl Ppo<'_> {
         let tokens = scalar(&mask.f_sum(Kind::Double)?)?.max(1.0);
         let total_seconds = started.elapsed().as_secs_f64();
         let mut line = json!({
-            "step": state.iteration + 1,
-            "lr": lr,
             "kl_coef": state.kl_coef,
             "objective/kl": kl_mean,
             "objective/entropy": -seq_sum(&old_logprobs.f_mul(mask)?)?,
@@ -305,10 +294,10 @@ impl Ppo<'_> {
         for (k, v) in opt_stats.metrics {
             line[k] = json!(v);
         }
-        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && state.iteration % s.sample_every == 0) {
+        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && at.step % s.sample_every == 0) {
             for (k, &i) in picked.iter().enumerate().take(s.num_samples) {
                 log.write(&json!({
-                    "step": state.iteration + 1,
+                    "step": at.step + 1,
                     "prompt": self.prompts[i].text,
                     "response": answers[k],
                     "score": raw[k],
@@ -316,7 +305,6 @@ impl Ppo<'_> {
                 }))?;
             }
         }
-        state.prompts_consumed += n as u64;
         Ok(IterationReport {
             line,
             guard: GuardInputs { kl: kl_mean, mean_length, all_at_max },
@@ -332,7 +320,7 @@ impl Ppo<'_> {
         &self,
         batch: &RolloutBatch,
         [old_logprobs, old_values, advantages, returns]: [&Tensor; 4],
-        state: &mut PpoState,
+        iteration: u64,
         policy_opt: &mut AdamW,
         value_opt: &mut AdamW,
         (lr, value_lr): (f64, f64),
@@ -350,7 +338,7 @@ impl Ppo<'_> {
             // a non-finite score or value poisons every update of the iteration
             return Ok(OptimiseStats { metrics: Vec::new(), skipped: 1 });
         }
-        let order_seed = self.train.seed ^ (state.iteration.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let order_seed = self.train.seed ^ (iteration.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         for epoch in 0..s.ppo_epochs as u64 {
             let order = epoch_order(n, order_seed, epoch);
             for mb in order.chunks(self.mini_batch) {
@@ -394,16 +382,8 @@ impl Ppo<'_> {
                 let value_norm = value_opt.grad_norm()?;
                 let finite = mb_sums.iter().all(|x| x.is_finite()) && policy_norm.is_finite() && value_norm.is_finite();
                 if finite {
-                    for (opt, norm, rate) in
-                        [(&mut *policy_opt, policy_norm, lr), (&mut *value_opt, value_norm, value_lr)]
-                    {
-                        if self.train.max_grad_norm > 0.0 && norm > self.train.max_grad_norm {
-                            opt.scale_grads(self.train.max_grad_norm / (norm + 1e-6))?;
-                        }
-                        opt.step(rate)?;
-                    }
-                    state.policy_updates += 1;
-                    state.value_updates += 1;
+                    clip_and_step(policy_opt, policy_norm, self.train.max_grad_norm, lr)?;
+                    clip_and_step(value_opt, value_norm, self.train.max_grad_norm, value_lr)?;
                     updates += 1.0;
                     let names = [
                         "loss/policy",
@@ -423,7 +403,7 @@ impl Ppo<'_> {
                     skipped += 1;
                     tracing::warn!(
                         "iteration {}: non-finite PPO loss or gradient (policy grad norm {policy_norm}, value grad norm {value_norm}); update skipped",
-                        state.iteration + 1
+                        iteration + 1
                     );
                 }
                 policy_opt.zero_grad();
@@ -456,6 +436,128 @@ fn save_models(dir: &Path, policy: &TrainingModel, value: &TrainingScalarModel) 
     value.save(&value_dir)
 }
 
+/// One PPO iteration as a step of the core's training loop: the models, both optimizers, the
+/// KL controller and the reward statistics.
+struct PpoStep<'a> {
+    ppo: Ppo<'a>,
+    policy_opt: AdamW,
+    value_opt: AdamW,
+    state: PpoState,
+    controller: Option<AdaptiveKl>,
+    /// `samples.jsonl`, opened at the first write (after the loop has prepared the folder).
+    samples: Option<MetricsLog>,
+    samples_path: Option<std::path::PathBuf>,
+    value_lr_base: f64,
+}
+
+impl TrainStep for PpoStep<'_> {
+    fn unit(&self) -> &'static str {
+        "iteration"
+    }
+
+    fn examples(&self) -> usize {
+        self.ppo.prompts.len()
+    }
+
+    fn examples_per_step(&self) -> usize {
+        self.ppo.section.rollout_batch_size
+    }
+
+    fn step(&mut self, at: &StepContext) -> Result<StepReport> {
+        let section = self.ppo.section;
+        let t = self.ppo.train;
+        let value_lr = if t.lr > 0.0 { self.value_lr_base * at.lr / t.lr } else { self.value_lr_base };
+        if self.samples.is_none() {
+            if let Some(path) = &self.samples_path {
+                self.samples = Some(MetricsLog::open(path)?);
+            }
+        }
+        let report = self.ppo.iteration(
+            at,
+            &mut self.state,
+            &mut self.policy_opt,
+            &mut self.value_opt,
+            at.lr,
+            value_lr,
+            &mut self.samples,
+        )?;
+        if let Some(ctl) = self.controller.as_mut() {
+            ctl.update(report.guard.kl, section.rollout_batch_size);
+            self.state.kl_coef = ctl.coef;
+        }
+        let Value::Object(line) = report.line else { bail!("PPO metrics are not a JSON object") };
+        let get = |k: &str| line.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let progress = format!(
+            "score {:.3} kl {:.3} len {:.1} eos {:.2} · generation {:.1}s scoring {:.1}s forward {:.1}s optimisation {:.1}s · {:.0} rollout tok/s",
+            get("objective/scores"),
+            report.guard.kl,
+            report.guard.mean_length,
+            get("eos_rate"),
+            get("time/generation"),
+            get("time/scoring"),
+            get("time/forward"),
+            get("time/optimisation"),
+            get("rollout_tokens_per_second")
+        );
+        let loss = line.get("loss").and_then(Value::as_f64);
+        let metrics = line
+            .iter()
+            .filter(|(k, _)| k.as_str() != "loss")
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+            .collect();
+        let mut stop = None;
+        if let Some(g) = check_guardrails(section, &mut self.state.guards, &report.guard) {
+            if section.stop_on_guardrail {
+                stop = Some(StopRequest { reason: format!("stopped by a guardrail: {g}"), fail: true });
+            } else {
+                tracing::warn!("{g}");
+            }
+        }
+        Ok(StepReport {
+            loss,
+            metrics,
+            examples: section.rollout_batch_size as u64,
+            tokens: report.new_tokens as u64,
+            applied: !report.any_skipped,
+            progress,
+            stop,
+        })
+    }
+
+    fn optimizers(&self) -> Vec<(&'static str, &AdamW)> {
+        vec![(POLICY_OPT, &self.policy_opt), (VALUE_OPT, &self.value_opt)]
+    }
+
+    fn optimizers_mut(&mut self) -> Vec<(&'static str, &mut AdamW)> {
+        vec![(POLICY_OPT, &mut self.policy_opt), (VALUE_OPT, &mut self.value_opt)]
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_models(dir, self.ppo.policy, self.ppo.value)
+    }
+
+    fn restore(&self, dir: &Path) -> Result<()> {
+        self.ppo.policy.restore(dir).with_context(|| format!("{}: cannot restore the policy", dir.display()))?;
+        let value_dir = dir.join(VALUE_DIR);
+        self.ppo
+            .value
+            .restore(&value_dir)
+            .with_context(|| format!("{}: cannot restore the value model", value_dir.display()))
+    }
+
+    fn state(&self) -> Result<Value> {
+        Ok(serde_json::to_value(&self.state)?)
+    }
+
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        self.state = serde_json::from_value(state.clone())?;
+        if let Some(ctl) = self.controller.as_mut() {
+            ctl.coef = self.state.kl_coef;
+        }
+        Ok(())
+    }
+}
+
 /// Runs (or resumes) the PPO stage described by `cfg`.
 pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result<TrainSummary> {
     let section: PpoSection = cfg.stage_section()?;
@@ -476,8 +578,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             )
         })?,
     };
-    let out = c.output_dir.as_path();
-    prepare_output_dir(out, restart)?;
     let (device, kind) = training_device(cfg)?;
 
     let policy_dir = resolve_model_dir(&c.model)?;
@@ -500,47 +600,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         );
     }
 
-    let total = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        ((t.epochs * prompts.len() as f64) / section.rollout_batch_size as f64).ceil().max(1.0) as u64
-    };
-    let warmup = (t.warmup_ratio * total as f64).round() as u64;
-    let mut policy_opt = AdamW::new(policy.trainable_params(), t.adamw())?;
-    let mut value_opt = AdamW::new(value.trainable_params(), t.adamw())?;
-    let mut state = PpoState {
-        total_iterations: total,
-        kl_coef: section.kl_coef,
-        config_hash: cfg.hash.clone(),
-        ..Default::default()
-    };
-    if let Some((iteration, dir)) = complete_checkpoints(out).pop() {
-        let saved: PpoState = read_state(&dir)?;
-        if saved.config_hash != cfg.hash {
-            tracing::warn!(
-                "{}: resuming a run whose config has changed since (use --restart to start over)",
-                dir.display()
-            );
-        }
-        policy.restore(&dir).with_context(|| format!("{}: cannot restore the policy", dir.display()))?;
-        value
-            .restore(&dir.join(VALUE_DIR))
-            .with_context(|| format!("{}: cannot restore the value model", dir.display()))?;
-        read_optimizer_state(&dir, POLICY_OPT, &mut policy_opt, saved.policy_updates)?;
-        read_optimizer_state(&dir, VALUE_OPT, &mut value_opt, saved.value_updates)?;
-        state = PpoState { total_iterations: total, config_hash: cfg.hash.clone(), ..saved };
-        truncate_metrics(&out.join(METRICS), iteration)?;
-        truncate_metrics(&out.join(SAMPLES), iteration)?;
-        tracing::info!("resuming PPO from {} (iteration {iteration} of {total})", dir.display());
-    } else {
-        truncate_metrics(&out.join(METRICS), 0)?;
-        truncate_metrics(&out.join(SAMPLES), 0)?;
-    }
-    let mut metrics = MetricsLog::open(&out.join(METRICS))?;
-    let mut samples = if section.sample_every > 0 { Some(MetricsLog::open(&out.join(SAMPLES))?) } else { None };
-    let mut controller =
-        section.target_kl.map(|target| AdaptiveKl { coef: state.kl_coef, target, horizon: section.kl_horizon });
-
     let ppo = Ppo {
         section: &section,
         train: t,
@@ -555,138 +614,29 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         mini_batch: section.mini_batch_size.unwrap_or(section.rollout_batch_size).min(section.rollout_batch_size),
     };
     tracing::info!(
-        "PPO: {total} iterations × {} prompts, {} epochs of minibatches of {}, max_new_tokens {}, kl_coef {}{}",
+        "PPO: {} prompts × {} per iteration, {} epochs of minibatches of {}, max_new_tokens {}, kl_coef {}{}",
+        prompts.len(),
         section.rollout_batch_size,
         section.ppo_epochs,
         ppo.mini_batch,
         section.max_new_tokens,
-        state.kl_coef,
+        section.kl_coef,
         section.target_kl.map_or(String::new(), |k| format!(" (adaptive, target {k})"))
     );
-    let value_lr_base = section.value_lr.unwrap_or(t.lr);
-    let bar = progress_bar(total, state.iteration);
-    let started = Instant::now();
-    let elapsed_before = state.elapsed_seconds;
-    let mut stop_reason = String::from("completed");
-    let mut saved_at = complete_checkpoints(out).last().map(|c| c.0);
-    let mut guard_stop: Option<String> = None;
-
-    while state.iteration < total {
-        if stop_after.is_some_and(|s| state.iteration >= s) {
-            stop_reason = format!("stopped after iteration {}", state.iteration);
-            break;
-        }
-        test_step_delay();
-        let lr = learning_rate(state.iteration, total, t.lr, warmup, t.schedule, t.min_lr_ratio);
-        let value_lr = if t.lr > 0.0 { value_lr_base * lr / t.lr } else { value_lr_base };
-        let report = ppo.iteration(&mut state, &mut policy_opt, &mut value_opt, lr, value_lr, &mut samples)?;
-        state.iteration += 1;
-        state.rollout_tokens += report.new_tokens as u64;
-        if report.any_skipped {
-            state.nonfinite_in_row += 1;
-            state.nonfinite_total += 1;
-        } else {
-            state.nonfinite_in_row = 0;
-        }
-        if let Some(ctl) = controller.as_mut() {
-            ctl.update(report.guard.kl, section.rollout_batch_size);
-            state.kl_coef = ctl.coef;
-        }
-        metrics.write(&report.line)?;
-        let line = &report.line;
-        let get = |k: &str| line.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        let message = format!(
-            "score {:.3} kl {:.3} len {:.1} eos {:.2}",
-            get("objective/scores"),
-            report.guard.kl,
-            report.guard.mean_length,
-            get("eos_rate")
-        );
-        if let Some(b) = &bar {
-            b.set_position(state.iteration);
-            b.set_message(message);
-        } else if state.iteration % t.log_every.max(1) == 0 || state.iteration == total {
-            tracing::info!(
-                "iteration {}/{total} {message} · generation {:.1}s scoring {:.1}s forward {:.1}s optimisation {:.1}s · {:.0} rollout tok/s",
-                state.iteration,
-                get("time/generation"),
-                get("time/scoring"),
-                get("time/forward"),
-                get("time/optimisation"),
-                get("rollout_tokens_per_second")
-            );
-        }
-        if state.nonfinite_in_row >= t.max_nonfinite_steps.max(1) {
-            bail!(
-                "stopping: {} PPO iterations in a row had non-finite scores, losses or gradients (the last good checkpoint is kept; lower train.lr?)",
-                state.nonfinite_in_row
-            );
-        }
-        if let Some(g) = check_guardrails(&section, &mut state.guards, &report.guard) {
-            if section.stop_on_guardrail {
-                guard_stop = Some(g);
-                break;
-            }
-            tracing::warn!("{g}");
-        }
-        if (t.save_every > 0 && state.iteration % t.save_every == 0) || state.iteration == total {
-            state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save(out, &state, &policy, &value, &policy_opt, &value_opt, t.save_total_limit)?;
-            saved_at = Some(state.iteration);
-        }
-    }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    if let Some(g) = &guard_stop {
-        stop_reason = format!("stopped by a guardrail: {g}");
-    }
-    let completed = state.iteration >= total && guard_stop.is_none();
-    let mut final_dir = None;
-    if completed {
-        if saved_at != Some(state.iteration) {
-            state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save(out, &state, &policy, &value, &policy_opt, &value_opt, t.save_total_limit)?;
-        }
-        let dir = out.join("final");
-        write_folder(&dir, |tmp| save_models(tmp, &policy, &value))?;
-        final_dir = Some(dir);
-    }
-    let summary = TrainSummary {
-        steps: state.iteration,
-        total_steps: total,
-        completed,
-        stop_reason,
-        last_loss: last_logged(out, "loss"),
-        eval_loss: None,
-        best_eval_loss: None,
-        nonfinite_steps: state.nonfinite_total,
-        tokens_seen: state.rollout_tokens,
-        seconds: elapsed_before + started.elapsed().as_secs_f64(),
-        final_dir,
+    let mut step = PpoStep {
+        ppo,
+        policy_opt: AdamW::new(policy.trainable_params(), t.adamw())?,
+        value_opt: AdamW::new(value.trainable_params(), t.adamw())?,
+        state: PpoState { kl_coef: section.kl_coef, ..Default::default() },
+        controller: section.target_kl.map(|target| AdaptiveKl {
+            coef: section.kl_coef,
+            target,
+            horizon: section.kl_horizon,
+        }),
+        samples: None,
+        samples_path: (section.sample_every > 0).then(|| c.output_dir.join(SAMPLES)),
+        value_lr_base: section.value_lr.unwrap_or(t.lr),
     };
-    std::fs::write(out.join(SUMMARY), serde_json::to_string_pretty(&summary)? + "\n")?;
-    if let Some(g) = guard_stop {
-        bail!("PPO stopped by a guardrail after iteration {}: {g} (the last checkpoint is kept)", state.iteration);
-    }
-    Ok(summary)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save(
-    out: &Path,
-    state: &PpoState,
-    policy: &TrainingModel,
-    value: &TrainingScalarModel,
-    policy_opt: &AdamW,
-    value_opt: &AdamW,
-    keep: usize,
-) -> Result<()> {
-    if !policy_opt.all_finite()? || !value_opt.all_finite()? {
-        bail!("iteration {}: weights are not finite; refusing to save a checkpoint", state.iteration);
-    }
-    write_checkpoint(out, state.iteration, keep, |tmp| {
-        save_models(tmp, policy, value)?;
-        write_train_state(tmp, &[(POLICY_OPT, policy_opt), (VALUE_OPT, value_opt)], state)
-    })
+    let run = TrainRun { settings: t, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    train(run, &mut step)
 }

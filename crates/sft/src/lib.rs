@@ -8,7 +8,7 @@ use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, Leng
 use align_core::lm_objective::{pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits};
 use align_core::train_config::LoadedConfig;
 use align_core::train_setup::TrainingModel;
-use align_core::trainer::{train, TrainRun, TrainSummary};
+use align_core::trainer::{train_supervised, TrainRun, TrainSummary};
 
 /// `[sft]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -104,7 +104,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let params = tm.trainable_params();
     let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, params, config_hash: &cfg.hash, restart, stop_after };
+        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
     let pad_id = tm.tokenizer.padding_id();
     if section.packing {
         let train_rows = pack_sequences(&train_seqs, c.train.max_length);
@@ -116,12 +116,12 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         );
         let validation = pack_sequences(&val_seqs, c.train.max_length);
         let mut objective = PackedObjective { lm: &tm.loaded.lm, train: train_rows, validation, pad_id };
-        return train(run, &mut objective, &tm);
+        return train_supervised(run, &mut objective, &tm, params);
     }
     let mut objective = NextTokenObjective {
         lm: &tm.loaded.lm,
         data: SequenceSplits { train: train_seqs, validation: val_seqs },
         pad_id,
     };
-    train(run, &mut objective, &tm)
+    train_supervised(run, &mut objective, &tm, params)
 }

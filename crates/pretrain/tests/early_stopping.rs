@@ -1,0 +1,52 @@
+//! Early stopping keeps the best evaluation's weights as `best/` and names its step; `final/`
+//! stays the last step's weights. `best/` equals a straight run stopped at the best step
+//! (bitwise: the same kernels in the same order).
+use std::path::{Path, PathBuf};
+
+use align_core::train_config::LoadedConfig;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
+    // a learning rate far too high: the eval loss first falls, then rises
+    let text = format!(
+        "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 16\nbatch_size = 4\nlr = 0.3\nschedule = \"constant\"\nmax_length = 32\nsave_every = 0\nval_ratio = 0.1\neval_every = 1\n",
+        repo().join("tests/fixtures/models/tiny-llama"),
+        repo().join("data/pretrain/medical_corpus.txt"),
+        out
+    );
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "pretrain").unwrap()
+}
+
+#[test]
+fn early_stopping_keeps_the_best_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("early");
+    let s = align_pretrain::run(&config(&out, &["train.early_stopping_patience=2"]), false, None).unwrap();
+    assert!(s.completed, "{s:?}");
+    assert!(s.stop_reason.starts_with("early stopping"), "{}", s.stop_reason);
+    let best = s.best_step.expect("a best step");
+    assert!(best < s.steps, "best step {best} should precede the stop at {}", s.steps);
+    assert!(s.stop_reason.contains(&format!("best at step {best}")), "{}", s.stop_reason);
+    assert_eq!(s.best_dir.as_deref(), Some(out.join("best").as_path()));
+    assert!(s.best_eval_loss.unwrap() <= s.eval_loss.unwrap());
+
+    // best/ is the model of step `best`: a straight run of `best` steps ends with the same weights
+    let straight = tmp.path().join("straight");
+    let max = format!("train.max_steps={best}");
+    let s2 = align_pretrain::run(&config(&straight, &[&max]), false, None).unwrap();
+    assert!(s2.completed && s2.steps == best);
+    let a = std::fs::read(out.join("best/model.safetensors")).unwrap();
+    let b = std::fs::read(straight.join("final/model.safetensors")).unwrap();
+    assert!(a == b, "best/ differs from the weights of step {best}");
+    let last = std::fs::read(out.join("final/model.safetensors")).unwrap();
+    assert!(last != a, "final/ should hold the last step's weights, not the best");
+    // best/ is a loadable HF folder
+    assert!(out.join("best/config.json").is_file());
+    // without early stopping there is no best/
+    assert!(!straight.join("best").exists());
+}

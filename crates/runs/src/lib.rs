@@ -1,0 +1,237 @@
+//! The run record, defined once for the trainer, the pipeline and the report: what each file of a
+//! run folder is called, the stage kinds and statuses, `train_summary.json` and `stage.json`, and
+//! the metric names every stage logs. No libtorch here, so the report reads runs without it.
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// File and folder names inside a training output folder and a pipeline run folder.
+pub mod files {
+    /// One JSON object per optimizer step (and per evaluation) — `metrics.jsonl`.
+    pub const METRICS: &str = "metrics.jsonl";
+    /// What a finished (or stopped) run reports.
+    pub const SUMMARY: &str = "train_summary.json";
+    /// Sampled generations of an RL run (prompt, response, score).
+    pub const SAMPLES: &str = "samples.jsonl";
+    /// A stage's status and lineage, in `RUN_DIR/STAGE/`.
+    pub const STAGE_RECORD: &str = "stage.json";
+    /// A pipeline run's name and stage order, in `RUN_DIR/`.
+    pub const PIPELINE_RECORD: &str = "pipeline.json";
+    /// Marks a checkpoint folder as completely written.
+    pub const COMPLETE_MARKER: &str = "COMPLETE";
+    /// Beside a checkpoint's weights: optimizer state and `state.json`.
+    pub const TRAIN_STATE: &str = "train_state";
+    /// The last weights of a completed run.
+    pub const FINAL: &str = "final";
+    /// The weights of the best evaluation (early stopping).
+    pub const BEST: &str = "best";
+    /// `checkpoint-STEP` folders.
+    pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+    /// What a training run owns in its output folder (removed by `--restart`), besides checkpoints.
+    pub const RUN_OUTPUTS: &[&str] = &[METRICS, SUMMARY, SAMPLES, FINAL, BEST];
+}
+
+/// Metric names shared by every stage (a stage adds its own, with TRL's names where TRL has one).
+pub mod metrics {
+    pub const STEP: &str = "step";
+    pub const EPOCH: &str = "epoch";
+    pub const LOSS: &str = "loss";
+    pub const LR: &str = "lr";
+    pub const GRAD_NORM: &str = "grad_norm";
+    pub const TOKENS_PER_SECOND: &str = "tokens_per_second";
+    pub const EVAL_LOSS: &str = "eval_loss";
+    /// Prefix of every evaluation metric (`eval_accuracy`, …).
+    pub const EVAL_PREFIX: &str = "eval_";
+    pub const SKIPPED_NONFINITE: &str = "skipped_nonfinite";
+    // PPO (TRL / OpenRLHF names)
+    pub const KL: &str = "objective/kl";
+    pub const SCORES: &str = "objective/scores";
+    pub const RLHF_REWARD: &str = "objective/rlhf_reward";
+    pub const ENTROPY: &str = "objective/entropy";
+    pub const RESPONSE_LENGTH: &str = "response_length_mean";
+    pub const EOS_RATE: &str = "eos_rate";
+    pub const VF_LOSS: &str = "val/vf_loss";
+    pub const POLICY_LOSS: &str = "loss/policy";
+    // reward model / DPO
+    pub const ACCURACY: &str = "accuracy";
+    pub const MARGIN: &str = "margin";
+    pub const REWARDS_ACCURACIES: &str = "rewards/accuracies";
+    pub const REWARDS_MARGINS: &str = "rewards/margins";
+}
+
+/// What a stage does: the one registry of stage kinds, for `align train`, the pipeline and the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageKind {
+    Tokenizer,
+    Init,
+    Pretrain,
+    Sft,
+    Reward,
+    Dpo,
+    Ppo,
+    Eval,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 8] = [
+        StageKind::Tokenizer,
+        StageKind::Init,
+        StageKind::Pretrain,
+        StageKind::Sft,
+        StageKind::Reward,
+        StageKind::Dpo,
+        StageKind::Ppo,
+        StageKind::Eval,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Tokenizer => "tokenizer",
+            StageKind::Init => "init",
+            StageKind::Pretrain => "pretrain",
+            StageKind::Sft => "sft",
+            StageKind::Reward => "reward",
+            StageKind::Dpo => "dpo",
+            StageKind::Ppo => "ppo",
+            StageKind::Eval => "eval",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The kinds `align train KIND` runs (a training loop with checkpoints and metrics).
+    pub fn trains(self) -> bool {
+        matches!(self, StageKind::Pretrain | StageKind::Sft | StageKind::Reward | StageKind::Dpo | StageKind::Ppo)
+    }
+
+    /// The training kinds, in ladder order.
+    pub fn training_kinds() -> Vec<StageKind> {
+        StageKind::ALL.into_iter().filter(|k| k.trains()).collect()
+    }
+
+    /// `a, b, c` of the kinds given, for error messages.
+    pub fn list(kinds: &[StageKind]) -> String {
+        kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a stage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageStatus {
+    #[default]
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Stale,
+}
+
+impl StageStatus {
+    pub const ALL: [StageStatus; 5] =
+        [StageStatus::Pending, StageStatus::Running, StageStatus::Done, StageStatus::Failed, StageStatus::Stale];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Pending => "pending",
+            StageStatus::Running => "running",
+            StageStatus::Done => "done",
+            StageStatus::Failed => "failed",
+            StageStatus::Stale => "stale",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        StageStatus::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for StageStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `train_summary.json`: what a finished (or stopped) training run reports. Every field reads
+/// with a default, so a summary written by an older trainer still reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub total_steps: u64,
+    pub completed: bool,
+    pub stop_reason: String,
+    pub last_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub best_eval_loss: Option<f64>,
+    /// The step whose evaluation was best (its weights are in `best/` when early stopping is on).
+    pub best_step: Option<u64>,
+    pub best_dir: Option<PathBuf>,
+    pub nonfinite_steps: u64,
+    pub tokens_seen: u64,
+    pub seconds: f64,
+    pub final_dir: Option<PathBuf>,
+}
+
+/// `stage.json`: a pipeline stage's status and lineage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: Option<StageKind>,
+    pub status: StageStatus,
+    pub stale_reason: Option<String>,
+    pub config_hash: String,
+    /// Hash over the config and every input (models, data, tokenizer): equal means up to date.
+    pub input_hash: String,
+    pub config: Value,
+    pub inputs: Vec<Value>,
+    pub data: Vec<Value>,
+    pub tokenizer_hash: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_seconds: Option<f64>,
+    pub summary: Option<TrainSummary>,
+    /// Whatever JSON the stage's evaluation produced.
+    pub eval: Option<Value>,
+    /// Content hash of what the stage produced (its `final/` folder), for the stages after it.
+    pub output_hash: Option<String>,
+    pub error: Option<String>,
+    pub command: String,
+    pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_statuses_round_trip_through_their_names() {
+        for k in StageKind::ALL {
+            assert_eq!(StageKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), Value::String(k.as_str().into()));
+        }
+        for s in StageStatus::ALL {
+            assert_eq!(StageStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(StageKind::parse("grpo"), None);
+        assert_eq!(StageKind::list(&StageKind::training_kinds()), "pretrain, sft, reward, dpo, ppo");
+    }
+
+    #[test]
+    fn an_older_summary_without_new_fields_reads() {
+        let s: TrainSummary = serde_json::from_str(r#"{"steps": 3, "completed": true, "stop_reason": "completed"}"#).unwrap();
+        assert_eq!((s.steps, s.completed, s.best_step), (3, true, None));
+    }
+}
