@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use align_core::generate::{generate_with_stats, SamplingConfig};
+use align_core::infer::generate::{generate_with_stats, SamplingConfig};
 
 use crate::common::load_session;
 use crate::ModelArgs;

@@ -5,14 +5,11 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use align_core::answer_eval::{answer_case, evaluate_answers};
-use align_core::checkpoint::resolve_model_dir;
+use align_core::eval::answers::{answer_case, evaluate_answers};
 use align_core::data::{read_preference, read_sft, read_text_records, DataOptions, LengthBudget, LengthPolicy};
-use align_core::device::{parse_device, parse_dtype};
-use align_core::logprobs::corpus_perplexity;
-use align_core::preference_batch::encode_pairs;
-use align_core::scalar_model::load_reward_model_or_adapter;
-use align_core::ModelTokenizer;
+use align_core::load::spec::AdapterMode;
+use align_core::infer::logprobs::corpus_perplexity;
+use align_core::train::preference_batch::encode_pairs;
 
 use crate::common::load_session;
 use crate::ModelArgs;
@@ -161,18 +158,7 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
     if args.max_length < 2 {
         bail!("--max-length: expected at least 2 tokens, found {}", args.max_length);
     }
-    if let Some(n) = args.model.threads {
-        tch::set_num_threads(n);
-    }
-    let device = parse_device(&args.model.device)?;
-    let kind = parse_dtype(args.model.dtype.as_deref(), device)?;
-    let dir = resolve_model_dir(&args.model.model)?;
-    let adapter = args.model.adapter.as_ref().map(PathBuf::from);
-    if let Some(a) = adapter.as_ref().filter(|a| !a.is_dir()) {
-        bail!("--adapter {}: no such adapter folder", a.display());
-    }
-    let (rm, tokenizer_dir) = load_reward_model_or_adapter(&dir, adapter.as_deref(), device, kind)?;
-    let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir)?;
+    let (rm, tokenizer) = args.model.spec()?.scalar_model()?;
     let pairs = read_preference(&args.data, &DataOptions::default())?.records;
     let budget = LengthBudget::new(args.max_length, LengthPolicy::Truncate);
     let (encoded, counts) = encode_pairs(&tokenizer, &pairs.iter().collect::<Vec<_>>(), budget)?;
@@ -204,12 +190,16 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct WinrateArgs {
-    /// The model being judged.
-    #[arg(long)]
-    pub model: String,
+    /// The model being judged (`--model`, with `--adapter`), and the device, dtype and threads
+    /// every model of the comparison runs with.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The model it is compared with.
     #[arg(long)]
     pub baseline: String,
+    /// A LoRA adapter folder applied on top of --baseline.
+    #[arg(long)]
+    pub baseline_adapter: Option<String>,
     /// Reward model folder (align train reward output: a full model, or a LoRA adapter folder on
     /// its base_model_name_or_path) that scores prompt + answer.
     #[arg(long)]
@@ -227,21 +217,15 @@ pub struct WinrateArgs {
     /// Token budget of prompt + answer for the reward model.
     #[arg(long, default_value_t = 1024)]
     pub max_length: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long)]
-    pub dtype: Option<String>,
     /// One JSON object: {"win_rate","ci_low","ci_high","wins","ties","losses","prompts","mean_score_model","mean_score_baseline"}.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn winrate(args: WinrateArgs) -> Result<()> {
-    use align_core::winrate::{answer_prompts, score_answers, win_rate};
+    use align_core::eval::winrate::{answer_prompts, score_answers, win_rate};
     crate::existing(&args.prompts, "prompt file")?;
-    let device = parse_device(&args.device)?;
-    let kind = parse_dtype(args.dtype.as_deref(), device)?;
-    let mut prompts: Vec<Vec<align_core::chat::ChatMessage>> =
+    let mut prompts: Vec<Vec<align_core::text::chat::ChatMessage>> =
         align_core::data::read_prompts(&[&args.prompts], &DataOptions::default())?
             .records
             .into_iter()
@@ -255,15 +239,12 @@ pub fn winrate(args: WinrateArgs) -> Result<()> {
     }
     // one model in memory at a time: answer with A, then B, then score both with the RM
     let mut answers = Vec::new();
-    for spec in [&args.model, &args.baseline] {
-        let dir = resolve_model_dir(spec)?;
-        let m = align_core::load_causal_lm(&dir, device, kind)?;
-        let tok = ModelTokenizer::from_dir(&dir)?;
-        answers.push(tch::no_grad(|| answer_prompts(&m.lm, &tok, &prompts, args.max_new_tokens, args.batch_size))?);
+    for spec in [args.model.spec()?, args.model.spec_of(&args.baseline, args.baseline_adapter.as_deref())?] {
+        let m = spec.causal_lm(AdapterMode::Merge)?;
+        let (lm, tok) = (&m.model.lm, &m.tokenizer);
+        answers.push(tch::no_grad(|| answer_prompts(lm, tok, &prompts, args.max_new_tokens, args.batch_size))?);
     }
-    let rm_dir = resolve_model_dir(&args.reward_model)?;
-    let (rm, rm_tok_dir) = load_reward_model_or_adapter(&rm_dir, None, device, kind)?;
-    let rm_tok = ModelTokenizer::from_dir(&rm_tok_dir)?;
+    let (rm, rm_tok) = args.model.spec_of(&args.reward_model, None)?.scalar_model()?;
     let a = score_answers(&rm.rm, &rm_tok, &prompts, &answers[0], args.max_length, args.batch_size)?;
     let b = score_answers(&rm.rm, &rm_tok, &prompts, &answers[1], args.max_length, args.batch_size)?;
     let w = win_rate(&a, &b)?;

@@ -6,9 +6,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use align_core::answer_eval::stop_token_ids;
-use align_core::chat::ChatMessage;
-use align_core::generate::{generate_with_stats, SamplingConfig};
+use align_core::eval::answers::stop_token_ids;
+use align_core::text::chat::ChatMessage;
+use align_core::infer::generate::{generate_with_stats, SamplingConfig};
 
 use crate::common::load_session;
 use crate::ModelArgs;

@@ -148,7 +148,7 @@ pub struct InitArgs {
 pub fn init(args: InitArgs) -> Result<()> {
     crate::existing(&args.config, "model description")?;
     crate::existing(&args.tokenizer, "tokenizer folder")?;
-    let config = align_core::init::init_model(&args.config, &args.tokenizer, &args.out, args.seed)?;
+    let config = align_core::model::init::init_model(&args.config, &args.tokenizer, &args.out, args.seed)?;
     eprintln!(
         "initialised a {} model with {} parameters → {}",
         config.model_type.as_str(),

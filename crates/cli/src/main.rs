@@ -83,24 +83,44 @@ enum BenchCommand {
     Generate(bench::BenchGenerateArgs),
 }
 
-/// Flags shared by every command that loads a model.
+/// Flags shared by every command that loads a model (turned into the core's one `ModelSpec`).
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Model folder (HF layout) or a hub id present in the local HF cache.
+    /// Model folder (HF layout) or a hub id present in the local HF cache (`export`: default
+    /// the adapter's base_model_name_or_path).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA; `export`: the stored dtype of the
+    /// merged weights, default the base checkpoint's).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Intra-op CPU threads for libtorch (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// LoRA adapter folder (PEFT layout) applied on top of --model (merged into it at load).
+    /// LoRA adapter folder (PEFT layout) applied on top of --model (merged into it at load; its
+    /// tokenizer files win over the model's).
     #[arg(long)]
     pub adapter: Option<String>,
+}
+
+impl ModelArgs {
+    /// The `--model` value; an error naming the flag when it is missing.
+    pub fn model_name(&self) -> anyhow::Result<&str> {
+        self.model.as_deref().ok_or_else(|| anyhow::anyhow!("--model: required (a model folder or a cached hub id)"))
+    }
+
+    /// The core's `ModelSpec` of these flags.
+    pub fn spec(&self) -> anyhow::Result<align_core::load::spec::ModelSpec> {
+        self.spec_of(self.model_name()?, self.adapter.as_deref())
+    }
+
+    /// A `ModelSpec` for another model on the same device, dtype and threads.
+    pub fn spec_of(&self, model: &str, adapter: Option<&str>) -> anyhow::Result<align_core::load::spec::ModelSpec> {
+        align_core::load::spec::ModelSpec::from_flags(model, adapter, &self.device, self.dtype.as_deref(), self.threads)
+    }
 }
 
 fn main() -> ExitCode {
@@ -110,7 +130,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    align_core::device::enable_cpu_features();
+    align_core::model::device::enable_cpu_features();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),

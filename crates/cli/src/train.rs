@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 
-use align_core::train_config::LoadedConfig;
+use align_core::train::config::LoadedConfig;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Stage {

@@ -184,8 +184,8 @@ print(json.dumps({"text": text, "ids": ids, "argmax": int(logits.argmax())}))
 
     let t = align_core::ModelTokenizer::from_dir(&m).unwrap();
     let msgs = vec![
-        align_core::chat::ChatMessage::new("system", "Be brief."),
-        align_core::chat::ChatMessage::new("user", "发烧怎么办? What is fever?"),
+        align_core::text::chat::ChatMessage::new("system", "Be brief."),
+        align_core::text::chat::ChatMessage::new("user", "发烧怎么办? What is fever?"),
     ];
     let text = t.apply_chat_template(&msgs, true).unwrap();
     assert_eq!(text, hf["text"].as_str().unwrap());

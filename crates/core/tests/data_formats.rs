@@ -2,7 +2,7 @@
 //! documents (English and Chinese), from `.jsonl`, `.json` arrays, `.txt`, folders and globs.
 use std::path::{Path, PathBuf};
 
-use align_core::chat::ChatMessage;
+use align_core::text::chat::ChatMessage;
 use align_core::data::{
     read_preference, read_pretrain, read_prompts, read_sft, split_records, DataFormat, DataOptions, TextMode,
 };

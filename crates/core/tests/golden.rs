@@ -3,11 +3,12 @@
 //! model folders.
 use std::path::{Path, PathBuf};
 
-use align_core::chat::{ChatTemplate, TemplateTokens};
-use align_core::checkpoint::{load_causal_lm, save_pretrained, SaveOptions};
-use align_core::generate::{generate, SamplingConfig};
-use align_core::logprobs::{perplexity, sequences_nll};
-use align_core::model::ForwardOptions;
+use align_core::text::chat::{ChatTemplate, TemplateTokens};
+use align_core::hf::checkpoint::{save_pretrained, SaveOptions};
+use align_core::model::io::load_causal_lm;
+use align_core::infer::generate::{generate, SamplingConfig};
+use align_core::infer::logprobs::{perplexity, sequences_nll};
+use align_core::model::decoder::ForwardOptions;
 use align_core::ModelTokenizer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -164,7 +165,7 @@ fn chat_prompt_tokens_and_greedy_reply_match_transformers() {
     let tok = ModelTokenizer::from_dir(&dir).unwrap();
     let m = load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap();
     for p in g["prompts"].as_array().unwrap() {
-        let messages: Vec<align_core::chat::ChatMessage> = serde_json::from_value(p["messages"].clone()).unwrap();
+        let messages: Vec<align_core::text::chat::ChatMessage> = serde_json::from_value(p["messages"].clone()).unwrap();
         let rendered = tok.apply_chat_template(&messages, true).unwrap();
         assert_eq!(rendered, p["rendered"].as_str().unwrap());
         let ids = tok.encode(&rendered, false).unwrap();

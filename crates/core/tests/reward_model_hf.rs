@@ -2,7 +2,7 @@
 //! `AutoModelForSequenceClassification` with the same scores, for every family, with padding.
 use std::path::{Path, PathBuf};
 
-use align_core::scalar_model::{load_reward_model, scalar_model_from_causal_lm, write_scalar_model, ScoreInit};
+use align_core::model::scalar::{load_reward_model, scalar_model_from_causal_lm, write_scalar_model, ScoreInit};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 

@@ -10,10 +10,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use align_core::chat::strftime;
+use align_core::text::chat::strftime;
+use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::data::{expand_data_paths, read_preference, read_prompts, read_sft, read_text_records, DataOptions};
-use align_core::train_config::{canonical_json, parse_override, set_path, sha256_file, sha256_hex, LoadedConfig};
-use align_core::trainer::TrainSummary;
+use align_core::train::config::{canonical_json, parse_override, set_path, sha256_file, sha256_hex, LoadedConfig};
+use align_core::train::trainer::TrainSummary;
 
 /// Stage kinds the runner knows.
 pub const KINDS: &[&str] = &["pretrain", "sft", "reward", "dpo", "ppo", "eval"];
@@ -427,7 +428,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
     // the starting model: a given folder, or one `align init` makes from a description
     let base = match (&p.base_model, &p.init, &p.tokenizer) {
         (Some(m), _, _) => {
-            let dir = align_core::checkpoint::resolve_model_dir(m)?;
+            let dir = align_core::hf::checkpoint::resolve_model_dir(m)?;
             Produced { hash: content_hash(&dir)?, model: dir, adapter: None }
         }
         (None, Some(init), Some(tok)) => init_model(p, init, tok)?,
@@ -620,7 +621,7 @@ fn stage_output(p: &Pipeline, s: &StageSpec, input: &Produced, rec: &StageRecord
         return None;
     }
     let hash = rec.output_hash.clone().or_else(|| content_hash(&final_dir).ok())?;
-    if final_dir.join(align_core::lora::ADAPTER_CONFIG_FILE).is_file() {
+    if final_dir.join(align_core::peft::lora::ADAPTER_CONFIG_FILE).is_file() {
         Some(Produced { model: input.model.clone(), adapter: Some(final_dir), hash })
     } else {
         Some(Produced { model: final_dir, adapter: None, hash })
@@ -659,19 +660,15 @@ fn run_stage(
 }
 
 fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
-    use align_core::logprobs::corpus_perplexity;
-    let device = align_core::device::parse_device(
+    use align_core::infer::logprobs::corpus_perplexity;
+    let device = align_core::model::device::parse_device(
         s.table.get("train").and_then(|t| t.get("device")).and_then(|d| d.as_str()).unwrap_or("auto"),
     )?;
     let dtype = s.table.get("train").and_then(|t| t.get("dtype")).and_then(|d| d.as_str());
-    let kind = align_core::device::parse_dtype(dtype, device)?;
-    let mut m = align_core::load_causal_lm(&input.model, device, kind)?;
-    if let Some(a) = &input.adapter {
-        align_core::lora::load_adapter(&m.vs, &mut m.lm, a)?;
-    }
-    let tok = align_core::ModelTokenizer::from_dir(
-        input.adapter.as_deref().filter(|a| a.join("tokenizer.json").is_file()).unwrap_or(&input.model),
-    )?;
+    let kind = align_core::model::device::parse_dtype(dtype, device)?;
+    let spec = ModelSpec::at(&input.model, input.adapter.as_deref(), device, kind);
+    let loaded = spec.causal_lm(AdapterMode::Attach)?;
+    let (m, tok) = (&loaded.model, &loaded.tokenizer);
     let files: Vec<String> = s
         .table
         .get("data")
@@ -684,10 +681,10 @@ fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     };
     if s.eval.as_deref() == Some("answers") {
         let conversations = read_sft(&files, &DataOptions::default())?.records;
-        let cases = conversations.iter().map(align_core::answer_eval::answer_case).collect::<Result<Vec<_>>>()?;
+        let cases = conversations.iter().map(align_core::eval::answers::answer_case).collect::<Result<Vec<_>>>()?;
         let max_new = s.table.get("max_new_tokens").and_then(|v| v.as_integer()).unwrap_or(64).max(1) as usize;
         let r = tch::no_grad(|| {
-            align_core::answer_eval::evaluate_answers(&m.lm, &tok, &cases, max_new, int("batch_size", 8))
+            align_core::eval::answers::evaluate_answers(&m.lm, tok, &cases, max_new, int("batch_size", 8))
         })?;
         let sc = r.scores;
         tracing::info!(
@@ -712,7 +709,7 @@ fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     for f in expand_data_paths(&files)? {
         texts.extend(read_text_records(&f)?.into_iter().map(|r| r.text));
     }
-    let r = tch::no_grad(|| corpus_perplexity(&m.lm, &tok, &texts, int("max_length", 1024), 8192))?;
+    let r = tch::no_grad(|| corpus_perplexity(&m.lm, tok, &texts, int("max_length", 1024), 8192))?;
     tracing::info!("stage {}: perplexity {:.3} over {} tokens", s.name, r.perplexity, r.tokens);
     Ok(
         json!({"eval": "perplexity", "model": input.model.display().to_string(), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "records": r.records}),
@@ -728,30 +725,8 @@ fn merged(input: &Produced) -> Result<Produced> {
     let marker = dir.join(".merged_from");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(input.hash.as_str()) {
         tracing::info!("merging {} into {} → {}", adapter.display(), input.model.display(), dir.display());
-        let stored = align_core::ModelConfig::from_dir(&input.model)?.stored_dtype;
-        let dtype = match stored.as_deref() {
-            Some("bfloat16") => Some(tch::Kind::BFloat16),
-            Some("float16") => Some(tch::Kind::Half),
-            _ => None,
-        };
-        if align_core::lora::read_adapter_folder_config(adapter)?.is_reward_model() {
-            let (m, _) = align_core::scalar_model::load_reward_model_or_adapter(
-                &input.model,
-                Some(adapter),
-                tch::Device::Cpu,
-                tch::Kind::Float,
-            )?;
-            align_core::checkpoint::write_folder(&dir, |tmp| {
-                align_core::scalar_model::write_scalar_model(&m.vs, &m.rm, tmp, dtype, Some(adapter))
-            })?;
-        } else {
-            let mut m = align_core::load_causal_lm(&input.model, tch::Device::Cpu, tch::Kind::Float)?;
-            align_core::lora::load_adapter(&m.vs, &mut m.lm, adapter)?;
-            align_core::lora::merge_lora(&m.vs, &mut m.lm)?;
-            let opts =
-                align_core::checkpoint::SaveOptions { dtype, companions_from: Some(adapter), ..Default::default() };
-            align_core::checkpoint::save_pretrained(&m.vs, &m.lm.config, &dir, &opts)?;
-        }
+        // the one merge path of `align export`: merged in f32, probe-checked, stored in the base's dtype
+        align_core::load::merge::merge_adapter(&input.model, adapter, &dir, &align_core::load::merge::MergeOptions::default())?;
         std::fs::write(&marker, &input.hash)?;
     }
     Ok(Produced { model: dir, adapter: None, hash: input.hash.clone() })
@@ -764,7 +739,7 @@ fn init_model(p: &Pipeline, desc: &Path, tokenizer: &Path) -> Result<Produced> {
     let marker = dir.join(".init_key");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(key.as_str()) {
         tracing::info!("initialising the starting model from {} → {}", desc.display(), dir.display());
-        align_core::init::init_model(desc, tokenizer, &dir, None)?;
+        align_core::model::init::init_model(desc, tokenizer, &dir, None)?;
         std::fs::write(&marker, &key)?;
     }
     let hash = sha256_hex(format!("init:{key}").as_bytes());
@@ -795,7 +770,7 @@ mod tests {
         };
         let out = merged(&input).unwrap();
         assert_eq!((out.model.clone(), out.adapter.clone()), (tmp.path().join("rm/merged"), None));
-        let rm = align_core::scalar_model::load_reward_model(&out.model, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        let rm = align_core::model::scalar::load_reward_model(&out.model, tch::Device::Cpu, tch::Kind::Float).unwrap();
         let golden = tch::Tensor::read_safetensors(fixtures().join("peft/llama-seqcls/golden.safetensors")).unwrap();
         let get = |n: &str| golden.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
         let got = tch::no_grad(|| rm.rm.forward(&get("input_ids"))).unwrap();

@@ -3,7 +3,7 @@
 //! (bitwise: the same kernels in the same order).
 use std::path::{Path, PathBuf};
 
-use align_core::train_config::LoadedConfig;
+use align_core::train::config::LoadedConfig;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -2,7 +2,7 @@
 //! identical weights and identical logged losses; gradient accumulation normalises by tokens.
 use std::path::{Path, PathBuf};
 
-use align_core::train_config::LoadedConfig;
+use align_core::train::config::LoadedConfig;
 use serde_json::Value;
 
 fn repo() -> PathBuf {

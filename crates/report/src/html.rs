@@ -159,27 +159,31 @@ fn stage_section(stage: &Stage, row: &StatusRow, images: &[(String, String)]) ->
         }
         facts.push(("duration".into(), row.duration_text()));
         if let Some(s) = &record.summary {
-            if let Some(r) = &s.stop_reason {
-                facts.push(("stop reason".into(), r.clone()));
+            if !s.stop_reason.is_empty() {
+                facts.push(("stop reason".into(), s.stop_reason.clone()));
             }
-            if let Some(t) = s.tokens_seen {
-                facts.push(("tokens seen".into(), t.to_string()));
-            }
+            facts.push(("tokens seen".into(), s.tokens_seen.to_string()));
             if let Some(v) = s.eval_loss {
                 facts.push(("last eval loss".into(), format_value(v)));
             }
             if let Some(v) = s.best_eval_loss {
                 facts.push(("best eval loss".into(), format_value(v)));
             }
-            if let Some(n) = s.nonfinite_steps.filter(|&n| n > 0) {
-                facts.push(("non-finite steps".into(), n.to_string()));
+            if let Some(step) = s.best_step {
+                facts.push(("best step".into(), step.to_string()));
+            }
+            if s.nonfinite_steps > 0 {
+                facts.push(("non-finite steps".into(), s.nonfinite_steps.to_string()));
             }
             if let Some(d) = &s.final_dir {
-                facts.push(("final model".into(), d.clone()));
+                facts.push(("final model".into(), d.display().to_string()));
+            }
+            if let Some(d) = &s.best_dir {
+                facts.push(("best model".into(), d.display().to_string()));
             }
         }
-        if let Some(h) = &record.config_hash {
-            facts.push(("config hash".into(), h.clone()));
+        if !record.config_hash.is_empty() {
+            facts.push(("config hash".into(), record.config_hash.clone()));
         }
         if let Some(r) = &record.stale_reason {
             facts.push(("stale because".into(), r.clone()));

@@ -3,120 +3,13 @@
 //! stage's `<stage>/metrics.jsonl` (train lines and eval lines). Every error names the file, the
 //! line where one is known, and the field.
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// What a stage does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StageKind {
-    Pretrain,
-    Sft,
-    Reward,
-    Dpo,
-    Ppo,
-    Eval,
-}
-
-impl StageKind {
-    pub const ALL: [StageKind; 6] =
-        [StageKind::Pretrain, StageKind::Sft, StageKind::Reward, StageKind::Dpo, StageKind::Ppo, StageKind::Eval];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageKind::Pretrain => "pretrain",
-            StageKind::Sft => "sft",
-            StageKind::Reward => "reward",
-            StageKind::Dpo => "dpo",
-            StageKind::Ppo => "ppo",
-            StageKind::Eval => "eval",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        StageKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for StageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Where a stage is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StageStatus {
-    Pending,
-    Running,
-    Done,
-    Failed,
-    Stale,
-}
-
-impl StageStatus {
-    pub const ALL: [StageStatus; 5] =
-        [StageStatus::Pending, StageStatus::Running, StageStatus::Done, StageStatus::Failed, StageStatus::Stale];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageStatus::Pending => "pending",
-            StageStatus::Running => "running",
-            StageStatus::Done => "done",
-            StageStatus::Failed => "failed",
-            StageStatus::Stale => "stale",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        StageStatus::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for StageStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The trainer's `train_summary.json` as copied into `stage.json` (every field optional, so a
-/// summary written by an older or newer trainer still reads).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StageSummary {
-    pub steps: Option<u64>,
-    pub total_steps: Option<u64>,
-    pub completed: Option<bool>,
-    pub stop_reason: Option<String>,
-    pub last_loss: Option<f64>,
-    pub eval_loss: Option<f64>,
-    pub best_eval_loss: Option<f64>,
-    pub nonfinite_steps: Option<u64>,
-    pub tokens_seen: Option<u64>,
-    pub seconds: Option<f64>,
-    pub final_dir: Option<String>,
-}
-
-/// One `stage.json`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageRecord {
-    pub kind: StageKind,
-    pub status: StageStatus,
-    pub stale_reason: Option<String>,
-    pub config_hash: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub duration_seconds: Option<f64>,
-    pub summary: Option<StageSummary>,
-    /// Whatever JSON the stage's evaluation produced.
-    pub eval: Option<Value>,
-    pub error: Option<String>,
-}
+pub use align_runs::{StageKind, StageRecord, StageStatus, TrainSummary};
+use align_runs::files::{METRICS, PIPELINE_RECORD, STAGE_RECORD};
 
 /// One line of `metrics.jsonl`: its step and its numeric fields (a `null`, which is how a
 /// non-finite number is written, reads as NaN).
@@ -257,21 +150,21 @@ impl Stage {
         self.record.as_ref().map(|r| r.status).unwrap_or(StageStatus::Pending)
     }
 
-    pub fn summary(&self) -> Option<&StageSummary> {
+    pub fn summary(&self) -> Option<&TrainSummary> {
         self.record.as_ref().and_then(|r| r.summary.as_ref())
     }
 
     /// Steps done (summary, else the last logged step) and the planned total when known.
     pub fn steps(&self) -> (Option<u64>, Option<u64>) {
         let summary = self.summary();
-        let done = summary.and_then(|s| s.steps).or_else(|| self.metrics.last_step());
-        (done, summary.and_then(|s| s.total_steps))
+        let done = summary.map(|s| s.steps).or_else(|| self.metrics.last_step());
+        (done, summary.map(|s| s.total_steps))
     }
 
     /// Wall-clock seconds: `duration_seconds`, else the training summary's seconds.
     pub fn duration_seconds(&self) -> Option<f64> {
         let r = self.record.as_ref()?;
-        r.duration_seconds.or_else(|| r.summary.as_ref().and_then(|s| s.seconds))
+        r.duration_seconds.or_else(|| r.summary.as_ref().map(|s| s.seconds))
     }
 }
 
@@ -331,26 +224,17 @@ pub fn read_stage_record(path: &Path) -> Result<StageRecord> {
     };
     let kinds: Vec<&str> = StageKind::ALL.iter().map(|k| k.as_str()).collect();
     let statuses: Vec<&str> = StageStatus::ALL.iter().map(|k| k.as_str()).collect();
-    let summary = match obj.get("summary") {
-        None | Some(Value::Null) => None,
-        Some(s @ Value::Object(_)) => Some(
-            serde_json::from_value::<StageSummary>(s.clone())
-                .map_err(|e| anyhow!("{}: field 'summary': {e}", path.display()))?,
-        ),
+    one_of(&obj, "kind", path, StageKind::parse, &kinds)?;
+    one_of(&obj, "status", path, StageStatus::parse, &statuses)?;
+    for field in ["stale_reason", "config_hash", "started_at", "finished_at", "error"] {
+        opt_string(&obj, field, path)?;
+    }
+    opt_number(&obj, "duration_seconds", path)?;
+    match obj.get("summary") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => {}
         Some(other) => bail!("{}: field 'summary': expected an object or null, found {other}", path.display()),
-    };
-    Ok(StageRecord {
-        kind: one_of(&obj, "kind", path, StageKind::parse, &kinds)?,
-        status: one_of(&obj, "status", path, StageStatus::parse, &statuses)?,
-        stale_reason: opt_string(&obj, "stale_reason", path)?,
-        config_hash: opt_string(&obj, "config_hash", path)?,
-        started_at: opt_string(&obj, "started_at", path)?,
-        finished_at: opt_string(&obj, "finished_at", path)?,
-        duration_seconds: opt_number(&obj, "duration_seconds", path)?,
-        summary,
-        eval: obj.get("eval").filter(|v| !v.is_null()).cloned(),
-        error: opt_string(&obj, "error", path)?,
-    })
+    }
+    serde_json::from_value::<StageRecord>(Value::Object(obj)).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 /// Reads a run folder: `pipeline.json`, then every listed stage's folder (a stage without a
@@ -359,7 +243,7 @@ pub fn read_run_dir(path: &Path) -> Result<RunDir> {
     if !path.is_dir() {
         bail!("{}: no such run folder", path.display());
     }
-    let manifest_path = path.join("pipeline.json");
+    let manifest_path = path.join(PIPELINE_RECORD);
     if !manifest_path.is_file() {
         bail!("{}: missing (is {} a pipeline run folder?)", manifest_path.display(), path.display());
     }
@@ -390,9 +274,9 @@ pub fn read_run_dir(path: &Path) -> Result<RunDir> {
     let mut stages = Vec::with_capacity(names.len());
     for name in names {
         let dir = path.join(&name);
-        let record_path = dir.join("stage.json");
+        let record_path = dir.join(STAGE_RECORD);
         let record = if record_path.is_file() { Some(read_stage_record(&record_path)?) } else { None };
-        let metrics = MetricLog::read(&dir.join("metrics.jsonl"))?;
+        let metrics = MetricLog::read(&dir.join(METRICS))?;
         stages.push(Stage { name, dir, record, metrics });
     }
     Ok(RunDir { path: path.to_path_buf(), name, pipeline_file, stages })

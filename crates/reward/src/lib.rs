@@ -5,11 +5,11 @@ use serde::Deserialize;
 use tch::Kind;
 
 use align_core::data::{DataOptions, LengthBudget};
-use align_core::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
-use align_core::scalar_model::{ScalarModel, ScoreInit};
-use align_core::train_config::LoadedConfig;
-use align_core::train_setup::TrainingScalarModel;
-use align_core::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::train::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
+use align_core::model::scalar::{ScalarModel, ScoreInit};
+use align_core::train::config::LoadedConfig;
+use align_core::train::setup::TrainingScalarModel;
+use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 
 pub mod bt_loss;
 

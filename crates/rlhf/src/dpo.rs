@@ -5,15 +5,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tch::Kind;
 
-use align_core::checkpoint::resolve_model_dir;
-use align_core::config::ModelConfig;
+use align_core::hf::checkpoint::resolve_model_dir;
+use align_core::hf::config::ModelConfig;
 use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
-use align_core::model::CausalLm;
-use align_core::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
-use align_core::train_config::{sha256_file, LoadedConfig};
-use align_core::train_setup::{training_device, TrainingModel};
-use align_core::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
-use align_core::ModelTokenizer;
+use align_core::model::decoder::CausalLm;
+use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
+use align_core::train::config::{sha256_file, LoadedConfig};
+use align_core::train::setup::{training_device, training_spec, TrainingModel};
+use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 
 use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
 use crate::reference::{
@@ -137,7 +136,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let c = &cfg.config;
     let (device, kind) = training_device(cfg)?;
     let policy_dir = resolve_model_dir(&c.model)?;
-    let tokenizer = ModelTokenizer::from_dir(&policy_dir)?;
+    let tokenizer = training_spec(cfg)?.tokenizer()?;
     let template = tokenizer.chat_template()?.source().to_string();
     let pad_id = tokenizer.padding_id();
 

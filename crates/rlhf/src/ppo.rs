@@ -12,21 +12,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use align_core::answer_eval::stop_token_ids;
-use align_core::chat::ChatMessage;
-use align_core::checkpoint::resolve_model_dir;
-use align_core::config::ModelConfig;
+use align_core::eval::answers::stop_token_ids;
+use align_core::text::chat::ChatMessage;
+use align_core::hf::checkpoint::resolve_model_dir;
+use align_core::hf::config::ModelConfig;
 use align_core::data::read_prompts;
-use align_core::generate::{generate_with_stats, Generation, SamplingConfig};
-use align_core::optim::AdamW;
-use align_core::scalar_model::{load_reward_model_or_adapter, LoadedScalarModel, ScoreInit};
-use align_core::train_config::{LoadedConfig, TrainSection};
-use align_core::train_setup::{training_device, TrainingModel, TrainingScalarModel};
-use align_core::trainer::{
+use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
+use align_core::train::optim::AdamW;
+use align_core::load::spec::ModelSpec;
+use align_core::model::scalar::{LoadedScalarModel, ScoreInit};
+use align_core::train::config::{LoadedConfig, TrainSection};
+use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
+use align_core::train::trainer::{
     clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, StopRequest,
     TrainRun, TrainStep, TrainSummary, SAMPLES,
 };
-use align_core::winrate::score_answers;
+use align_core::eval::winrate::score_answers;
 use align_core::ModelTokenizer;
 
 use crate::ppo_config::{check_guardrails, GuardInputs, Guards, PpoSection};
@@ -584,10 +585,10 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let reward_dir = resolve_model_dir(&section.reward_model)?;
     let reference = policy_reference(cfg, section.reference.as_deref(), device, kind)?;
     // a reward-model folder, or a LoRA reward model's adapter folder (merged into its base)
-    let (mut reward, reward_tokenizer_dir) = load_reward_model_or_adapter(&reward_dir, None, device, kind)
+    let (mut reward, reward_tokenizer) = ModelSpec::at(&reward_dir, None, device, kind)
+        .scalar_model()
         .with_context(|| format!("{origin}: [ppo] reward_model"))?;
     reward.vs.freeze();
-    let reward_tokenizer = ModelTokenizer::from_dir(&reward_tokenizer_dir)?;
     let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
     let policy = TrainingModel::load(cfg)?;
     let prompts = load_prompts(cfg, &policy.tokenizer, max_prompt)?;

@@ -8,14 +8,16 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use align_core::checkpoint::{load_causal_lm, resolve_model_dir, weight_files, LoadedModel};
-use align_core::logprobs::sequence_logprobs;
-use align_core::lora::{load_adapter, merge_lora, without_adapters};
-use align_core::model::{CausalLm, ForwardOptions};
-use align_core::preference_batch::{PairSplits, PreferenceBatch};
-use align_core::train_config::{canonical_json, sha256_file, sha256_hex};
-use align_core::train_config::{LoadedConfig, Method};
-use align_core::trainer::Split;
+use align_core::hf::checkpoint::{resolve_model_dir, weight_files};
+use align_core::model::io::LoadedModel;
+use align_core::load::spec::{AdapterMode, ModelSpec};
+use align_core::infer::logprobs::sequence_logprobs;
+use align_core::peft::lora::without_adapters;
+use align_core::model::decoder::{CausalLm, ForwardOptions};
+use align_core::train::preference_batch::{PairSplits, PreferenceBatch};
+use align_core::train::config::{canonical_json, sha256_file, sha256_hex};
+use align_core::train::config::{LoadedConfig, Method};
+use align_core::train::trainer::Split;
 
 /// Summed answer log-probs and answer token counts of a batch's chosen and rejected rows,
 /// each `[B]` f32: `(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)`.
@@ -87,11 +89,7 @@ pub fn load_reference_model(
     device: Device,
     kind: Kind,
 ) -> Result<Box<LoadedModel>> {
-    let mut m = load_causal_lm(dir, device, kind)?;
-    if let Some(a) = adapter {
-        load_adapter(&m.vs, &mut m.lm, a)?;
-        merge_lora(&m.vs, &mut m.lm)?;
-    }
+    let mut m = ModelSpec::at(dir, adapter, device, kind).causal_lm(AdapterMode::Merge)?.model;
     m.vs.freeze();
     Ok(Box::new(m))
 }

@@ -5,10 +5,10 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use align_core::generate::Generation;
-use align_core::logprobs::{token_logprobs, IGNORE_INDEX};
-use align_core::model::{CausalLm, ForwardOptions};
-use align_core::scalar_model::ScalarModel;
+use align_core::infer::generate::Generation;
+use align_core::infer::logprobs::{token_logprobs, IGNORE_INDEX};
+use align_core::model::decoder::{CausalLm, ForwardOptions};
+use align_core::model::scalar::ScalarModel;
 
 /// One iteration's prompts and responses, laid out for forward passes.
 pub struct RolloutBatch {
@@ -102,7 +102,7 @@ impl RolloutBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use align_core::checkpoint::load_causal_lm;
+    use align_core::model::io::load_causal_lm;
     use std::path::Path;
 
     fn tiny() -> align_core::LoadedModel {

@@ -3,7 +3,7 @@
 //! reference's losses, exact resume, and every loss type runs.
 use std::path::{Path, PathBuf};
 
-use align_core::train_config::LoadedConfig;
+use align_core::train::config::LoadedConfig;
 use serde_json::Value;
 
 fn repo() -> PathBuf {

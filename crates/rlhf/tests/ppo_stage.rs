@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use align_core::scalar_model::{write_scalar_model, ScalarModel};
-use align_core::train_config::LoadedConfig;
+use align_core::model::scalar::{write_scalar_model, ScalarModel};
+use align_core::train::config::LoadedConfig;
 use align_core::ModelConfig;
 use serde_json::Value;
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -104,11 +104,11 @@ fn toy_reward_model_prefers_the_favoured_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("rm");
     toy_reward_model(&dir);
-    let rm = align_core::scalar_model::load_reward_model(&dir, Device::Cpu, Kind::Float).unwrap();
+    let rm = align_core::model::scalar::load_reward_model(&dir, Device::Cpu, Kind::Float).unwrap();
     let tok = align_core::ModelTokenizer::from_dir(&dir).unwrap();
-    let prompt = vec![vec![align_core::chat::ChatMessage::new("user", "What helps a headache?")]; 3];
+    let prompt = vec![vec![align_core::text::chat::ChatMessage::new("user", "What helps a headache?")]; 3];
     let answers = ["the rest".to_string(), "xyz abc xyz".to_string(), "123 456 7890 42".to_string()];
-    let s = align_core::winrate::score_answers(&rm.rm, &tok, &prompt, &answers, 512, 4).unwrap();
+    let s = align_core::eval::winrate::score_answers(&rm.rm, &tok, &prompt, &answers, 512, 4).unwrap();
     eprintln!("toy scores: {s:?}");
     assert!(s[2] > s[0] + 1.0 && s[2] > s[1] + 1.0, "{s:?}");
 }
@@ -176,7 +176,7 @@ fn reward_rises_with_bounded_kl_and_metrics_are_named_and_finite() {
     assert!(samples[0]["score"].as_f64().is_some() && samples[0]["response"].is_string());
     // the final folder is a loadable causal LM with its critic beside it
     align_core::load_causal_lm(&out.join("final"), Device::Cpu, Kind::Float).unwrap();
-    align_core::scalar_model::load_reward_model(&out.join("final/value_model"), Device::Cpu, Kind::Float).unwrap();
+    align_core::model::scalar::load_reward_model(&out.join("final/value_model"), Device::Cpu, Kind::Float).unwrap();
 }
 
 fn tensors(dir: &Path) -> Vec<(String, Tensor)> {
@@ -266,8 +266,8 @@ fn config_errors_name_the_key() {
 /// bitwise the run of its merged full folder.
 #[test]
 fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
-    use align_core::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig};
-    use align_core::scalar_model::{load_reward_model_or_adapter, scalar_model_from_causal_lm, ScoreInit};
+    use align_core::peft::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig};
+    use align_core::model::scalar::{load_reward_model_or_adapter, scalar_model_from_causal_lm, ScoreInit};
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("rm-lora");

@@ -184,32 +184,76 @@ pub struct TrainSummary {
     pub final_dir: Option<PathBuf>,
 }
 
-/// `stage.json`: a pipeline stage's status and lineage.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+/// `stage.json`: a pipeline stage's status and lineage. Every field but `kind` and `status`
+/// reads with a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageRecord {
+    #[serde(default)]
     pub name: String,
-    pub kind: Option<StageKind>,
+    pub kind: StageKind,
     pub status: StageStatus,
+    #[serde(default)]
     pub stale_reason: Option<String>,
+    #[serde(default)]
     pub config_hash: String,
     /// Hash over the config and every input (models, data, tokenizer): equal means up to date.
+    #[serde(default)]
     pub input_hash: String,
+    #[serde(default)]
     pub config: Value,
+    #[serde(default)]
     pub inputs: Vec<Value>,
+    #[serde(default)]
     pub data: Vec<Value>,
+    #[serde(default)]
     pub tokenizer_hash: Option<String>,
+    #[serde(default)]
     pub started_at: Option<String>,
+    #[serde(default)]
     pub finished_at: Option<String>,
+    #[serde(default)]
     pub duration_seconds: Option<f64>,
+    #[serde(default)]
     pub summary: Option<TrainSummary>,
     /// Whatever JSON the stage's evaluation produced.
+    #[serde(default)]
     pub eval: Option<Value>,
     /// Content hash of what the stage produced (its `final/` folder), for the stages after it.
+    #[serde(default)]
     pub output_hash: Option<String>,
+    #[serde(default)]
     pub error: Option<String>,
+    #[serde(default)]
     pub command: String,
+    #[serde(default)]
     pub version: String,
+}
+
+impl StageRecord {
+    /// A pending record of stage `name` of `kind`, every other field empty.
+    pub fn new(name: &str, kind: StageKind) -> Self {
+        StageRecord {
+            name: name.to_string(),
+            kind,
+            status: StageStatus::Pending,
+            stale_reason: None,
+            config_hash: String::new(),
+            input_hash: String::new(),
+            config: Value::Null,
+            inputs: Vec::new(),
+            data: Vec::new(),
+            tokenizer_hash: None,
+            started_at: None,
+            finished_at: None,
+            duration_seconds: None,
+            summary: None,
+            eval: None,
+            output_hash: None,
+            error: None,
+            command: String::new(),
+            version: String::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -233,5 +277,14 @@ mod tests {
     fn an_older_summary_without_new_fields_reads() {
         let s: TrainSummary = serde_json::from_str(r#"{"steps": 3, "completed": true, "stop_reason": "completed"}"#).unwrap();
         assert_eq!((s.steps, s.completed, s.best_step), (3, true, None));
+    }
+
+    #[test]
+    fn a_stage_record_round_trips_and_needs_kind_and_status() {
+        let mut r = StageRecord::new("sft", StageKind::Sft);
+        r.status = StageStatus::Done;
+        let back: StageRecord = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert!(serde_json::from_str::<StageRecord>(r#"{"name": "x", "status": "done"}"#).is_err());
     }
 }

@@ -3,12 +3,12 @@
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use align_core::conversation::{encode_conversation, LabeledTokens};
+use align_core::text::conversation::{encode_conversation, LabeledTokens};
 use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, LengthBudget, LengthDecision};
-use align_core::lm_objective::{pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits};
-use align_core::train_config::LoadedConfig;
-use align_core::train_setup::TrainingModel;
-use align_core::trainer::{train_supervised, TrainRun, TrainSummary};
+use align_core::train::lm_objective::{pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits};
+use align_core::train::config::LoadedConfig;
+use align_core::train::setup::TrainingModel;
+use align_core::train::trainer::{train_supervised, TrainRun, TrainSummary};
 
 /// `[sft]`.
 #[derive(Debug, Clone, Default, Deserialize)]

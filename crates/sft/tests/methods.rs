@@ -2,7 +2,7 @@
 //! what it selects, and labels cover assistant turns only.
 use std::path::{Path, PathBuf};
 
-use align_core::train_config::LoadedConfig;
+use align_core::train::config::LoadedConfig;
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -58,7 +58,7 @@ fn lora_run_saves_peft_adapters_and_resumes_exactly() {
         align_core::load_causal_lm(&repo().join("tests/fixtures/models/tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     let mut tuned =
         align_core::load_causal_lm(&repo().join("tests/fixtures/models/tiny-llama"), Device::Cpu, Kind::Float).unwrap();
-    align_core::lora::load_adapter(&tuned.vs, &mut tuned.lm, &straight.join("final")).unwrap();
+    align_core::peft::lora::load_adapter(&tuned.vs, &mut tuned.lm, &straight.join("final")).unwrap();
     let ids = tch::Tensor::from_slice(&[5i64, 17, 33, 200, 41]).view([1, 5]);
     let l0 = tch::no_grad(|| base.lm.forward(&ids, &Default::default(), None)).unwrap();
     let l1 = tch::no_grad(|| tuned.lm.forward(&ids, &Default::default(), None)).unwrap();

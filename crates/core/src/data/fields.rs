@@ -6,7 +6,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::kind_name;
-use crate::chat::ChatMessage;
+use crate::text::chat::ChatMessage;
 
 /// What is wrong with one record: the field (a path such as `conversations[2].from`; empty for
 /// the record as a whole) and the problem.

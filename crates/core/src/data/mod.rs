@@ -13,7 +13,6 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 mod budget;
 mod fields;
@@ -164,17 +163,7 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A short name of a JSON value's type for error messages.
-pub fn kind_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use crate::hf::config::json_kind_name as kind_name;
 
 /// One text record and where it came from (1-based line; for a `.json` array, the item number).
 #[derive(Debug, Clone, PartialEq)]

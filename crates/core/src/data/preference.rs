@@ -9,7 +9,7 @@ use super::fields::{
 };
 use super::sft::{with_system, SHAREGPT_SYSTEM_KEYS};
 use super::{DataFormat, Origin};
-use crate::chat::ChatMessage;
+use crate::text::chat::ChatMessage;
 
 /// One preference pair: the conversation up to the answer (may start with a system message,
 /// ends with a user message) and the chosen and rejected assistant answers.

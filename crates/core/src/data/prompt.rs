@@ -9,7 +9,7 @@ use super::fields::{
 };
 use super::sft::{with_system, SHAREGPT_SYSTEM_KEYS};
 use super::{DataFormat, Origin};
-use crate::chat::ChatMessage;
+use crate::text::chat::ChatMessage;
 
 /// One rollout prompt: messages (may start with a system message; end with a user message) and
 /// the reference answer when the record has one.

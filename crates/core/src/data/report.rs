@@ -11,7 +11,7 @@ use super::source::{expand_data_paths, FileLayout};
 use super::{
     Conversation, DataFormat, DataKind, DataOptions, Document, LengthBudgetCounts, Origin, PreferencePair, PromptRecord,
 };
-use crate::tokenizer::ModelTokenizer;
+use crate::text::tokenizer::ModelTokenizer;
 
 /// One invalid record: where it is and what is wrong (`field 'x': expected …, found …`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -250,7 +250,7 @@ impl MeasuredRecord for Document {
 /// A conversation rendered with the chat template, as `apply_chat_template(tokenize=True)`.
 fn rendered_length(
     tokenizer: &ModelTokenizer,
-    messages: &[crate::chat::ChatMessage],
+    messages: &[crate::text::chat::ChatMessage],
     add_generation_prompt: bool,
 ) -> Result<usize> {
     let text = tokenizer.apply_chat_template(messages, add_generation_prompt)?;

@@ -7,7 +7,7 @@ use super::fields::{
     system_field, turns, Dialect, FieldError, FieldResult, LastTurn, Role,
 };
 use super::{DataFormat, Origin};
-use crate::chat::ChatMessage;
+use crate::text::chat::ChatMessage;
 
 /// One SFT conversation: an optional system prompt, then user/assistant messages that alternate
 /// from a user message and end with an assistant message (roles are `user` / `assistant`).

@@ -5,7 +5,7 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{CausalLm, ForwardOptions, KvCache};
+use crate::model::decoder::{CausalLm, ForwardOptions, KvCache};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
@@ -153,7 +153,7 @@ pub fn generate_with_stats(
         Some(&mut cache),
     )?;
     let mut logits = lm.lm_logits(&hidden.f_narrow(1, plen as i64 - 1, 1)?)?.f_squeeze_dim(1)?;
-    let mut positions = crate::model::positions_from_mask(&prompt_mask)?.f_narrow(1, plen as i64 - 1, 1)?;
+    let mut positions = crate::model::decoder::positions_from_mask(&prompt_mask)?.f_narrow(1, plen as i64 - 1, 1)?;
     // active[row] = index of that batch row in `prompts`
     let mut active: Vec<usize> = (0..b).collect();
     sync(device);

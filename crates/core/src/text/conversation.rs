@@ -4,9 +4,11 @@ use std::ops::Range;
 
 use anyhow::{bail, Result};
 
-use crate::chat::ChatMessage;
-use crate::logprobs::IGNORE_INDEX;
-use crate::tokenizer::ModelTokenizer;
+use crate::text::chat::ChatMessage;
+/// The label of a position that is not predicted (prompt tokens, padding), as in PyTorch and
+/// transformers.
+pub const IGNORE_INDEX: i64 = -100;
+use crate::text::tokenizer::ModelTokenizer;
 
 /// Token ids and next-token labels (`IGNORE_INDEX` where no loss is taken).
 #[derive(Debug, Clone, PartialEq)]

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE};
-use crate::model::{RunMode, Trunk};
+use crate::hf::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE};
+use crate::model::decoder::{RunMode, Trunk};
 
 /// `targets` value selecting every projection of the decoder layers (not the LM head).
 pub const ALL_LINEAR: &str = "all-linear";
@@ -153,10 +153,7 @@ pub trait LoraModel {
 /// model has): a model holds one of them.
 const PEFT_CLASSIFIER_NAMES: &[&str] = &["classifier", "score"];
 
-/// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`).
-pub fn is_adapter_variable(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.")
-}
+pub use crate::hf::checkpoint::is_adapter_variable;
 
 fn module_matches(path: &str, target: &str) -> bool {
     path == target

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::optim::Schedule;
+use crate::train::optim::Schedule;
 
 /// How the model's weights are tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -140,8 +140,8 @@ impl Default for TrainSection {
 
 impl TrainSection {
     /// The optimizer settings of `[train]`.
-    pub fn adamw(&self) -> crate::optim::AdamWConfig {
-        crate::optim::AdamWConfig {
+    pub fn adamw(&self) -> crate::train::optim::AdamWConfig {
+        crate::train::optim::AdamWConfig {
             beta1: self.adam_beta1,
             beta2: self.adam_beta2,
             eps: self.adam_epsilon,

@@ -8,14 +8,14 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
-use crate::checkpoint::{
+use crate::hf::checkpoint::{
     config_json, copy_companions, load_weights, load_weights_except, save_tensors, write_config_json,
     DEFAULT_MAX_SHARD_BYTES,
 };
-use crate::config::ModelConfig;
-use crate::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE};
-use crate::model::{ForwardOptions, Linear, Trunk};
-use crate::tokenizer::ModelTokenizer;
+use crate::hf::config::ModelConfig;
+use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE};
+use crate::model::decoder::{ForwardOptions, Linear, Trunk};
+use crate::text::tokenizer::ModelTokenizer;
 
 /// HF name of the head's weight.
 pub const SCORE_WEIGHT: &str = "score.weight";
@@ -153,7 +153,7 @@ impl ScoreInit {
 }
 
 fn build(config: &ModelConfig, pad_token_id: i64, device: Device, kind: Kind) -> (VarStore, ScalarModel) {
-    crate::device::enable_cpu_features();
+    crate::model::device::enable_cpu_features();
     let mut vs = VarStore::new(device);
     vs.set_kind(kind);
     let rm = ScalarModel::new(&vs.root(), config, pad_token_id);

@@ -345,3 +345,15 @@ mod tests {
         assert!(m.qkv_bias && !m.o_bias && m.warnings.is_empty());
     }
 }
+
+/// A short name of a JSON value's type for error messages.
+pub fn json_kind_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -7,8 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use tch::{Device, Kind};
 
-use crate::checkpoint::{new_causal_lm, save_pretrained, SaveOptions};
-use crate::data::kind_name;
+use crate::hf::checkpoint::{save_pretrained, SaveOptions};
+use crate::model::io::new_causal_lm;
+use crate::hf::config::json_kind_name as kind_name;
 use crate::{ModelConfig, ModelTokenizer};
 
 const INIT_KEYS: &[&str] = &[

@@ -5,12 +5,12 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use tch::{Device, Tensor};
 
-use crate::answer_eval::stop_token_ids;
-use crate::chat::ChatMessage;
-use crate::generate::{generate, SamplingConfig};
-use crate::model::CausalLm;
-use crate::scalar_model::ScalarModel;
-use crate::tokenizer::ModelTokenizer;
+use crate::eval::answers::stop_token_ids;
+use crate::text::chat::ChatMessage;
+use crate::infer::generate::{generate, SamplingConfig};
+use crate::model::decoder::CausalLm;
+use crate::model::scalar::ScalarModel;
+use crate::text::tokenizer::ModelTokenizer;
 
 /// Wilson score interval of a proportion `p̂ = successes / n` at normal quantile `z`.
 pub fn wilson_interval(successes: f64, n: f64, z: f64) -> (f64, f64) {

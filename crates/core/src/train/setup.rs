@@ -6,18 +6,17 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{load_causal_lm, load_weights, resolve_model_dir, write_pretrained, LoadedModel, SaveOptions};
-use crate::device::{enable_cpu_features, parse_device, parse_dtype};
-use crate::lora::{
+use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
+use crate::model::io::LoadedModel;
+use crate::load::spec::{AdapterMode, LoadedCausalLm, ModelSpec};
+use crate::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, restore_adapter_weights,
     trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig, ADAPTER_CONFIG_FILE,
 };
-use crate::scalar_model::{
-    load_reward_model_or_adapter, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit,
-};
-use crate::tokenizer::ModelTokenizer;
-use crate::train_config::{LoadedConfig, Method};
-use crate::trainer::ModelState;
+use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::text::tokenizer::ModelTokenizer;
+use crate::train::config::{LoadedConfig, Method};
+use crate::train::trainer::ModelState;
 
 /// The policy model of a training run and its tokenizer.
 pub struct TrainingModel {
@@ -38,30 +37,25 @@ impl TrainingModel {
     pub fn load(cfg: &LoadedConfig) -> Result<Self> {
         let c = &cfg.config;
         let t = &c.train;
-        let (device, kind) = training_device(cfg)?;
-        let dir = resolve_model_dir(&c.model)?;
-        let mut loaded = load_causal_lm(&dir, device, kind)?;
-        let tokenizer = ModelTokenizer::from_dir(&dir)?;
+        let spec = training_spec(cfg)?;
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
-        let adapter = c.adapter.as_ref().map(|a| resolve_model_dir(a)).transpose()?;
+        let mode = if c.method == Method::Lora { AdapterMode::Attach } else { AdapterMode::Merge };
+        if c.method == Method::Lora {
+            let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
+            lora.validate().with_context(|| at("[lora]"))?;
+        }
+        let LoadedCausalLm { model: mut loaded, tokenizer, adapter, device, kind } = spec.causal_lm(mode)?;
         match c.method {
             Method::Lora => {
-                let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
-                lora.validate().with_context(|| at("[lora]"))?;
-                match &adapter {
-                    Some(a) => {
-                        load_adapter(&loaded.vs, &mut loaded.lm, a)?;
-                    }
-                    None => {
-                        tch::manual_seed(t.seed as i64);
-                        attach_lora(&loaded.vs, &mut loaded.lm, &lora).with_context(|| at("[lora]"))?;
-                    }
+                if adapter.is_none() {
+                    let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
+                    tch::manual_seed(t.seed as i64);
+                    attach_lora(&loaded.vs, &mut loaded.lm, &lora).with_context(|| at("[lora]"))?;
                 }
             }
             Method::Full | Method::Freeze => {
-                if let Some(a) = &adapter {
-                    load_adapter(&loaded.vs, &mut loaded.lm, a)?;
-                    merge_lora(&loaded.vs, &mut loaded.lm)?;
+                if adapter.is_some() {
+                    // the merged adapter's base weights were frozen while it was attached
                     for (_, v) in loaded.vs.variables() {
                         let _ = v.set_requires_grad(true);
                     }
@@ -107,15 +101,19 @@ impl ModelState for TrainingModel {
     }
 }
 
+/// The [`ModelSpec`] of a training run: `model`, `adapter`, `train.device`, `train.dtype`,
+/// `train.threads`.
+pub fn training_spec(cfg: &LoadedConfig) -> Result<ModelSpec> {
+    let c = &cfg.config;
+    let t = &c.train;
+    ModelSpec::from_flags(&c.model, c.adapter.as_deref(), &t.device, t.dtype.as_deref(), t.threads)
+}
+
 /// Device and dtype of a training run (`train.device`, `train.dtype`), with `train.threads` applied.
 pub fn training_device(cfg: &LoadedConfig) -> Result<(Device, Kind)> {
-    let t = &cfg.config.train;
-    if let Some(n) = t.threads {
-        tch::set_num_threads(n);
-    }
-    enable_cpu_features();
-    let device = parse_device(&t.device)?;
-    Ok((device, parse_dtype(t.dtype.as_deref(), device)?))
+    let spec = training_spec(cfg)?;
+    spec.apply_runtime();
+    Ok((spec.device, spec.dtype))
 }
 
 /// A scalar-head model being trained (the reward model; PPO's value model) and its tokenizer.
@@ -139,8 +137,9 @@ impl TrainingScalarModel {
     /// into the weights first.
     pub fn load(cfg: &LoadedConfig, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
         let c = &cfg.config;
-        let (device, kind) = training_device(cfg)?;
-        let dir = resolve_model_dir(&c.model)?;
+        let spec = training_spec(cfg)?;
+        let (device, kind) = (spec.device, spec.dtype);
+        let dir = spec.model_dir()?;
         if dir.join(ADAPTER_CONFIG_FILE).is_file() {
             bail!(
                 "{}: key 'model': {} is an adapter folder; give its base model as model and the folder as adapter",
@@ -151,7 +150,7 @@ impl TrainingScalarModel {
         let mut tm = Self::from_dir(&dir, device, kind, init)?;
         tm.base_name = c.model.clone();
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
-        let adapter = c.adapter.as_ref().map(|a| resolve_model_dir(a)).transpose()?;
+        let adapter = spec.adapter_dir()?;
         let loaded = &mut tm.loaded;
         match c.method {
             Method::Lora => {
@@ -191,6 +190,8 @@ impl TrainingScalarModel {
             }
         }
         tm.method = c.method;
+        // tokenizer files saved with the adapter win (the head pads with the base's padding id)
+        tm.tokenizer = spec.tokenizer()?;
         tm.loaded.rm.set_training(true);
         Ok(tm)
     }
@@ -200,16 +201,15 @@ impl TrainingScalarModel {
     /// every weight trainable (method full).
     pub fn from_dir(dir: &Path, device: Device, kind: Kind, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
         let base_name = dir.display().to_string();
+        let spec = ModelSpec::at(dir, None, device, kind);
         if dir.join(ADAPTER_CONFIG_FILE).is_file() {
-            let (loaded, tokenizer_dir) = load_reward_model_or_adapter(dir, None, device, kind)?;
+            let (loaded, tokenizer) = spec.scalar_model()?;
             for (_, v) in loaded.vs.variables() {
                 let _ = v.set_requires_grad(true);
             }
-            let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir)?;
             return Ok(TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name });
         }
-        let tokenizer = ModelTokenizer::from_dir(dir)?;
-        let loaded = load_scalar_model(dir, device, kind, tokenizer.padding_id(), init)?;
+        let (loaded, tokenizer) = spec.scalar_model_to_train(init)?;
         Ok(TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name })
     }
 

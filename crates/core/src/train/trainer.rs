@@ -21,9 +21,9 @@ pub use align_runs::TrainSummary;
 use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, RUN_OUTPUTS, TRAIN_STATE};
 pub use align_runs::files::{COMPLETE_MARKER, METRICS, SAMPLES, SUMMARY};
 
-use crate::checkpoint::{save_tensors, write_folder};
-use crate::optim::{learning_rate, AdamW};
-use crate::train_config::TrainSection;
+use crate::hf::checkpoint::{save_tensors, write_folder};
+use crate::train::optim::{learning_rate, AdamW};
+use crate::train::config::TrainSection;
 
 /// Which part of the data a batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,7 +335,7 @@ fn write_train_state(dir: &Path, optimizers: &[(&str, &AdamW)], state: &LoopStat
         let sub = st.join(format!(".{name}"));
         std::fs::create_dir_all(&sub)?;
         save_tensors(&opt.state_tensors(), &sub, None, usize::MAX)?;
-        std::fs::rename(sub.join(crate::checkpoint::SINGLE_FILE), st.join(format!("{name}.safetensors")))?;
+        std::fs::rename(sub.join(crate::hf::checkpoint::SINGLE_FILE), st.join(format!("{name}.safetensors")))?;
         std::fs::remove_dir(&sub)?;
     }
     std::fs::write(st.join("state.json"), serde_json::to_string_pretty(state)? + "\n")?;

@@ -10,8 +10,7 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
-use crate::model::CausalLm;
+use crate::hf::config::ModelConfig;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -31,6 +30,12 @@ pub const COMPANION_FILES: &[&str] = &[
     "merges.txt",
     "tokenizer.model",
 ];
+
+/// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`), which a base
+/// model folder does not hold.
+pub fn is_adapter_variable(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
+}
 
 /// Resolves `--model`: a local folder, or a hub id (`org/name`) found in the local HF cache
 /// (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`). Nothing is downloaded.
@@ -228,7 +233,7 @@ pub fn load_weights_except(
     // LoRA adapters attached before loading are not part of a base checkpoint
     let mut missing: Vec<String> = vars
         .keys()
-        .filter(|k| !seen.contains(*k) && !crate::lora::is_adapter_variable(k) && !may_be_missing(k))
+        .filter(|k| !seen.contains(*k) && !is_adapter_variable(k) && !may_be_missing(k))
         .map(|k| format!("'{k}' {:?}", vars[k].size()))
         .collect();
     if !missing.is_empty() {
@@ -248,33 +253,6 @@ fn preview(items: &[String]) -> String {
     let more =
         if items.len() > shown.len() { format!(" … and {} more", items.len() - shown.len()) } else { String::new() };
     format!("{}{more}", shown.join(", "))
-}
-
-/// A causal LM with its variables, loaded from (or created for) a model folder.
-pub struct LoadedModel {
-    pub vs: VarStore,
-    pub lm: CausalLm,
-    pub dir: PathBuf,
-}
-
-/// Builds the model described by `config` with its variables in `vs`, in `kind` on `device`.
-pub fn new_causal_lm(config: &ModelConfig, device: Device, kind: Kind) -> (VarStore, CausalLm) {
-    crate::device::enable_cpu_features();
-    let mut vs = VarStore::new(device);
-    vs.set_kind(kind);
-    let lm = CausalLm::new(&vs.root(), config);
-    (vs, lm)
-}
-
-/// Loads an HF model folder as a causal LM in `kind` on `device`.
-pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
-    let config = ModelConfig::from_dir(dir)?;
-    for w in &config.warnings {
-        tracing::warn!("{}: {w}", dir.join("config.json").display());
-    }
-    let (vs, lm) = new_causal_lm(&config, device, kind);
-    load_weights(&vs, dir, config.tie_word_embeddings)?;
-    Ok(LoadedModel { vs, lm, dir: dir.to_path_buf() })
 }
 
 struct OwnedView {
@@ -385,7 +363,7 @@ pub fn causal_lm_tensors(vs: &VarStore, config: &ModelConfig) -> BTreeMap<String
     vs.variables()
         .into_iter()
         .filter(|(name, _)| !(config.tie_word_embeddings && name == "lm_head.weight"))
-        .filter(|(name, _)| !crate::lora::is_adapter_variable(name))
+        .filter(|(name, _)| !is_adapter_variable(name))
         .collect()
 }
 

@@ -3,10 +3,10 @@
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-use crate::model::{CausalLm, ForwardOptions};
+use crate::model::decoder::{CausalLm, ForwardOptions};
 
 /// Label value meaning "not scored", as in HF / PyTorch cross-entropy.
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::text::conversation::IGNORE_INDEX;
 
 /// Log-probabilities of `labels` under `logits` with the causal shift: entry `t` of the result is
 /// `log p(labels[t+1] | tokens ..= t)`. Returns `([B, T-1]` f32 log-probs, 0 where ignored;
@@ -143,7 +143,7 @@ pub struct CorpusPerplexity {
 /// Scores `texts` (each truncated to `max_length` tokens) and returns the corpus perplexity.
 pub fn corpus_perplexity(
     lm: &CausalLm,
-    tok: &crate::tokenizer::ModelTokenizer,
+    tok: &crate::text::tokenizer::ModelTokenizer,
     texts: &[String],
     max_length: usize,
     batch_tokens: usize,

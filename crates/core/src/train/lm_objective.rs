@@ -4,10 +4,10 @@
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::conversation::LabeledTokens;
-use crate::logprobs::{token_logprobs, IGNORE_INDEX};
-use crate::model::{CausalLm, ForwardOptions};
-use crate::trainer::{MicroBatch, Objective, Split};
+use crate::text::conversation::LabeledTokens;
+use crate::infer::logprobs::{token_logprobs, IGNORE_INDEX};
+use crate::model::decoder::{CausalLm, ForwardOptions};
+use crate::train::trainer::{MicroBatch, Objective, Split};
 
 /// Training and validation sequences.
 #[derive(Debug, Clone, Default)]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::{ModelConfig, RopeScaling};
-use crate::lora::{LoraAdapter, LoraConfig, LoraModel};
+use crate::hf::config::{ModelConfig, RopeScaling};
+use crate::peft::lora::{LoraAdapter, LoraConfig, LoraModel};
 
 /// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
 /// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.

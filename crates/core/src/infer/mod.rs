@@ -1,0 +1,3 @@
+//! Inference: batched KV-cache generation with sampling and stop tokens, token log-probs.
+pub mod generate;
+pub mod logprobs;

@@ -1,0 +1,4 @@
+//! Putting models together from folders: the one loader (`ModelSpec`) and the one merge path
+//! (adapter → merged folder, probe-checked) that every command, stage and the pipeline use.
+pub mod merge;
+pub mod spec;

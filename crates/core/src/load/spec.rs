@@ -1,0 +1,157 @@
+//! The one model loader: a [`ModelSpec`] (model folder or cached hub id, optional PEFT adapter,
+//! device, dtype, threads) loads a causal LM or a scalar (reward / value) model with its adapter
+//! merged or attached, and the tokenizer — the adapter folder's tokenizer files win over the
+//! base's (an adapter saved after SFT carries the chat template it was trained with). Every CLI
+//! command, the pipeline, the DPO/PPO references and the trainer load through it.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+use crate::hf::checkpoint::resolve_model_dir;
+use crate::model::io::{load_causal_lm, LoadedModel};
+use crate::model::device::{enable_cpu_features, parse_device, parse_dtype};
+use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
+use crate::model::scalar::{load_reward_model_or_adapter, load_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::text::tokenizer::ModelTokenizer;
+
+/// What to load and where.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// A model folder (HF layout) or a hub id already in the local Hugging Face cache.
+    pub model: String,
+    /// A PEFT adapter folder applied on top of `model`.
+    pub adapter: Option<String>,
+    pub device: Device,
+    pub dtype: Kind,
+    /// libtorch's intra-op CPU threads (None: libtorch's choice).
+    pub threads: Option<i32>,
+}
+
+/// What happens to the adapter at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterMode {
+    /// Merged into the weights (inference, references, export): no adapter remains.
+    Merge,
+    /// Attached as trainable LoRA layers (continuing a LoRA run).
+    Attach,
+}
+
+/// A causal LM loaded by a [`ModelSpec`].
+pub struct LoadedCausalLm {
+    pub model: LoadedModel,
+    pub tokenizer: ModelTokenizer,
+    /// The adapter folder that was applied, and its configuration.
+    pub adapter: Option<(PathBuf, LoraConfig)>,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl ModelSpec {
+    /// From user flags: `device` is `auto|cpu|cuda|cuda:N`, `dtype` `f32|bf16|f16` (None: f32 on
+    /// CPU, bf16 on CUDA).
+    pub fn from_flags(
+        model: &str,
+        adapter: Option<&str>,
+        device: &str,
+        dtype: Option<&str>,
+        threads: Option<i32>,
+    ) -> Result<Self> {
+        let device = parse_device(device)?;
+        let dtype = parse_dtype(dtype, device)?;
+        Ok(ModelSpec { model: model.to_string(), adapter: adapter.map(str::to_string), device, dtype, threads })
+    }
+
+    /// A folder (and adapter) on a device and dtype already chosen.
+    pub fn at(model: &Path, adapter: Option<&Path>, device: Device, dtype: Kind) -> Self {
+        ModelSpec {
+            model: model.display().to_string(),
+            adapter: adapter.map(|a| a.display().to_string()),
+            device,
+            dtype,
+            threads: None,
+        }
+    }
+
+    /// Applies the thread count and the CPU kernel settings (before the first tensor op).
+    pub fn apply_runtime(&self) {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        enable_cpu_features();
+    }
+
+    /// The model folder (a hub id resolved in the local cache).
+    pub fn model_dir(&self) -> Result<PathBuf> {
+        resolve_model_dir(&self.model)
+    }
+
+    /// The adapter folder, checked to exist.
+    pub fn adapter_dir(&self) -> Result<Option<PathBuf>> {
+        match &self.adapter {
+            None => Ok(None),
+            Some(a) => {
+                let dir = PathBuf::from(a);
+                if !dir.is_dir() {
+                    bail!("adapter {}: no such adapter folder", dir.display());
+                }
+                Ok(Some(dir))
+            }
+        }
+    }
+
+    /// Where the tokenizer is read from: the adapter folder when it holds tokenizer files, else
+    /// the model folder.
+    pub fn tokenizer_dir(&self) -> Result<PathBuf> {
+        Ok(match self.adapter_dir()? {
+            Some(a) if a.join("tokenizer.json").is_file() => a,
+            _ => self.model_dir()?,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<ModelTokenizer> {
+        ModelTokenizer::from_dir(&self.tokenizer_dir()?)
+    }
+
+    /// Loads the causal LM with its adapter merged or attached, and its tokenizer.
+    pub fn causal_lm(&self, mode: AdapterMode) -> Result<LoadedCausalLm> {
+        self.apply_runtime();
+        let dir = self.model_dir()?;
+        let mut model = load_causal_lm(&dir, self.device, self.dtype)?;
+        let mut adapter = None;
+        if let Some(a) = self.adapter_dir()? {
+            let lora = load_adapter(&model.vs, &mut model.lm, &a)?;
+            if mode == AdapterMode::Merge {
+                merge_lora(&model.vs, &mut model.lm)?;
+                tracing::info!("merged LoRA adapter {} (r {}, alpha {})", a.display(), lora.r, lora.alpha);
+            }
+            adapter = Some((a, lora));
+        }
+        let tokenizer = self.tokenizer()?;
+        Ok(LoadedCausalLm { model, tokenizer, adapter, device: self.device, kind: self.dtype })
+    }
+
+    /// Loads a reward model (a `*ForSequenceClassification` folder, or a `SEQ_CLS` adapter folder
+    /// on its base, or `model` + `adapter`) with the adapter merged, and its tokenizer.
+    pub fn scalar_model(&self) -> Result<(LoadedScalarModel, ModelTokenizer)> {
+        self.apply_runtime();
+        let dir = self.model_dir()?;
+        let adapter = self.adapter_dir()?;
+        let (m, tokenizer_dir) = load_reward_model_or_adapter(&dir, adapter.as_deref(), self.device, self.dtype)?;
+        Ok((m, ModelTokenizer::from_dir(&tokenizer_dir)?))
+    }
+
+    /// Loads `model` (no adapter) as a scalar model to train: a reward-model folder as it is, or
+    /// a causal LM's trunk with a new head initialised by `init(hidden_size)`; padding with the
+    /// tokenizer's padding id.
+    pub fn scalar_model_to_train(
+        &self,
+        init: impl FnOnce(i64) -> ScoreInit,
+    ) -> Result<(LoadedScalarModel, ModelTokenizer)> {
+        self.apply_runtime();
+        let dir = self.model_dir()?;
+        let tokenizer = ModelTokenizer::from_dir(&dir)?;
+        let m = load_scalar_model(&dir, self.device, self.dtype, tokenizer.padding_id(), init)?;
+        Ok((m, tokenizer))
+    }
+}

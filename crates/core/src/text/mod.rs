@@ -1,0 +1,4 @@
+//! Text: the tokenizer, chat templates and conversations.
+pub mod chat;
+pub mod conversation;
+pub mod tokenizer;
