@@ -18,6 +18,7 @@ pub mod preference_batch;
 pub mod scalar_model;
 pub mod text_metrics;
 pub mod tokenizer;
+pub mod tokenizer_train;
 pub mod train_config;
 pub mod train_setup;
 pub mod trainer;
