@@ -133,7 +133,7 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
             lr,
             grad,
         ],
-        Some(StageKind::Eval) => Vec::new(),
+        Some(StageKind::Eval) | Some(StageKind::Tokenizer) | Some(StageKind::Init) => Vec::new(),
     }
 }
 

@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StageKind {
+    Tokenizer,
+    Init,
     Pretrain,
     Sft,
     Reward,
@@ -23,11 +25,21 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 6] =
-        [StageKind::Pretrain, StageKind::Sft, StageKind::Reward, StageKind::Dpo, StageKind::Ppo, StageKind::Eval];
+    pub const ALL: [StageKind; 8] = [
+        StageKind::Tokenizer,
+        StageKind::Init,
+        StageKind::Pretrain,
+        StageKind::Sft,
+        StageKind::Reward,
+        StageKind::Dpo,
+        StageKind::Ppo,
+        StageKind::Eval,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            StageKind::Tokenizer => "tokenizer",
+            StageKind::Init => "init",
             StageKind::Pretrain => "pretrain",
             StageKind::Sft => "sft",
             StageKind::Reward => "reward",
@@ -35,6 +47,12 @@ impl StageKind {
             StageKind::Ppo => "ppo",
             StageKind::Eval => "eval",
         }
+    }
+
+    /// Stages that make their output from files and record results rather than training
+    /// metrics: tokenizer, init and eval stages.
+    pub fn records_results(self) -> bool {
+        matches!(self, StageKind::Tokenizer | StageKind::Init | StageKind::Eval)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
