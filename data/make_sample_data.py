@@ -1474,7 +1474,7 @@ def first_sentence(text, lang):
 
 def length_matched_rejected(c, lang, chosen, rng):
     """A rejected answer whose length is drawn around the chosen one's (0.85x-1.2x, so the
-    chosen answer is the shorter one in about half of the pairs): an opening that reads like
+    chosen answer is the shorter one in about half of the pairs, counted in tokens): an opening that reads like
     a real answer (the chosen one's first sentence, the condition's definition, or another
     condition's definition) followed by one to three pieces of dismissive or unsafe advice."""
     d = c[lang]
@@ -1486,7 +1486,9 @@ def length_matched_rejected(c, lang, chosen, rng):
     opening = first_sentence(chosen, lang)
     if not has_red_flag(opening, d) and opening != chosen:
         openers.append(opening)
-    target = len(chosen) * rng.uniform(0.85, 1.2)
+    # in characters; the advice uses words the demo's tokenizer (trained on the pretraining and
+    # SFT text) has seen less, ~1.25x more tokens per character, so this is ~0.85x-1.2x in tokens
+    target = len(chosen) * rng.uniform(0.68, 0.96)
     best = None
     for _ in range(40):
         k = rng.choice([1, 2, 2, 3])
@@ -1921,9 +1923,10 @@ def readme(data, blobs):
          "that need a doctor; `rejected` is worse in content, not in length: in about 90% of pairs it "
          "opens like a real answer (the chosen answer's first sentence, the condition's definition or "
          "another condition's definition) and then gives one to three pieces of dismissive or unsafe "
-         "advice (ignore the red flags, leftover antibiotics, another condition's care), its length drawn "
-         "between 0.85x and 1.2x the chosen one's, so `chosen` is the shorter answer in about half of "
-         "those pairs; the other ~10% are short unhelpful, off-topic or truncated answers. "
+         "advice (ignore the red flags, leftover antibiotics, another condition's care), its length in "
+         "tokens of the demo's tokenizer drawn around 0.85x-1.2x the chosen one's (0.68x-0.96x in "
+         "characters: the advice words tokenize into more pieces), so `chosen` is the shorter answer in "
+         "about half of those pairs; the other ~10% are short unhelpful, off-topic or truncated answers. "
          "`chosen` and `rejected` always differ."),
         ("preference/medical_pairs_eval.jsonl",
          "Held-out preference pairs (same form) from the held-out combinations, for reward-model accuracy."),
