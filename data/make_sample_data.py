@@ -1437,6 +1437,72 @@ def rejected_answer(c, lang, chosen, rng, kind=None):
     t = rng.choice(R[kind])
     return kind, t.format(N=cap(d["name"]), name=d["name"])
 
+# Length-matched rejections: an answer that reads like the chosen one (an accurate or a wrong
+# opening sentence) followed by bad advice, so the pair differs in content, not in length.
+BAD_ADVICE = {
+    "en": [
+        "There is no need to see a doctor, even if you notice {reds}.",
+        "{N} always clears up on its own, so ignore any warning signs.",
+        "Take any leftover antibiotics you have at home and stop your usual medicines until it settles.",
+        "Borrow a friend's prescription medicine instead of seeing a doctor.",
+        "It is best handled if you {ocare}, and nothing else is needed.",
+        "Drink as little as possible and skip rest; pushing through is the quickest way to recover.",
+        "Warning signs such as {reds} are normal and can safely be ignored.",
+        "Doubling the dose of whatever painkiller you have makes it go away faster.",
+    ],
+    "zh": [
+        "就算出现{reds}，也不用去看医生。",
+        "{name}自己总会好，出现危险信号也不用理会。",
+        "把家里剩下的抗生素拿来吃，再把平时的药停掉，等它自己好。",
+        "借朋友的处方药吃就行，不用看医生。",
+        "最好的处理方法是{ocare}，别的都不用做。",
+        "尽量少喝水、也别休息，硬扛是好得最快的办法。",
+        "{reds}都是正常现象，可以放心不管。",
+        "手头的止痛药加倍吃，好得更快。",
+    ],
+}
+
+# about 90% of pairs get a length-matched rejection; the rest keep the old short kinds
+SHORT_REJECT_KINDS = ["unhelpful", "off_topic", "truncated"]
+
+
+def first_sentence(text, lang):
+    end = "。" if lang == "zh" else ". "
+    i = text.find(end)
+    return text if i < 0 else text[: i + 1]
+
+
+def length_matched_rejected(c, lang, chosen, rng):
+    """A rejected answer whose length is drawn around the chosen one's (0.85x-1.2x, so the
+    chosen answer is the shorter one in about half of the pairs, counted in tokens): an opening that reads like
+    a real answer (the chosen one's first sentence, the condition's definition, or another
+    condition's definition) followed by one to three pieces of dismissive or unsafe advice."""
+    d = c[lang]
+    other = rng.choice([o for o in CONDITIONS if o["key"] != c["key"]])
+    ocare = [x for x in other[lang]["care"] if "doctor" not in x and "医" not in x] or other[lang]["care"]
+    sep = "" if lang == "zh" else " "
+    openers = ["", f"{cap(d['name'])}是{d['defn']}。" if lang == "zh" else f"{cap(d['name'])} is {d['defn']}.",
+               f"{d['name']}是{other[lang]['defn']}。" if lang == "zh" else f"{cap(d['name'])} is {other[lang]['defn']}."]
+    opening = first_sentence(chosen, lang)
+    if not has_red_flag(opening, d) and opening != chosen:
+        openers.append(opening)
+    # in characters; the advice uses words the demo's tokenizer (trained on the pretraining and
+    # SFT text) has seen less, ~1.25x more tokens per character, so this is ~0.85x-1.2x in tokens
+    target = len(chosen) * rng.uniform(0.68, 0.96)
+    best = None
+    for _ in range(40):
+        k = rng.choice([1, 2, 2, 3])
+        advice = [t.format(N=cap(d["name"]), name=d["name"], ocare=rng.choice(ocare),
+                           reds=join_red(pick(rng, d["red"], 2), lang))
+                  for t in rng.sample(BAD_ADVICE[lang], k)]
+        text = sep.join(x for x in [rng.choice(openers)] + advice if x)
+        if text == chosen or len(text) >= MAX_ANSWER_CHARS:
+            continue
+        if best is None or abs(len(text) - target) < abs(len(best) - target):
+            best = text
+    return best
+
+
 # ---------------------------------------------------------------------------
 # Record builders
 # ---------------------------------------------------------------------------
@@ -1703,8 +1769,11 @@ def make_pairs(rng, n, combos):
             c = CONDITIONS[ci]
             q = ask(c, qt, lang, rng)
             chosen = check_len(safe_answer(c, qt, lang, rng))
-            kind, rejected = rejected_answer(c, lang, chosen, rng)
-            if rejected == chosen or (q, chosen) in seen:
+            if rng.random() < 0.1:
+                kind, rejected = rejected_answer(c, lang, chosen, rng, rng.choice(SHORT_REJECT_KINDS))
+            else:
+                rejected = length_matched_rejected(c, lang, chosen, rng)
+            if rejected is None or rejected == chosen or (q, chosen) in seen:
                 continue
             break
         seen.add((q, chosen))
@@ -1851,10 +1920,14 @@ def readme(data, blobs):
         ("preference/medical_pairs.jsonl",
          "Preference pairs for the reward model and DPO, MedicalGPT form: `conversations` holds the "
          "question as one `human` turn; `chosen` is an accurate, safe answer that names red-flag signs "
-         "that need a doctor; `rejected` is systematically worse (dismissive, unsafe advice, wrong facts, "
-         "unhelpful, truncated or off-topic; roughly 30/22/13/12/11/12%). `chosen` and `rejected` always "
-         "differ. Note that `rejected` is almost always shorter than `chosen`, so length alone is a "
-         "strong (spurious) cue; the `wrong`-facts rejections are the closest in length."),
+         "that need a doctor; `rejected` is worse in content, not in length: in about 90% of pairs it "
+         "opens like a real answer (the chosen answer's first sentence, the condition's definition or "
+         "another condition's definition) and then gives one to three pieces of dismissive or unsafe "
+         "advice (ignore the red flags, leftover antibiotics, another condition's care), its length in "
+         "tokens of the demo's tokenizer drawn around 0.85x-1.2x the chosen one's (0.68x-0.96x in "
+         "characters: the advice words tokenize into more pieces), so `chosen` is the shorter answer in "
+         "about half of those pairs; the other ~10% are short unhelpful, off-topic or truncated answers. "
+         "`chosen` and `rejected` always differ."),
         ("preference/medical_pairs_eval.jsonl",
          "Held-out preference pairs (same form) from the held-out combinations, for reward-model accuracy."),
         ("prompts/medical_prompts.jsonl",

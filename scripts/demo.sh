@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: builds align (setting up .venv with torch when missing) and runs the embedded
-# medical demo on CPU: trains a byte-level BPE tokenizer on the project's sample data, then runs
-# pipelines/medical-demo.toml (random-initialised Llama → pretraining → SFT → reward model → PPO →
-# evaluation), prints the status table, writes the report and lets the aligned model answer.
+# medical demo on CPU: pipelines/medical-demo.toml alone does everything (a byte-level BPE tokenizer
+# trained on the project's sample data → random-initialised Llama → pretraining → SFT → reward model
+# and its held-out / length-matched accuracy → PPO → evaluation), then prints the status table,
+# writes the report and lets the aligned model answer.
 # Re-running skips what is done and resumes what was interrupted. PIPELINE=pipelines/medical-demo-dpo.toml
 # runs the DPO twin in the same run directory (only its "rlhf" stage and the evaluations re-run).
 #   scripts/demo.sh [extra `align run` flags, e.g. --restart]
@@ -13,12 +14,6 @@ cargo build --release -p align-cli
 align=target/release/align
 pipeline=${PIPELINE:-pipelines/medical-demo.toml}
 step() { printf '\n== %s\n' "$*" >&2; }
-
-step "tokenizer: byte-level BPE with a ChatML template (runs/demo/tokenizer)"
-if [ ! -f runs/demo/tokenizer/tokenizer.json ]; then
-  "$align" tokenizer train --vocab-size 2048 --out runs/demo/tokenizer \
-    data/pretrain/medical_corpus.txt data/pretrain/medical_notes.jsonl data/sft/medical_sharegpt.jsonl
-fi
 
 step "pipeline: $pipeline"
 "$align" run "$pipeline" "$@"

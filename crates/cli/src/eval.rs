@@ -184,6 +184,14 @@ pub fn reward(args: RewardEvalArgs) -> Result<()> {
             "{:<8} {:>10.4} {:>12.4} {:>14.4} {:>16.4}",
             stats.pairs, stats.accuracy, stats.mean_margin, stats.mean_chosen_reward, stats.mean_rejected_reward
         );
+        let matched = stats.length_matched_accuracy.map_or("-".to_string(), |a| format!("{a:.4}"));
+        println!(
+            "length-matched pairs (answer tokens within {:.0}%): {} of {}, accuracy {matched}; chosen is the longer answer in {:.1}% of pairs",
+            align_reward::LENGTH_MATCH_TOLERANCE * 100.0,
+            stats.length_matched_pairs,
+            stats.pairs,
+            stats.longer_chosen_share * 100.0
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 
 use align_core::train::config::LoadedConfig;
+use align_pipeline::{train_stage, StageKind};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Stage {
@@ -36,30 +37,25 @@ pub struct TrainArgs {
     pub stop_after: Option<u64>,
 }
 
+impl Stage {
+    /// The stage kind of the one registry (align-runs), which the pipeline runs too.
+    fn kind(self) -> StageKind {
+        match self {
+            Stage::Pretrain => StageKind::Pretrain,
+            Stage::Sft => StageKind::Sft,
+            Stage::Reward => StageKind::Reward,
+            Stage::Dpo => StageKind::Dpo,
+            Stage::Ppo => StageKind::Ppo,
+        }
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     crate::existing(&args.config, "config file")?;
-    let (section, summary) = match args.stage {
-        Stage::Pretrain => {
-            let cfg = LoadedConfig::load(&args.config, &args.overrides, "pretrain")?;
-            ("pretrain", align_pretrain::run(&cfg, args.restart, args.stop_after)?)
-        }
-        Stage::Sft => {
-            let cfg = LoadedConfig::load(&args.config, &args.overrides, "sft")?;
-            ("sft", align_sft::run(&cfg, args.restart, args.stop_after)?)
-        }
-        Stage::Reward => {
-            let cfg = LoadedConfig::load(&args.config, &args.overrides, "reward")?;
-            ("reward", align_reward::run(&cfg, args.restart, args.stop_after)?)
-        }
-        Stage::Dpo => {
-            let cfg = LoadedConfig::load(&args.config, &args.overrides, "dpo")?;
-            ("dpo", align_rlhf::run_dpo(&cfg, args.restart, args.stop_after)?)
-        }
-        Stage::Ppo => {
-            let cfg = LoadedConfig::load(&args.config, &args.overrides, "ppo")?;
-            ("ppo", align_rlhf::run_ppo(&cfg, args.restart, args.stop_after)?)
-        }
-    };
+    let kind = args.stage.kind();
+    let section = kind.as_str();
+    let cfg = LoadedConfig::load(&args.config, &args.overrides, section)?;
+    let summary = train_stage(kind, &cfg, args.restart, args.stop_after)?;
     eprintln!(
         "{section}: {} ({} of {} steps, last loss {}, eval loss {}){}",
         summary.stop_reason,

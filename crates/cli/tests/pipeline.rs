@@ -382,9 +382,7 @@ fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
     let mut stages = Vec::new();
     for name in ["medical-demo", "medical-demo-dpo"] {
         let text = std::fs::read_to_string(r.join(format!("pipelines/{name}.toml"))).unwrap();
-        let text = text
-            .replace("\"runs/demo/tokenizer\"", &format!("{:?}", r.join("tests/fixtures/tokenizer")))
-            .replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
+        let text = text.replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
         let file = tmp.path().join(format!("{name}.toml"));
         std::fs::write(&file, &text).unwrap();
         let out = align().current_dir(&r).args(["run", file.to_str().unwrap(), "--check"]).output().unwrap();
@@ -458,4 +456,142 @@ ppo_epochs = 1
     let merged_path = run.join("rm/merged").display().to_string();
     assert_eq!(rec["inputs"][1]["role"], "reward_model");
     assert_eq!(rec["inputs"][1]["path"].as_str(), Some(merged_path.as_str()));
+}
+
+/// A pipeline that starts from nothing: a tokenizer stage trains the BPE, an init stage
+/// random-initialises a model with it, pretraining starts from that. Re-running skips all three;
+/// changing the tokenizer's data re-runs the tokenizer and every stage after it.
+fn from_nothing_pipeline(dir: &Path, run: &Path, corpus: &Path) -> PathBuf {
+    let desc = dir.join("tiny-model.toml");
+    std::fs::write(
+        &desc,
+        "model_type = \"llama\"\nhidden_size = 64\nintermediate_size = 128\nnum_hidden_layers = 2\n\
+         num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\nseed = 3\n",
+    )
+    .unwrap();
+    let file = dir.join("from-nothing.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[pipeline]
+name = "from-nothing"
+run_dir = {run:?}
+
+[defaults]
+tokenizer = "tok"
+device = "cpu"
+seed = 7
+
+[[stage]]
+name = "tok"
+kind = "tokenizer"
+data = [{corpus:?}]
+vocab_size = 320
+
+[[stage]]
+name = "init"
+kind = "init"
+config = {desc:?}
+
+[[stage]]
+name = "pt"
+kind = "pretrain"
+from = "init"
+data = [{corpus:?}]
+[stage.train]
+max_steps = 2
+batch_size = 4
+lr = 1e-2
+max_length = 32
+"#
+        ),
+    )
+    .unwrap();
+    file
+}
+
+#[test]
+fn tokenizer_and_init_stages_start_a_pipeline_from_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let corpus = tmp.path().join("corpus.txt");
+    let text = std::fs::read_to_string(repo().join("data/pretrain/medical_corpus.txt")).unwrap();
+    let head: String = text.lines().take(120).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&corpus, &head).unwrap();
+    let file = from_nothing_pipeline(tmp.path(), &run, &corpus);
+    let first = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&first), vec!["tok: ran", "init: ran", "pt: ran"]);
+    assert!(run.join("tok/final/tokenizer.json").is_file() && run.join("tok/final/chat_template.jinja").is_file());
+    let tok = record(&run, "tok");
+    assert_eq!((tok["kind"].as_str(), tok["status"].as_str()), (Some("tokenizer"), Some("done")));
+    assert_eq!(tok["config"]["vocab_size"], 320);
+    assert_eq!(tok["data"][0]["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(tok["eval"]["texts"], 120);
+    let init = record(&run, "init");
+    assert_eq!(init["inputs"][1]["role"], "tokenizer");
+    assert_eq!(init["inputs"][1]["hash"], tok["output_hash"], "init's tokenizer input is tok's output");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("init/final/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["hidden_size"].as_i64(), cfg["vocab_size"].as_i64()),
+        (Some(64), tok["eval"]["vocab_size"].as_i64())
+    );
+    assert_eq!(record(&run, "pt")["inputs"][0]["hash"], init["output_hash"]);
+    // the same tokenizer as `align tokenizer train` makes from the same file
+    let cli_tok = tmp.path().join("cli-tok");
+    ok(align()
+        .args([
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "320",
+            "--out",
+            cli_tok.to_str().unwrap(),
+            corpus.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
+    assert_eq!(
+        std::fs::read(cli_tok.join("tokenizer.json")).unwrap(),
+        std::fs::read(run.join("tok/final/tokenizer.json")).unwrap()
+    );
+
+    let again = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(
+        outcomes(&again),
+        vec!["tok: up to date (skipped)", "init: up to date (skipped)", "pt: up to date (skipped)"]
+    );
+
+    let pt_before = std::fs::read(run.join("pt/final/model.safetensors")).unwrap();
+    let more: String = text.lines().skip(120).take(60).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&corpus, head + &more).unwrap();
+    let changed = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&changed), vec!["tok: ran", "init: ran", "pt: ran"]);
+    assert_ne!(record(&run, "tok")["output_hash"], tok["output_hash"], "a new tokenizer");
+    assert_ne!(std::fs::read(run.join("pt/final/model.safetensors")).unwrap(), pt_before);
+}
+
+#[test]
+fn tokenizer_and_init_stage_errors_name_the_key_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let corpus = repo().join("data/pretrain/medical_corpus.txt");
+    let file = from_nothing_pipeline(tmp.path(), &run, &corpus);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cases = [
+        (text.replace("vocab_size = 320", "vocab_size = 100"), "stage[0].vocab_size"),
+        (text.replace("vocab_size = 320", "vocab_size = 320\nvocab = 3"), "stage[0].vocab"),
+        (text.replace("tokenizer = \"tok\"", "tokenizer = \"runs/demo/tokenizer\""), "defaults.tokenizer"),
+        (text.replace("from = \"init\"", "from = \"tok\""), "stage[2].from"),
+        (text.replace("from = \"init\"\n", ""), "stage[2].from"),
+        (text.replace("config = ", "config = \"nope.toml\"\n#"), "stage[1].config"),
+    ];
+    for (bad, key) in cases {
+        let f = tmp.path().join("bad.toml");
+        std::fs::write(&f, bad).unwrap();
+        let out = align().args(["run", f.to_str().unwrap(), "--check"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key), "expected an error naming {key}, got: {err}");
+    }
+    assert!(!run.exists(), "validation must not create the run directory");
 }

@@ -1,6 +1,6 @@
 //! align-core: the one implementation of what every alignment stage shares, in rooms whose
-//! imports point one way — `hf` (folder IO, no model) ← `model` ← `peft` ← `text` ← `data` ←
-//! `infer` ← `load` ← `train` ← `eval`. See docs/architecture.md.
+//! imports point one way — `hf` (folder IO, no model) → `text` → `data` → `model` → `peft` →
+//! `infer` → `load` → `train` → `eval` (each room imports only rooms before it). See docs/architecture.md.
 pub mod data;
 pub mod eval;
 pub mod hf;

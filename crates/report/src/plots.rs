@@ -56,8 +56,6 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
     let lr = spec("lr", "learning rate", "lr", &[("lr", Train("lr"))]);
     let grad = spec("grad_norm", "gradient norm (before clipping)", "grad norm", &[("grad norm", Train("grad_norm"))]);
     match kind {
-        // tokenizer and init stages train nothing and log no metrics
-        Some(StageKind::Tokenizer) | Some(StageKind::Init) => Vec::new(),
         None | Some(StageKind::Pretrain) | Some(StageKind::Sft) => vec![loss, lr, grad],
         Some(StageKind::Reward) => vec![
             loss,
@@ -135,7 +133,7 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
             lr,
             grad,
         ],
-        Some(StageKind::Eval) => Vec::new(),
+        Some(StageKind::Eval) | Some(StageKind::Tokenizer) | Some(StageKind::Init) => Vec::new(),
     }
 }
 

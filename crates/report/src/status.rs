@@ -67,7 +67,7 @@ pub fn format_eval_value(v: f64) -> String {
 pub fn headline_metric(stage: &Stage) -> Option<(String, f64)> {
     let last = |name: &str| stage.metrics.last(name).map(|v| (name.to_string(), v));
     match stage.kind() {
-        Some(StageKind::Eval) => {
+        Some(k) if k.records_results() => {
             stage.record.as_ref().and_then(|r| r.eval.as_ref()).and_then(|e| eval_numbers(e).into_iter().next())
         }
         Some(StageKind::Ppo) => {
@@ -84,7 +84,7 @@ pub fn headline_metric(stage: &Stage) -> Option<(String, f64)> {
 
 /// The one-line diagnosis shown for a stage.
 pub fn stage_diagnosis(stage: &Stage, t: &Thresholds) -> String {
-    if stage.kind() == Some(StageKind::Eval) {
+    if stage.kind().is_some_and(StageKind::records_results) {
         let numbers = stage.record.as_ref().and_then(|r| r.eval.as_ref()).map(eval_numbers).unwrap_or_default();
         if numbers.is_empty() {
             return if stage.status() == StageStatus::Done {
@@ -160,7 +160,7 @@ impl StatusRow {
 
     /// `loss 1.2345` or `-`.
     pub fn metric_text(&self) -> String {
-        let format = if self.kind == Some(StageKind::Eval) { format_eval_value } else { format_value };
+        let format = if self.kind.is_some_and(StageKind::records_results) { format_eval_value } else { format_value };
         self.metric.as_ref().map(|(k, v)| format!("{k} {}", format(*v))).unwrap_or_else(|| "-".into())
     }
 

@@ -74,23 +74,48 @@ pub struct PairwiseStats {
     pub mean_margin: f64,
     pub mean_chosen_reward: f64,
     pub mean_rejected_reward: f64,
+    /// Pairs whose answers are length-matched (see [`is_length_matched`]).
+    pub length_matched_pairs: usize,
+    /// Accuracy on the length-matched pairs (`None` when there are none): how well the model
+    /// ranks answers when length cannot be the cue.
+    pub length_matched_accuracy: Option<f64>,
+    /// Share of pairs whose chosen answer has more tokens than the rejected one: the accuracy of
+    /// "prefer the longer answer", the baseline a length-biased model would reach.
+    pub longer_chosen_share: f64,
+}
+
+/// Relative answer-length difference up to which a pair counts as length-matched.
+pub const LENGTH_MATCH_TOLERANCE: f64 = 0.10;
+
+/// A pair is length-matched when its answers' token counts (the labelled tokens: the answer and
+/// its end token, not the shared prompt) differ by at most [`LENGTH_MATCH_TOLERANCE`] of the longer.
+pub fn is_length_matched(chosen_tokens: usize, rejected_tokens: usize) -> bool {
+    let longer = chosen_tokens.max(rejected_tokens) as f64;
+    (chosen_tokens as f64 - rejected_tokens as f64).abs() <= LENGTH_MATCH_TOLERANCE * longer
 }
 
 /// Scores every pair (no gradients) in micro-batches of `batch_size` pairs.
 pub fn pairwise_stats(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize) -> Result<PairwiseStats> {
     let _guard = tch::no_grad_guard();
     let (mut correct, mut margin, mut chosen, mut rejected) = (0f64, 0f64, 0f64, 0f64);
+    let (mut matched, mut matched_correct, mut longer_chosen) = (0usize, 0usize, 0usize);
     let refs: Vec<&EncodedPair> = pairs.iter().collect();
     for chunk in refs.chunks(batch_size.max(1)) {
         let batch = PreferenceBatch::new(chunk, rm.pad_token_id, rm.device())?;
         let (rc, rr) = score_batch(rm, &batch)?;
         let rc: Vec<f32> = Vec::try_from(rc.f_to_device(tch::Device::Cpu)?)?;
         let rr: Vec<f32> = Vec::try_from(rr.f_to_device(tch::Device::Cpu)?)?;
-        for (c, r) in rc.iter().zip(&rr) {
+        for ((c, r), pair) in rc.iter().zip(&rr).zip(chunk) {
             correct += f64::from(u8::from(c > r));
             margin += f64::from(c - r);
             chosen += f64::from(*c);
             rejected += f64::from(*r);
+            let (lc, lr) = (pair.chosen.label_count(), pair.rejected.label_count());
+            longer_chosen += usize::from(lc > lr);
+            if is_length_matched(lc, lr) {
+                matched += 1;
+                matched_correct += usize::from(c > r);
+            }
         }
     }
     let n = pairs.len().max(1) as f64;
@@ -100,6 +125,9 @@ pub fn pairwise_stats(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize
         mean_margin: margin / n,
         mean_chosen_reward: chosen / n,
         mean_rejected_reward: rejected / n,
+        length_matched_pairs: matched,
+        length_matched_accuracy: (matched > 0).then(|| matched_correct as f64 / matched as f64),
+        longer_chosen_share: longer_chosen as f64 / n,
     })
 }
 
@@ -145,4 +173,19 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let run =
         TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
     train_supervised(run, &mut objective, &tm, params)
+}
+
+#[cfg(test)]
+mod length_match_tests {
+    use super::is_length_matched;
+
+    #[test]
+    fn pairs_within_a_tenth_of_the_longer_answer_are_length_matched() {
+        assert!(is_length_matched(50, 45)); // 5 ≤ 5
+        assert!(is_length_matched(45, 50));
+        assert!(!is_length_matched(50, 44)); // 6 > 5
+        assert!(is_length_matched(10, 10));
+        assert!(!is_length_matched(10, 0));
+        assert!(is_length_matched(0, 0));
+    }
 }

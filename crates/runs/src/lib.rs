@@ -109,6 +109,12 @@ impl StageKind {
         matches!(self, StageKind::Pretrain | StageKind::Sft | StageKind::Reward | StageKind::Dpo | StageKind::Ppo)
     }
 
+    /// Stages that make their output from files and record results rather than training
+    /// metrics: tokenizer, init and eval stages.
+    pub fn records_results(self) -> bool {
+        matches!(self, StageKind::Tokenizer | StageKind::Init | StageKind::Eval)
+    }
+
     /// The training kinds, in ladder order.
     pub fn training_kinds() -> Vec<StageKind> {
         StageKind::ALL.into_iter().filter(|k| k.trains()).collect()

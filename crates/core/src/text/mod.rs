@@ -2,3 +2,4 @@
 pub mod chat;
 pub mod conversation;
 pub mod tokenizer;
+pub mod tokenizer_train;
