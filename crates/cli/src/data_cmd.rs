@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::data::{check_files, reports_table, DataKind, DataOptions, TextMode};
+use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::ModelTokenizer;
 
 #[derive(Subcommand)]

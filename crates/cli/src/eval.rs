@@ -5,10 +5,10 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use align_core::eval::answers::{answer_case, evaluate_answers};
 use align_core::data::{read_preference, read_sft, read_text_records, DataOptions, LengthBudget, LengthPolicy};
-use align_core::load::spec::AdapterMode;
+use align_core::eval::answers::{answer_case, evaluate_answers};
 use align_core::infer::logprobs::corpus_perplexity;
+use align_core::load::spec::AdapterMode;
 use align_core::train::preference_batch::encode_pairs;
 
 use crate::common::load_session;

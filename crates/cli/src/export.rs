@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
-use align_core::model::device::parse_dtype;
-use align_core::load::spec::ModelSpec;
 use align_core::load::merge::{adapter_base_dir, merge_adapter, MergeOptions};
+use align_core::load::spec::ModelSpec;
+use align_core::model::device::parse_dtype;
 
 use crate::ModelArgs;
 

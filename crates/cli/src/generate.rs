@@ -7,8 +7,8 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use align_core::eval::answers::stop_token_ids;
-use align_core::text::chat::ChatMessage;
 use align_core::infer::generate::{generate_with_stats, SamplingConfig};
+use align_core::text::chat::ChatMessage;
 
 use crate::common::load_session;
 use crate::ModelArgs;

@@ -2,10 +2,10 @@
 //! documents (English and Chinese), from `.jsonl`, `.json` arrays, `.txt`, folders and globs.
 use std::path::{Path, PathBuf};
 
-use align_core::text::chat::ChatMessage;
 use align_core::data::{
     read_preference, read_pretrain, read_prompts, read_sft, split_records, DataFormat, DataOptions, TextMode,
 };
+use align_core::text::chat::ChatMessage;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

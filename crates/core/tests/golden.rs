@@ -3,12 +3,12 @@
 //! model folders.
 use std::path::{Path, PathBuf};
 
-use align_core::text::chat::{ChatTemplate, TemplateTokens};
 use align_core::hf::checkpoint::{save_pretrained, SaveOptions};
-use align_core::model::io::load_causal_lm;
 use align_core::infer::generate::{generate, SamplingConfig};
 use align_core::infer::logprobs::{perplexity, sequences_nll};
 use align_core::model::decoder::ForwardOptions;
+use align_core::model::io::load_causal_lm;
+use align_core::text::chat::{ChatTemplate, TemplateTokens};
 use align_core::ModelTokenizer;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use align_core::hf::checkpoint::causal_lm_tensors;
+use align_core::model::decoder::ForwardOptions;
 use align_core::model::io::{load_causal_lm, LoadedModel};
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, trainable_parameters,
     without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
 };
-use align_core::model::decoder::ForwardOptions;
 use align_core::CausalLm;
 use tch::{Device, Kind, Tensor};
 

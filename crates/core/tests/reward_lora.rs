@@ -6,13 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use align_core::peft::lora::{
-    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
-    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
-};
 use align_core::model::scalar::{
     load_reward_model, load_reward_model_or_adapter, scalar_model_from_causal_lm, write_scalar_model,
     LoadedScalarModel, ScalarModel, ScoreInit,
+};
+use align_core::peft::lora::{
+    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
+    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
 };
 use align_core::train::setup::TrainingScalarModel;
 use serde_json::{json, Value};

@@ -3,10 +3,10 @@
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use align_core::text::conversation::LabeledTokens;
 use align_core::data::{read_pretrain, split_by_ratio, DataOptions};
-use align_core::train::lm_objective::{NextTokenObjective, SequenceSplits};
+use align_core::text::conversation::LabeledTokens;
 use align_core::train::config::LoadedConfig;
+use align_core::train::lm_objective::{NextTokenObjective, SequenceSplits};
 use align_core::train::setup::TrainingModel;
 use align_core::train::trainer::{train_supervised, TrainRun, TrainSummary};
 
@@ -69,8 +69,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let params = tm.trainable_params();
     let mut objective = NextTokenObjective { lm: &tm.loaded.lm, data, pad_id: tm.tokenizer.padding_id() };
-    let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
     train_supervised(run, &mut objective, &tm, params)
 }
 

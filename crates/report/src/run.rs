@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
-pub use align_runs::{StageKind, StageRecord, StageStatus, TrainSummary};
 use align_runs::files::{METRICS, PIPELINE_RECORD, STAGE_RECORD};
+pub use align_runs::{StageKind, StageRecord, StageStatus, TrainSummary};
 
 /// One line of `metrics.jsonl`: its step and its numeric fields (a `null`, which is how a
 /// non-finite number is written, reads as NaN).

@@ -5,9 +5,9 @@ use serde::Deserialize;
 use tch::Kind;
 
 use align_core::data::{DataOptions, LengthBudget};
-use align_core::train::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
 use align_core::model::scalar::{ScalarModel, ScoreInit};
 use align_core::train::config::LoadedConfig;
+use align_core::train::preference_batch::{encode_pairs, read_pair_splits, EncodedPair, PairSplits, PreferenceBatch};
 use align_core::train::setup::TrainingScalarModel;
 use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 
@@ -170,8 +170,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let params = tm.trainable_params();
     let mut objective =
         RewardObjective { rm: &tm.loaded.rm, data: PairSplits { train: train_enc, validation: val_enc }, section };
-    let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
     train_supervised(run, &mut objective, &tm, params)
 }
 

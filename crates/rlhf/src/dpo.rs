@@ -5,12 +5,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tch::Kind;
 
+use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
-use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::model::decoder::CausalLm;
-use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train::config::{sha256_file, LoadedConfig};
+use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train::setup::{training_device, training_spec, TrainingModel};
 use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
 

@@ -12,22 +12,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use align_core::data::read_prompts;
 use align_core::eval::answers::stop_token_ids;
-use align_core::text::chat::ChatMessage;
+use align_core::eval::winrate::score_answers;
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
-use align_core::data::read_prompts;
 use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
-use align_core::train::optim::AdamW;
 use align_core::load::spec::ModelSpec;
 use align_core::model::scalar::{LoadedScalarModel, ScoreInit};
+use align_core::text::chat::ChatMessage;
 use align_core::train::config::{LoadedConfig, TrainSection};
+use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::train::trainer::{
     clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, StopRequest,
     TrainRun, TrainStep, TrainSummary, SAMPLES,
 };
-use align_core::eval::winrate::score_answers;
 use align_core::ModelTokenizer;
 
 use crate::ppo_config::{check_guardrails, GuardInputs, Guards, PpoSection};

@@ -281,7 +281,8 @@ mod tests {
 
     #[test]
     fn an_older_summary_without_new_fields_reads() {
-        let s: TrainSummary = serde_json::from_str(r#"{"steps": 3, "completed": true, "stop_reason": "completed"}"#).unwrap();
+        let s: TrainSummary =
+            serde_json::from_str(r#"{"steps": 3, "completed": true, "stop_reason": "completed"}"#).unwrap();
         assert_eq!((s.steps, s.completed, s.best_step), (3, true, None));
     }
 

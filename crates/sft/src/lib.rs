@@ -3,10 +3,12 @@
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use align_core::text::conversation::{encode_conversation, LabeledTokens};
 use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, LengthBudget, LengthDecision};
-use align_core::train::lm_objective::{pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits};
+use align_core::text::conversation::{encode_conversation, LabeledTokens};
 use align_core::train::config::LoadedConfig;
+use align_core::train::lm_objective::{
+    pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits,
+};
 use align_core::train::setup::TrainingModel;
 use align_core::train::trainer::{train_supervised, TrainRun, TrainSummary};
 
@@ -103,8 +105,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         vc.kept
     );
     let params = tm.trainable_params();
-    let run =
-        TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
     let pad_id = tm.tokenizer.padding_id();
     if section.packing {
         let train_rows = pack_sequences(&train_seqs, c.train.max_length);

@@ -4,11 +4,11 @@
 //! the core engine and scored with `text_metrics` (BLEU-4, ROUGE-L, character F1).
 use anyhow::{bail, Result};
 
-use crate::text::chat::ChatMessage;
 use crate::data::{Conversation, Origin};
+use crate::eval::text_metrics::{score_answers, AnswerScores};
 use crate::infer::generate::{generate_with_stats, SamplingConfig};
 use crate::model::decoder::CausalLm;
-use crate::eval::text_metrics::{score_answers, AnswerScores};
+use crate::text::chat::ChatMessage;
 use crate::text::tokenizer::ModelTokenizer;
 
 /// A prompt and the answer it should get.

@@ -6,10 +6,10 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use crate::eval::answers::stop_token_ids;
-use crate::text::chat::ChatMessage;
 use crate::infer::generate::{generate, SamplingConfig};
 use crate::model::decoder::CausalLm;
 use crate::model::scalar::ScalarModel;
+use crate::text::chat::ChatMessage;
 use crate::text::tokenizer::ModelTokenizer;
 
 /// Wilson score interval of a proportion `p̂ = successes / n` at normal quantile `z`.

@@ -8,13 +8,12 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{
-    causal_lm_tensors, copy_companions, save_tensors, write_config, write_folder,
-    DEFAULT_MAX_SHARD_BYTES,
+    causal_lm_tensors, copy_companions, save_tensors, write_config, write_folder, DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::load::spec::{AdapterMode, ModelSpec};
-use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
 use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
 use crate::{LoadedModel, ModelConfig, ModelTokenizer};
 
 /// How to merge.
@@ -71,7 +70,9 @@ impl Exported {
     /// carries the trained one) and pads with `tokenizer_dir`'s padding id.
     fn load(base: &Path, reward: bool, tokenizer_dir: &Path, device: Device) -> Result<Self> {
         if !reward {
-            return Ok(Exported::Causal(ModelSpec::at(base, None, device, Kind::Float).causal_lm(AdapterMode::Merge)?.model));
+            return Ok(Exported::Causal(
+                ModelSpec::at(base, None, device, Kind::Float).causal_lm(AdapterMode::Merge)?.model,
+            ));
         }
         let pad = ModelTokenizer::from_dir(tokenizer_dir)?.padding_id();
         Ok(Exported::Reward(load_scalar_model(base, device, Kind::Float, pad, |_| ScoreInit::Zeros)?))

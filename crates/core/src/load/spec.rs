@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
 use crate::hf::checkpoint::resolve_model_dir;
-use crate::model::io::{load_causal_lm, LoadedModel};
 use crate::model::device::{enable_cpu_features, parse_device, parse_dtype};
-use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
+use crate::model::io::{load_causal_lm, LoadedModel};
 use crate::model::scalar::{load_reward_model_or_adapter, load_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// What to load and where.

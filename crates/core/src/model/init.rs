@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value};
 use tch::{Device, Kind};
 
 use crate::hf::checkpoint::{save_pretrained, SaveOptions};
-use crate::model::io::new_causal_lm;
 use crate::hf::config::json_kind_name as kind_name;
+use crate::model::io::new_causal_lm;
 use crate::{ModelConfig, ModelTokenizer};
 
 const INIT_KEYS: &[&str] = &[

@@ -35,4 +35,3 @@ pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<LoadedMo
     load_weights(&vs, dir, config.tie_word_embeddings)?;
     Ok(LoadedModel { vs, lm, dir: dir.to_path_buf() })
 }
-

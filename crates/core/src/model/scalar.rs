@@ -13,8 +13,10 @@ use crate::hf::checkpoint::{
     DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::hf::config::ModelConfig;
-use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE};
 use crate::model::decoder::{ForwardOptions, Linear, Trunk};
+use crate::peft::lora::{
+    load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE,
+};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// HF name of the head's weight.

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::hf::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE};
+use crate::hf::checkpoint::{
+    copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE,
+};
 use crate::model::decoder::{RunMode, Trunk};
 
 /// `targets` value selecting every projection of the decoder layers (not the LM head).

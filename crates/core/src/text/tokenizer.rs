@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::text::chat::{ChatMessage, ChatTemplate, TemplateTokens};
 use crate::hf::config::token_id_list;
+use crate::text::chat::{ChatMessage, ChatTemplate, TemplateTokens};
 
 /// Tokenizer, special tokens and chat template of one model folder.
 pub struct ModelTokenizer {

@@ -4,9 +4,9 @@
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::text::conversation::LabeledTokens;
 use crate::infer::logprobs::{token_logprobs, IGNORE_INDEX};
 use crate::model::decoder::{CausalLm, ForwardOptions};
+use crate::text::conversation::LabeledTokens;
 use crate::train::trainer::{MicroBatch, Objective, Split};
 
 /// Training and validation sequences.

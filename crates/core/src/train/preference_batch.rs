@@ -5,11 +5,11 @@
 use anyhow::{anyhow, Result};
 use tch::{Device, Tensor};
 
-use crate::text::conversation::{encode_final_answer, LabeledTokens};
 use crate::data::{read_preference, split_by_ratio, DataOptions, LengthBudget, LengthDecision, PreferencePair};
-use crate::train::lm_objective::{pad_batch, predicted_labels};
+use crate::text::conversation::{encode_final_answer, LabeledTokens};
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::LoadedConfig;
+use crate::train::lm_objective::{pad_batch, predicted_labels};
 use crate::train::trainer::Split;
 
 /// The training and validation pairs of a run: `val_data` when given, else `train.val_ratio` of
@@ -146,9 +146,9 @@ impl PreferenceBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::chat::ChatMessage;
     use crate::data::{LengthPolicy, Origin};
     use crate::infer::logprobs::IGNORE_INDEX;
+    use crate::text::chat::ChatMessage;
     use std::path::Path;
 
     fn pair(chosen: &str, rejected: &str) -> PreferencePair {

@@ -7,13 +7,13 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
-use crate::model::io::LoadedModel;
 use crate::load::spec::{AdapterMode, LoadedCausalLm, ModelSpec};
+use crate::model::io::LoadedModel;
+use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, restore_adapter_weights,
     trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig, ADAPTER_CONFIG_FILE,
 };
-use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::{LoadedConfig, Method};
 use crate::train::trainer::ModelState;

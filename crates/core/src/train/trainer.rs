@@ -17,13 +17,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
-pub use align_runs::TrainSummary;
 use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, RUN_OUTPUTS, TRAIN_STATE};
 pub use align_runs::files::{COMPLETE_MARKER, METRICS, SAMPLES, SUMMARY};
+pub use align_runs::TrainSummary;
 
 use crate::hf::checkpoint::{save_tensors, write_folder};
-use crate::train::optim::{learning_rate, AdamW};
 use crate::train::config::TrainSection;
+use crate::train::optim::{learning_rate, AdamW};
 
 /// Which part of the data a batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,9 +397,10 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         }
         step.restore(&dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
         for (name, opt) in step.optimizers_mut() {
-            let n = saved.optimizer_steps.get(name).copied().ok_or_else(|| {
-                anyhow!("{}: train_state/state.json: optimizer_steps lacks '{name}'", dir.display())
-            })?;
+            let n =
+                saved.optimizer_steps.get(name).copied().ok_or_else(|| {
+                    anyhow!("{}: train_state/state.json: optimizer_steps lacks '{name}'", dir.display())
+                })?;
             read_optimizer_state(&dir, name, opt, n)?;
         }
         step.load_state(&saved.stage)
@@ -503,8 +504,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
                 state.evals_without_improvement += 1;
             }
         }
-        early_stopped =
-            s.early_stopping_patience > 0 && state.evals_without_improvement >= s.early_stopping_patience;
+        early_stopped = s.early_stopping_patience > 0 && state.evals_without_improvement >= s.early_stopping_patience;
         let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total || early_stopped;
         if save_now {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
@@ -736,8 +736,8 @@ fn progress_bar(total: u64, at: u64, unit: &str) -> Option<indicatif::ProgressBa
     }
     let bar = indicatif::ProgressBar::new(total);
     let template = format!("{{bar:30}} {{pos}}/{{len}} {unit}s · {{elapsed}} elapsed · ETA {{eta}} · {{msg}}");
-    let style = indicatif::ProgressStyle::with_template(&template)
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let style =
+        indicatif::ProgressStyle::with_template(&template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_position(at);
     Some(bar)
