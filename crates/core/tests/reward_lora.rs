@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use align_core::load::spec::load_reward_model_or_adapter;
 use align_core::model::scalar::{
-    load_reward_model, load_reward_model_or_adapter, scalar_model_from_causal_lm, write_scalar_model,
+    load_reward_model, scalar_model_from_causal_lm, write_scalar_model,
     LoadedScalarModel, ScalarModel, ScoreInit,
 };
 use align_core::peft::lora::{

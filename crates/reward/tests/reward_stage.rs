@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use align_core::data::{read_preference, DataOptions, LengthBudget, LengthPolicy};
-use align_core::model::scalar::{load_reward_model, load_reward_model_or_adapter};
+use align_core::load::spec::load_reward_model_or_adapter;
+use align_core::model::scalar::load_reward_model;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::encode_pairs;
 use align_core::ModelTokenizer;

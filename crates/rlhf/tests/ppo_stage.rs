@@ -266,7 +266,8 @@ fn config_errors_name_the_key() {
 /// bitwise the run of its merged full folder.
 #[test]
 fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
-    use align_core::model::scalar::{load_reward_model_or_adapter, scalar_model_from_causal_lm, ScoreInit};
+    use align_core::load::spec::load_reward_model_or_adapter;
+    use align_core::model::scalar::{scalar_model_from_causal_lm, ScoreInit};
     use align_core::peft::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig};
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();

@@ -5,13 +5,15 @@
 //! command, the pipeline, the DPO/PPO references and the trainer load through it.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind};
 
 use crate::hf::checkpoint::resolve_model_dir;
 use crate::model::device::{enable_cpu_features, parse_device, parse_dtype};
 use crate::model::io::{load_causal_lm, LoadedModel};
-use crate::model::scalar::{load_reward_model_or_adapter, load_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::hf::config::ModelConfig;
+use crate::model::scalar::{is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
 use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
@@ -154,4 +156,65 @@ impl ModelSpec {
         let m = load_scalar_model(&dir, self.device, self.dtype, tokenizer.padding_id(), init)?;
         Ok((m, tokenizer))
     }
+}
+
+/// A reward model ready for scoring, from a reward-model folder or a LoRA reward-model adapter,
+/// with the folder its tokenizer is read from:
+/// * `dir` a `*ForSequenceClassification` folder, no `adapter`: that model;
+/// * `dir` a PEFT adapter folder of a reward model (`adapter_config.json`, `task_type: "SEQ_CLS"`):
+///   the adapter on its `base_model_name_or_path`;
+/// * `adapter` given: that adapter on `dir` (a reward-model folder, or the causal LM whose trunk
+///   the adapter and its `score` head were trained on).
+///
+/// The adapter is merged into the weights; tokenizer files saved with it win over the base's.
+pub fn load_reward_model_or_adapter(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: Device,
+    kind: Kind,
+) -> Result<(LoadedScalarModel, PathBuf)> {
+    let (base, adapter) = match adapter {
+        Some(a) => {
+            ensure!(
+                !dir.join(ADAPTER_CONFIG_FILE).is_file(),
+                "{}: an adapter folder given as the model together with the adapter {}; give the base model and the adapter",
+                dir.display(),
+                a.display()
+            );
+            (dir.to_path_buf(), a.to_path_buf())
+        }
+        None if dir.join(ADAPTER_CONFIG_FILE).is_file() => {
+            let folder = read_adapter_folder_config(dir)?;
+            ensure!(
+                folder.is_reward_model(),
+                "{}: field 'task_type': {} is not a reward-model adapter (expected \"SEQ_CLS\")",
+                dir.join(ADAPTER_CONFIG_FILE).display(),
+                folder.task_type.as_deref().unwrap_or("none")
+            );
+            (folder.base_model_dir(dir)?, dir.to_path_buf())
+        }
+        None => return Ok((load_reward_model(dir, device, kind)?, dir.to_path_buf())),
+    };
+    if !adapter.is_dir() {
+        bail!("{}: no such adapter folder", adapter.display());
+    }
+    let tokenizer_dir = if adapter.join("tokenizer.json").is_file() { adapter.clone() } else { base.clone() };
+    let base_config = ModelConfig::from_dir(&base)?;
+    if !is_sequence_classifier(&base_config) {
+        // the head must come from the adapter
+        let folder = read_adapter_folder_config(&adapter)?;
+        ensure!(
+            folder.is_reward_model(),
+            "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {}, no score head)",
+            base.display(),
+            adapter.join(ADAPTER_CONFIG_FILE).display(),
+            folder.task_type.as_deref().unwrap_or("none")
+        );
+    }
+    let pad = ModelTokenizer::from_dir(&tokenizer_dir)?.padding_id();
+    let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
+    load_adapter(&m.vs, &mut m.rm, &adapter)
+        .with_context(|| format!("adapter {} on {}", adapter.display(), base.display()))?;
+    merge_lora(&m.vs, &mut m.rm)?;
+    Ok((m, tokenizer_dir))
 }

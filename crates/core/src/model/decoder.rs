@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
-use crate::peft::lora::{LoraAdapter, LoraConfig, LoraModel};
+use crate::peft::lora::{LoraAdapter, LoraConfig};
 
 /// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
 /// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.
@@ -569,22 +569,6 @@ impl CausalLm {
     }
 }
 
-impl LoraModel for CausalLm {
-    const PEFT_TASK_TYPE: &'static str = "CAUSAL_LM";
-    const MODULES_TO_SAVE: &'static [&'static str] = &[];
-
-    fn trunk(&self) -> &Trunk {
-        &self.model
-    }
-
-    fn trunk_mut(&mut self) -> &mut Trunk {
-        &mut self.model
-    }
-
-    fn modules_to_save(&self) -> Vec<(String, Tensor)> {
-        Vec::new()
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,7 @@
 //! PEFT `SEQ_CLS` adapter folder (trunk adapters + the head, which trains in full).
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use serde_json::{json, Value};
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
@@ -14,10 +14,7 @@ use crate::hf::checkpoint::{
 };
 use crate::hf::config::ModelConfig;
 use crate::model::decoder::{ForwardOptions, Linear, Trunk};
-use crate::peft::lora::{
-    load_adapter, merge_lora, read_adapter_folder_config, LoraConfig, LoraModel, ADAPTER_CONFIG_FILE,
-};
-use crate::text::tokenizer::ModelTokenizer;
+use crate::peft::lora::LoraConfig;
 
 /// HF name of the head's weight.
 pub const SCORE_WEIGHT: &str = "score.weight";
@@ -111,22 +108,6 @@ impl ScalarModel {
 }
 
 /// LoRA on the trunk; the head is PEFT's `modules_to_save` of a `SEQ_CLS` adapter.
-impl LoraModel for ScalarModel {
-    const PEFT_TASK_TYPE: &'static str = "SEQ_CLS";
-    const MODULES_TO_SAVE: &'static [&'static str] = &["score"];
-
-    fn trunk(&self) -> &Trunk {
-        &self.model
-    }
-
-    fn trunk_mut(&mut self) -> &mut Trunk {
-        &mut self.model
-    }
-
-    fn modules_to_save(&self) -> Vec<(String, Tensor)> {
-        vec![(SCORE_WEIGHT.to_string(), self.score.weight.shallow_clone())]
-    }
-}
 
 /// A scalar model with its variables and the folder it came from.
 pub struct LoadedScalarModel {
@@ -238,66 +219,6 @@ pub fn load_scalar_model(
     }
 }
 
-/// A reward model ready for scoring, from a reward-model folder or a LoRA reward-model adapter,
-/// with the folder its tokenizer is read from:
-/// * `dir` a `*ForSequenceClassification` folder, no `adapter`: that model;
-/// * `dir` a PEFT adapter folder of a reward model (`adapter_config.json`, `task_type: "SEQ_CLS"`):
-///   the adapter on its `base_model_name_or_path`;
-/// * `adapter` given: that adapter on `dir` (a reward-model folder, or the causal LM whose trunk
-///   the adapter and its `score` head were trained on).
-///
-/// The adapter is merged into the weights; tokenizer files saved with it win over the base's.
-pub fn load_reward_model_or_adapter(
-    dir: &Path,
-    adapter: Option<&Path>,
-    device: Device,
-    kind: Kind,
-) -> Result<(LoadedScalarModel, PathBuf)> {
-    let (base, adapter) = match adapter {
-        Some(a) => {
-            ensure!(
-                !dir.join(ADAPTER_CONFIG_FILE).is_file(),
-                "{}: an adapter folder given as the model together with the adapter {}; give the base model and the adapter",
-                dir.display(),
-                a.display()
-            );
-            (dir.to_path_buf(), a.to_path_buf())
-        }
-        None if dir.join(ADAPTER_CONFIG_FILE).is_file() => {
-            let folder = read_adapter_folder_config(dir)?;
-            ensure!(
-                folder.is_reward_model(),
-                "{}: field 'task_type': {} is not a reward-model adapter (expected \"SEQ_CLS\")",
-                dir.join(ADAPTER_CONFIG_FILE).display(),
-                folder.task_type.as_deref().unwrap_or("none")
-            );
-            (folder.base_model_dir(dir)?, dir.to_path_buf())
-        }
-        None => return Ok((load_reward_model(dir, device, kind)?, dir.to_path_buf())),
-    };
-    if !adapter.is_dir() {
-        bail!("{}: no such adapter folder", adapter.display());
-    }
-    let tokenizer_dir = if adapter.join("tokenizer.json").is_file() { adapter.clone() } else { base.clone() };
-    let base_config = ModelConfig::from_dir(&base)?;
-    if !is_sequence_classifier(&base_config) {
-        // the head must come from the adapter
-        let folder = read_adapter_folder_config(&adapter)?;
-        ensure!(
-            folder.is_reward_model(),
-            "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {}, no score head)",
-            base.display(),
-            adapter.join(ADAPTER_CONFIG_FILE).display(),
-            folder.task_type.as_deref().unwrap_or("none")
-        );
-    }
-    let pad = ModelTokenizer::from_dir(&tokenizer_dir)?.padding_id();
-    let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
-    load_adapter(&m.vs, &mut m.rm, &adapter)
-        .with_context(|| format!("adapter {} on {}", adapter.display(), base.display()))?;
-    merge_lora(&m.vs, &mut m.rm)?;
-    Ok((m, tokenizer_dir))
-}
 
 /// Loads a reward-model folder written by [`write_scalar_model`] or transformers
 /// (`*ForSequenceClassification`, one label, `pad_token_id` set).
