@@ -1,25 +1,20 @@
 //! Early stopping keeps the best evaluation's weights as `best/` and names its step; `final/`
 //! stays the last step's weights. `best/` equals a straight run stopped at the best step
 //! (bitwise: the same kernels in the same order).
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use align_core::train::config::LoadedConfig;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use align_testkit::{sample_data, same_bytes, stage_config, tiny_model};
 
 fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     // a learning rate far too high: the eval loss first falls, then rises
     let text = format!(
         "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 16\nbatch_size = 4\nlr = 0.3\nschedule = \"constant\"\nmax_length = 32\nsave_every = 0\nval_ratio = 0.1\neval_every = 1\n",
-        repo().join("tests/fixtures/models/tiny-llama"),
-        repo().join("data/pretrain/medical_corpus.txt"),
+        tiny_model("tiny-llama"),
+        sample_data("pretrain/medical_corpus.txt"),
         out
     );
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "pretrain").unwrap()
+    stage_config(&text, "pretrain", extra)
 }
 
 #[test]
@@ -40,11 +35,12 @@ fn early_stopping_keeps_the_best_checkpoint() {
     let max = format!("train.max_steps={best}");
     let s2 = align_pretrain::run(&config(&straight, &[&max]), false, None).unwrap();
     assert!(s2.completed && s2.steps == best);
-    let a = std::fs::read(out.join("best/model.safetensors")).unwrap();
-    let b = std::fs::read(straight.join("final/model.safetensors")).unwrap();
-    assert!(a == b, "best/ differs from the weights of step {best}");
-    let last = std::fs::read(out.join("final/model.safetensors")).unwrap();
-    assert!(last != a, "final/ should hold the last step's weights, not the best");
+    let best_weights = out.join("best/model.safetensors");
+    assert!(same_bytes(&best_weights, &straight.join("final/model.safetensors")), "best/ differs from the weights of step {best}");
+    assert!(
+        !same_bytes(&out.join("final/model.safetensors"), &best_weights),
+        "final/ should hold the last step's weights, not the best"
+    );
     // best/ is a loadable HF folder
     assert!(out.join("best/config.json").is_file());
     // without early stopping there is no best/

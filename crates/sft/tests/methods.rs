@@ -1,43 +1,28 @@
 //! SFT under each tuning method: LoRA saves PEFT adapters and resumes exactly, freeze trains only
 //! what it selects, and labels cover assistant turns only.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use align_core::train::config::LoadedConfig;
-use serde_json::Value;
+use align_testkit::{losses as testkit_losses, rng_lock, sample_data, stage_config, tiny_model};
 use tch::{Device, Kind};
-
-/// libtorch's random generator is global to the process: runs that draw from it (LoRA init,
-/// dropout) must not overlap, or their exact-resume guarantees do not hold. Real runs are one
-/// per process; these tests take turns.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     let text = format!(
         "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 6\nbatch_size = 4\nlr = 1e-2\nmax_length = 96\nsave_every = 2\n",
-        repo().join("tests/fixtures/models/tiny-llama"),
-        repo().join("data/sft/medical_sharegpt.jsonl"),
+        tiny_model("tiny-llama"),
+        sample_data("sft/medical_sharegpt.jsonl"),
         out
     );
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "sft").unwrap()
+    stage_config(&text, "sft", extra)
 }
 
 fn losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("loss")?.as_f64())
-        .collect()
+    testkit_losses(out).into_iter().map(|(_, l)| l).collect()
 }
 
 #[test]
 fn lora_run_saves_peft_adapters_and_resumes_exactly() {
-    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let lora = ["method=lora", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1"];
     let straight = tmp.path().join("straight");
@@ -55,9 +40,9 @@ fn lora_run_saves_peft_adapters_and_resumes_exactly() {
     assert_eq!(losses(&straight), losses(&resumed));
     // the adapter changes the model: base + adapter logits differ from the base's
     let base =
-        align_core::load_causal_lm(&repo().join("tests/fixtures/models/tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     let mut tuned =
-        align_core::load_causal_lm(&repo().join("tests/fixtures/models/tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     align_core::peft::lora::load_adapter(&tuned.vs, &mut tuned.lm, &straight.join("final")).unwrap();
     let ids = tch::Tensor::from_slice(&[5i64, 17, 33, 200, 41]).view([1, 5]);
     let l0 = tch::no_grad(|| base.lm.forward(&ids, &Default::default(), None)).unwrap();
@@ -67,13 +52,13 @@ fn lora_run_saves_peft_adapters_and_resumes_exactly() {
 
 #[test]
 fn freeze_trains_only_the_selected_parameters() {
-    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("freeze");
     align_sft::run(&config(&out, &["method=freeze", "freeze.last_layers=1", "train.max_steps=2"]), false, None)
         .unwrap();
     let base =
-        align_core::load_causal_lm(&repo().join("tests/fixtures/models/tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     let tuned = align_core::load_causal_lm(&out.join("final"), Device::Cpu, Kind::Float).unwrap();
     let vars = tuned.vs.variables();
     for (name, t) in base.vs.variables() {
@@ -84,7 +69,7 @@ fn freeze_trains_only_the_selected_parameters() {
 
 #[test]
 fn packed_sft_trains_on_fewer_longer_rows() {
-    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("packed");
     let s =
