@@ -595,3 +595,27 @@ fn tokenizer_and_init_stage_errors_name_the_key_path() {
     }
     assert!(!run.exists(), "validation must not create the run directory");
 }
+
+/// The older form still works: `[defaults] init = DESCRIPTION` with `tokenizer = FOLDER` makes
+/// RUN_DIR/init and the first stage starts from it without `from`.
+#[test]
+fn defaults_init_with_a_tokenizer_folder_still_starts_a_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let corpus = repo().join("data/pretrain/medical_corpus.txt");
+    let file = from_nothing_pipeline(tmp.path(), &run, &corpus);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let desc = tmp.path().join("tiny-model.toml");
+    let start = text.find("[[stage]]\nname = \"tok\"").unwrap();
+    let end = text.find("[[stage]]\nname = \"pt\"").unwrap();
+    let legacy = format!("{}{}", &text[..start], &text[end..])
+        .replace(
+            "tokenizer = \"tok\"",
+            &format!("init = {desc:?}\ntokenizer = {:?}", repo().join("tests/fixtures/tokenizer")),
+        )
+        .replace("from = \"init\"\n", "");
+    std::fs::write(&file, legacy).unwrap();
+    let first = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&first), vec!["pt: ran"]);
+    assert!(run.join("init/config.json").is_file() && run.join("pt/final/model.safetensors").is_file());
+}
