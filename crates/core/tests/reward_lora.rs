@@ -8,8 +8,7 @@ use std::process::Command;
 
 use align_core::load::spec::load_reward_model_or_adapter;
 use align_core::model::scalar::{
-    load_reward_model, scalar_model_from_causal_lm, write_scalar_model,
-    LoadedScalarModel, ScalarModel, ScoreInit,
+    load_reward_model, scalar_model_from_causal_lm, write_scalar_model, LoadedScalarModel, ScalarModel, ScoreInit,
 };
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,

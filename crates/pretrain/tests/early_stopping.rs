@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use align_core::train::config::LoadedConfig;
-use align_testkit::{sample_data, same_bytes, stage_config, tiny_model};
+use align_testkit::{same_bytes, sample_data, stage_config, tiny_model};
 
 fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     // a learning rate far too high: the eval loss first falls, then rises
@@ -36,7 +36,10 @@ fn early_stopping_keeps_the_best_checkpoint() {
     let s2 = align_pretrain::run(&config(&straight, &[&max]), false, None).unwrap();
     assert!(s2.completed && s2.steps == best);
     let best_weights = out.join("best/model.safetensors");
-    assert!(same_bytes(&best_weights, &straight.join("final/model.safetensors")), "best/ differs from the weights of step {best}");
+    assert!(
+        same_bytes(&best_weights, &straight.join("final/model.safetensors")),
+        "best/ differs from the weights of step {best}"
+    );
     assert!(
         !same_bytes(&out.join("final/model.safetensors"), &best_weights),
         "final/ should hold the last step's weights, not the best"

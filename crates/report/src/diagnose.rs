@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::run::{MetricLog, StageKind};
+use align_runs::metrics;
 
 /// The knobs of the rules (the defaults are what `align report` and `align status` use).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,7 +138,10 @@ pub fn lowest_window_mean(values: &[f64], w: usize) -> Option<f64> {
 
 /// Steps whose update was skipped or whose loss is not finite.
 pub fn count_nonfinite_steps(log: &MetricLog) -> usize {
-    log.train.iter().filter(|l| l.skipped_nonfinite || l.values.get("loss").is_some_and(|v| !v.is_finite())).count()
+    log.train
+        .iter()
+        .filter(|l| l.skipped_nonfinite || l.values.get(metrics::LOSS).is_some_and(|v| !v.is_finite()))
+        .count()
 }
 
 /// Diverging: the last window's mean is above the lowest window mean by more than
@@ -201,9 +205,9 @@ pub fn diagnose(kind: Option<StageKind>, log: &MetricLog, t: &Thresholds) -> Dia
         return Diagnosis::NoMetrics;
     }
     let is_ppo = kind == Some(StageKind::Ppo);
-    let loss_series = log.series("loss");
+    let loss_series = log.series(metrics::LOSS);
     if let Some(last) = log.train.last() {
-        let loss_bad = last.values.get("loss").is_some_and(|v| !v.is_finite());
+        let loss_bad = last.values.get(metrics::LOSS).is_some_and(|v| !v.is_finite());
         if (loss_bad || last.skipped_nonfinite) && !loss_series.is_empty() {
             return Diagnosis::DivergingNonFinite { step: last.step };
         }
@@ -215,7 +219,7 @@ pub fn diagnose(kind: Option<StageKind>, log: &MetricLog, t: &Thresholds) -> Dia
         }
     }
     if is_ppo {
-        let kl: Vec<f64> = log.series("objective/kl").iter().map(|p| p.1).collect();
+        let kl: Vec<f64> = log.series(metrics::KL).iter().map(|p| p.1).collect();
         if let Some(kl) = kl_runaway(&kl, t) {
             return Diagnosis::KlRunaway { kl, bound: t.kl_bound };
         }
@@ -224,11 +228,11 @@ pub fn diagnose(kind: Option<StageKind>, log: &MetricLog, t: &Thresholds) -> Dia
     if nan > 0 {
         return Diagnosis::NanSteps { count: nan, steps: log.train.len() };
     }
-    if let Some(d) = overfitting(&loss_series, &log.eval_series("eval_loss"), t) {
+    if let Some(d) = overfitting(&loss_series, &log.eval_series(metrics::EVAL_LOSS), t) {
         return d;
     }
     if is_ppo {
-        let reward = ["objective/rlhf_reward", "objective/scores"]
+        let reward = [metrics::RLHF_REWARD, metrics::SCORES]
             .into_iter()
             .map(|name| (name, finite(&log.series(name))))
             .find(|(_, v)| !v.is_empty());
@@ -239,7 +243,7 @@ pub fn diagnose(kind: Option<StageKind>, log: &MetricLog, t: &Thresholds) -> Dia
             if last <= first {
                 return Diagnosis::RewardNotIncreasing { first, last };
             }
-            let metric = if name == "objective/scores" { "score" } else { "reward" };
+            let metric = if name == metrics::SCORES { "score" } else { "reward" };
             return Diagnosis::Healthy { metric, from: first, to: last };
         }
     }
@@ -249,7 +253,7 @@ pub fn diagnose(kind: Option<StageKind>, log: &MetricLog, t: &Thresholds) -> Dia
     if losses.len() < 2 || last >= first - t.min_decrease * first.abs() {
         return Diagnosis::NotDecreasing { first, last };
     }
-    Diagnosis::Healthy { metric: "loss", from: first, to: last }
+    Diagnosis::Healthy { metric: metrics::LOSS, from: first, to: last }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 
 use crate::run::{MetricLog, Stage, StageKind};
+use align_runs::metrics;
 
 /// Printable ASCII and a few symbols of DejaVu Sans (licence in `assets/LICENSE-DejaVu.txt`).
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
@@ -52,9 +53,11 @@ fn spec(slug: &'static str, title: &'static str, y_label: &'static str, series: 
 /// is not known yet: the generic training plots).
 pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
     use Source::{Eval, Train};
-    let loss = spec("loss", "loss", "loss", &[("train loss", Train("loss")), ("eval loss", Eval("eval_loss"))]);
-    let lr = spec("lr", "learning rate", "lr", &[("lr", Train("lr"))]);
-    let grad = spec("grad_norm", "gradient norm (before clipping)", "grad norm", &[("grad norm", Train("grad_norm"))]);
+    let loss =
+        spec("loss", "loss", "loss", &[("train loss", Train(metrics::LOSS)), ("eval loss", Eval(metrics::EVAL_LOSS))]);
+    let lr = spec("lr", "learning rate", "lr", &[("lr", Train(metrics::LR))]);
+    let grad =
+        spec("grad_norm", "gradient norm (before clipping)", "grad norm", &[("grad norm", Train(metrics::GRAD_NORM))]);
     match kind {
         None | Some(StageKind::Pretrain) | Some(StageKind::Sft) => vec![loss, lr, grad],
         Some(StageKind::Reward) => vec![
@@ -88,7 +91,7 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
                 &[
                     ("chosen", Train("rewards/chosen")),
                     ("rejected", Train("rewards/rejected")),
-                    ("margin", Train("rewards/margins")),
+                    ("margin", Train(metrics::REWARDS_MARGINS)),
                     ("eval margin", Eval("eval_rewards/margins")),
                 ],
             ),
@@ -96,7 +99,7 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
                 "accuracy",
                 "reward accuracy (chosen above rejected)",
                 "accuracy",
-                &[("train", Train("rewards/accuracies")), ("eval", Eval("eval_rewards/accuracies"))],
+                &[("train", Train(metrics::REWARDS_ACCURACIES)), ("eval", Eval("eval_rewards/accuracies"))],
             ),
             spec(
                 "logps",
@@ -112,24 +115,24 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
                 "reward",
                 "reward",
                 "reward",
-                &[("rlhf reward (score - KL)", Train("objective/rlhf_reward")), ("score", Train("objective/scores"))],
+                &[("rlhf reward (score - KL)", Train(metrics::RLHF_REWARD)), ("score", Train(metrics::SCORES))],
             ),
-            spec("kl", "KL to the reference policy", "KL (nats)", &[("kl", Train("objective/kl"))]),
+            spec("kl", "KL to the reference policy", "KL (nats)", &[("kl", Train(metrics::KL))]),
             spec(
                 "response_length",
                 "response length",
                 "tokens",
-                &[("mean response length", Train("response_length_mean"))],
+                &[("mean response length", Train(metrics::RESPONSE_LENGTH))],
             ),
-            spec("eos_rate", "answers ending on eos", "fraction", &[("eos rate", Train("eos_rate"))]),
+            spec("eos_rate", "answers ending on eos", "fraction", &[("eos rate", Train(metrics::EOS_RATE))]),
             spec(
                 "policy",
                 "policy update",
                 "value",
                 &[("approx KL", Train("policy/approxkl")), ("clip fraction", Train("policy/clipfrac"))],
             ),
-            spec("entropy", "policy entropy", "entropy", &[("entropy", Train("objective/entropy"))]),
-            spec("value_loss", "value loss", "loss", &[("value loss", Train("val/vf_loss"))]),
+            spec("entropy", "policy entropy", "entropy", &[("entropy", Train(metrics::ENTROPY))]),
+            spec("value_loss", "value loss", "loss", &[("value loss", Train(metrics::VF_LOSS))]),
             lr,
             grad,
         ],
@@ -179,7 +182,7 @@ pub fn stage_plots(stage: &Stage) -> Vec<Plot> {
                     .metrics
                     .train
                     .iter()
-                    .filter(|l| l.skipped_nonfinite || l.values.get("loss").is_some_and(|v| !v.is_finite()))
+                    .filter(|l| l.skipped_nonfinite || l.values.get(metrics::LOSS).is_some_and(|v| !v.is_finite()))
                     .map(|l| l.step as f64)
                     .collect()
             } else {

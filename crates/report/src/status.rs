@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use crate::diagnose::{diagnose, format_value, Thresholds};
 use crate::run::{RunDir, Stage, StageKind, StageStatus};
+use align_runs::metrics;
 
 /// One stage's row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -24,7 +25,7 @@ pub struct StatusRow {
 
 /// Eval result keys shown first when an eval stage's JSON has them.
 const EVAL_HEADLINE_KEYS: [&str; 8] =
-    ["winrate", "win_rate", "bleu4", "rouge_l", "char_f1", "accuracy", "perplexity", "eval_loss"];
+    ["winrate", "win_rate", "bleu4", "rouge_l", "char_f1", "accuracy", "perplexity", metrics::EVAL_LOSS];
 
 /// The numeric top-level fields of an eval result (headline keys first), and nested objects'
 /// numeric fields as `outer.inner`.
@@ -71,14 +72,14 @@ pub fn headline_metric(stage: &Stage) -> Option<(String, f64)> {
             stage.record.as_ref().and_then(|r| r.eval.as_ref()).and_then(|e| eval_numbers(e).into_iter().next())
         }
         Some(StageKind::Ppo) => {
-            last("objective/rlhf_reward").or_else(|| last("objective/scores")).or_else(|| last("loss"))
+            last(metrics::RLHF_REWARD).or_else(|| last(metrics::SCORES)).or_else(|| last(metrics::LOSS))
         }
         _ => stage
             .summary()
             .and_then(|s| s.last_loss)
             .filter(|v| v.is_finite())
-            .map(|v| ("loss".to_string(), v))
-            .or_else(|| last("loss")),
+            .map(|v| (metrics::LOSS.to_string(), v))
+            .or_else(|| last(metrics::LOSS)),
     }
 }
 

@@ -39,10 +39,8 @@ fn lora_run_saves_peft_adapters_and_resumes_exactly() {
     assert!(a == b, "adapter weights differ after stop + resume (dropout RNG and data order must be restored)");
     assert_eq!(losses(&straight), losses(&resumed));
     // the adapter changes the model: base + adapter logits differ from the base's
-    let base =
-        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
-    let mut tuned =
-        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+    let base = align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+    let mut tuned = align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     align_core::peft::lora::load_adapter(&tuned.vs, &mut tuned.lm, &straight.join("final")).unwrap();
     let ids = tch::Tensor::from_slice(&[5i64, 17, 33, 200, 41]).view([1, 5]);
     let l0 = tch::no_grad(|| base.lm.forward(&ids, &Default::default(), None)).unwrap();
@@ -57,8 +55,7 @@ fn freeze_trains_only_the_selected_parameters() {
     let out = tmp.path().join("freeze");
     align_sft::run(&config(&out, &["method=freeze", "freeze.last_layers=1", "train.max_steps=2"]), false, None)
         .unwrap();
-    let base =
-        align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+    let base = align_core::load_causal_lm(&tiny_model("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
     let tuned = align_core::load_causal_lm(&out.join("final"), Device::Cpu, Kind::Float).unwrap();
     let vars = tuned.vs.variables();
     for (name, t) in base.vs.variables() {

@@ -9,12 +9,14 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind};
 
 use crate::hf::checkpoint::resolve_model_dir;
+use crate::hf::config::ModelConfig;
 use crate::model::device::{enable_cpu_features, parse_device, parse_dtype};
 use crate::model::io::{load_causal_lm, LoadedModel};
-use crate::hf::config::ModelConfig;
-use crate::model::scalar::{is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit};
-use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
+use crate::model::scalar::{
+    is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit,
+};
 use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
+use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// What to load and where.

@@ -569,7 +569,6 @@ impl CausalLm {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

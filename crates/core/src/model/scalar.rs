@@ -219,7 +219,6 @@ pub fn load_scalar_model(
     }
 }
 
-
 /// Loads a reward-model folder written by [`write_scalar_model`] or transformers
 /// (`*ForSequenceClassification`, one label, `pad_token_id` set).
 pub fn load_reward_model(dir: &Path, device: Device, kind: Kind) -> Result<LoadedScalarModel> {
