@@ -19,6 +19,7 @@ use tch::Tensor;
 
 use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, RUN_OUTPUTS, TRAIN_STATE};
 pub use align_runs::files::{COMPLETE_MARKER, METRICS, SAMPLES, SUMMARY};
+use align_runs::metrics;
 pub use align_runs::TrainSummary;
 
 use crate::hf::checkpoint::{save_tensors, write_folder};
@@ -451,18 +452,18 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         state.tokens_seen += report.tokens;
         let secs = step_started.elapsed().as_secs_f64();
         let mut line = Map::new();
-        line.insert("step".into(), json!(state.step));
-        line.insert("epoch".into(), json!(state.examples_consumed as f64 / n_train as f64));
+        line.insert(metrics::STEP.into(), json!(state.step));
+        line.insert(metrics::EPOCH.into(), json!(state.examples_consumed as f64 / n_train as f64));
         if let Some(l) = report.loss {
-            line.insert("loss".into(), json!(l));
+            line.insert(metrics::LOSS.into(), json!(l));
         }
-        line.insert("lr".into(), json!(lr));
-        line.insert("tokens_per_second".into(), json!(report.tokens as f64 / secs.max(1e-9)));
+        line.insert(metrics::LR.into(), json!(lr));
+        line.insert(metrics::TOKENS_PER_SECOND.into(), json!(report.tokens as f64 / secs.max(1e-9)));
         for (k, v) in &report.metrics {
             line.insert(k.clone(), json!(v));
         }
         if !report.applied {
-            line.insert("skipped_nonfinite".into(), json!(true));
+            line.insert(metrics::SKIPPED_NONFINITE.into(), json!(true));
         }
         metrics.write(&Value::Object(line))?;
         last_loss = report.loss.or(last_loss);
@@ -546,8 +547,8 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         total_steps: total,
         completed,
         stop_reason,
-        last_loss: last_loss.or_else(|| last_logged(out, "loss")),
-        eval_loss: last_eval.or_else(|| last_logged(out, "eval_loss")),
+        last_loss: last_loss.or_else(|| last_logged(out, metrics::LOSS)),
+        eval_loss: last_eval.or_else(|| last_logged(out, metrics::EVAL_LOSS)),
         best_eval_loss: state.best_eval_loss,
         best_step: state.best_step,
         best_dir,
@@ -573,9 +574,9 @@ pub fn last_logged(out: &Path, key: &str) -> Option<f64> {
 }
 
 fn write_eval(metrics: &mut MetricsLog, step: u64, e: &Evaluation) -> Result<()> {
-    let mut line = json!({"step": step, "eval_loss": e.0});
+    let mut line = json!({metrics::STEP: step, metrics::EVAL_LOSS: e.0});
     for (k, v) in &e.1 {
-        line[format!("eval_{k}")] = json!(v);
+        line[format!("{}{k}", metrics::EVAL_PREFIX)] = json!(v);
     }
     tracing::info!("step {step} eval_loss {:.4}", e.0);
     metrics.write(&line)
@@ -660,7 +661,7 @@ impl TrainStep for SupervisedStep<'_> {
             );
         }
         self.opt.zero_grad();
-        let mut metrics = vec![("grad_norm".to_string(), grad_norm)];
+        let mut metrics = vec![(metrics::GRAD_NORM.to_string(), grad_norm)];
         metrics.extend(sums.into_iter().map(|(k, v)| (k, v / units)));
         Ok(StepReport {
             loss: Some(loss_value),
