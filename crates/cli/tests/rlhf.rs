@@ -39,6 +39,26 @@ fn write_config(dir: &Path, name: &str, out: &Path, stage: &str) -> PathBuf {
     cfg
 }
 
+/// Share of the held-out pairs whose chosen and rejected scores under `model` (a reward-model
+/// folder or adapter) are within 1e-4. Training evaluates in other batches (other padding, so
+/// other kernels) than `align eval reward`, and a LoRA run evaluates unmerged where eval merges:
+/// scores are O(1) and agree to ~1e-6, so only such near ties may rank differently, and the two
+/// accuracies may differ by their share and no more.
+fn near_tie_share(model: &Path) -> f64 {
+    use align_core::data::{read_preference, DataOptions, LengthBudget, LengthPolicy};
+    let (rm, tok_dir) =
+        align_core::load::spec::load_reward_model_or_adapter(model, None, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let tok = align_core::ModelTokenizer::from_dir(&tok_dir).unwrap();
+    let pairs = read_preference(&[repo().join("data/preference/medical_pairs_eval.jsonl")], &DataOptions::default())
+        .unwrap()
+        .records;
+    let budget = LengthBudget::new(512, LengthPolicy::Truncate);
+    let (enc, _) =
+        align_core::train::preference_batch::encode_pairs(&tok, &pairs.iter().collect::<Vec<_>>(), budget).unwrap();
+    let scores = align_reward::pair_scores(&rm.rm, &enc, 1).unwrap();
+    scores.iter().filter(|(c, r)| (c - r).abs() < 1e-4).count() as f64 / enc.len() as f64
+}
+
 fn eval_lines(out: &Path) -> Vec<Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -73,7 +93,8 @@ fn train_reward_then_eval_reward_agree_and_beat_chance() {
     assert_eq!(v["pairs"], 50);
     let acc = v["accuracy"].as_f64().unwrap();
     assert!(acc > 0.6, "held-out accuracy {acc}");
-    assert!((acc - last_eval["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    let ties = near_tie_share(&out.join("final"));
+    assert!((acc - last_eval["eval_accuracy"].as_f64().unwrap()).abs() <= ties + 1e-9, "{acc} vs {last_eval}");
     assert!(v["mean_margin"].as_f64().unwrap() > 0.0);
 
     // a model judged against itself ties on every prompt: win rate 0.5 inside its interval
@@ -294,7 +315,9 @@ fn lora_reward_model_is_an_adapter_that_eval_export_and_winrate_accept() {
     // the run's last evaluation
     let alone = reward_stats(&["--model", s(&adapter)]);
     assert_eq!(alone["pairs"], 50);
-    assert!((alone["accuracy"].as_f64().unwrap() - last_eval["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9);
+    let ties = near_tie_share(&adapter);
+    let eval_acc = last_eval["eval_accuracy"].as_f64().unwrap();
+    assert!((alone["accuracy"].as_f64().unwrap() - eval_acc).abs() <= ties + 1e-9, "{alone} vs {last_eval}");
     assert!(alone["accuracy"].as_f64().unwrap() > 0.6, "{alone}");
     let base = repo().join("tests/fixtures/models/tiny-qwen2");
     let with_flag = reward_stats(&["--model", s(&base), "--adapter", s(&adapter)]);

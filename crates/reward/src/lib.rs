@@ -94,28 +94,35 @@ pub fn is_length_matched(chosen_tokens: usize, rejected_tokens: usize) -> bool {
     (chosen_tokens as f64 - rejected_tokens as f64).abs() <= LENGTH_MATCH_TOLERANCE * longer
 }
 
-/// Scores every pair (no gradients) in micro-batches of `batch_size` pairs.
-pub fn pairwise_stats(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize) -> Result<PairwiseStats> {
+/// Each pair's (chosen, rejected) scores (no gradients), in micro-batches of `batch_size` pairs.
+pub fn pair_scores(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize) -> Result<Vec<(f32, f32)>> {
     let _guard = tch::no_grad_guard();
-    let (mut correct, mut margin, mut chosen, mut rejected) = (0f64, 0f64, 0f64, 0f64);
-    let (mut matched, mut matched_correct, mut longer_chosen) = (0usize, 0usize, 0usize);
     let refs: Vec<&EncodedPair> = pairs.iter().collect();
+    let mut out = Vec::with_capacity(pairs.len());
     for chunk in refs.chunks(batch_size.max(1)) {
         let batch = PreferenceBatch::new(chunk, rm.pad_token_id, rm.device())?;
         let (rc, rr) = score_batch(rm, &batch)?;
         let rc: Vec<f32> = Vec::try_from(rc.f_to_device(tch::Device::Cpu)?)?;
         let rr: Vec<f32> = Vec::try_from(rr.f_to_device(tch::Device::Cpu)?)?;
-        for ((c, r), pair) in rc.iter().zip(&rr).zip(chunk) {
-            correct += f64::from(u8::from(c > r));
-            margin += f64::from(c - r);
-            chosen += f64::from(*c);
-            rejected += f64::from(*r);
-            let (lc, lr) = (pair.chosen.label_count(), pair.rejected.label_count());
-            longer_chosen += usize::from(lc > lr);
-            if is_length_matched(lc, lr) {
-                matched += 1;
-                matched_correct += usize::from(c > r);
-            }
+        out.extend(rc.into_iter().zip(rr));
+    }
+    Ok(out)
+}
+
+/// Scores every pair (no gradients) in micro-batches of `batch_size` pairs.
+pub fn pairwise_stats(rm: &ScalarModel, pairs: &[EncodedPair], batch_size: usize) -> Result<PairwiseStats> {
+    let (mut correct, mut margin, mut chosen, mut rejected) = (0f64, 0f64, 0f64, 0f64);
+    let (mut matched, mut matched_correct, mut longer_chosen) = (0usize, 0usize, 0usize);
+    for ((c, r), pair) in pair_scores(rm, pairs, batch_size)?.into_iter().zip(pairs) {
+        correct += f64::from(u8::from(c > r));
+        margin += f64::from(c - r);
+        chosen += f64::from(c);
+        rejected += f64::from(r);
+        let (lc, lr) = (pair.chosen.label_count(), pair.rejected.label_count());
+        longer_chosen += usize::from(lc > lr);
+        if is_length_matched(lc, lr) {
+            matched += 1;
+            matched_correct += usize::from(c > r);
         }
     }
     let n = pairs.len().max(1) as f64;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use align_core::data::{read_preference, DataOptions, LengthBudget, LengthPolicy};
 use align_core::load::spec::load_reward_model_or_adapter;
-use align_core::model::scalar::load_reward_model;
+use align_core::model::scalar::{load_reward_model, ScalarModel};
 use align_core::train::config::LoadedConfig;
-use align_core::train::preference_batch::encode_pairs;
+use align_core::train::preference_batch::{encode_pairs, EncodedPair};
 use align_core::ModelTokenizer;
 use serde_json::Value;
 
@@ -31,6 +31,15 @@ fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     let table: toml::Table = toml::from_str(&text).unwrap();
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "reward").unwrap()
+}
+
+/// Share of pairs whose chosen and rejected scores are within 1e-4 of each other. Scored in
+/// other batches (other padding, so other kernels) such a pair's order may flip — scores are O(1)
+/// and agree across batch shapes to ~1e-6 — so two accuracies over the same pairs may differ by
+/// this share and no more.
+fn near_tie_share(rm: &ScalarModel, pairs: &[EncodedPair]) -> f64 {
+    let scores = align_reward::pair_scores(rm, pairs, 1).unwrap();
+    scores.iter().filter(|(c, r)| (c - r).abs() < 1e-4).count() as f64 / pairs.len() as f64
 }
 
 fn metric_lines(out: &Path) -> Vec<Value> {
@@ -104,7 +113,8 @@ fn held_out_accuracy_beats_chance_and_the_saved_model_agrees() {
     let (enc, _) =
         encode_pairs(&tok, &pairs.iter().collect::<Vec<_>>(), LengthBudget::new(512, LengthPolicy::Truncate)).unwrap();
     let stats = align_reward::pairwise_stats(&rm.rm, &enc, 16).unwrap();
-    assert!((stats.accuracy - acc).abs() < 1e-9, "{} vs {acc}", stats.accuracy);
+    let ties = near_tie_share(&rm.rm, &enc);
+    assert!((stats.accuracy - acc).abs() <= ties + 1e-9, "{} vs {acc} ({ties} near ties)", stats.accuracy);
     assert!((stats.mean_margin - evals[1]["eval_margin"].as_f64().unwrap()).abs() < 1e-3);
 }
 
@@ -180,7 +190,8 @@ fn lora_reward_model_beats_chance_and_its_adapter_scores_as_the_last_evaluation(
     let (enc, _) =
         encode_pairs(&tok, &pairs.iter().collect::<Vec<_>>(), LengthBudget::new(512, LengthPolicy::Truncate)).unwrap();
     let stats = align_reward::pairwise_stats(&rm.rm, &enc, 16).unwrap();
-    assert!((stats.accuracy - acc).abs() < 1e-9, "{} vs {acc}", stats.accuracy);
+    let ties = near_tie_share(&rm.rm, &enc);
+    assert!((stats.accuracy - acc).abs() <= ties + 1e-9, "{} vs {acc} ({ties} near ties)", stats.accuracy);
     assert!((stats.mean_margin - evals[1]["eval_margin"].as_f64().unwrap()).abs() < 1e-3);
 
     // only adapters and head changed: the merged model's other weights are the base's, bit for bit

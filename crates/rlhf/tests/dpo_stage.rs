@@ -1,6 +1,6 @@
 //! The DPO stage on the sample preference data with a tiny model: ln 2 at step 0 when policy =
 //! reference, rewards/accuracies rise, the precomputed (cached) reference gives the live
-//! reference's losses, exact resume, and every loss type runs.
+//! reference's losses (to f32 rounding), exact resume, and every loss type runs.
 use std::path::{Path, PathBuf};
 
 use align_core::train::config::LoadedConfig;
@@ -96,24 +96,51 @@ fn rewards_accuracies_rise_over_a_short_run() {
     align_core::load_causal_lm(&out.join("final"), tch::Device::Cpu, tch::Kind::Float).unwrap();
 }
 
+/// The cached reference log-probs were computed in other batches (other padding widths, so other
+/// kernels) than the live ones: they agree to f32 rounding, not bitwise. `adam_epsilon = 1` makes
+/// the AdamW update `lr · m̂ / (√v̂ + 1)` Lipschitz in the gradient, so the two runs stay within
+/// rounding of each other for all 6 steps; with the default 1e-8 the update is about
+/// `lr · sign(g)` and a last-bit difference in a near-zero gradient moves a weight by a whole `lr`.
 #[test]
 fn precomputed_reference_gives_the_live_reference_losses_and_is_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let live = tmp.path().join("live");
-    align_rlhf::run_dpo(&config(&live, &["dpo.precompute_ref=false"]), false, None).unwrap();
+    align_rlhf::run_dpo(&config(&live, &["dpo.precompute_ref=false", "train.adam_epsilon=1.0"]), false, None).unwrap();
     let cached = tmp.path().join("cached");
-    let cfg = config(&cached, &["dpo.precompute_ref=true"]);
+    let cfg = config(&cached, &["dpo.precompute_ref=true", "train.adam_epsilon=1.0"]);
     align_rlhf::run_dpo(&cfg, false, None).unwrap();
     let (a, b) = (series(&live, "loss"), series(&cached, "loss"));
     assert_eq!(a.len(), 6);
-    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!((x - y).abs() < 1e-5, "step {}: live {x} vs precomputed {y}", step + 1);
+    // A reference log-prob is a sum of a few hundred f32 token log-probs: the two computations
+    // agree to 1e-6 of its magnitude (f32 epsilon 6e-8 times a summation a few levels deep;
+    // measured ~1e-8). The sigmoid loss is 1-Lipschitz in the margin β·((πc − rc) − (πr − rr)),
+    // so it moves by at most β·1e-6·(|rc| + |rr|), and each reward β·(π − r) by β·1e-6·|r|. A
+    // wrong cache (another pair's log-probs) is off by whole units of β·log-prob.
+    let beta = 0.1;
+    let (lc, lr) = (series(&live, "logps/chosen"), series(&live, "logps/rejected"));
+    let mut worst = 0f64;
+    for step in 0..a.len() {
+        let bound = beta * 1e-6 * (lc[step].abs() + lr[step].abs());
+        assert!(bound > 0.0 && bound < 1e-3, "step {}: logps {} {}", step + 1, lc[step], lr[step]);
+        let (x, y) = (a[step], b[step]);
+        assert!((x - y).abs() <= bound, "step {}: live loss {x} vs precomputed {y} (bound {bound:.2e})", step + 1);
+        worst = worst.max((x - y).abs() / bound);
     }
-    for key in ["rewards/chosen", "rewards/accuracies", "logps/rejected"] {
-        for (x, y) in series(&live, key).iter().zip(series(&cached, key)) {
-            assert!((x - y).abs() < 1e-4, "{key}: live {x} vs precomputed {y}");
+    eprintln!("live vs precomputed loss: worst difference {worst:.3} of the rounding bound");
+    for (key, logps) in [("rewards/chosen", &lc), ("rewards/rejected", &lr)] {
+        for (step, (x, y)) in series(&live, key).iter().zip(series(&cached, key)).enumerate() {
+            let bound = beta * 1e-6 * logps[step].abs();
+            assert!((x - y).abs() <= bound, "step {}: {key}: live {x} vs precomputed {y}", step + 1);
         }
     }
+    // the policy's own log-probs differ only through the (Lipschitz) updates
+    for key in ["logps/chosen", "logps/rejected"] {
+        for (step, (x, y)) in series(&live, key).iter().zip(series(&cached, key)).enumerate() {
+            assert!((x - y).abs() <= 1e-6 * x.abs(), "step {}: {key}: live {x} vs precomputed {y}", step + 1);
+        }
+    }
+    // rewards/accuracies is not compared: at step 1 policy = reference, every margin is 0 live and
+    // ±rounding cached, so the share of "margin > 0" is a coin toss per pair
     assert!(caches(&live).is_empty());
     let files = caches(&cached);
     assert_eq!(files.len(), 1, "{files:?}");

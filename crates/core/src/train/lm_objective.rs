@@ -201,7 +201,9 @@ mod tests {
         assert_eq!(rows.len(), 1);
         let mut obj = PackedObjective { lm: &m.lm, train: rows, validation: Vec::new(), pad_id: 0 };
         let packed = tch::no_grad(|| obj.forward(Split::Train, &[0])).unwrap().loss_sum.double_value(&[]);
-        assert!((alone - packed).abs() < 1e-4, "alone {alone} vs packed {packed}");
+        // other kernels (one long masked row vs two short ones): equal to f32 rounding of the
+        // summed log-probs, ~1e-7 relative
+        assert!((alone - packed).abs() <= 1e-5 * alone.abs(), "alone {alone} vs packed {packed}");
         assert_eq!(obj.units(Split::Train, 0), 4.0 + 3.0);
     }
 }
