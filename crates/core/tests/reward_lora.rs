@@ -8,7 +8,7 @@ use std::process::Command;
 
 use align_core::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
-    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
+    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
 use align_core::scalar_model::{
     load_reward_model, load_reward_model_or_adapter, scalar_model_from_causal_lm, write_scalar_model,
@@ -116,7 +116,7 @@ fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
         (
             "llama-qv",
             "tiny-llama",
-            LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() },
+            LoraConfig { r: 4, alpha: 8.0, targets: LoraTargets::names(&["q_proj", "v_proj"]), ..Default::default() },
         ),
         ("qwen2-all", "tiny-qwen2", LoraConfig { r: 4, alpha: 16.0, ..Default::default() }),
     ] {
