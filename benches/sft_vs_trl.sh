@@ -33,11 +33,11 @@ lr = 1e-5
 max_length = 256
 threads = $threads
 save_every = 1000
-[lora]
-r = 8
-alpha = 16
-targets = ["all-linear"]
 TOML
+  # [lora] only under method = "lora" (a [lora] section with method = "full" is an error)
+  if [ "$method" = lora ]; then
+    printf '[lora]\nr = 8\nalpha = 16\ntargets = "all-linear"\n' >> "$work/sft.toml"
+  fi
   /usr/bin/time -v target/release/align train sft --config "$work/sft.toml" --restart 2> "$work/align-$method.time" >/dev/null
   a_tps=$(python - "$work/align-$method/metrics.jsonl" <<'PY'
 import json, sys

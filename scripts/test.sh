@@ -4,6 +4,9 @@
 #   scripts/test.sh [extra cargo test args]
 # Real-model checks run too when ALIGN_SMOLLM2_DIR points to a SmolLM2 folder
 # (make one with ../shared/tools/make-smollm2.sh DIR .venv/bin/python).
+# The suite passes on any x86-64 or ARM CPU; to check libtorch's portable (non-vectorised) kernels
+# on this machine, run it once as `ATEN_CPU_CAPABILITY=default scripts/test.sh` (not run twice here:
+# CI time is limited).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

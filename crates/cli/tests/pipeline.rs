@@ -201,6 +201,10 @@ fn validation_errors_name_the_key_path() {
             "stage[4] (rl): [ppo] cliprange",
         ),
         (text.replace("kind = \"sft\"", "kind = \"rlhf\""), "stage[1].kind"),
+        (
+            text.replace("max_length = 96\n", "max_length = 96\n[stage.lora]\nr = 4\n"),
+            r#"[lora] is set but method = "full"; set method = "lora" (or remove [lora])"#,
+        ),
         (text.replace("[defaults]", "[defaults]\ncolor = 1"), "stage[0] (pt)"),
     ];
     for (i, (body, want)) in cases.iter().enumerate() {

@@ -150,19 +150,29 @@ fn sft_loss_goes_down_on_the_sample_data() {
 fn config_mistakes_are_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_pt_config(tmp.path(), &tmp.path().join("x"));
-    for (set, want) in [
-        ("train.lrr=1", "lrr"),
-        ("train.val_ratio=2", "train.val_ratio"),
-        ("sft.train_on_prompt=true", "sft"),
-        ("pretrain.block=3", "[pretrain]"),
-    ] {
-        let out =
-            align().args(["train", "pretrain", "--config", cfg.to_str().unwrap(), "--set", set]).output().unwrap();
-        assert!(!out.status.success(), "--set {set} should fail");
+    let cases: [(&[&str], &str); 7] = [
+        (&["train.lrr=1"], "lrr"),
+        (&["train.val_ratio=2"], "train.val_ratio"),
+        (&["sft.train_on_prompt=true"], "sft"),
+        (&["pretrain.block=3"], "[pretrain]"),
+        // a method's section without the method would silently train something else
+        (&["lora.r=4"], r#"[lora] is set but method = "full"; set method = "lora" (or remove [lora])"#),
+        (&["freeze.last_layers=1", "method=lora"], r#"[freeze] is set but method = "lora"; set method = "freeze""#),
+        (&["method=lora", "lora.targets=3"], "`targets` as a list of module names"),
+    ];
+    for (sets, want) in cases {
+        let mut args = vec!["train", "pretrain", "--config", cfg.to_str().unwrap()];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let out = align().args(&args).output().unwrap();
+        assert!(!out.status.success(), "--set {sets:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
-        let line =
-            err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line for {set}:\n{err}"));
-        assert!(line.contains(want) && line.contains(".toml"), "--set {set}: {line}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line for {sets:?}:\n{err}"));
+        assert!(line.contains(want) && line.contains(".toml"), "--set {sets:?}: {line}");
     }
     let bad_data = tmp.path().join("bad.jsonl");
     std::fs::write(

@@ -9,7 +9,7 @@ use align_core::model::decoder::ForwardOptions;
 use align_core::model::io::{load_causal_lm, LoadedModel};
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, trainable_parameters,
-    without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
+    without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
 use align_core::CausalLm;
 use tch::{Device, Kind, Tensor};
@@ -116,13 +116,25 @@ fn our_adapter_round_trips_and_loads_in_peft() {
     let base_dir = model_dir("tiny-llama");
     let ids = tensor(&base_dir.join("golden.safetensors"), "input_ids");
     for (name, cfg) in [
-        ("qv", LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() }),
+        (
+            "qv",
+            LoraConfig { r: 4, alpha: 8.0, targets: LoraTargets::names(&["q_proj", "v_proj"]), ..Default::default() },
+        ),
         ("all-rslora", LoraConfig { r: 8, alpha: 4.0, use_rslora: true, ..Default::default() }),
+        (
+            "regex",
+            LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                targets: LoraTargets::Pattern(r"model\.layers\.1\..*_proj".into()),
+                ..Default::default()
+            },
+        ),
     ] {
         let mut m = load("tiny-llama");
         tch::manual_seed(3);
         let modules = attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
-        assert_eq!(modules.len(), if name == "qv" { 4 } else { 14 });
+        assert_eq!(modules.len(), [("qv", 4), ("regex", 7)].iter().find(|c| c.0 == name).map_or(14, |c| c.1));
         // a fresh adapter (B = 0) leaves the model unchanged
         let base = tensor(&base_dir.join("golden.safetensors"), "logits");
         assert!(max_rel_diff(&logits(&m.lm, &ids), &base) < 1e-4);
@@ -144,7 +156,10 @@ fn our_adapter_round_trips_and_loads_in_peft() {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        assert!(keys.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()));
+        let layer = if name == "regex" { 1 } else { 0 };
+        let q = format!("base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight");
+        assert!(keys.contains(&q), "{name}: {keys:?}");
+        assert_eq!(keys.len(), 2 * modules.len(), "{name}: {keys:?}");
         let cfg_json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(cfg_json["peft_type"], "LORA");
@@ -153,6 +168,10 @@ fn our_adapter_round_trips_and_loads_in_peft() {
             let t: Vec<&str> =
                 cfg_json["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
             assert_eq!(t, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+        }
+        if name == "regex" {
+            // PEFT takes a string target_modules as a regular expression: it is written as given
+            assert_eq!(cfg_json["target_modules"], r"model\.layers\.1\..*_proj");
         }
         assert_eq!(read_adapter_config(&out).unwrap().use_rslora, cfg.use_rslora);
 
@@ -191,7 +210,8 @@ fn rslora_scales_by_alpha_over_sqrt_r() {
     for use_rslora in [false, true] {
         let mut m = load("tiny-llama");
         tch::manual_seed(9);
-        let cfg = LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into()], use_rslora, ..Default::default() };
+        let cfg =
+            LoraConfig { r: 4, alpha: 8.0, targets: LoraTargets::names(&["q_proj"]), use_rslora, ..Default::default() };
         attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
         randomise_adapters(&m.lm, 10);
         let q = &m.lm.model.layers[0].self_attn.q_proj;
@@ -349,7 +369,13 @@ fn bad_adapters_fail_with_one_clear_line() {
         ("dora", Box::new(|c| c["use_dora"] = true.into()), "field 'use_dora'"),
         ("bias", Box::new(|c| c["bias"] = "all".into()), "field 'bias'"),
         ("prompt", Box::new(|c| c["peft_type"] = "PROMPT_TUNING".into()), "field 'peft_type'"),
-        ("regex", Box::new(|c| c["target_modules"] = ".*q_proj".into()), "regular expression"),
+        ("regex", Box::new(|c| c["target_modules"] = "(q_proj".into()), "not a valid regular expression"),
+        // a string is a regular expression matched against whole module paths, as in PEFT
+        (
+            "regex-none",
+            Box::new(|c| c["target_modules"] = "q_proj".into()),
+            "regular expression \"q_proj\" matches no projection",
+        ),
         (
             "lm-head",
             Box::new(|c| c["target_modules"] = serde_json::json!(["lm_head"])),
@@ -381,7 +407,7 @@ fn bad_adapters_fail_with_one_clear_line() {
     attach_lora(
         &m.vs,
         &mut m.lm,
-        &LoraConfig { r: 8, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() },
+        &LoraConfig { r: 8, alpha: 8.0, targets: LoraTargets::names(&["q_proj", "v_proj"]), ..Default::default() },
     )
     .unwrap();
     let e = format!("{:#}", load_adapter(&m.vs, &mut m.lm, &adapter_dir("llama-qv")).unwrap_err());

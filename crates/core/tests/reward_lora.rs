@@ -12,7 +12,7 @@ use align_core::model::scalar::{
 };
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
-    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig,
+    trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
 use align_core::train::setup::TrainingScalarModel;
 use serde_json::{json, Value};
@@ -116,7 +116,7 @@ fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
         (
             "llama-qv",
             "tiny-llama",
-            LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() },
+            LoraConfig { r: 4, alpha: 8.0, targets: LoraTargets::names(&["q_proj", "v_proj"]), ..Default::default() },
         ),
         ("qwen2-all", "tiny-qwen2", LoraConfig { r: 4, alpha: 16.0, ..Default::default() }),
     ] {

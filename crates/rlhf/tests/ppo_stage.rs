@@ -268,14 +268,15 @@ fn config_errors_name_the_key() {
 fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
     use align_core::load::spec::load_reward_model_or_adapter;
     use align_core::model::scalar::{scalar_model_from_causal_lm, ScoreInit};
-    use align_core::peft::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig};
+    use align_core::peft::lora::{attach_lora, save_adapter, AdapterSaveOptions, LoraConfig, LoraTargets};
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let adapter = tmp.path().join("rm-lora");
     let mut m =
         scalar_model_from_causal_lm(&policy_dir(), Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, 3)).unwrap();
     tch::manual_seed(4);
-    let lora = LoraConfig { r: 4, alpha: 8.0, targets: vec!["q_proj".into(), "v_proj".into()], ..Default::default() };
+    let lora =
+        LoraConfig { r: 4, alpha: 8.0, targets: LoraTargets::names(&["q_proj", "v_proj"]), ..Default::default() };
     attach_lora(&m.vs, &mut m.rm, &lora).unwrap();
     tch::no_grad(|| {
         for (_, lin) in m.rm.linears() {

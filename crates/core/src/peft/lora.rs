@@ -23,7 +23,8 @@ use crate::hf::checkpoint::{
 };
 use crate::model::decoder::{RunMode, Trunk};
 
-/// `targets` value selecting every projection of the decoder layers (not the LM head).
+/// `targets` value selecting every projection of the decoder layers (not the LM head), as PEFT's
+/// `target_modules = "all-linear"` does.
 pub const ALL_LINEAR: &str = "all-linear";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -40,15 +41,157 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adapter's input, in training mode only.
     pub dropout: f64,
-    /// Module names (`q_proj`, `v_proj`, or longer suffixes such as `model.layers.0.mlp.up_proj`),
-    /// or `["all-linear"]`: q, k, v, o, gate, up and down of every decoder layer.
-    pub targets: Vec<String>,
+    /// Which projections get adapters: see [`LoraTargets`].
+    pub targets: LoraTargets,
     pub use_rslora: bool,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: vec![ALL_LINEAR.to_string()], use_rslora: false }
+        LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, targets: LoraTargets::default(), use_rslora: false }
+    }
+}
+
+/// `[lora] targets`, PEFT's `target_modules`, read as PEFT reads it. A list selects every module
+/// whose path equals one of its names or ends with `.name` (`["q_proj", "v_proj"]`,
+/// `["model.layers.0.mlp.up_proj"]`). A string is either `"all-linear"` (every projection of the
+/// decoder layers — q, k, v, o, gate, up, down — but not the LM head or a reward model's score
+/// head) or a regular expression that must match a whole module path, as PEFT's `re.fullmatch`
+/// (in TOML `'model\.layers\.1\..*_proj'`; the Rust `regex` dialect: Python's syntax without
+/// look-around or back-references). Only the decoder's projections can be adapted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraTargets {
+    /// Module names or path suffixes. `["all-linear"]` (the form older configs used) means
+    /// `"all-linear"`.
+    Names(Vec<String>),
+    /// `"all-linear"`, or a regular expression full-matched against module paths.
+    Pattern(String),
+}
+
+impl Default for LoraTargets {
+    fn default() -> Self {
+        LoraTargets::Pattern(ALL_LINEAR.to_string())
+    }
+}
+
+impl LoraTargets {
+    /// A list of module names.
+    pub fn names(names: &[&str]) -> Self {
+        LoraTargets::Names(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    /// True for `"all-linear"` (PEFT compares it case-insensitively), or a list of just that.
+    pub fn is_all_linear(&self) -> bool {
+        match self {
+            LoraTargets::Pattern(p) => p.eq_ignore_ascii_case(ALL_LINEAR),
+            LoraTargets::Names(n) => n.len() == 1 && n[0].eq_ignore_ascii_case(ALL_LINEAR),
+        }
+    }
+
+    /// The compiled full-match expression of a pattern other than `"all-linear"`.
+    fn regex(&self) -> std::result::Result<Option<regex::Regex>, String> {
+        match self {
+            LoraTargets::Pattern(p) if !self.is_all_linear() => regex::Regex::new(&format!("^(?:{p})$"))
+                .map(Some)
+                .map_err(|e| format!("{p:?} is not a valid regular expression: {}", e.to_string().replace('\n', " "))),
+            _ => Ok(None),
+        }
+    }
+
+    /// What is wrong with the value, if anything (the caller names the key or field).
+    fn problem(&self) -> Option<String> {
+        match self {
+            LoraTargets::Names(names) => {
+                if names.is_empty() {
+                    return Some(format!(
+                        "expected module names (e.g. [\"q_proj\", \"v_proj\"]) or \"{ALL_LINEAR}\", found []"
+                    ));
+                }
+                if names.iter().any(|t| t.trim().is_empty()) {
+                    return Some("empty module name".to_string());
+                }
+                if names.len() > 1 && names.iter().any(|t| t.eq_ignore_ascii_case(ALL_LINEAR)) {
+                    return Some(format!(
+                        "\"{ALL_LINEAR}\" selects every projection and cannot be combined with other names"
+                    ));
+                }
+                None
+            }
+            LoraTargets::Pattern(p) if p.trim().is_empty() => {
+                Some(format!("expected \"{ALL_LINEAR}\", a regular expression or a list of module names, found \"\""))
+            }
+            LoraTargets::Pattern(_) => self.regex().err(),
+        }
+    }
+
+    /// The module paths among `paths` (a trunk's projections) this selects; every name of a list,
+    /// and a pattern, must select at least one.
+    pub fn select(&self, paths: &[String]) -> Result<Vec<String>> {
+        if let Some(p) = self.problem() {
+            bail!("{p}");
+        }
+        if self.is_all_linear() {
+            return Ok(paths.to_vec());
+        }
+        const NO_OTHERS: &str = "each decoder layer has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj and \
+                                 down_proj; embeddings and heads such as lm_head or score cannot be adapted";
+        match self {
+            LoraTargets::Names(targets) => {
+                for t in targets {
+                    if !paths.iter().any(|n| module_matches(n, t)) {
+                        bail!("target '{t}' matches no projection of this model ({NO_OTHERS})");
+                    }
+                }
+                Ok(paths.iter().filter(|n| targets.iter().any(|t| module_matches(n, t))).cloned().collect())
+            }
+            LoraTargets::Pattern(p) => {
+                let re = self.regex().map_err(|e| anyhow!("{e}"))?.ok_or_else(|| anyhow!("no expression"))?;
+                let selected: Vec<String> = paths.iter().filter(|n| re.is_match(n)).cloned().collect();
+                if selected.is_empty() {
+                    bail!(
+                        "the regular expression {p:?} matches no projection of this model (it must match a whole \
+                         module path such as 'model.layers.0.self_attn.q_proj'; {NO_OTHERS})"
+                    );
+                }
+                Ok(selected)
+            }
+        }
+    }
+}
+
+impl Serialize for LoraTargets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            LoraTargets::Names(n) => n.serialize(s),
+            LoraTargets::Pattern(p) => p.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoraTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = LoraTargets;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "`targets` as a list of module names (e.g. [\"q_proj\", \"v_proj\"]) or a string (\"{ALL_LINEAR}\" \
+                     or a regular expression)"
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<LoraTargets, E> {
+                Ok(LoraTargets::Pattern(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<LoraTargets, A::Error> {
+                let mut names = Vec::new();
+                while let Some(n) = seq.next_element::<String>()? {
+                    names.push(n);
+                }
+                Ok(LoraTargets::Names(names))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -62,16 +205,8 @@ impl LoraConfig {
             "lora.dropout: expected a probability in [0, 1), found {}",
             self.dropout
         );
-        ensure!(
-            !self.targets.is_empty(),
-            "lora.targets: expected module names (e.g. [\"q_proj\", \"v_proj\"]) or [\"{ALL_LINEAR}\"], found []"
-        );
-        for t in &self.targets {
-            ensure!(!t.trim().is_empty(), "lora.targets: empty module name");
-            ensure!(
-                t != ALL_LINEAR || self.targets.len() == 1,
-                "lora.targets: \"{ALL_LINEAR}\" selects every projection and cannot be combined with other names"
-            );
+        if let Some(p) = self.targets.problem() {
+            bail!("lora.targets: {p}");
         }
         Ok(())
     }
@@ -162,22 +297,11 @@ fn module_matches(path: &str, target: &str) -> bool {
         || (path.len() > target.len() && path.ends_with(target) && path[..path.len() - target.len()].ends_with('.'))
 }
 
-/// The module paths of `trunk` selected by `targets` (PEFT's rule: a module is selected when its
-/// path equals a target or ends with `.target`). Every target must select something.
-fn resolve_targets(trunk: &Trunk, targets: &[String]) -> Result<Vec<String>> {
+/// The module paths of `trunk`'s projections that `targets` selects (PEFT's rules, see
+/// [`LoraTargets`]).
+fn resolve_targets(trunk: &Trunk, targets: &LoraTargets) -> Result<Vec<String>> {
     let names: Vec<String> = trunk.linears().into_iter().map(|(n, _)| n).collect();
-    if targets.len() == 1 && targets[0] == ALL_LINEAR {
-        return Ok(names);
-    }
-    for t in targets {
-        if !names.iter().any(|n| module_matches(n, t)) {
-            bail!(
-                "target '{t}' matches no projection of this model (each decoder layer has q_proj, k_proj, v_proj, \
-                 o_proj, gate_proj, up_proj and down_proj; embeddings and heads such as lm_head or score cannot be adapted)"
-            );
-        }
-    }
-    Ok(names.into_iter().filter(|n| targets.iter().any(|t| module_matches(n, t))).collect())
+    targets.select(&names)
 }
 
 /// Attaches fresh adapters (A kaiming-uniform from libtorch's global generator, B zeros) to the
@@ -326,8 +450,10 @@ pub struct AdapterSaveOptions<'a> {
 }
 
 /// `adapter_config.json` as PEFT 0.21 writes it for a plain LoRA adapter on `model`.
+/// `target_modules` is a list of names, or the regular expression given; `"all-linear"` is
+/// written as the short names it selected, as PEFT does.
 fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&str>) -> Value {
-    let targets: Vec<String> = if config.targets.len() == 1 && config.targets[0] == ALL_LINEAR {
+    let targets: Value = if config.targets.is_all_linear() {
         let short: BTreeSet<String> = model
             .trunk()
             .linears()
@@ -335,9 +461,9 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&
             .filter(|(_, l)| l.lora.is_some())
             .filter_map(|(p, _)| p.rsplit('.').next().map(str::to_string))
             .collect();
-        short.into_iter().collect()
+        json!(short.into_iter().collect::<Vec<_>>())
     } else {
-        config.targets.clone()
+        json!(config.targets)
     };
     let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 1e15 {
         json!(config.alpha as i64)
@@ -502,14 +628,16 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
             .collect()
     };
     let targets = match field("target_modules") {
-        Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
-        Some(Value::String(s)) => bail!(
-            "{at}: field 'target_modules': a regular expression ({s:?}) is not supported; give a list of module names"
+        Some(Value::String(s)) => LoraTargets::Pattern(s.clone()),
+        Some(Value::Array(items)) => LoraTargets::Names(strings("target_modules", items)?),
+        Some(v) => bail!(
+            "{at}: field 'target_modules': expected a list of module names or a string (\"{ALL_LINEAR}\" or a regular expression), found {v}"
         ),
-        Some(Value::Array(items)) => strings("target_modules", items)?,
-        Some(v) => bail!("{at}: field 'target_modules': expected a list of module names, found {v}"),
         None => bail!("{at}: field 'target_modules': missing (expected a list of module names)"),
     };
+    if let Some(p) = targets.problem() {
+        bail!("{at}: field 'target_modules': {p}");
+    }
     let mut modules_to_save: Vec<String> = Vec::new();
     match field("modules_to_save") {
         None => {}
@@ -856,7 +984,7 @@ mod tests {
         let c: LoraConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(c, LoraConfig::default());
         assert_eq!((c.r, c.alpha, c.dropout, c.use_rslora), (8, 16.0, 0.05, false));
-        assert_eq!(c.targets, vec!["all-linear"]);
+        assert_eq!(c.targets, LoraTargets::Pattern("all-linear".into()));
         let c: LoraConfig = serde_json::from_str(r#"{"r": 4, "alpha": 8, "targets": ["q_proj"]}"#).unwrap();
         assert_eq!((c.r, c.alpha, c.scaling()), (4, 8.0, 2.0));
         let e = serde_json::from_str::<LoraConfig>(r#"{"rank": 4}"#).unwrap_err().to_string();
@@ -865,8 +993,66 @@ mod tests {
         assert!(e.contains("unknown field `layers`"), "{e}");
         let rs = LoraConfig { r: 16, alpha: 8.0, use_rslora: true, ..Default::default() };
         assert_eq!(rs.scaling(), 2.0);
-        let bad = LoraConfig { targets: vec!["all-linear".into(), "q_proj".into()], ..Default::default() };
+        let bad = LoraConfig { targets: LoraTargets::names(&["all-linear", "q_proj"]), ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("lora.targets"));
         assert!(LoraConfig { r: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("lora.r"));
+    }
+
+    fn parse_targets(value: &str) -> LoraTargets {
+        toml::from_str::<LoraConfig>(&format!("targets = {value}")).unwrap().targets
+    }
+
+    #[test]
+    fn targets_take_a_list_all_linear_or_a_regular_expression() {
+        let paths: Vec<String> = [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.up_proj",
+        ]
+        .map(String::from)
+        .to_vec();
+        // "all-linear" as PEFT writes it (a string, any case), and the list form of older configs
+        for v in [r#""all-linear""#, r#""ALL-LINEAR""#, r#"["all-linear"]"#] {
+            let t = parse_targets(v);
+            assert!(t.is_all_linear(), "{v}");
+            assert_eq!(t.select(&paths).unwrap(), paths, "{v}");
+        }
+        // a list: names or whole path suffixes
+        assert_eq!(parse_targets(r#"["q_proj"]"#).select(&paths).unwrap(), [&paths[0][..], &paths[3]]);
+        assert_eq!(parse_targets(r#"["0.mlp.up_proj"]"#).select(&paths).unwrap(), [&paths[2][..]]);
+        // any other string: a regular expression that must match a whole path (PEFT's re.fullmatch)
+        let t = parse_targets(r"'model\.layers\.1\..*'");
+        assert_eq!(t, LoraTargets::Pattern(r"model\.layers\.1\..*".into()));
+        assert_eq!(t.select(&paths).unwrap(), [&paths[3][..], &paths[4]]);
+        assert_eq!(parse_targets(r"'.*\.(q|v)_proj'").select(&paths).unwrap(), [&paths[0][..], &paths[1], &paths[3]]);
+        // so the string "q_proj" matches no whole path, where the list ["q_proj"] does
+        let e = parse_targets(r#""q_proj""#).select(&paths).unwrap_err().to_string();
+        assert!(e.contains(r#"regular expression "q_proj" matches no projection"#), "{e}");
+        let e = parse_targets(r#"["lm_head"]"#).select(&paths).unwrap_err().to_string();
+        assert!(e.contains("'lm_head' matches no projection"), "{e}");
+        // a config keeps its form when written back (a string stays a string)
+        assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!(r"model\.layers\.1\..*"));
+        assert_eq!(serde_json::to_value(parse_targets(r#"["q_proj"]"#)).unwrap(), serde_json::json!(["q_proj"]));
+    }
+
+    #[test]
+    fn bad_targets_are_errors_naming_the_key() {
+        let e = toml::from_str::<LoraConfig>("targets = 3").unwrap_err().to_string();
+        assert!(e.contains("`targets` as a list of module names") && e.contains("all-linear"), "{e}");
+        let e = toml::from_str::<LoraConfig>("targets = [1]").unwrap_err().to_string();
+        assert!(e.contains("expected a string"), "{e}");
+        for (value, want) in [
+            (r#""(""#, "not a valid regular expression"),
+            (r#""""#, r#"found """#),
+            ("[]", "found []"),
+            (r#"[" "]"#, "empty module name"),
+            (r#"["all-linear", "q_proj"]"#, "cannot be combined"),
+        ] {
+            let c = LoraConfig { targets: parse_targets(value), ..Default::default() };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("lora.targets: ") && e.contains(want), "{value}: {e}");
+        }
     }
 }

@@ -22,6 +22,17 @@ pub enum Method {
     Freeze,
 }
 
+impl Method {
+    /// The value as written in a config (`"full"`, `"lora"`, `"freeze"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora => "lora",
+            Method::Freeze => "freeze",
+        }
+    }
+}
+
 fn d_epochs() -> f64 {
     1.0
 }
@@ -280,6 +291,14 @@ impl LoadedConfig {
             .try_into()
             .map_err(|e: toml::de::Error| anyhow!("{}: {}", origin.display(), describe_toml_error(&e, stage)))?;
         validate(&config).map_err(|e| anyhow!("{}: {e}", origin.display()))?;
+        let loaded_sections = LoadedConfig {
+            config: config.clone(),
+            stage: toml::Table::new(),
+            stage_name: stage.to_string(),
+            origin: origin.to_path_buf(),
+            hash: String::new(),
+        };
+        loaded_sections.check_method_sections()?;
         let mut whole = serde_json::to_value(&table)?;
         whole[stage] = serde_json::to_value(&stage_table)?;
         let hash = sha256_hex(canonical_json(&whole).as_bytes());
@@ -290,6 +309,31 @@ impl LoadedConfig {
             origin: origin.to_path_buf(),
             hash,
         })
+    }
+
+    /// `[lora]` and `[freeze]` are read only under their `method`: a section the method ignores is
+    /// an error (it would silently train something else), and the section of the method in
+    /// effect is parsed and checked here, before any model is loaded.
+    fn check_method_sections(&self) -> Result<()> {
+        let c = &self.config;
+        let at = self.origin.display();
+        for (section, present, wants) in
+            [("lora", c.lora.is_some(), Method::Lora), ("freeze", c.freeze.is_some(), Method::Freeze)]
+        {
+            if present && c.method != wants {
+                let method = c.method.as_str();
+                let wanted = wants.as_str();
+                bail!("{at}: [{section}] is set but method = \"{method}\"; set method = \"{wanted}\" (or remove [{section}])");
+            }
+        }
+        match c.method {
+            Method::Lora => {
+                let lora: crate::peft::lora::LoraConfig = self.section("lora", c.lora.as_ref())?;
+                lora.validate().map_err(|e| anyhow!("{at}: [lora] {e}"))
+            }
+            Method::Freeze => self.section::<crate::peft::lora::FreezeConfig>("freeze", c.freeze.as_ref()).map(|_| ()),
+            Method::Full => Ok(()),
+        }
     }
 
     /// Deserialises the stage section into the stage's own struct, naming the section on error.
@@ -397,6 +441,31 @@ mod tests {
         assert!(e.contains("colour"), "{e}");
         let e = load(BASE, &["train.val_ratio=1.5"]).unwrap_err().to_string();
         assert!(e.contains("train.val_ratio"), "{e}");
+    }
+
+    #[test]
+    fn a_method_section_needs_its_method() {
+        let e = load(&format!("{BASE}[lora]\nr = 4\n"), &[]).unwrap_err().to_string();
+        assert_eq!(e, r#"c.toml: [lora] is set but method = "full"; set method = "lora" (or remove [lora])"#);
+        let e = load(BASE, &["lora.r=4", "method=freeze"]).unwrap_err().to_string();
+        assert!(e.contains(r#"[lora] is set but method = "freeze"; set method = "lora""#), "{e}");
+        let e = load(BASE, &["freeze.last_layers=1"]).unwrap_err().to_string();
+        assert_eq!(e, r#"c.toml: [freeze] is set but method = "full"; set method = "freeze" (or remove [freeze])"#);
+        let e = load(BASE, &["freeze.last_layers=1", "method=lora"]).unwrap_err().to_string();
+        assert!(e.contains("[freeze] is set but method = \"lora\""), "{e}");
+        // with its method, each section is read (and checked) when the config loads
+        let c = load(BASE, &["method=lora", "lora.r=4", "lora.targets=all-linear"]).unwrap();
+        assert_eq!(c.config.method, Method::Lora);
+        load(BASE, &["method=freeze", "freeze.last_layers=1"]).unwrap();
+        load(BASE, &["method=lora"]).unwrap();
+        let e = load(BASE, &["method=lora", "lora.targets=3"]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: [lora]: ") && e.contains("`targets` as a list of module names"), "{e}");
+        let e = load(BASE, &["method=lora", "lora.targets=\"(\""]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: [lora] lora.targets: ") && e.contains("regular expression"), "{e}");
+        let e = load(BASE, &["method=lora", "lora.r=0"]).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("lora.r"), "{e}");
+        let e = load(BASE, &["method=freeze", "freeze.layers=1"]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: [freeze]: ") && e.contains("layers"), "{e}");
     }
 
     #[test]
