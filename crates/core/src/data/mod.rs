@@ -176,7 +176,7 @@ pub struct TextRecord {
 /// other extension as plain text with one record per non-empty line. The first invalid record
 /// is an error naming file and line.
 pub fn read_text_records(path: &Path) -> Result<Vec<TextRecord>> {
-    let documents = pretrain::read_documents_of_file(path, TextMode::Line)?;
+    let documents = reader::read_documents_of_file(path, TextMode::Line)?;
     Ok(documents
         .into_iter()
         .map(|d| TextRecord { line: d.origin.array_item.unwrap_or(d.origin.line), text: d.text })

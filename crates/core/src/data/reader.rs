@@ -245,3 +245,12 @@ pub fn read_preference<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Re
 pub fn read_prompts<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<PromptRecord>> {
     read_all(paths, options)
 }
+
+/// The documents of one file, `.jsonl` / `.json` by their `text` field and any other extension
+/// as plain text; the first invalid record is an error.
+pub(crate) fn read_documents_of_file(path: &Path, text_mode: TextMode) -> Result<Vec<Document>> {
+    let layout = FileLayout::of(path).unwrap_or(FileLayout::Text);
+    let options = DataOptions { text_mode, ..DataOptions::default() };
+    let (documents, _) = read_file::<Document>(path, layout, &options, ReadMode::Load)?;
+    Ok(documents)
+}

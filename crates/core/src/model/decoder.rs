@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
-use crate::peft::lora::{LoraAdapter, LoraConfig};
+use crate::model::lora_layer::{LoraAdapter, LoraConfig};
 
 /// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
 /// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.

@@ -4,4 +4,5 @@ pub mod decoder;
 pub mod device;
 pub mod init;
 pub mod io;
+pub mod lora_layer;
 pub mod scalar;

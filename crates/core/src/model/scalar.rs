@@ -14,7 +14,7 @@ use crate::hf::checkpoint::{
 };
 use crate::hf::config::ModelConfig;
 use crate::model::decoder::{ForwardOptions, Linear, Trunk};
-use crate::peft::lora::LoraConfig;
+use crate::model::lora_layer::LoraConfig;
 
 /// HF name of the head's weight.
 pub const SCORE_WEIGHT: &str = "score.weight";
