@@ -119,16 +119,8 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     let spec = ModelSpec::at(&input.model, input.adapter.as_deref(), device, kind);
     let loaded = spec.causal_lm(AdapterMode::Attach)?;
     let (m, tok) = (&loaded.model, &loaded.tokenizer);
-    let files: Vec<String> = s
-        .table
-        .get("data")
-        .and_then(|d| d.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let train = s.table.get("train");
-    let int = |key: &str, default: i64| {
-        train.and_then(|t| t.get(key)).and_then(|v| v.as_integer()).unwrap_or(default).max(1) as usize
-    };
+    let files = eval_data_files(s);
+    let int = |key: &str, default: i64| eval_train_int(s, key, default);
     if s.eval.as_deref() == Some("answers") {
         let conversations = read_sft(&files, &DataOptions::default())?.records;
         let cases = conversations.iter().map(align_core::eval::answers::answer_case).collect::<Result<Vec<_>>>()?;
@@ -166,21 +158,28 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     )
 }
 
+/// The `data` files of an eval stage.
+fn eval_data_files(s: &StageSpec) -> Vec<String> {
+    s.table
+        .get("data")
+        .and_then(|d| d.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// An integer of an eval stage's `[train]` table (batch_size, max_length), at least 1.
+fn eval_train_int(s: &StageSpec, key: &str, default: i64) -> usize {
+    let train = s.table.get("train");
+    train.and_then(|t| t.get(key)).and_then(|v| v.as_integer()).unwrap_or(default).max(1) as usize
+}
+
 /// Pairwise accuracy of a reward model on preference pairs, overall and on length-matched pairs
 /// (answers within 10% in tokens), as `align eval reward` reports it.
 pub(crate) fn run_reward_eval(s: &StageSpec, input: &Produced, device: tch::Device, kind: tch::Kind) -> Result<Value> {
     use align_core::data::{LengthBudget, LengthPolicy};
     let (rm, tok) = ModelSpec::at(&input.model, input.adapter.as_deref(), device, kind).scalar_model()?;
-    let files: Vec<String> = s
-        .table
-        .get("data")
-        .and_then(|d| d.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let train = s.table.get("train");
-    let int = |key: &str, default: i64| {
-        train.and_then(|t| t.get(key)).and_then(|v| v.as_integer()).unwrap_or(default).max(1) as usize
-    };
+    let files = eval_data_files(s);
+    let int = |key: &str, default: i64| eval_train_int(s, key, default);
     let pairs = read_preference(&files, &DataOptions::default())?.records;
     let budget = LengthBudget::new(int("max_length", 1024), LengthPolicy::Truncate);
     let (encoded, counts) =
