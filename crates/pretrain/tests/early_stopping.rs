@@ -7,9 +7,10 @@ use align_core::train::config::LoadedConfig;
 use align_testkit::{same_bytes, sample_data, stage_config, tiny_model};
 
 fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
-    // a learning rate far too high: the eval loss first falls, then rises
+    // a learning rate far too high: the eval loss first falls, then stops falling (with patience 1
+    // one evaluation that is not better than the best stops the run)
     let text = format!(
-        "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 16\nbatch_size = 4\nlr = 0.3\nschedule = \"constant\"\nmax_length = 32\nsave_every = 0\nval_ratio = 0.1\neval_every = 1\n",
+        "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 40\nbatch_size = 4\nlr = 0.3\nschedule = \"constant\"\nmax_length = 32\nsave_every = 0\nval_ratio = 0.1\neval_every = 1\n",
         tiny_model("tiny-llama"),
         sample_data("pretrain/medical_corpus.txt"),
         out
@@ -21,7 +22,7 @@ fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
 fn early_stopping_keeps_the_best_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("early");
-    let s = align_pretrain::run(&config(&out, &["train.early_stopping_patience=2"]), false, None).unwrap();
+    let s = align_pretrain::run(&config(&out, &["train.early_stopping_patience=1"]), false, None).unwrap();
     assert!(s.completed, "{s:?}");
     assert!(s.stop_reason.starts_with("early stopping"), "{}", s.stop_reason);
     let best = s.best_step.expect("a best step");
