@@ -4,32 +4,22 @@
 use std::path::{Path, PathBuf};
 
 use align_core::train::config::LoadedConfig;
+use align_testkit::{metric_lines, sample_data, stage_config, tiny_model};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     let text = format!(
         "model = {:?}\ndata = [{:?}]\nval_data = [{:?}]\noutput_dir = {:?}\n[train]\nmax_steps = 6\nbatch_size = 4\nlr = 5e-3\nmax_length = 512\nsave_every = 2\nwarmup_ratio = 0.2\nweight_decay = 0.1\n[dpo]\nbeta = 0.1\n",
-        repo().join("tests/fixtures/models/tiny-qwen2"),
-        repo().join("data/preference/medical_pairs.jsonl"),
-        repo().join("data/preference/medical_pairs_eval.jsonl"),
+        tiny_model("tiny-qwen2"),
+        sample_data("preference/medical_pairs.jsonl"),
+        sample_data("preference/medical_pairs_eval.jsonl"),
         out
     );
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    LoadedConfig::from_table(table, Path::new("test.toml"), &extra, "dpo").unwrap()
+    stage_config(&text, "dpo", extra)
 }
 
 fn train_lines(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .collect()
+    metric_lines(out).into_iter().filter(|v| v.get("loss").is_some()).collect()
 }
 
 fn series(out: &Path, key: &str) -> Vec<f64> {
