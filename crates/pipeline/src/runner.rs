@@ -147,8 +147,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         };
         tracing::info!("stage {} ({}): running — {reason}", s.name, s.kind);
         let mut rec = StageRecord {
-            name: s.name.clone(),
-            kind: s.kind,
             status: StageStatus::Running,
             config_hash: plan.config_hash.clone(),
             input_hash: input_hash.clone(),

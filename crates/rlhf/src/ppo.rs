@@ -186,7 +186,6 @@ impl Ppo<'_> {
         state: &mut PpoState,
         policy_opt: &mut AdamW,
         value_opt: &mut AdamW,
-        lr: f64,
         value_lr: f64,
         samples: &mut Option<MetricsLog>,
     ) -> Result<IterationReport> {
@@ -256,7 +255,7 @@ impl Ppo<'_> {
             at.step,
             policy_opt,
             value_opt,
-            (lr, value_lr),
+            (at.lr, value_lr),
             n,
         )?;
         let optimisation_seconds = t.elapsed().as_secs_f64();
@@ -478,7 +477,6 @@ impl TrainStep for PpoStep<'_> {
             &mut self.state,
             &mut self.policy_opt,
             &mut self.value_opt,
-            at.lr,
             value_lr,
             &mut self.samples,
         )?;

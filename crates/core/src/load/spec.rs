@@ -19,6 +19,14 @@ use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
 use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
 use crate::text::tokenizer::ModelTokenizer;
 
+/// The adapter folder when it holds tokenizer files, else the model folder.
+fn tokenizer_dir_of(model: &Path, adapter: Option<&Path>) -> PathBuf {
+    match adapter {
+        Some(a) if a.join("tokenizer.json").is_file() => a.to_path_buf(),
+        _ => model.to_path_buf(),
+    }
+}
+
 /// What to load and where.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -107,10 +115,7 @@ impl ModelSpec {
     /// Where the tokenizer is read from: the adapter folder when it holds tokenizer files, else
     /// the model folder.
     pub fn tokenizer_dir(&self) -> Result<PathBuf> {
-        Ok(match self.adapter_dir()? {
-            Some(a) if a.join("tokenizer.json").is_file() => a,
-            _ => self.model_dir()?,
-        })
+        Ok(tokenizer_dir_of(&self.model_dir()?, self.adapter_dir()?.as_deref()))
     }
 
     pub fn tokenizer(&self) -> Result<ModelTokenizer> {
@@ -131,7 +136,7 @@ impl ModelSpec {
             }
             adapter = Some((a, lora));
         }
-        let tokenizer = self.tokenizer()?;
+        let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir_of(&dir, adapter.as_ref().map(|a| a.0.as_path())))?;
         Ok(LoadedCausalLm { model, tokenizer, adapter, device: self.device, kind: self.dtype })
     }
 

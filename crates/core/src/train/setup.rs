@@ -39,11 +39,8 @@ impl TrainingModel {
         let t = &c.train;
         let spec = training_spec(cfg)?;
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
+        // [lora] and [freeze] were parsed and checked when the config loaded
         let mode = if c.method == Method::Lora { AdapterMode::Attach } else { AdapterMode::Merge };
-        if c.method == Method::Lora {
-            let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
-            lora.validate().with_context(|| at("[lora]"))?;
-        }
         let LoadedCausalLm { model: mut loaded, tokenizer, adapter, device, kind } = spec.causal_lm(mode)?;
         match c.method {
             Method::Lora => {
@@ -152,29 +149,27 @@ impl TrainingScalarModel {
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
         let adapter = spec.adapter_dir()?;
         let loaded = &mut tm.loaded;
+        // [lora] and [freeze] were parsed and checked when the config loaded
         match c.method {
-            Method::Lora => {
-                let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
-                lora.validate().with_context(|| at("[lora]"))?;
-                match &adapter {
-                    Some(a) => {
-                        let folder = read_adapter_folder_config(a)?;
-                        if !folder.is_reward_model() {
-                            bail!(
+            Method::Lora => match &adapter {
+                Some(a) => {
+                    let folder = read_adapter_folder_config(a)?;
+                    if !folder.is_reward_model() {
+                        bail!(
                                 "{}: {} is not a reward-model adapter (task_type {}): a LoRA reward model continues only a SEQ_CLS adapter; merge a causal-LM adapter into the model first (align export)",
                                 at("key 'adapter'"),
                                 a.display(),
                                 folder.task_type.as_deref().unwrap_or("none")
                             );
-                        }
-                        load_adapter(&loaded.vs, &mut loaded.rm, a)?;
                     }
-                    None => {
-                        tch::manual_seed(c.train.seed as i64);
-                        attach_lora(&loaded.vs, &mut loaded.rm, &lora).with_context(|| at("[lora]"))?;
-                    }
+                    load_adapter(&loaded.vs, &mut loaded.rm, a)?;
                 }
-            }
+                None => {
+                    let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
+                    tch::manual_seed(c.train.seed as i64);
+                    attach_lora(&loaded.vs, &mut loaded.rm, &lora).with_context(|| at("[lora]"))?;
+                }
+            },
             Method::Full | Method::Freeze => {
                 if let Some(a) = &adapter {
                     load_adapter(&loaded.vs, &mut loaded.rm, a)?;
