@@ -14,5 +14,6 @@ if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==5.23.0" >&2
 fi
-cargo build --release --workspace
-cargo test --release --workspace --no-fail-fast "$@"
+# the kill/crash tests need align-core's test hooks (a build feature: never in the binary users run)
+cargo build --release --workspace --features align-cli/fault-injection
+cargo test --release --workspace --features align-cli/fault-injection --no-fail-fast "$@"

@@ -132,6 +132,7 @@ fn runs_skips_when_done_and_reruns_what_a_change_touches() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)")]
 fn killed_runner_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");

@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 
 use align_core::data::expand_data_paths;
 use align_core::text::chat::strftime;
-use align_core::train::config::{sha256_file, sha256_hex};
+use align_core::hf::folder::sha256_file;
+use align_core::train::config::sha256_hex;
 use align_runs::files::STAGE_RECORD;
 use align_runs::{StageRecord, StageStatus};
 

@@ -67,7 +67,7 @@ pub(crate) fn run_tokenizer_stage(p: &Pipeline, s: &StageSpec) -> Result<Value> 
     };
     let out = p.stage_dir(s).join("final");
     let mut trained = None;
-    align_core::hf::checkpoint::write_folder(&out, |tmp| {
+    align_core::hf::folder::write_folder(&out, |tmp| {
         trained = Some(train_bpe_tokenizer(&spec, tmp)?);
         Ok(())
     })?;
@@ -89,7 +89,7 @@ pub(crate) fn run_init_stage(p: &Pipeline, s: &StageSpec, plan: &StagePlan) -> R
     let tok = plan.tokenizer_dir.as_ref().ok_or_else(|| anyhow!("stage '{}': no tokenizer", s.name))?;
     let out = p.stage_dir(s).join("final");
     let mut made = None;
-    align_core::hf::checkpoint::write_folder(&out, |tmp| {
+    align_core::hf::folder::write_folder(&out, |tmp| {
         made = Some(align_core::model::init::init_model(desc, tok, tmp, None)?);
         Ok(())
     })?;

@@ -69,7 +69,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let params = tm.trainable_params();
     let mut objective = NextTokenObjective { lm: &tm.loaded.lm, data, pad_id: tm.tokenizer.padding_id() };
-    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, config_hash: &cfg.hash, restart, stop_after };
+    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
     train_supervised(run, &mut objective, &tm, params)
 }
 

@@ -29,8 +29,15 @@ pub mod files {
     pub const BEST: &str = "best";
     /// `checkpoint-STEP` folders.
     pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
-    /// What a training run owns in its output folder (removed by `--restart`), besides checkpoints.
+    /// What a training run may own in its output folder besides checkpoints (`--restart` removes
+    /// those of them that [`OUTPUT_LEDGER`] lists).
     pub const RUN_OUTPUTS: &[&str] = &[METRICS, SUMMARY, SAMPLES, FINAL, BEST];
+    /// The training run's record of every entry it wrote into its output folder: `--restart`
+    /// removes only what it lists, and an entry named like ours that it does not list is refused.
+    pub const OUTPUT_LEDGER: &str = ".align-outputs.json";
+    /// The advisory lock (flock) of a folder one `align` process writes: an output folder or a
+    /// pipeline run folder. It holds the writer's PID.
+    pub const LOCK: &str = ".align.lock";
 }
 
 /// Metric names shared by every stage (a stage adds its own, with TRL's names where TRL has one).

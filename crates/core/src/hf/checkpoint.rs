@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::hf::config::ModelConfig;
+use crate::hf::folder::write_folder;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -419,32 +420,6 @@ pub fn write_pretrained(vs: &VarStore, config: &ModelConfig, dir: &Path, opts: &
     write_config(config, dir, stored, config.model_type.causal_lm_architecture())?;
     if let Some(from) = opts.companions_from {
         copy_companions(from, dir)?;
-    }
-    Ok(())
-}
-
-/// Runs `fill` on a fresh temporary folder next to `out`, then renames it to `out` (replacing an
-/// existing folder). A crash leaves `out` either absent, old, or complete.
-pub fn write_folder(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let name = out.file_name().ok_or_else(|| anyhow!("{}: not a folder path", out.display()))?.to_string_lossy();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("{}: cannot move aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
-        std::fs::remove_dir_all(&old)?;
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
     }
     Ok(())
 }

@@ -8,8 +8,9 @@ use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{
-    causal_lm_tensors, copy_companions, save_tensors, write_config, write_folder, DEFAULT_MAX_SHARD_BYTES,
+    causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES,
 };
+use crate::hf::folder::write_folder;
 use crate::load::spec::{AdapterMode, ModelSpec};
 use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};

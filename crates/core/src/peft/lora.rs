@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::hf::checkpoint::{
-    copy_companions, for_each_tensor, resolve_model_dir, save_tensors, write_folder, SINGLE_FILE,
+    copy_companions, for_each_tensor, resolve_model_dir, save_tensors, SINGLE_FILE,
 };
+use crate::hf::folder::write_folder;
 use crate::model::decoder::Trunk;
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";

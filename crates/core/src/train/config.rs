@@ -198,6 +198,77 @@ pub struct LoadedConfig {
     pub origin: PathBuf,
     /// SHA-256 of the resolved config (both parts), stable across key order.
     pub hash: String,
+    /// The resolved config (both parts) as JSON: what [`RunFingerprint`] records.
+    pub resolved: serde_json::Value,
+}
+
+/// What a training run trains on, recorded in every checkpoint: resuming with any of it changed
+/// is refused, naming what changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RunFingerprint {
+    pub config_hash: String,
+    /// The resolved config, so that a refusal can name the keys that changed.
+    pub config: serde_json::Value,
+    /// SHA-256 of every training and validation file, by path (data options and the seed, which
+    /// shape the order, are part of the config).
+    pub data: std::collections::BTreeMap<String, String>,
+}
+
+impl RunFingerprint {
+    /// What differs from `saved` (the fingerprint of the run being resumed), one line each:
+    /// `train.lr: 0.001 → 0.002`, `data file a.jsonl: contents changed`. Empty when the same.
+    pub fn changes_since(&self, saved: &RunFingerprint) -> Vec<String> {
+        let mut out = Vec::new();
+        if saved.config_hash != self.config_hash {
+            if saved.config.is_null() {
+                out.push(format!("config hash {} → {}", short(&saved.config_hash), short(&self.config_hash)));
+            } else {
+                json_changes("", &saved.config, &self.config, &mut out);
+                if out.is_empty() {
+                    out.push(format!("config hash {} → {}", short(&saved.config_hash), short(&self.config_hash)));
+                }
+            }
+        }
+        for (path, hash) in &saved.data {
+            match self.data.get(path) {
+                None => out.push(format!("data file {path}: no longer part of the data")),
+                Some(h) if h != hash => out.push(format!("data file {path}: contents changed")),
+                _ => {}
+            }
+        }
+        for path in self.data.keys().filter(|p| !saved.data.contains_key(*p)) {
+            out.push(format!("data file {path}: new"));
+        }
+        out
+    }
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// Leaf-level differences between two JSON values, as `a.b: old → new`.
+fn json_changes(at: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let key = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => json_changes(&key, x, y, out),
+                    (Some(x), None) => out.push(format!("{key}: {x} → (unset)")),
+                    (None, Some(y)) => out.push(format!("{key}: (unset) → {y}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("{at}: {a} → {b}")),
+        _ => {}
+    }
 }
 
 /// Parses `--set a.b=VALUE` into a key path and a TOML value (a bare word is a string).
@@ -231,22 +302,6 @@ pub fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) ->
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 hex digest of a file's bytes, read in 1 MiB chunks.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// JSON text of a value with object keys sorted, so equal configs hash equally.
@@ -297,6 +352,7 @@ impl LoadedConfig {
             stage_name: stage.to_string(),
             origin: origin.to_path_buf(),
             hash: String::new(),
+            resolved: serde_json::Value::Null,
         };
         loaded_sections.check_method_sections()?;
         let mut whole = serde_json::to_value(&table)?;
@@ -308,6 +364,7 @@ impl LoadedConfig {
             stage_name: stage.to_string(),
             origin: origin.to_path_buf(),
             hash,
+            resolved: whole,
         })
     }
 
@@ -334,6 +391,18 @@ impl LoadedConfig {
             Method::Freeze => self.section::<crate::peft::lora::FreezeConfig>("freeze", c.freeze.as_ref()).map(|_| ()),
             Method::Full => Ok(()),
         }
+    }
+
+    /// The run's fingerprint: the config and the SHA-256 of every data file it names.
+    pub fn fingerprint(&self) -> Result<RunFingerprint> {
+        let c = &self.config;
+        let mut data = std::collections::BTreeMap::new();
+        for patterns in [&c.data, &c.val_data].into_iter().filter(|p| !p.is_empty()) {
+            for file in crate::data::expand_data_paths(patterns)? {
+                data.insert(file.display().to_string(), crate::hf::folder::sha256_file(&file)?);
+            }
+        }
+        Ok(RunFingerprint { config_hash: self.hash.clone(), config: self.resolved.clone(), data })
     }
 
     /// Deserialises the stage section into the stage's own struct, naming the section on error.

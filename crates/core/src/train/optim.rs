@@ -212,10 +212,12 @@ impl AdamW {
 
     /// True when every parameter (and master copy) is finite.
     pub fn all_finite(&self) -> Result<bool> {
+        // an f16/bf16 parameter can overflow to inf while its f32 master is finite: check both
         for p in &self.params {
-            let t = p.master.as_ref().unwrap_or(&p.param);
-            if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
-                return Ok(false);
+            for t in std::iter::once(&p.param).chain(p.master.as_ref()) {
+                if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
@@ -275,5 +277,17 @@ mod tests {
         opt2.load_state(&state, 3).unwrap();
         assert!(opt2.state_tensors()["master.w"].equal(&state["master.w"]));
         assert!(opt.all_finite().unwrap());
+    }
+
+    #[test]
+    fn an_f16_parameter_at_inf_is_not_finite_even_with_a_finite_master() {
+        let w = Tensor::ones([2, 2], (Kind::Half, Device::Cpu)).set_requires_grad(true);
+        let opt = AdamW::new(vec![("w".into(), w.shallow_clone())], AdamWConfig::default()).unwrap();
+        assert!(opt.all_finite().unwrap());
+        tch::no_grad(|| {
+            let _ = w.shallow_clone().fill_(f64::INFINITY);
+        });
+        assert!(opt.state_tensors()["master.w"].isfinite().all().int64_value(&[]) == 1, "the master stays finite");
+        assert!(!opt.all_finite().unwrap(), "the f16 parameter itself is inf");
     }
 }

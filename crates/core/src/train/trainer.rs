@@ -17,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
-use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, RUN_OUTPUTS, TRAIN_STATE};
+use align_runs::files::{BEST, CHECKPOINT_PREFIX, FINAL, LOCK, OUTPUT_LEDGER, RUN_OUTPUTS, TRAIN_STATE};
 pub use align_runs::files::{COMPLETE_MARKER, METRICS, SAMPLES, SUMMARY};
 use align_runs::metrics;
 pub use align_runs::TrainSummary;
 
-use crate::hf::checkpoint::{save_tensors, write_folder};
-use crate::train::config::TrainSection;
+use crate::hf::checkpoint::save_tensors;
+use crate::hf::folder::{folder_manifest, verify_manifest, write_file_atomic, write_folder, FolderLock, Manifest};
+use crate::train::config::{RunFingerprint, TrainSection};
 use crate::train::optim::{learning_rate, AdamW};
 
 /// Which part of the data a batch comes from.
@@ -146,7 +147,11 @@ pub trait TrainStep {
 pub struct TrainRun<'a> {
     pub settings: &'a TrainSection,
     pub output_dir: &'a Path,
-    pub config_hash: &'a str,
+    /// The config and data this run trains on ([`LoadedConfig::fingerprint`]); a checkpoint of
+    /// a different one is not resumed.
+    ///
+    /// [`LoadedConfig::fingerprint`]: crate::train::config::LoadedConfig::fingerprint
+    pub fingerprint: &'a RunFingerprint,
     /// Start over instead of resuming from the newest checkpoint.
     pub restart: bool,
     /// Stop (as if interrupted) once this step is reached; for tests and `--stop-after`.
@@ -166,7 +171,9 @@ pub struct LoopState {
     pub evals_without_improvement: u64,
     pub nonfinite_in_row: u64,
     pub nonfinite_total: u64,
-    pub config_hash: String,
+    /// The config hash, the resolved config and the data files' hashes of the run.
+    #[serde(flatten)]
+    pub fingerprint: RunFingerprint,
     pub elapsed_seconds: f64,
     /// Updates each optimizer applied (Adam's bias-correction counts).
     pub optimizer_steps: BTreeMap<String, u64>,
@@ -252,7 +259,7 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !out.is_empty() {
         out.push('\n');
     }
-    std::fs::write(path, out).with_context(|| format!("{}: cannot rewrite", path.display()))
+    write_file_atomic(path, out.as_bytes())
 }
 
 /// `metrics.jsonl`, one JSON object per line, flushed after every line.
@@ -276,52 +283,185 @@ impl MetricsLog {
     }
 }
 
-/// Creates `out`; with `restart` removes its checkpoints and what the run wrote (metrics,
-/// summary, samples, `final/`, `best/`); and removes folders a crash left half-written (a
-/// checkpoint is only complete under its own name).
-pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let half_written = name.starts_with(&format!(".{CHECKPOINT_PREFIX}"))
-            || name.starts_with(&format!(".{FINAL}."))
-            || name.starts_with(&format!(".{BEST}."));
-        let previous_run = restart && (name.starts_with(CHECKPOINT_PREFIX) || RUN_OUTPUTS.contains(&name.as_str()));
-        if half_written || previous_run {
-            let path = entry.path();
-            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
-                .with_context(|| format!("{}: cannot remove", path.display()))?;
-        }
-    }
-    Ok(())
+/// The training run's record of the entries it wrote into its output folder
+/// ([`OUTPUT_LEDGER`]): `--restart` removes only what it lists.
+pub struct OutputLedger {
+    path: PathBuf,
+    written: std::collections::BTreeSet<String>,
 }
 
-/// Test hook: `ALIGN_TEST_STEP_DELAY_MS` slows every step (or PPO iteration) down so a test can
-/// kill the process mid-run.
-fn test_step_delay() {
-    if let Some(ms) = std::env::var("ALIGN_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+impl OutputLedger {
+    fn load(out: &Path) -> Result<Self> {
+        let path = out.join(OUTPUT_LEDGER);
+        let written = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow!("{}:{}: {e} (the run's record of its files)", path.display(), e.line()))?;
+                v.get("written")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| anyhow!("{}: field 'written': expected a list of names", path.display()))?
+                    .iter()
+                    .map(|n| n.as_str().map(str::to_string).ok_or_else(|| anyhow!("{}: field 'written': expected names", path.display())))
+                    .collect::<Result<_>>()?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(anyhow!("{}: cannot read: {e}", path.display())),
+        };
+        Ok(OutputLedger { path, written })
     }
+
+    fn save(&self) -> Result<()> {
+        write_file_atomic(&self.path, (serde_json::to_string_pretty(&json!({"written": self.written}))? + "\n").as_bytes())
+    }
+
+    /// Records `name` before it is written, so that a crash never leaves an entry it does not list.
+    pub fn add(&mut self, name: &str) -> Result<()> {
+        if self.written.insert(name.to_string()) {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) -> Result<()> {
+        if self.written.remove(name) {
+            self.save()?;
+        }
+        Ok(())
+    }
+}
+
+/// True for names a training run gives what it writes: checkpoints and [`RUN_OUTPUTS`].
+fn named_like_ours(name: &str) -> bool {
+    name.starts_with(CHECKPOINT_PREFIX) || RUN_OUTPUTS.contains(&name)
+}
+
+/// A temporary or set-aside entry a crash left behind (`.checkpoint-4.tmp-123`, `.final.old-9`,
+/// `.metrics.jsonl.tmp-7`) of an entry named like ours.
+fn half_written(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else { return false };
+    [".tmp-", ".old-"].iter().any(|mark| {
+        rest.rfind(mark).is_some_and(|at| {
+            let base = &rest[..at];
+            named_like_ours(base) || base == OUTPUT_LEDGER.trim_start_matches('.')
+        })
+    })
+}
+
+/// Creates `out` and removes what a crash left half-written; with `restart` removes the entries
+/// the run's ledger lists (checkpoints, metrics, summary, samples, `final/`, `best/`) and nothing
+/// else. An entry named like a run's output that the ledger does not list was not written by this
+/// run: it is refused, never resumed from or deleted.
+pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<OutputLedger> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut ledger = OutputLedger::load(out)?;
+    let mut foreign = Vec::new();
+    for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
+        if half_written(&name) {
+            if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }
+                .with_context(|| format!("{}: cannot remove", path.display()))?;
+        } else if named_like_ours(&name) && !ledger.written.contains(&name) {
+            foreign.push(name);
+        }
+    }
+    foreign.sort();
+    if let Some(first) = foreign.first() {
+        bail!(
+            "{}: holds '{first}'{}, which this folder's run record ({OUTPUT_LEDGER}) does not list: it was not written by a run here (or by an older align) and is neither resumed from nor deleted — move it away, or choose another output_dir",
+            out.display(),
+            if foreign.len() > 1 { format!(" and {} more", foreign.len() - 1) } else { String::new() }
+        );
+    }
+    if restart {
+        for name in ledger.written.clone() {
+            let path = out.join(&name);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
+            } else if path.exists() {
+                std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
+            }
+            ledger.remove(&name)?;
+        }
+    }
+    Ok(ledger)
+}
+
+/// Test hooks, compiled only with the `fault-injection` feature (never into the release binary
+/// users run): `ALIGN_TEST_STEP_DELAY_MS` slows every step (or PPO iteration) down so a test can
+/// kill the process mid-run; `ALIGN_TEST_CRASH_IN_SAVE=STEP` aborts while checkpoint STEP is
+/// half-written, as a SIGKILL would.
+#[cfg(feature = "fault-injection")]
+mod fault_injection {
+    pub fn step_delay() {
+        if let Some(ms) = std::env::var("ALIGN_TEST_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+
+    pub fn crash_in_save(step: u64) {
+        if std::env::var("ALIGN_TEST_CRASH_IN_SAVE").ok().and_then(|v| v.parse::<u64>().ok()) == Some(step) {
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+mod fault_injection {
+    pub fn step_delay() {}
+    pub fn crash_in_save(_step: u64) {}
+}
+
+/// What a checkpoint's COMPLETE marker holds: its step and the size and SHA-256 of every file.
+#[derive(Debug, Serialize, Deserialize)]
+struct CompleteMarker {
+    step: u64,
+    files: Manifest,
+}
+
+/// Checks a checkpoint's files against its COMPLETE marker (a marker of an older align holds only
+/// the step, and is taken as is).
+fn verify_checkpoint(dir: &Path, step: u64) -> Result<()> {
+    let path = dir.join(COMPLETE_MARKER);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if text.trim().parse::<u64>().is_ok() {
+        return Ok(());
+    }
+    let marker: CompleteMarker =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+    if marker.step != step {
+        bail!("{}: records step {}, but the folder is named for step {step}", path.display(), marker.step);
+    }
+    verify_manifest(dir, &marker.files)
 }
 
 /// Writes `OUTPUT/checkpoint-STEP` through a temporary folder: `fill` writes the model(s) and
-/// `train_state/`, then the COMPLETE marker goes in and the folder is renamed into place; only
-/// the newest `keep` complete checkpoints are kept (0 = all).
-fn write_checkpoint(out: &Path, step: u64, keep: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = out.join(format!("{CHECKPOINT_PREFIX}{step}"));
-    write_folder(&dir, |tmp| {
+/// `train_state/`, then the COMPLETE marker (the size and SHA-256 of every file) goes in, all of it
+/// is fsync'd and the folder renamed into place; only then are all but the newest `keep` complete
+/// checkpoints removed (0 = keep all).
+fn write_checkpoint(
+    out: &Path,
+    ledger: &mut OutputLedger,
+    step: u64,
+    keep: usize,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let name = format!("{CHECKPOINT_PREFIX}{step}");
+    ledger.add(&name)?;
+    write_folder(&out.join(&name), |tmp| {
         fill(tmp)?;
-        if std::env::var("ALIGN_TEST_CRASH_IN_SAVE").ok().and_then(|v| v.parse::<u64>().ok()) == Some(step) {
-            // test hook: die in the middle of writing a checkpoint, as a SIGKILL would
-            std::process::abort();
-        }
-        std::fs::write(tmp.join(COMPLETE_MARKER), format!("{step}\n"))?;
+        fault_injection::crash_in_save(step);
+        let marker = CompleteMarker { step, files: folder_manifest(tmp, COMPLETE_MARKER)? };
+        std::fs::write(tmp.join(COMPLETE_MARKER), serde_json::to_string_pretty(&marker)? + "\n")?;
         Ok(())
     })?;
     if keep > 0 {
         let all = complete_checkpoints(out);
         for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
             std::fs::remove_dir_all(old).with_context(|| format!("{}: cannot remove", old.display()))?;
+            if let Some(n) = old.file_name() {
+                ledger.remove(&n.to_string_lossy())?;
+            }
         }
     }
     Ok(())
@@ -373,12 +513,82 @@ pub fn planned_steps(s: &TrainSection, examples: usize, per_step: usize) -> u64 
     ((s.epochs * examples as f64) / per_step.max(1) as f64).ceil().max(1.0) as u64
 }
 
-/// Runs (or resumes) training to the end; returns the summary.
+/// Reads a checkpoint for resuming: its files checked against the COMPLETE marker, its
+/// `state.json` parsed and checked.
+fn read_checkpoint(dir: &Path, step: u64) -> Result<LoopState> {
+    verify_checkpoint(dir, step)?;
+    let saved: LoopState = read_state(dir)?;
+    if saved.step != step {
+        bail!("{}: train_state/state.json: step {} in a folder named for step {step}", dir.display(), saved.step);
+    }
+    Ok(saved)
+}
+
+/// Loads a checkpoint's weights, optimizer states and the step's own state into the live run.
+fn restore_checkpoint(step: &mut dyn TrainStep, dir: &Path, saved: &LoopState) -> Result<()> {
+    step.restore(dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
+    for (name, opt) in step.optimizers_mut() {
+        let n = saved
+            .optimizer_steps
+            .get(name)
+            .copied()
+            .ok_or_else(|| anyhow!("{}: train_state/state.json: optimizer_steps lacks '{name}'", dir.display()))?;
+        read_optimizer_state(dir, name, opt, n)?;
+    }
+    step.load_state(&saved.stage).with_context(|| format!("{}: train_state/state.json: field 'stage'", dir.display()))
+}
+
+/// Resumes from the newest checkpoint that loads: one whose files do not match what was written,
+/// whose state does not parse or whose weights or optimizer state do not load is skipped with a
+/// warning naming the file, for the next older one. A checkpoint of a different config or data
+/// is an error (the run would silently continue something else). Returns the state resumed.
+fn resume(out: &Path, run: &TrainRun, step: &mut dyn TrainStep) -> Result<Option<LoopState>> {
+    let mut broken = Vec::new();
+    for (at, dir) in complete_checkpoints(out).into_iter().rev() {
+        let saved = match read_checkpoint(&dir, at) {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!("{e:#}: this checkpoint is broken; trying the next older one");
+                broken.push(format!("{e:#}"));
+                continue;
+            }
+        };
+        let changes = run.fingerprint.changes_since(&saved.fingerprint);
+        if !changes.is_empty() {
+            bail!(
+                "{}: cannot resume: the config or data changed since this run started ({}); restore them, or start over with --restart",
+                dir.display(),
+                changes.join("; ")
+            );
+        }
+        if let Err(e) = restore_checkpoint(step, &dir, &saved) {
+            tracing::warn!("{e:#}: this checkpoint does not load; trying the next older one");
+            broken.push(format!("{e:#}"));
+            continue;
+        }
+        if !broken.is_empty() {
+            tracing::warn!("resumed from {} after {} broken newer checkpoint(s)", dir.display(), broken.len());
+        }
+        return Ok(Some(saved));
+    }
+    if !broken.is_empty() {
+        bail!(
+            "{}: no checkpoint could be loaded ({}); start over with --restart",
+            out.display(),
+            broken.join("; ")
+        );
+    }
+    Ok(None)
+}
+
+/// Runs (or resumes) training to the end; returns the summary. One process at a time writes an
+/// output folder (a second one fails at once, naming the first one's PID).
 pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let s = run.settings;
     let out = run.output_dir;
     let unit = step.unit();
-    prepare_output_dir(out, run.restart)?;
+    let _lock = FolderLock::acquire(out, LOCK)?;
+    let mut ledger = prepare_output_dir(out, run.restart)?;
     let n_train = step.examples();
     if n_train == 0 {
         bail!("no training examples");
@@ -386,31 +596,20 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let per_step = step.examples_per_step();
     let total = planned_steps(s, n_train, per_step);
     let warmup = (s.warmup_ratio * total as f64).round() as u64;
-    let mut state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..Default::default() };
+    let mut state = LoopState { total_steps: total, fingerprint: run.fingerprint.clone(), ..Default::default() };
+    for name in RUN_OUTPUTS {
+        ledger.add(name)?;
+    }
 
-    if let Some((at, dir)) = complete_checkpoints(out).pop() {
-        let saved: LoopState = read_state(&dir)?;
-        if saved.config_hash != run.config_hash {
-            tracing::warn!(
-                "{}: resuming a run whose config has changed since (use --restart to start over)",
-                dir.display()
-            );
-        }
-        step.restore(&dir).with_context(|| format!("{}: cannot restore the model", dir.display()))?;
-        for (name, opt) in step.optimizers_mut() {
-            let n =
-                saved.optimizer_steps.get(name).copied().ok_or_else(|| {
-                    anyhow!("{}: train_state/state.json: optimizer_steps lacks '{name}'", dir.display())
-                })?;
-            read_optimizer_state(&dir, name, opt, n)?;
-        }
-        step.load_state(&saved.stage)
-            .with_context(|| format!("{}: train_state/state.json: field 'stage'", dir.display()))?;
-        state = LoopState { total_steps: total, config_hash: run.config_hash.to_string(), ..saved };
+    let mut saved_at = None;
+    if let Some(saved) = resume(out, &run, step)? {
+        let at = saved.step;
+        state = LoopState { total_steps: total, fingerprint: run.fingerprint.clone(), ..saved };
         for log in [METRICS, SAMPLES] {
             truncate_metrics(&out.join(log), at)?;
         }
-        tracing::info!("resuming from {} ({unit} {at} of {total})", dir.display());
+        saved_at = Some(at);
+        tracing::info!("resuming from {} ({unit} {at} of {total})", out.join(format!("{CHECKPOINT_PREFIX}{at}")).display());
     } else {
         for log in [METRICS, SAMPLES] {
             truncate_metrics(&out.join(log), 0)?;
@@ -425,7 +624,6 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let mut last_eval = None;
     let mut stop_reason = String::from("completed");
     let mut stop_request: Option<StopRequest> = None;
-    let mut saved_at = complete_checkpoints(out).last().map(|c| c.0);
     let evaluates = step.has_validation() && s.eval_every > 0;
     let keeps_best = step.has_validation() && s.early_stopping_patience > 0;
     let mut early_stopped = false;
@@ -436,7 +634,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             break;
         }
         let step_started = Instant::now();
-        test_step_delay();
+        fault_injection::step_delay();
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
         tch::manual_seed((s.seed as i64).wrapping_add(state.step as i64));
         let at = StepContext { step: state.step, total_steps: total, lr, examples_consumed: state.examples_consumed };
@@ -494,7 +692,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             let e = step.evaluate()?;
             last_eval = Some(e.0);
             write_eval(&mut metrics, state.step, &e)?;
-            if state.best_eval_loss.is_none_or(|b| e.0 < b) {
+            if improves(e.0, state.best_eval_loss) {
                 state.best_eval_loss = Some(e.0);
                 state.best_step = Some(state.step);
                 state.evals_without_improvement = 0;
@@ -502,6 +700,9 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
                     write_folder(&out.join(BEST), |tmp| step.save(tmp))?;
                 }
             } else {
+                if !e.0.is_finite() {
+                    tracing::warn!("{unit} {}: eval loss {} is not finite; counted as no improvement", state.step, e.0);
+                }
                 state.evals_without_improvement += 1;
             }
         }
@@ -509,7 +710,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total || early_stopped;
         if save_now {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &mut state, step, s.save_total_limit)?;
+            save_checkpoint(out, &mut ledger, &mut state, step, s.save_total_limit)?;
             saved_at = Some(state.step);
         }
         if early_stopped {
@@ -535,7 +736,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         }
         if saved_at != Some(state.step) {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &mut state, step, s.save_total_limit)?;
+            save_checkpoint(out, &mut ledger, &mut state, step, s.save_total_limit)?;
         }
         let dir = out.join(FINAL);
         write_folder(&dir, |tmp| step.save(tmp))?;
@@ -557,7 +758,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
         final_dir,
     };
-    std::fs::write(out.join(SUMMARY), serde_json::to_string_pretty(&summary)? + "\n")?;
+    write_file_atomic(&out.join(SUMMARY), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     if let Some(stop) = stop_request.filter(|s| s.fail) {
         bail!("stopped after {unit} {}: {} (the last checkpoint is kept)", state.step, stop.reason);
     }
@@ -582,7 +783,19 @@ fn write_eval(metrics: &mut MetricsLog, step: u64, e: &Evaluation) -> Result<()>
     metrics.write(&line)
 }
 
-fn save_checkpoint(out: &Path, state: &mut LoopState, step: &dyn TrainStep, keep: usize) -> Result<()> {
+/// True when an evaluation's loss is a new best: finite, and below the best so far (a NaN or
+/// infinite loss is never a best, so it cannot disable early stopping).
+pub fn improves(loss: f64, best: Option<f64>) -> bool {
+    loss.is_finite() && best.is_none_or(|b| loss < b)
+}
+
+fn save_checkpoint(
+    out: &Path,
+    ledger: &mut OutputLedger,
+    state: &mut LoopState,
+    step: &dyn TrainStep,
+    keep: usize,
+) -> Result<()> {
     for (name, opt) in step.optimizers() {
         if !opt.all_finite()? {
             bail!("step {}: the weights of '{name}' are not finite; refusing to save a checkpoint", state.step);
@@ -590,7 +803,7 @@ fn save_checkpoint(out: &Path, state: &mut LoopState, step: &dyn TrainStep, keep
     }
     state.optimizer_steps = step.optimizers().into_iter().map(|(n, o)| (n.to_string(), o.steps)).collect();
     state.stage = step.state()?;
-    write_checkpoint(out, state.step, keep, |tmp| {
+    write_checkpoint(out, ledger, state.step, keep, |tmp| {
         step.save(tmp)?;
         write_train_state(tmp, &step.optimizers(), state)
     })
