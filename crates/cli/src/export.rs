@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
+use align_core::hf::folder::check_replaceable;
 use align_core::load::merge::{adapter_base_dir, merge_adapter, MergeOptions};
 use align_core::load::spec::ModelSpec;
 use align_core::model::device::parse_dtype;
@@ -21,9 +22,13 @@ pub struct ExportArgs {
     /// and threads. The merge runs in f32.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output folder for the merged model (replaced if it exists).
+    /// Output folder for the merged model: new, empty, or a model folder (replaced); never an
+    /// input or a folder holding one.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` even when it holds files other than a model folder's (never an input).
+    #[arg(long)]
+    pub force: bool,
     /// Largest allowed |merged − (base + adapter)| probe logit difference (both in f32), relative
     /// to max(1, |logit|). An f16/bf16 export must then reproduce the merged weights rounded to
     /// that dtype exactly; the remaining (rounding) difference is printed.
@@ -47,6 +52,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     spec.apply_runtime();
     let device = spec.device;
     let base_dir = spec.model_dir()?;
+    check_replaceable(&args.out, &[&base_dir, &adapter], args.force, "--out")?;
     if let Some(t) = args.tolerance {
         if !(t >= 0.0) {
             bail!("--tolerance: expected a number ≥ 0, found {t}");

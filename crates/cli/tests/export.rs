@@ -130,7 +130,17 @@ fn bad_adapters_and_outputs_fail_with_one_line() {
     ]);
     assert!(e.contains("no such adapter folder"), "{e}");
     let e = fails(&["export", "--model", s(&llama), "--adapter", s(&adapter), "--out", s(&llama), "--device", "cpu"]);
-    assert!(e.contains("would overwrite"), "{e}");
+    assert!(e.contains("is an input"), "{e}");
+    // never delete what we did not write: a folder holding an input, or a user's file
+    let parent = llama.parent().unwrap();
+    let e = fails(&["export", "--model", s(&llama), "--adapter", s(&adapter), "--out", s(parent), "--device", "cpu"]);
+    assert!(e.contains("holds the input") && e.lines().count() == 1, "{e}");
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "my notes").unwrap();
+    let e = fails(&["export", "--model", s(&llama), "--adapter", s(&adapter), "--out", s(&mine), "--device", "cpu"]);
+    assert!(e.contains("'notes.txt'") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(mine.join("notes.txt")).unwrap(), "my notes", "the user's file survives");
     // a model folder is not an adapter folder
     let e = fails(&["export", "--model", s(&llama), "--adapter", s(&llama), "--out", s(&out), "--device", "cpu"]);
     assert!(e.contains("adapter_config.json"), "{e}");

@@ -68,11 +68,8 @@ pub(crate) fn read_record(path: &Path) -> Option<StageRecord> {
 }
 
 pub(crate) fn write_record(dir: &Path, rec: &StageRecord) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(".stage.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(rec)? + "\n")?;
-    std::fs::rename(&tmp, dir.join(STAGE_RECORD))?;
-    Ok(())
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    align_core::hf::folder::write_file_atomic(&dir.join(STAGE_RECORD), (serde_json::to_string_pretty(rec)? + "\n").as_bytes())
 }
 
 /// Content hashes of the stage's `data` files.

@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
+use align_core::hf::folder::{write_file_atomic, FolderLock};
 use align_core::train::config::{canonical_json, set_path, sha256_hex, LoadedConfig};
-use align_runs::files::{PIPELINE_RECORD, STAGE_RECORD};
+use align_runs::files::{LOCK, PIPELINE_RECORD, STAGE_RECORD};
 use align_runs::{StageKind, StageRecord, StageStatus};
 
 use crate::lineage::*;
@@ -42,17 +43,19 @@ pub(crate) struct Produced {
 
 /// Runs the pipeline; returns each stage's outcome in order.
 pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)>> {
-    std::fs::create_dir_all(&p.run_dir).with_context(|| format!("{}: cannot create", p.run_dir.display()))?;
+    // one runner per run folder: a second `align run` on it fails at once, naming the first one
+    let _lock = FolderLock::acquire(&p.run_dir, LOCK)?;
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
     for sel in opts.from.iter().chain(opts.only.iter()) {
         if !names.contains(&sel.as_str()) {
             bail!("no stage named '{sel}' (stages: {})", names.join(", "));
         }
     }
-    std::fs::write(
-        p.run_dir.join(PIPELINE_RECORD),
-        serde_json::to_string_pretty(&json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}))?
-            + "\n",
+    write_file_atomic(
+        &p.run_dir.join(PIPELINE_RECORD),
+        (serde_json::to_string_pretty(&json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}))?
+            + "\n")
+            .as_bytes(),
     )?;
     // the starting model: a given folder, one `align init` makes from a description, or none
     // (then every training stage starts from an earlier stage, e.g. an init stage)
@@ -124,9 +127,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         };
         let input_hash = sha256_hex(canonical_json(&json!({"config": plan.config_hash, "inputs": plan.inputs, "data": plan.data, "tokenizer": plan.tokenizer_hash, "kind": s.kind, "eval": s.eval})).as_bytes());
 
-        let up_to_date = !opts.restart
-            && previous.as_ref().is_some_and(|r| r.status == StageStatus::Done && r.input_hash == input_hash);
-        if up_to_date {
+        let done_with_same_inputs =
+            !opts.restart && previous.as_ref().is_some_and(|r| r.status == StageStatus::Done && r.input_hash == input_hash);
+        // a done stage whose output was deleted or changed since is run again (resuming: its
+        // checkpoints, if kept, make that quick)
+        let damaged = if done_with_same_inputs { previous.as_ref().and_then(|r| damaged_output(p, s, r)) } else { None };
+        if done_with_same_inputs && damaged.is_none() {
             let prev = previous.clone().unwrap_or_else(|| StageRecord::new(&s.name, s.kind));
             if let Some(out) = stage_output(p, s, plan.input.as_ref(), &prev) {
                 note_tokenizer(p, s, &out, &mut pipeline_tokenizer)?;
@@ -138,8 +144,10 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         }
         // an interrupted run of the same inputs resumes; anything else starts over
         let resume = !opts.restart
-            && previous.as_ref().is_some_and(|r| r.input_hash == input_hash && r.status != StageStatus::Done);
+            && previous.as_ref().is_some_and(|r| r.input_hash == input_hash && r.status != StageStatus::Done)
+            || damaged.is_some();
         let reason = match (&previous, &upstream_reran) {
+            _ if damaged.is_some() => damaged.clone().unwrap_or_default(),
             (_, Some(u)) => format!("upstream stage '{u}' re-ran"),
             (Some(r), _) if r.input_hash != input_hash => "its config or inputs changed".to_string(),
             (Some(r), _) if r.status != StageStatus::Done => format!("resuming an interrupted run (was {})", r.status),
@@ -337,6 +345,24 @@ pub(crate) fn trained_from(s: &StageSpec, input: Produced) -> Result<Produced> {
         merged(&input)
     } else {
         Ok(input)
+    }
+}
+
+/// Why a done stage's output cannot be used as it is (None when it is intact): `final/` of a
+/// training, tokenizer or init stage missing or not what was recorded (the hash covers every file),
+/// an eval stage's results missing from its record.
+pub(crate) fn damaged_output(p: &Pipeline, s: &StageSpec, rec: &StageRecord) -> Option<String> {
+    if s.kind == StageKind::Eval {
+        return rec.eval.is_none().then(|| "its record holds no results".to_string());
+    }
+    let final_dir = p.stage_dir(s).join("final");
+    if !final_dir.is_dir() {
+        return Some(format!("its output {} is missing", final_dir.display()));
+    }
+    match (&rec.output_hash, content_hash(&final_dir)) {
+        (Some(want), Ok(got)) if *want != got => Some(format!("its output {} changed or is incomplete", final_dir.display())),
+        (_, Err(e)) => Some(format!("its output {} cannot be read ({e:#})", final_dir.display())),
+        _ => None,
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
 
 use align_core::data::{expand_data_paths, read_preference, read_prompts, read_sft, read_text_records, DataOptions};
 use align_core::train::config::{parse_override, set_path, LoadedConfig};
@@ -17,6 +18,87 @@ pub(crate) const STAGE_KEYS: &[&str] =
     &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch", "max_new_tokens"];
 pub(crate) const DEFAULT_ONLY_KEYS: &[&str] = &["init", "tokenizer", "device", "dtype", "seed", "threads"];
 
+fn d_max_new_tokens() -> usize {
+    64
+}
+
+/// What an `eval` stage reads: its data and data options, the generation budget of an `answers`
+/// evaluation, and from `[train]` only the batch/length/device settings. Its own keys are checked
+/// as strictly as a training stage's (typed, no unknown key); what it inherits from `[defaults]`
+/// may hold training keys it does not use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSettings {
+    pub data: Vec<String>,
+    #[serde(default)]
+    pub data_options: DataOptions,
+    #[serde(default = "d_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub train: EvalTrain,
+}
+
+/// `[train]` of an eval stage.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTrain {
+    pub batch_size: Option<usize>,
+    pub max_length: Option<usize>,
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub threads: Option<i32>,
+    pub seed: Option<u64>,
+}
+
+impl EvalTrain {
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(8).max(1)
+    }
+    pub fn max_length(&self) -> usize {
+        self.max_length.unwrap_or(1024).max(1)
+    }
+}
+
+/// The keys an eval stage may set itself (besides the stage keys).
+const EVAL_KEYS: &[&str] = &["data", "data_options", "max_new_tokens", "train"];
+
+/// An eval stage's settings: its own keys (`own`) checked strictly, then the effective ones read
+/// from `merged` (the defaults with its own keys merged in).
+pub(crate) fn eval_settings(own: &toml::Table, merged: &toml::Table, sat: &str) -> Result<EvalSettings> {
+    let describe = |e: toml::de::Error| anyhow!("{sat}: {}", e.message().trim());
+    // typed and strict: a typo or a wrong type in the stage itself is an error
+    let mut mine = own.clone();
+    mine.entry("data").or_insert(toml::Value::Array(Vec::new()));
+    for key in mine.keys() {
+        if !EVAL_KEYS.contains(&key.as_str()) {
+            bail!("{sat}.{key}: unknown key for an eval stage (expected {})", EVAL_KEYS.join(", "));
+        }
+    }
+    toml::Value::Table(mine).try_into::<EvalSettings>().map_err(describe)?;
+    // what it inherits: only the keys an evaluation uses
+    let mut effective = toml::Table::new();
+    for key in ["data", "data_options", "max_new_tokens"] {
+        if let Some(v) = merged.get(key) {
+            effective.insert(key.to_string(), v.clone());
+        }
+    }
+    if let Some(toml::Value::Table(train)) = merged.get("train") {
+        let used: toml::Table = train
+            .iter()
+            .filter(|(k, _)| ["batch_size", "max_length", "device", "dtype", "threads", "seed"].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        effective.insert("train".to_string(), toml::Value::Table(used));
+    }
+    effective.entry("data").or_insert(toml::Value::Array(Vec::new()));
+    let settings: EvalSettings = toml::Value::Table(effective).try_into().map_err(describe)?;
+    settings.data_options.validate().map_err(|e| anyhow!("{sat}.data_options: {e}"))?;
+    if settings.max_new_tokens == 0 {
+        bail!("{sat}.max_new_tokens: expected at least 1");
+    }
+    Ok(settings)
+}
+
 /// One stage as written in the pipeline file, with its position.
 #[derive(Debug, Clone)]
 pub struct StageSpec {
@@ -28,6 +110,8 @@ pub struct StageSpec {
     pub reference: Option<String>,
     /// `eval` stages: which evaluation (`perplexity`).
     pub eval: Option<String>,
+    /// `eval` stages: what the evaluation reads.
+    pub eval_settings: Option<EvalSettings>,
     pub allow_tokenizer_mismatch: bool,
     /// `init` stages: the model description (TOML).
     pub description: Option<PathBuf>,
@@ -140,6 +224,7 @@ pub(crate) fn made_stage_spec(
         reward_model: None,
         reference: None,
         eval: None,
+        eval_settings: None,
         allow_tokenizer_mismatch: false,
         description: None,
         tokenizer: None,
@@ -317,7 +402,14 @@ impl Pipeline {
                     }
                 }
             }
-            let allow_tokenizer_mismatch = t.get("allow_tokenizer_mismatch").and_then(|v| v.as_bool()).unwrap_or(false);
+            let allow_tokenizer_mismatch = match t.get("allow_tokenizer_mismatch") {
+                None => false,
+                Some(toml::Value::Boolean(b)) => *b,
+                Some(other) => bail!("{sat}.allow_tokenizer_mismatch: expected true or false, found {}", other.type_str()),
+            };
+            if kind != StageKind::Eval && t.contains_key("max_new_tokens") {
+                bail!("{sat}.max_new_tokens: only an eval stage (eval = \"answers\") reads it; a ppo stage sets ppo.max_new_tokens");
+            }
             let mut table = shared.clone();
             let mut own = t.clone();
             for k in STAGE_KEYS {
@@ -328,24 +420,41 @@ impl Pipeline {
                     bail!("{sat}.{k}: only allowed in [defaults] (use train.{k} in a stage)");
                 }
             }
+            if kind == StageKind::Eval {
+                if let Some(v) = t.get("max_new_tokens") {
+                    own.insert("max_new_tokens".into(), v.clone());
+                }
+            }
             merge(&mut table, &own);
-            // data files must exist, and be of the right kind
-            let data: Vec<String> = table
-                .get("data")
-                .and_then(|d| d.as_array())
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-                .unwrap_or_default();
+            let eval_settings =
+                if kind == StageKind::Eval { Some(eval_settings(&own, &table, &sat)?) } else { None };
+            // data files must exist, and be of the right kind, read with the stage's own options
+            let data: Vec<String> = match table.get("data") {
+                None => Vec::new(),
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| {
+                        v.as_str().map(str::to_string).ok_or_else(|| anyhow!("{sat}.data[{j}]: expected a file path string"))
+                    })
+                    .collect::<Result<_>>()?,
+                Some(other) => bail!("{sat}.data: expected a list of files, found {}", other.type_str()),
+            };
             if data.is_empty() {
                 bail!("{sat}.data: expected at least one data file");
             }
             expand_data_paths(&data).map_err(|e| anyhow!("{sat}.data: {e}"))?;
+            let options: DataOptions = match table.get("data_options") {
+                None => DataOptions::default(),
+                Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| anyhow!("{sat}.data_options: {}", e.message().trim()))?,
+            };
+            options.validate().map_err(|e| anyhow!("{sat}.data_options: {e}"))?;
             if kind == StageKind::Dpo || kind == StageKind::Reward {
-                read_preference(&data, &DataOptions::default())
+                read_preference(&data, &options)
                     .map_err(|e| anyhow!("{sat}.data: a {kind} stage needs preference data: {e}"))?;
             }
             if kind == StageKind::Ppo {
-                read_prompts(&data, &DataOptions::default())
-                    .map_err(|e| anyhow!("{sat}.data: a ppo stage needs prompt data: {e}"))?;
+                read_prompts(&data, &options).map_err(|e| anyhow!("{sat}.data: a ppo stage needs prompt data: {e}"))?;
             }
             if kind == StageKind::Eval && eval.as_deref() == Some("perplexity") {
                 for f in expand_data_paths(&data)? {
@@ -353,11 +462,11 @@ impl Pipeline {
                 }
             }
             if kind == StageKind::Eval && eval.as_deref() == Some("reward") {
-                read_preference(&data, &DataOptions::default())
+                read_preference(&data, &options)
                     .map_err(|e| anyhow!("{sat}.data: a reward evaluation needs preference data: {e}"))?;
             }
             if kind == StageKind::Eval && eval.as_deref() == Some("answers") {
-                read_sft(&data, &DataOptions::default())
+                read_sft(&data, &options)
                     .map_err(|e| anyhow!("{sat}.data: an answers evaluation needs conversations: {e}"))?;
             }
             stages.push(StageSpec {
@@ -368,6 +477,7 @@ impl Pipeline {
                 reward_model,
                 reference,
                 eval,
+                eval_settings,
                 allow_tokenizer_mismatch,
                 description: None,
                 tokenizer: None,

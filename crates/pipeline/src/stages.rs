@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
-use align_core::data::{expand_data_paths, read_preference, read_sft, read_text_records, DataOptions};
+use align_core::data::{expand_data_paths, read_preference, read_sft, read_text_records};
 use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::train::config::{sha256_hex, LoadedConfig};
 use align_runs::{StageKind, TrainSummary};
@@ -108,25 +108,31 @@ pub(crate) fn run_init_stage(p: &Pipeline, s: &StageSpec, plan: &StagePlan) -> R
 
 pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     use align_core::infer::logprobs::corpus_perplexity;
-    let device = align_core::model::device::parse_device(
-        s.table.get("train").and_then(|t| t.get("device")).and_then(|d| d.as_str()).unwrap_or("auto"),
-    )?;
-    let dtype = s.table.get("train").and_then(|t| t.get("dtype")).and_then(|d| d.as_str());
-    let kind = align_core::model::device::parse_dtype(dtype, device)?;
+    let settings =
+        s.eval_settings.as_ref().ok_or_else(|| anyhow!("stage '{}': not an eval stage", s.name))?;
+    let device = align_core::model::device::parse_device(settings.train.device.as_deref().unwrap_or("auto"))?;
+    let kind = align_core::model::device::parse_dtype(settings.train.dtype.as_deref(), device)?;
+    if let Some(n) = settings.train.threads {
+        tch::set_num_threads(n);
+    }
     if s.eval.as_deref() == Some("reward") {
-        return run_reward_eval(s, input, device, kind);
+        return run_reward_eval(s, settings, input, device, kind);
     }
     let spec = ModelSpec::at(&input.model, input.adapter.as_deref(), device, kind);
     let loaded = spec.causal_lm(AdapterMode::Attach)?;
     let (m, tok) = (&loaded.model, &loaded.tokenizer);
-    let files = eval_data_files(s);
-    let int = |key: &str, default: i64| eval_train_int(s, key, default);
+    let files = &settings.data;
     if s.eval.as_deref() == Some("answers") {
-        let conversations = read_sft(&files, &DataOptions::default())?.records;
+        let conversations = read_sft(files, &settings.data_options)?.records;
         let cases = conversations.iter().map(align_core::eval::answers::answer_case).collect::<Result<Vec<_>>>()?;
-        let max_new = s.table.get("max_new_tokens").and_then(|v| v.as_integer()).unwrap_or(64).max(1) as usize;
         let r = tch::no_grad(|| {
-            align_core::eval::answers::evaluate_answers(&m.lm, tok, &cases, max_new, int("batch_size", 8))
+            align_core::eval::answers::evaluate_answers(
+                &m.lm,
+                tok,
+                &cases,
+                settings.max_new_tokens,
+                settings.train.batch_size(),
+            )
         })?;
         let sc = r.scores;
         tracing::info!(
@@ -148,46 +154,35 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
         );
     }
     let mut texts = Vec::new();
-    for f in expand_data_paths(&files)? {
+    for f in expand_data_paths(files)? {
         texts.extend(read_text_records(&f)?.into_iter().map(|r| r.text));
     }
-    let r = tch::no_grad(|| corpus_perplexity(&m.lm, tok, &texts, int("max_length", 1024), 8192))?;
+    let r = tch::no_grad(|| corpus_perplexity(&m.lm, tok, &texts, settings.train.max_length(), 8192))?;
     tracing::info!("stage {}: perplexity {:.3} over {} tokens", s.name, r.perplexity, r.tokens);
     Ok(
         json!({"eval": "perplexity", "model": input.model.display().to_string(), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "records": r.records}),
     )
 }
 
-/// The `data` files of an eval stage.
-fn eval_data_files(s: &StageSpec) -> Vec<String> {
-    s.table
-        .get("data")
-        .and_then(|d| d.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
-/// An integer of an eval stage's `[train]` table (batch_size, max_length), at least 1.
-fn eval_train_int(s: &StageSpec, key: &str, default: i64) -> usize {
-    let train = s.table.get("train");
-    train.and_then(|t| t.get(key)).and_then(|v| v.as_integer()).unwrap_or(default).max(1) as usize
-}
-
 /// Pairwise accuracy of a reward model on preference pairs, overall and on length-matched pairs
 /// (answers within 10% in tokens), as `align eval reward` reports it.
-pub(crate) fn run_reward_eval(s: &StageSpec, input: &Produced, device: tch::Device, kind: tch::Kind) -> Result<Value> {
+pub(crate) fn run_reward_eval(
+    s: &StageSpec,
+    settings: &EvalSettings,
+    input: &Produced,
+    device: tch::Device,
+    kind: tch::Kind,
+) -> Result<Value> {
     use align_core::data::{LengthBudget, LengthPolicy};
     let (rm, tok) = ModelSpec::at(&input.model, input.adapter.as_deref(), device, kind).scalar_model()?;
-    let files = eval_data_files(s);
-    let int = |key: &str, default: i64| eval_train_int(s, key, default);
-    let pairs = read_preference(&files, &DataOptions::default())?.records;
-    let budget = LengthBudget::new(int("max_length", 1024), LengthPolicy::Truncate);
+    let pairs = read_preference(&settings.data, &settings.data_options)?.records;
+    let budget = LengthBudget::new(settings.train.max_length(), LengthPolicy::Truncate);
     let (encoded, counts) =
         align_core::train::preference_batch::encode_pairs(&tok, &pairs.iter().collect::<Vec<_>>(), budget)?;
     if encoded.is_empty() {
         bail!("stage '{}': no pair is left after truncation to train.max_length", s.name);
     }
-    let st = align_reward::pairwise_stats(&rm.rm, &encoded, int("batch_size", 8))?;
+    let st = align_reward::pairwise_stats(&rm.rm, &encoded, settings.train.batch_size())?;
     tracing::info!(
         "stage {}: reward accuracy {:.4} over {} pairs; length-matched {} pairs, accuracy {}; chosen longer in {:.1}%",
         s.name,
@@ -227,7 +222,7 @@ pub(crate) fn merged(input: &Produced) -> Result<Produced> {
             &dir,
             &align_core::load::merge::MergeOptions::default(),
         )?;
-        std::fs::write(&marker, &input.hash)?;
+        align_core::hf::folder::write_file_atomic(&marker, input.hash.as_bytes())?;
     }
     Ok(Produced { model: dir, adapter: None, hash: input.hash.clone() })
 }

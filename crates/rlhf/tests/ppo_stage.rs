@@ -309,3 +309,30 @@ fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
     // the critic started from the merged reward model and trained in full
     assert_same_weights(&a.join("final/value_model"), &b.join("final/value_model"));
 }
+
+/// A guardrail that trips every iteration (responses can never reach 1000 tokens): with
+/// `stop_on_guardrail` the run stops with an error after `guardrail_patience` iterations, the
+/// summary says why, and the iteration that tripped it is not saved (checkpoints before it are
+/// kept); without it the run only warns and completes.
+#[test]
+fn a_guardrail_stops_the_run_only_with_stop_on_guardrail() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let reward = tmp.path().join("rm");
+    toy_reward_model(&reward);
+    let guard = ["ppo.min_response_length=1000", "ppo.guardrail_patience=2", "ppo.stop_on_guardrail=true"];
+    let stopped = tmp.path().join("stopped");
+    let e = align_rlhf::run_ppo(&config(&stopped, &reward, &guard), false, None).unwrap_err().to_string();
+    assert!(e.contains("guardrail") && e.contains("min_response_length"), "{e}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(stopped.join("train_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["completed"], false, "{summary}");
+    assert_eq!(summary["steps"], 2, "{summary}");
+    assert!(summary["stop_reason"].as_str().unwrap().contains("stopped by a guardrail"), "{summary}");
+    assert!(!stopped.join("checkpoint-2").exists(), "the iteration that tripped the guardrail is not saved");
+    assert!(!stopped.join("final").exists(), "a stopped run writes no final/");
+
+    let warned = tmp.path().join("warned");
+    let s = align_rlhf::run_ppo(&config(&warned, &reward, &guard[..2]), false, None).unwrap();
+    assert!(s.completed && s.steps == 4, "{s:?}");
+}

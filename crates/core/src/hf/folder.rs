@@ -264,7 +264,8 @@ pub fn check_replaceable(out: &Path, inputs: &[&Path], force: bool, flag: &str) 
         .filter(|e| !(e.path().is_file() && is_model_folder_file(&e.file_name().to_string_lossy())))
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
-    foreign.sort();
+    // name what a user would recognise first (hidden files last)
+    foreign.sort_by_key(|n| (n.starts_with('.'), n.clone()));
     if let Some(first) = foreign.first() {
         let more = if foreign.len() > 1 { format!(" and {} more", foreign.len() - 1) } else { String::new() };
         bail!(
