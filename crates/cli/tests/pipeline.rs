@@ -131,6 +131,39 @@ fn runs_skips_when_done_and_reruns_what_a_change_touches() {
     assert_eq!(outcomes(&only), vec!["pt: not selected", "sft: not selected", "eval: ran"]);
 }
 
+/// A stage whose data changed re-runs (and what comes after it); a done stage whose `final/` was
+/// deleted re-runs from its last checkpoint to the same weights; an eval stage's own keys are
+/// checked as strictly as a training stage's.
+#[test]
+fn changed_data_or_a_deleted_output_re_runs_the_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let file = pipeline(tmp.path(), &run, "");
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::copy(repo().join("data/pretrain/medical_corpus.txt"), &corpus).unwrap();
+    let original = format!("{:?}", repo().join("data/pretrain/medical_corpus.txt"));
+    let text = std::fs::read_to_string(&file).unwrap().replace(&original, &format!("{corpus:?}"));
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap();
+    ok(align().args(["run", f]).output().unwrap());
+
+    std::fs::write(&corpus, std::fs::read_to_string(&corpus).unwrap() + "\nA new paragraph of the corpus.\n").unwrap();
+    let changed = ok(align().args(["run", f]).output().unwrap());
+    assert_eq!(outcomes(&changed), vec!["pt: ran", "sft: ran", "eval: ran"]);
+
+    let sft_before = std::fs::read(run.join("sft/final/model.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("sft/final")).unwrap();
+    let repaired = ok(align().args(["run", f]).output().unwrap());
+    assert_eq!(outcomes(&repaired), vec!["pt: up to date (skipped)", "sft: ran", "eval: ran"]);
+    assert!(std::fs::read(run.join("sft/final/model.safetensors")).unwrap() == sft_before, "the same weights again");
+
+    for (set, key) in [("stage.eval.train.batchsize=4", "batchsize"), ("stage.eval.max_new_token=3", "max_new_token")] {
+        let out = align().args(["run", f, "--set", set]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key) && err.contains("stage[2]"), "{set}: {err}");
+    }
+}
+
 #[test]
 #[cfg_attr(not(feature = "fault-injection"), ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)")]
 fn killed_runner_resumes_to_the_same_weights() {
