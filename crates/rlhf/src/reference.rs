@@ -14,7 +14,7 @@ use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::io::LoadedModel;
 use align_core::peft::lora::without_adapters;
-use align_core::hf::folder::sha256_file;
+use align_core::hf::folder::{sha256_file, sync_path};
 use align_core::train::config::{canonical_json, sha256_hex};
 use align_core::train::config::{LoadedConfig, Method};
 use align_core::train::preference_batch::{PairSplits, PreferenceBatch};
@@ -242,6 +242,8 @@ pub fn cached_reference_logps(
         (NAMES[3], &logps.validation.1),
     ];
     Tensor::write_safetensors(&named, &tmp).map_err(|e| anyhow!("{}: cannot write: {e}", tmp.display()))?;
+    sync_path(&tmp)?;
     std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    sync_path(output_dir)?;
     Ok((logps, path, false))
 }
