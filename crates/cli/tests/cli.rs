@@ -1,8 +1,8 @@
 //! End-to-end tests of the `align` binary: tokenizer training, model init, generation, perplexity,
 //! and clear one-line errors for bad inputs.
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use align_testkit::python_with;
 use serde_json::Value;
 
 mod support;
@@ -144,18 +144,7 @@ fn bad_inputs_give_one_error_line_and_nonzero_exit() {
 /// and renders the same chat template. Skipped without a Python that has transformers.
 #[test]
 fn init_model_and_tokenizer_load_in_transformers() {
-    let python = std::env::var("ALIGN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
-    let has_tf =
-        Command::new(&python).args(["-c", "import transformers"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !has_tf {
-        eprintln!(
-            "SKIPPED init_model_and_tokenizer_load_in_transformers: {} has no transformers (set ALIGN_PYTHON)",
-            python.display()
-        );
-        return;
-    }
+    let Some(python) = python_with(&["transformers"]) else { return };
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus.txt");
     std::fs::write(&corpus, CORPUS.repeat(20)).unwrap();

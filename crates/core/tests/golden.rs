@@ -10,6 +10,7 @@ use align_core::model::decoder::ForwardOptions;
 use align_core::model::io::load_causal_lm;
 use align_core::text::chat::{ChatTemplate, TemplateTokens};
 use align_core::ModelTokenizer;
+use align_testkit::python_with;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -312,24 +313,10 @@ fn broken_folders_give_one_clear_error() {
 }
 
 /// What we save loads in transformers with the same logits. Needs a Python with transformers:
-/// `ALIGN_PYTHON`, else the project's `.venv/bin/python`; skipped (with a message) without one.
+/// `testkit::python_with` (skipped with a message without one, a failure under `CI=true`).
 #[test]
 fn saved_folder_loads_in_transformers() {
-    let python = std::env::var("ALIGN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
-    let has_tf = std::process::Command::new(&python)
-        .args(["-c", "import transformers"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !has_tf {
-        eprintln!(
-            "SKIPPED saved_folder_loads_in_transformers: {} has no transformers (set ALIGN_PYTHON)",
-            python.display()
-        );
-        return;
-    }
+    let Some(python) = python_with(&["transformers"]) else { return };
     let tmp = tempfile::tempdir().unwrap();
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2"] {
         let src = fixtures().join("models").join(name);
