@@ -63,8 +63,8 @@ fn logits_match_transformers_for_every_family() {
 /// and the transformers-5 form (`rope_parameters.rope_type = "linear"`): positions `2p` of the
 /// scaled model are positions `p` of the unscaled one, bitwise (halved inverse frequencies times
 /// doubled positions are the same f32 products, so the same kernels see the same numbers); the
-/// scaling changes the logits of the default positions; and transformers, on the same folder,
-/// gives the same logits (live, within the 1e-4 of every comparison with transformers here:
+/// scaling changes the logits of the default positions; and transformers, on the classic-form
+/// folder, gives the same logits (live, within the 1e-4 of every comparison with transformers here:
 /// the two f32 implementations differ by ~2e-6 on these models, a wrong factor by ~3).
 #[test]
 fn linear_rope_scaling_halves_positions_and_matches_transformers() {
@@ -104,6 +104,11 @@ fn linear_rope_scaling_halves_positions_and_matches_transformers() {
         let scaled = at(&m.lm, &pos);
         let d = max_rel_diff(&scaled, &base_logits);
         assert!(d > 0.1, "{form}: the scaling leaves the logits as they were ({d})");
+        // transformers on the classic form (the other parses to the same scaling, asserted above;
+        // one Python start is ~8 s on a busy 2-core machine)
+        if form != "rope_scaling" {
+            continue;
+        }
         if let Some(python) = python_with(&["transformers"]) {
             let golden = tmp.path().join(format!("{form}-golden.safetensors"));
             Tensor::write_safetensors(&[("input_ids", &ids), ("logits", &scaled)], &golden).unwrap();
