@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# The test command: sets up what is missing (.venv with torch, transformers for the interop
-# checks), builds the workspace in release mode and runs every test.
+# The test command: sets up what is missing (.venv with torch; transformers and peft for the
+# interop checks), builds the workspace in release mode and runs every test. The interop checks
+# (align's folders and adapters loaded by transformers / PEFT) are required here: with
+# ALIGN_REQUIRE_INTEROP=1 (or CI=true) a check whose Python package is missing fails instead of
+# skipping (crates/testkit: python_with).
 #   scripts/test.sh [extra cargo test args]
 # Real-model checks run too when ALIGN_SMOLLM2_DIR points to a SmolLM2 folder
-# (make one with ../shared/tools/make-smollm2.sh DIR .venv/bin/python).
+# (make one with ../shared/tools/make-smollm2.sh DIR .venv/bin/python); they are the only checks
+# that still skip (saying so) when it is unset.
 # The suite passes on any x86-64 or ARM CPU; to check libtorch's portable (non-vectorised) kernels
 # on this machine, run it once as `ATEN_CPU_CAPABILITY=default scripts/test.sh` (not run twice here:
 # CI time is limited).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# pinned together with torch (scripts/env.sh): peft 0.21.2, the newest release, works with
+# transformers 5.23.0 and torch 2.11.0 (its only other needs: accelerate, psutil)
+TRANSFORMERS_VERSION=5.23.0
+PEFT_VERSION=0.21.2
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
-  pip install -q --disable-pip-version-check "transformers==5.23.0" >&2
+  pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
+fi
+if ! python -c "import peft" 2>/dev/null; then
+  echo "installing peft into .venv (used only by tests and benchmarks)" >&2
+  pip install -q --disable-pip-version-check "peft==$PEFT_VERSION" >&2
+fi
+export ALIGN_REQUIRE_INTEROP=1
+# the fsync check traces a checkpoint write with strace: installed where the machine allows it
+if ! command -v strace >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing strace (used only by a test)" >&2
+  apt-get install -y -qq strace >/dev/null 2>&1 || echo "could not install strace; its check will say it is skipped" >&2
 fi
 # the kill/crash tests need align-core's test hooks (a build feature: never in the binary users run)
 cargo build --release --workspace --features align-cli/fault-injection

@@ -1,8 +1,9 @@
 //! End-to-end tests of the `align` binary: tokenizer training, model init, generation, perplexity,
-//! and clear one-line errors for bad inputs.
-use std::path::{Path, PathBuf};
+//! hub ids from the local Hugging Face cache, and clear one-line errors for bad inputs.
+use std::path::Path;
 use std::process::Command;
 
+use align_testkit::python_with;
 use serde_json::Value;
 
 mod support;
@@ -96,6 +97,90 @@ fn perplexity_json_matches_transformers() {
     assert_eq!(v["tokens"].as_i64().unwrap(), g["models"]["tiny-qwen3"]["total_predicted_tokens"].as_i64().unwrap());
 }
 
+/// Places the files of `model` in a Hugging Face cache as the hub client does: content in
+/// `blobs/`, `snapshots/COMMIT/FILE` relative symlinks to it.
+#[cfg(unix)]
+fn cache_snapshot(cache: &Path, repo_id: &str, commit: &str, model: &Path) {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in std::fs::read_dir(model).unwrap() {
+        let f = f.unwrap();
+        let blob = format!("{commit}-{}", f.file_name().to_string_lossy());
+        std::fs::copy(f.path(), repo.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob), snapshot.join(f.file_name())).unwrap();
+    }
+}
+
+/// `--model org/name` resolves through the local Hugging Face cache (`$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`): `refs/main` names the snapshot, its symlinked files load, and generation and
+/// perplexity equal those of the same model given as a folder; an id not in the cache is one
+/// clear error. Nothing is downloaded.
+#[cfg(unix)]
+#[test]
+fn hub_id_resolves_through_the_local_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let (llama, qwen) = (fixtures().join("models/tiny-llama"), fixtures().join("models/tiny-qwen2"));
+    cache_snapshot(&cache, "org/tiny", "1111aaaa", &llama);
+    cache_snapshot(&cache, "org/tiny", "2222bbbb", &qwen);
+    let refs = cache.join("models--org--tiny/refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    let align = |model: &str, args: &[&str], env: (&str, &Path)| {
+        Command::new(env!("CARGO_BIN_EXE_align"))
+            .args(["generate", "--model", model])
+            .args(args)
+            .env("ALIGN_LOG", "warn")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HOME")
+            .env(env.0, env.1)
+            .output()
+            .unwrap()
+    };
+    let gen = ["--prompt", "fever", "--max-new-tokens", "8", "--json"];
+    let text = |out: std::process::Output| -> String {
+        assert!(out.status.success(), "align failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let want_llama = text(align(s(&llama), &gen, ("HF_HUB_CACHE", &cache)));
+    let want_qwen = text(align(s(&qwen), &gen, ("HF_HUB_CACHE", &cache)));
+    assert_ne!(want_llama, want_qwen, "the two snapshots must be told apart by their output");
+    for (commit, want) in [("1111aaaa", &want_llama), ("2222bbbb", &want_qwen)] {
+        std::fs::write(refs.join("main"), commit).unwrap();
+        assert_eq!(&text(align("org/tiny", &gen, ("HF_HUB_CACHE", &cache))), want, "refs/main = {commit}");
+    }
+    // $HF_HOME/hub when HF_HUB_CACHE is unset
+    let home = tmp.path().join("hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::rename(&cache, home.join("hub")).unwrap();
+    assert_eq!(text(align("org/tiny", &gen, ("HF_HOME", &home))), want_qwen);
+    // every model-loading command resolves it the same way: perplexity equals the folder's
+    std::fs::write(home.join("hub/models--org--tiny/refs/main"), "1111aaaa").unwrap();
+    let ppl = |model: &str| -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_align"))
+            .args(["eval", "perplexity", "--model", model, "--data", s(&fixtures().join("perplexity.txt")), "--json"])
+            .env("ALIGN_LOG", "warn")
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HOME", &home)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "align failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    };
+    let (hub, folder) = (ppl("org/tiny"), ppl(s(&llama)));
+    assert_eq!(hub["perplexity"], folder["perplexity"]);
+    assert_eq!(hub["tokens"], folder["tokens"]);
+    // an id the cache does not hold
+    let out = align("org/missing", &gen, ("HF_HOME", &home));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("org/missing") && lines[0].contains("local Hugging Face cache"), "{err}");
+}
+
 #[test]
 fn bad_inputs_give_one_error_line_and_nonzero_exit() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,18 +229,7 @@ fn bad_inputs_give_one_error_line_and_nonzero_exit() {
 /// and renders the same chat template. Skipped without a Python that has transformers.
 #[test]
 fn init_model_and_tokenizer_load_in_transformers() {
-    let python = std::env::var("ALIGN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
-    let has_tf =
-        Command::new(&python).args(["-c", "import transformers"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if !has_tf {
-        eprintln!(
-            "SKIPPED init_model_and_tokenizer_load_in_transformers: {} has no transformers (set ALIGN_PYTHON)",
-            python.display()
-        );
-        return;
-    }
+    let Some(python) = python_with(&["transformers"]) else { return };
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus.txt");
     std::fs::write(&corpus, CORPUS.repeat(20)).unwrap();

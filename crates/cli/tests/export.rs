@@ -1,23 +1,14 @@
 //! `align export` end to end (merged folder loads in transformers with PEFT's logits) and the
 //! `--adapter` flag of the model-loading commands, plus one-line errors for bad adapters.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use align_testkit::python_with;
 use serde_json::Value;
 
 mod support;
 use support::fixtures;
 use support::{fails, ok, s};
-
-fn python_with(modules: &str) -> Option<PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", &format!("import {modules}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ok.then_some(python)
-}
 
 fn tensor_names(file: &Path) -> Vec<String> {
     tch::Tensor::read_safetensors(file).unwrap().into_iter().map(|(n, _)| n).collect()
@@ -39,17 +30,14 @@ fn export_merges_peft_adapters_into_folders_transformers_loads() {
         let names = tensor_names(&out.join("model.safetensors"));
         assert!(names.iter().all(|n| !n.contains("lora")), "{adapter}: LoRA tensors in the merged folder");
         assert_eq!(names.len(), tensor_names(&model.join("model.safetensors")).len());
-        match python_with("transformers") {
-            None => println!("SKIPPED: transformers check of {adapter}: .venv/bin/python has no transformers"),
-            Some(python) => {
-                let r = Command::new(python)
-                    .arg(fixtures().join("check_hf_load.py"))
-                    .args([s(&out), s(&adapter_dir.join("golden.safetensors"))])
-                    .output()
-                    .unwrap();
-                let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
-                assert!(r.status.success(), "{adapter}: transformers does not reproduce PEFT's logits:\n{text}");
-            }
+        if let Some(python) = python_with(&["transformers"]) {
+            let r = Command::new(python)
+                .arg(fixtures().join("check_hf_load.py"))
+                .args([s(&out), s(&adapter_dir.join("golden.safetensors"))])
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+            assert!(r.status.success(), "{adapter}: transformers does not reproduce PEFT's logits:\n{text}");
         }
     }
     // bf16 storage
@@ -168,19 +156,14 @@ fn export_merges_a_peft_reward_adapter_into_a_reward_model_transformers_loads() 
     let scores: Vec<f32> = Vec::try_from(get("scores")).unwrap();
     let file = tmp.path().join("scores.json");
     std::fs::write(&file, serde_json::json!({"input_ids": rows, "scores": scores}).to_string()).unwrap();
-    match python_with("transformers") {
-        None => {
-            println!("SKIPPED: transformers check of the exported reward model: .venv/bin/python has no transformers")
-        }
-        Some(python) => {
-            let r = Command::new(python)
-                .arg(fixtures().join("check_reward_model.py"))
-                .args([s(&out), s(&file)])
-                .output()
-                .unwrap();
-            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
-            assert!(r.status.success(), "transformers does not reproduce PEFT's scores:\n{text}");
-        }
+    if let Some(python) = python_with(&["transformers"]) {
+        let r = Command::new(python)
+            .arg(fixtures().join("check_reward_model.py"))
+            .args([s(&out), s(&file)])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+        assert!(r.status.success(), "transformers does not reproduce PEFT's scores:\n{text}");
     }
     // a reward-model adapter is not an adapter of the causal LM
     let e = fails(&["generate", "--model", s(&model), "--adapter", s(&adapter), "--prompt", "hi", "--device", "cpu"]);

@@ -1,9 +1,11 @@
 //! `align run`: a tiny PT → SFT → eval pipeline end to end; skip-if-done; a changed learning rate
 //! re-runs that stage and the ones after it only; SIGKILL of the runner mid-stage then a re-run
-//! finishes with the same weights as an uninterrupted run; validation errors name the key path.
+//! finishes with the same weights as an uninterrupted run; `--from STAGE` re-runs that stage and
+//! the later ones and leaves the earlier ones untouched; validation errors name the key path.
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -191,6 +193,69 @@ fn killed_runner_resumes_to_the_same_weights() {
         let b = std::fs::read(killed.join(s).join("final/model.safetensors")).unwrap();
         assert!(a == b, "{s}: final weights differ after kill + resume");
     }
+}
+
+/// Every file under `dir` (relative path) with its bytes and modification time.
+fn files_with_mtimes(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), (std::fs::read(&p).unwrap(), mtime));
+            }
+        }
+    }
+    out
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// `--from STAGE --restart` re-runs that stage and the ones after it, from scratch, to the same
+/// weights and perplexity as the first time (a run compared with itself), and leaves every file
+/// of the earlier stage as it was (bytes and modification times). Without `--restart` the
+/// selected stages run only where they are out of date, and an earlier stage is used as it is
+/// even when its config has changed.
+#[test]
+fn from_stage_reruns_it_and_the_later_ones_and_leaves_the_earlier_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("from");
+    let file = pipeline(tmp.path(), &run, "");
+    let f = file.to_str().unwrap();
+    ok(align().args(["run", f]).output().unwrap());
+    let pt = files_with_mtimes(&run.join("pt"));
+    assert!(pt.contains_key(Path::new("final/model.safetensors")) && pt.contains_key(Path::new("stage.json")));
+    let sft_final = run.join("sft/final/model.safetensors");
+    let (sft_weights, sft_written) = (std::fs::read(&sft_final).unwrap(), mtime(&sft_final));
+    let (sft_record, eval_record) = (mtime(&run.join("sft/stage.json")), mtime(&run.join("eval/stage.json")));
+    let ppl = record(&run, "eval")["eval"]["perplexity"].as_f64().unwrap();
+
+    let rerun = ok(align().args(["run", f, "--from", "sft", "--restart"]).output().unwrap());
+    assert_eq!(outcomes(&rerun), vec!["pt: not selected", "sft: ran", "eval: ran"]);
+    assert!(files_with_mtimes(&run.join("pt")) == pt, "--from sft touched the files of pt");
+    assert_ne!(mtime(&sft_final), sft_written, "sft/final was not written again");
+    assert!(std::fs::read(&sft_final).unwrap() == sft_weights, "sft re-ran from the same input to other weights");
+    assert_ne!(mtime(&run.join("sft/stage.json")), sft_record);
+    assert_ne!(mtime(&run.join("eval/stage.json")), eval_record);
+    assert_eq!(record(&run, "eval")["eval"]["perplexity"].as_f64().unwrap(), ppl);
+    for s in ["sft", "eval"] {
+        assert_eq!(record(&run, s)["status"], "done", "{s}");
+    }
+
+    let again = ok(align().args(["run", f, "--from", "sft"]).output().unwrap());
+    assert_eq!(outcomes(&again), vec!["pt: not selected", "sft: up to date (skipped)", "eval: up to date (skipped)"]);
+    let changed_pt = ok(align().args(["run", f, "--from", "sft", "--set", "stage.pt.train.lr=5e-3"]).output().unwrap());
+    assert_eq!(
+        outcomes(&changed_pt),
+        vec!["pt: not selected", "sft: up to date (skipped)", "eval: up to date (skipped)"]
+    );
+    assert!(files_with_mtimes(&run.join("pt")) == pt, "an unselected stage was touched");
 }
 
 #[test]

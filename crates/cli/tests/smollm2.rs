@@ -1,15 +1,13 @@
 //! Checks against transformers on a real model, SmolLM2-135M-Instruct: logits, greedy `--chat`
 //! generations and perplexity. Runs only when `ALIGN_SMOLLM2_DIR` points to the folder made by
-//! `../shared/tools/make-smollm2.sh DIR .venv/bin/python`; otherwise each test says it is skipped.
+//! `../shared/tools/make-smollm2.sh DIR .venv/bin/python`; otherwise each test says it is skipped —
+//! the only interop checks that may skip under `CI=true` (no test can make the real model).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use align_testkit::{python_with, repo};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn setup(test: &str) -> Option<(PathBuf, PathBuf)> {
     let Some(dir) = std::env::var_os("ALIGN_SMOLLM2_DIR").map(PathBuf::from) else {
@@ -19,7 +17,8 @@ fn setup(test: &str) -> Option<(PathBuf, PathBuf)> {
         return None;
     };
     assert!(dir.join("config.json").is_file(), "ALIGN_SMOLLM2_DIR={} has no config.json", dir.display());
-    let python = std::env::var("ALIGN_PYTHON").map(PathBuf::from).unwrap_or_else(|_| repo().join(".venv/bin/python"));
+    // with the model given, a Python without transformers is a failure under CI, as elsewhere
+    let python = python_with(&["transformers"])?;
     Some((dir, python))
 }
 

@@ -12,6 +12,7 @@ use align_core::peft::lora::{
     without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
 use align_core::CausalLm;
+use align_testkit::python_with;
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
@@ -100,16 +101,6 @@ fn randomise_adapters(lm: &CausalLm, seed: i64) {
     });
 }
 
-fn python_with_peft() -> Option<PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", "import peft, transformers"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ok.then_some(python)
-}
-
 #[test]
 fn our_adapter_round_trips_and_loads_in_peft() {
     let tmp = tempfile::tempdir().unwrap();
@@ -188,17 +179,14 @@ fn our_adapter_round_trips_and_loads_in_peft() {
 
         let golden = tmp.path().join(format!("{name}-golden.safetensors"));
         Tensor::write_safetensors(&[("input_ids", &ids), ("logits", &ours)], &golden).unwrap();
-        match python_with_peft() {
-            None => println!("SKIPPED: PEFT check of our adapter ({name}): .venv/bin/python has no peft"),
-            Some(python) => {
-                let out = Command::new(python)
-                    .arg(fixtures().join("make_peft_fixtures.py"))
-                    .args(["check", out.to_str().unwrap(), golden.to_str().unwrap()])
-                    .output()
-                    .unwrap();
-                let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-                assert!(out.status.success(), "{name}: PEFT does not reproduce our logits:\n{text}");
-            }
+        if let Some(python) = python_with(&["transformers", "peft"]) {
+            let out = Command::new(python)
+                .arg(fixtures().join("make_peft_fixtures.py"))
+                .args(["check", out.to_str().unwrap(), golden.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{name}: PEFT does not reproduce our logits:\n{text}");
         }
     }
 }

@@ -15,6 +15,7 @@ use align_core::peft::lora::{
     trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
 use align_core::train::setup::TrainingScalarModel;
+use align_testkit::python_with;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -98,16 +99,6 @@ fn peft_reward_adapter_reproduces_peft_scores_and_merges() {
     assert_eq!(tok_dir, model_dir("tiny-llama"), "the fixture holds no tokenizer files");
 }
 
-fn python_with_peft() -> Option<PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", "import peft, transformers"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    ok.then_some(python)
-}
-
 #[test]
 fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
     let tmp = tempfile::tempdir().unwrap();
@@ -163,21 +154,17 @@ fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
         load_adapter(&resumed.vs, &mut resumed.rm, &out).unwrap();
         assert!(max_diff(&scores(&resumed.rm, &ids), &ours) < 1e-6, "{name}: resume differs");
 
-        match python_with_peft() {
-            None => println!("SKIPPED: PEFT check of our reward adapter ({name}): .venv/bin/python has no peft"),
-            Some(python) => {
-                let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
-                let file = tmp.path().join(format!("{name}.json"));
-                std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string())
-                    .unwrap();
-                let r = Command::new(python)
-                    .arg(fixtures().join("make_peft_fixtures.py"))
-                    .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
-                    .output()
-                    .unwrap();
-                let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
-                assert!(r.status.success(), "{name}: PEFT does not reproduce our scores:\n{text}");
-            }
+        if let Some(python) = python_with(&["transformers", "peft"]) {
+            let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
+            let file = tmp.path().join(format!("{name}.json"));
+            std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string()).unwrap();
+            let r = Command::new(python)
+                .arg(fixtures().join("make_peft_fixtures.py"))
+                .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+            assert!(r.status.success(), "{name}: PEFT does not reproduce our scores:\n{text}");
         }
     }
 }

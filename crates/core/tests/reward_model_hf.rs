@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use align_core::model::scalar::{load_reward_model, scalar_model_from_causal_lm, write_scalar_model, ScoreInit};
+use align_testkit::python_with;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -10,28 +11,9 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-/// `ALIGN_PYTHON`, else the project's `.venv/bin/python`, when it has transformers.
-fn python_with_transformers(test: &str) -> Option<PathBuf> {
-    let python = std::env::var("ALIGN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"));
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import transformers"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIPPED {test}: {} has no transformers (set ALIGN_PYTHON)", python.display());
-        return None;
-    }
-    Some(python)
-}
-
 #[test]
 fn saved_reward_model_loads_in_transformers_with_equal_scores() {
-    let Some(python) = python_with_transformers("saved_reward_model_loads_in_transformers_with_equal_scores") else {
-        return;
-    };
+    let Some(python) = python_with(&["transformers"]) else { return };
     let tmp = tempfile::tempdir().unwrap();
     // right-padded rows (pad id 0) of different lengths; one row contains no padding
     let rows: Vec<Vec<i64>> = vec![

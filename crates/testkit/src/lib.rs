@@ -1,6 +1,7 @@
 //! Helpers shared by the tests of every crate (a dev-dependency only): where the repository's
-//! fixtures and sample data are, a stage config from TOML text, `metrics.jsonl` readers, and the
-//! lock that makes tests drawing from libtorch's process-global RNG take turns.
+//! fixtures and sample data are, a stage config from TOML text, `metrics.jsonl` readers, the
+//! lock that makes tests drawing from libtorch's process-global RNG take turns, and the Python of
+//! the interop checks (which fail instead of skipping under `CI=true`).
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -63,4 +64,65 @@ pub fn rng_lock() -> MutexGuard<'static, ()> {
 /// True when two files have the same bytes.
 pub fn same_bytes(a: &Path, b: &Path) -> bool {
     std::fs::read(a).expect("file a") == std::fs::read(b).expect("file b")
+}
+
+/// True when the interop checks must run rather than skip: `CI=true` (or `1`), as CI
+/// environments set it, or `ALIGN_REQUIRE_INTEROP=1`, as `scripts/test.sh` sets it after
+/// installing the Python packages they need.
+pub fn interop_required() -> bool {
+    let set = |name: &str, values: &[&str]| {
+        std::env::var(name).map(|v| values.iter().any(|w| v.trim().eq_ignore_ascii_case(w))).unwrap_or(false)
+    };
+    set("CI", &["true", "1"]) || set("ALIGN_REQUIRE_INTEROP", &["1", "true"])
+}
+
+/// The Python of the interop checks (align ↔ transformers / PEFT) when it can import every one
+/// of `modules` (`&["transformers", "peft"]`): `ALIGN_PYTHON`, else the repository's
+/// `.venv/bin/python`. Without such a Python the calling test prints `SKIPPED <test>: …` and
+/// gets `None` — unless [`interop_required`] (`CI=true` or `ALIGN_REQUIRE_INTEROP=1`), where it
+/// panics naming the Python and the missing module, so a check cannot silently skip in CI.
+/// (Only the SmolLM2 checks of `crates/cli/tests/smollm2.rs` may still skip there: they need
+/// `ALIGN_SMOLLM2_DIR`, a real model folder that no test can make.) The answer is computed once
+/// per process and set of modules.
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    static SEEN: Mutex<Vec<(PathBuf, String, Result<(), String>)>> = Mutex::new(Vec::new());
+    let python = std::env::var_os("ALIGN_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python"));
+    let imports = format!("import {}", modules.join(", "));
+    let answer = {
+        let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match seen.iter().find(|(p, i, _)| *p == python && *i == imports) {
+            Some((_, _, answer)) => answer.clone(),
+            None => {
+                let answer = match std::process::Command::new(&python).args(["-c", &imports]).output() {
+                    Ok(o) if o.status.success() => Ok(()),
+                    Ok(o) => Err(String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("exit status without a message")
+                        .trim()
+                        .to_string()),
+                    Err(e) => Err(format!("cannot run it: {e}")),
+                };
+                seen.push((python.clone(), imports.clone(), answer.clone()));
+                answer
+            }
+        }
+    };
+    let why = match answer {
+        Ok(()) => return Some(python),
+        Err(why) => why,
+    };
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
+    let problem = format!("{}: `{imports}` fails ({why})", python.display());
+    if interop_required() {
+        panic!(
+            "{test}: the interop check cannot run: {problem}. CI=true or ALIGN_REQUIRE_INTEROP=1 makes it required: \
+             run scripts/test.sh (it installs the pinned transformers and peft into .venv) or set ALIGN_PYTHON \
+             to a Python that has them"
+        );
+    }
+    println!("SKIPPED {test}: {problem} (set ALIGN_PYTHON, or run scripts/test.sh, which installs it)");
+    None
 }
