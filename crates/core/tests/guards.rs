@@ -5,9 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use align_core::hf::config::ModelConfig;
+use align_core::load::spec::{check_tokenizer_fits, AdapterMode, ModelSpec};
+use align_core::model::scalar::ScoreInit;
 use align_core::text::chat::{ChatMessage, ChatTemplate, TemplateTokens};
 use align_core::ModelTokenizer;
 use serde_json::{json, Value};
+use tch::{Device, Kind};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -33,6 +37,13 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
 
 fn one_line(e: &str) {
     assert!(!e.contains('\n'), "error spans lines: {e}");
+}
+
+fn causal_lm_error(dir: &Path) -> String {
+    match ModelSpec::at(dir, None, Device::Cpu, Kind::Float).causal_lm(AdapterMode::Merge) {
+        Ok(_) => panic!("{} must not load", dir.display()),
+        Err(e) => e.to_string(),
+    }
 }
 
 // ---------------------------------------------------------------- chat templates
@@ -116,4 +127,50 @@ fn real_templates_render_long_conversations_within_the_fuel() {
         seen.push(family);
     }
     assert!(seen.len() >= 4, "{seen:?}");
+}
+
+// ---------------------------------------------------------------- tokenizer vs model
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_vocabulary_is_refused_before_the_weights() {
+    let (_tmp, dir) = model_copy("tiny-llama");
+    edit_json(&dir.join("config.json"), |v| v["vocab_size"] = json!(300));
+    // no weights at all: the check comes before they are read
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let e = causal_lm_error(&dir);
+    one_line(&e);
+    assert!(e.starts_with(&format!("{}: the tokenizer has ", dir.display())), "{e}");
+    assert!(e.contains("ids up to 319") && e.contains("vocab_size 300"), "{e}");
+    assert!(e.contains(&dir.join("config.json").display().to_string()), "{e}");
+    // the scalar-model loads go through the same check
+    let spec = ModelSpec::at(&dir, None, Device::Cpu, Kind::Float);
+    let e = spec.scalar_model_to_train(|_| ScoreInit::Zeros).err().expect("must not load").to_string();
+    assert!(e.contains("ids up to 319") && e.contains("vocab_size 300"), "{e}");
+}
+
+#[test]
+fn a_vocabulary_larger_than_the_tokenizer_is_fine() {
+    let dir = fixtures().join("models/tiny-llama");
+    let tok = ModelTokenizer::from_dir(&dir).unwrap();
+    let mut config = ModelConfig::from_dir(&dir).unwrap();
+    assert_eq!(tok.max_token_id(), Some(config.vocab_size - 1));
+    check_tokenizer_fits(&tok, &config, &dir).unwrap();
+    config.vocab_size += 64; // padding rows, as many HF models have
+    check_tokenizer_fits(&tok, &config, &dir).unwrap();
+    config.vocab_size -= 65;
+    let e = check_tokenizer_fits(&tok, &config, &dir).unwrap_err().to_string();
+    assert!(e.contains(&format!("vocab_size {}", config.vocab_size)), "{e}");
+}
+
+#[test]
+fn a_broken_tokenizer_json_names_the_file() {
+    let (_tmp, dir) = model_copy("tiny-llama");
+    let file = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    for broken in [&text[..text.len() / 2], "{not json", "", r#"{"model": 5}"#, "[]"] {
+        std::fs::write(&file, broken).unwrap();
+        let e = ModelTokenizer::from_dir(&dir).err().expect("must not load").to_string();
+        one_line(&e);
+        assert!(e.starts_with(&format!("{}: cannot load tokenizer", file.display())), "{e}");
+    }
 }
