@@ -174,3 +174,115 @@ fn a_broken_tokenizer_json_names_the_file() {
         assert!(e.starts_with(&format!("{}: cannot load tokenizer", file.display())), "{e}");
     }
 }
+
+// ---------------------------------------------------------------- config.json sizes
+
+fn base_config() -> Value {
+    json!({"model_type":"llama","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+           "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2})
+}
+
+fn config_error(edit: impl FnOnce(&mut Value)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = base_config();
+    edit(&mut v);
+    std::fs::write(tmp.path().join("config.json"), v.to_string()).unwrap();
+    let e = ModelConfig::from_dir(tmp.path()).err().expect("must be refused").to_string();
+    one_line(&e);
+    let prefix = format!("{}: ", tmp.path().join("config.json").display());
+    e.strip_prefix(&prefix).unwrap_or_else(|| panic!("error does not start with the file: {e}")).to_string()
+}
+
+#[test]
+fn config_sizes_beyond_any_model_are_refused() {
+    let e = config_error(|v| v["hidden_size"] = json!(1_000_000));
+    assert_eq!(e, "field 'hidden_size': 1000000 is beyond what any model needs (expected a positive integer ≤ 65536)");
+    assert!(config_error(|v| v["num_hidden_layers"] = json!(100_000)).starts_with("field 'num_hidden_layers': 100000"));
+    assert!(config_error(|v| v["vocab_size"] = json!(1u64 << 40)).starts_with("field 'vocab_size': "));
+    assert!(config_error(|v| v["intermediate_size"] = json!(1 << 21)).starts_with("field 'intermediate_size': "));
+    assert!(config_error(|v| v["num_attention_heads"] = json!(4096)).starts_with("field 'num_attention_heads': "));
+    assert!(config_error(|v| v["head_dim"] = json!(4096)).starts_with("field 'head_dim': "));
+    let e = config_error(|v| v["max_position_embeddings"] = json!(1u64 << 40));
+    assert!(e.starts_with("field 'max_position_embeddings': 1099511627776 is beyond"), "{e}");
+    let e = config_error(|v| v["max_position_embeddings"] = json!("long"));
+    assert!(e.starts_with("field 'max_position_embeddings': expected a positive integer"), "{e}");
+    // zero, negative and mismatched sizes
+    assert!(config_error(|v| v["hidden_size"] = json!(0)).contains("expected a positive integer, found 0"));
+    assert!(config_error(|v| v["num_key_value_heads"] = json!(-2)).contains("expected a positive integer, found -2"));
+    assert!(config_error(|v| v["num_key_value_heads"] = json!(3)).contains("does not divide"));
+    assert!(config_error(|v| v["hidden_size"] = json!(66)).contains("not a multiple of num_attention_heads"));
+    assert!(
+        config_error(|v| v["rope_theta"] = json!(0.0)).starts_with("field 'rope_theta': expected a positive number")
+    );
+    assert!(config_error(|v| v["rms_norm_eps"] = json!(-1e-6)).starts_with("field 'rms_norm_eps'"));
+    // each size within bounds, together more than 2 trillion parameters
+    let e = config_error(|v| {
+        v["hidden_size"] = json!(65536);
+        v["intermediate_size"] = json!(1_048_576);
+        v["num_hidden_layers"] = json!(1024);
+        v["num_attention_heads"] = json!(512);
+        v["num_key_value_heads"] = json!(512);
+    });
+    assert!(e.starts_with("the sizes imply ") && e.contains("expected at most 2000 billion"), "{e}");
+}
+
+#[test]
+fn the_largest_real_configs_are_within_bounds() {
+    // Llama 3.1 405B and Qwen2.5 72B
+    let llama = json!({"model_type":"llama","vocab_size":128256,"hidden_size":16384,"intermediate_size":53248,
+        "num_hidden_layers":126,"num_attention_heads":128,"num_key_value_heads":8,"max_position_embeddings":131072,
+        "rope_theta":500000.0,"rms_norm_eps":1e-5});
+    let c = ModelConfig::from_json(llama).unwrap();
+    assert!((400e9..420e9).contains(&(c.num_parameters() as f64)), "{}", c.num_parameters());
+    let qwen = json!({"model_type":"qwen2","vocab_size":152064,"hidden_size":8192,"intermediate_size":29568,
+        "num_hidden_layers":80,"num_attention_heads":64,"num_key_value_heads":8,"max_position_embeddings":32768});
+    ModelConfig::from_json(qwen).unwrap();
+}
+
+#[test]
+fn an_absurd_config_fails_before_allocating() {
+    let (_tmp, dir) = model_copy("tiny-llama");
+    edit_json(&dir.join("config.json"), |v| {
+        v["hidden_size"] = json!(65536);
+        v["intermediate_size"] = json!(1_048_576);
+        v["num_hidden_layers"] = json!(1024);
+    });
+    let started = Instant::now();
+    let e = causal_lm_error(&dir);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    one_line(&e);
+    assert!(e.starts_with(&format!("{}: the sizes imply ", dir.join("config.json").display())), "{e}");
+}
+
+// ---------------------------------------------------------------- safetensors
+
+#[test]
+fn truncated_and_lying_safetensors_give_one_line() {
+    let (_tmp, dir) = model_copy("tiny-llama");
+    let file = dir.join("model.safetensors");
+    let good = std::fs::read(&file).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap());
+    let data_len = good.len() as u64 - 8 - header_len;
+    let expect = |bytes: &[u8], wanted: &str| {
+        std::fs::write(&file, bytes).unwrap();
+        let e = causal_lm_error(&dir);
+        one_line(&e);
+        assert!(e.starts_with(&format!("{}: not a valid safetensors file: ", file.display())), "{e}");
+        assert!(e.contains(wanted), "{e}");
+    };
+    // the tensor data cut short
+    expect(
+        &good[..good.len() - 1000],
+        &format!("the header describes {data_len} bytes of tensor data but the file holds {}", data_len - 1000),
+    );
+    // cut inside the header
+    expect(&good[..100], &format!("the header claims {header_len} bytes of metadata but the file has 92"));
+    // a header length larger than the file, and one far too large
+    let mut lying = good.clone();
+    lying[..8].copy_from_slice(&(good.len() as u64 * 2).to_le_bytes());
+    expect(&lying, &format!("the header claims {} bytes of metadata", good.len() * 2));
+    lying[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    expect(&lying, "expected at most 100 MB");
+    expect(&[], "the file has 0 bytes");
+    expect(&good[..5], "the file has 5 bytes");
+}
