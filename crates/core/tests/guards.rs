@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use align_core::data::{check_files, read_pretrain, read_sft, DataKind, DataOptions, TextMode};
 use align_core::hf::config::ModelConfig;
 use align_core::load::spec::{check_tokenizer_fits, AdapterMode, ModelSpec};
 use align_core::model::scalar::ScoreInit;
@@ -285,4 +286,60 @@ fn truncated_and_lying_safetensors_give_one_line() {
     expect(&lying, "expected at most 100 MB");
     expect(&[], "the file has 0 bytes");
     expect(&good[..5], "the file has 5 bytes");
+}
+
+// ---------------------------------------------------------------- data files that are not UTF-8
+
+fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+const GOOD_SHAREGPT: &str = r#"{"conversations":[{"from":"human","value":"q"},{"from":"gpt","value":"a"}]}"#;
+
+#[test]
+fn invalid_utf8_in_jsonl_names_the_line_and_can_be_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = format!("{GOOD_SHAREGPT}\n").into_bytes();
+    bytes.extend_from_slice(b"{\"conversations\":[{\"from\":\"human\",\"value\":\"q\xff\"}]}\n");
+    bytes.extend_from_slice(format!("{GOOD_SHAREGPT}\r\n\n{GOOD_SHAREGPT}").as_bytes());
+    let f = write_bytes(tmp.path(), "s.jsonl", &bytes);
+    let e = read_sft(&[&f], &DataOptions::default()).unwrap_err().to_string();
+    assert_eq!(e, format!("{}:2: invalid UTF-8: byte 0xff at column 45 (expected UTF-8 text)", f.display()));
+    let o = DataOptions { skip_invalid: true, ..Default::default() };
+    let data = read_sft(&[&f], &o).unwrap();
+    let r = &data.reports[0];
+    assert_eq!((r.records, r.invalid, r.skipped), (3, 1, 1));
+    assert_eq!(r.invalid_records[0].origin.line, 2);
+    let lines: Vec<usize> = data.records.iter().map(|c| c.origin.line).collect();
+    assert_eq!(lines, vec![1, 3, 5]);
+    // `align data check` lists it like any other invalid record
+    let reports = check_files(DataKind::Sft, &[&f], &DataOptions::default(), None, None).unwrap();
+    assert_eq!((reports[0].records, reports[0].invalid), (3, 1));
+    assert!(reports[0].invalid_records[0].message.starts_with("invalid UTF-8"));
+}
+
+#[test]
+fn invalid_utf8_in_text_and_json_files_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let txt = write_bytes(tmp.path(), "t.txt", b"first line\nsecond \xc3\x28 line\nthird line\n");
+    let e = read_pretrain(&[&txt], &DataOptions::default()).unwrap_err().to_string();
+    assert_eq!(e, format!("{}:2: invalid UTF-8: byte 0xc3 at column 8 (expected UTF-8 text)", txt.display()));
+    let skip = DataOptions { skip_invalid: true, ..Default::default() };
+    let data = read_pretrain(&[&txt], &skip).unwrap();
+    let texts: Vec<&str> = data.records.iter().map(|d| d.text.as_str()).collect();
+    assert_eq!(texts, vec!["first line", "third line"]);
+    assert_eq!((data.reports[0].invalid, data.reports[0].skipped), (1, 1));
+    // one document per file: the document is the invalid record, at the line of the bad byte
+    let whole = DataOptions { text_mode: TextMode::File, ..Default::default() };
+    let e = read_pretrain(&[&txt], &whole).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}:2: invalid UTF-8: byte 0xc3", txt.display())), "{e}");
+    let good = write_bytes(tmp.path(), "u.txt", "ok ü\n".as_bytes());
+    let data = read_pretrain(&[&txt, &good], &DataOptions { skip_invalid: true, ..whole }).unwrap();
+    assert_eq!((data.records.len(), data.reports[0].skipped), (1, 1));
+    // a .json array that is not UTF-8 cannot be parsed at all: always an error
+    let json = write_bytes(tmp.path(), "a.json", b"[\n {\"text\": \"a\"},\n {\"text\": \"\xfe\"}\n]\n");
+    let e = read_pretrain(&[&json], &skip).unwrap_err().to_string();
+    assert_eq!(e, format!("{}:3: invalid UTF-8: byte 0xfe at column 12 (expected UTF-8 text)", json.display()));
 }
