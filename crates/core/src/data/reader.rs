@@ -132,7 +132,7 @@ pub(crate) fn read_file<T: DataRecord>(
             RawContent::Text(text) => {
                 T::from_text(text, origin.clone()).ok_or_else(|| format!("{kind} data cannot be read from plain text"))
             }
-            RawContent::InvalidJson(message) => Err(message),
+            RawContent::Invalid(message) => Err(message),
             RawContent::Json(Value::Object(obj)) => match detected {
                 Some((format, from_line)) => T::parse(format, &obj, origin.clone())
                     .map_err(|e| explain_mismatch(e, DataFormat::detect(kind, &obj), format, from_line, origin.line)),

@@ -110,8 +110,9 @@ pub(crate) struct RawRecord {
 #[derive(Debug)]
 pub(crate) enum RawContent {
     Json(Value),
-    /// A `.jsonl` line that is not valid JSON (the parser's message).
-    InvalidJson(String),
+    /// A record that cannot be read: a `.jsonl` line that is not valid JSON (the parser's
+    /// message), or a line or `.txt` document that is not UTF-8.
+    Invalid(String),
     Text(String),
 }
 
@@ -128,56 +129,89 @@ impl FileProblem {
     }
 }
 
-pub(crate) fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))
-}
-
 /// Splits a file into raw records. `Err` is an IO error; `Ok(Err(problem))` a file whose
-/// structure is broken (reported like an invalid record by `align data check`).
+/// structure is broken (reported like an invalid record by `align data check`). Lines that are
+/// not UTF-8 are invalid records of their own line.
 pub(crate) fn raw_records(
     path: &Path,
     layout: FileLayout,
     text_mode: TextMode,
 ) -> Result<std::result::Result<Vec<RawRecord>, FileProblem>> {
-    let content = read_to_string(path)?;
-    let content = content.strip_prefix('\u{feff}').unwrap_or(&content);
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
     Ok(match layout {
-        FileLayout::JsonLines => Ok(json_lines(path, content)),
-        FileLayout::JsonArray => json_array(path, content),
-        FileLayout::Text => Ok(text_documents(path, content, text_mode)),
+        FileLayout::JsonLines => Ok(json_lines(path, bytes)),
+        FileLayout::JsonArray => match std::str::from_utf8(bytes) {
+            Ok(content) => json_array(path, content),
+            Err(e) => {
+                let (line, message) = utf8_problem(bytes, &e);
+                Err(FileProblem { origin: Origin::line(path, line), message })
+            }
+        },
+        FileLayout::Text => Ok(text_documents(path, bytes, text_mode)),
     })
 }
 
-fn json_lines(path: &Path, content: &str) -> Vec<RawRecord> {
+/// The 1-based line of the first byte that is not UTF-8, and the message for it.
+fn utf8_problem(bytes: &[u8], e: &std::str::Utf8Error) -> (usize, String) {
+    let at = e.valid_up_to();
+    let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    let byte = bytes.get(at).copied().unwrap_or(0);
+    (line, format!("invalid UTF-8: byte 0x{byte:02x} at column {} (expected UTF-8 text)", at - line_start + 1))
+}
+
+/// The lines of a file (split at `\n`, a trailing `\r` removed, as `str::lines` does), each
+/// with its 1-based number, as text or as the message saying why it is not UTF-8.
+fn lines_of(bytes: &[u8]) -> impl Iterator<Item = (usize, std::result::Result<&str, String>)> {
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    if bytes.ends_with(b"\n") || bytes.is_empty() {
+        lines.pop();
+    }
+    lines.into_iter().enumerate().map(|(i, line)| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        (i + 1, std::str::from_utf8(line).map_err(|e| utf8_problem(line, &e).1))
+    })
+}
+
+fn json_lines(path: &Path, bytes: &[u8]) -> Vec<RawRecord> {
     let mut out = Vec::new();
-    for (i, line) in content.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let content = match serde_json::from_str::<Value>(line) {
-            Ok(v) => RawContent::Json(v),
-            Err(e) => RawContent::InvalidJson(format!("invalid JSON: {e}")),
+    for (number, line) in lines_of(bytes) {
+        let content = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => match serde_json::from_str::<Value>(line) {
+                Ok(v) => RawContent::Json(v),
+                Err(e) => RawContent::Invalid(format!("invalid JSON: {e}")),
+            },
+            Err(message) => RawContent::Invalid(message),
         };
-        out.push(RawRecord { origin: Origin::line(path, i + 1), content });
+        out.push(RawRecord { origin: Origin::line(path, number), content });
     }
     out
 }
 
-fn text_documents(path: &Path, content: &str, mode: TextMode) -> Vec<RawRecord> {
+fn text_documents(path: &Path, bytes: &[u8], mode: TextMode) -> Vec<RawRecord> {
     match mode {
-        TextMode::Line => content
-            .lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| RawRecord {
-                origin: Origin::line(path, i + 1),
-                content: RawContent::Text(line.to_string()),
+        TextMode::Line => lines_of(bytes)
+            .filter_map(|(number, line)| {
+                let content = match line {
+                    Ok(line) if line.trim().is_empty() => return None,
+                    Ok(line) => RawContent::Text(line.to_string()),
+                    Err(message) => RawContent::Invalid(message),
+                };
+                Some(RawRecord { origin: Origin::line(path, number), content })
             })
             .collect(),
-        TextMode::File if content.trim().is_empty() => Vec::new(),
-        TextMode::File => {
-            vec![RawRecord { origin: Origin::line(path, 1), content: RawContent::Text(content.to_string()) }]
-        }
+        TextMode::File => match std::str::from_utf8(bytes) {
+            Ok(content) if content.trim().is_empty() => Vec::new(),
+            Ok(content) => {
+                vec![RawRecord { origin: Origin::line(path, 1), content: RawContent::Text(content.to_string()) }]
+            }
+            Err(e) => {
+                let (line, message) = utf8_problem(bytes, &e);
+                vec![RawRecord { origin: Origin::line(path, line), content: RawContent::Invalid(message) }]
+            }
+        },
     }
 }
 

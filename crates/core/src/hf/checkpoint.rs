@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -156,6 +156,39 @@ fn ignorable(name: &str, tied: bool) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
 }
 
+/// One line on why `SafeTensors::deserialize` refused `bytes` (the whole file): what the header
+/// claims against what the file holds. Nothing is allocated for the tensors it describes.
+fn safetensors_problem(e: &SafeTensorError, bytes: &[u8]) -> String {
+    let len = bytes.len();
+    let header_len = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    match (e, header_len) {
+        (SafeTensorError::HeaderTooSmall, _) => {
+            format!("the file has {len} bytes (expected at least the 8-byte header length)")
+        }
+        (SafeTensorError::HeaderTooLarge, Some(n)) => {
+            format!("the header claims {n} bytes of metadata (expected at most 100 MB; not a safetensors file?)")
+        }
+        (SafeTensorError::InvalidHeaderLength, Some(n)) => format!(
+            "the header claims {n} bytes of metadata but the file has {} after the length (truncated?)",
+            len.saturating_sub(8)
+        ),
+        (SafeTensorError::MetadataIncompleteBuffer, Some(n)) => {
+            // the tensors end where the largest data offset says
+            let start = 8 + n as usize;
+            let end = bytes
+                .get(8..start)
+                .and_then(|h| serde_json::from_slice::<Value>(h).ok())
+                .and_then(|h| h.as_object()?.values().filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64()).max())
+                .unwrap_or(0);
+            format!(
+                "the header describes {end} bytes of tensor data but the file holds {} (truncated, or bytes added?)",
+                len.saturating_sub(start)
+            )
+        }
+        (other, _) => other.to_string(),
+    }
+}
+
 /// Reads every tensor of the safetensors files, calling `f(file, name, tensor)` one at a time, so
 /// only one tensor beyond the model is in memory. Files are memory-mapped.
 pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor) -> Result<()>) -> Result<()> {
@@ -165,8 +198,9 @@ pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor)
         // underneath us can give wrong values, never memory unsafety beyond what mmap implies.
         let mmap =
             unsafe { memmap2::Mmap::map(&handle) }.with_context(|| format!("{}: cannot memory-map", file.display()))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e:?}", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+            anyhow!("{}: not a valid safetensors file: {}", file.display(), safetensors_problem(&e, &mmap))
+        })?;
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         for name in names {

@@ -116,6 +116,19 @@ pub fn token_id_list(v: Option<&Value>) -> Vec<i64> {
     }
 }
 
+/// Upper bounds on the sizes of `config.json`: far above every released model (the largest
+/// have hidden 16384, 126 layers, 256k vocabularies, 10M positions), so they only refuse a file
+/// that would make the loader allocate absurd tensors before it reads a single weight.
+pub const MAX_HIDDEN_SIZE: i64 = 65_536;
+pub const MAX_INTERMEDIATE_SIZE: i64 = 1_048_576;
+pub const MAX_HIDDEN_LAYERS: i64 = 1024;
+pub const MAX_ATTENTION_HEADS: i64 = 1024;
+pub const MAX_HEAD_DIM: i64 = 1024;
+pub const MAX_VOCAB_SIZE: i64 = 1 << 22;
+pub const MAX_POSITION_EMBEDDINGS: i64 = 1 << 24;
+/// The most parameters the sizes together may imply (2 trillion).
+pub const MAX_PARAMETERS: i64 = 2_000_000_000_000;
+
 impl ModelConfig {
     /// Reads and validates `config.json` inside a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -144,23 +157,32 @@ impl ModelConfig {
             }
             None => bail!("field 'model_type': missing"),
         };
-        let req = |key: &str| -> Result<i64> {
+        // a size is a positive integer no larger than its bound
+        let req = |key: &str, max: i64| -> Result<i64> {
             match raw.get(key) {
-                Some(v) => v
-                    .as_i64()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow::anyhow!("field '{key}': expected a positive integer, found {v}")),
+                Some(v) => {
+                    let n = v
+                        .as_i64()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| anyhow::anyhow!("field '{key}': expected a positive integer, found {v}"))?;
+                    if n > max {
+                        bail!(
+                            "field '{key}': {n} is beyond what any model needs (expected a positive integer ≤ {max})"
+                        );
+                    }
+                    Ok(n)
+                }
                 None => bail!("field '{key}': missing"),
             }
         };
-        let vocab_size = req("vocab_size")?;
-        let hidden_size = req("hidden_size")?;
-        let intermediate_size = req("intermediate_size")?;
-        let num_hidden_layers = req("num_hidden_layers")?;
-        let num_attention_heads = req("num_attention_heads")?;
+        let vocab_size = req("vocab_size", MAX_VOCAB_SIZE)?;
+        let hidden_size = req("hidden_size", MAX_HIDDEN_SIZE)?;
+        let intermediate_size = req("intermediate_size", MAX_INTERMEDIATE_SIZE)?;
+        let num_hidden_layers = req("num_hidden_layers", MAX_HIDDEN_LAYERS)?;
+        let num_attention_heads = req("num_attention_heads", MAX_ATTENTION_HEADS)?;
         let num_key_value_heads = match raw.get("num_key_value_heads") {
             None | Some(Value::Null) => num_attention_heads,
-            Some(_) => req("num_key_value_heads")?,
+            Some(_) => req("num_key_value_heads", MAX_ATTENTION_HEADS)?,
         };
         if num_attention_heads % num_key_value_heads != 0 {
             bail!("field 'num_key_value_heads': {num_key_value_heads} does not divide num_attention_heads {num_attention_heads}");
@@ -172,7 +194,14 @@ impl ModelConfig {
                 }
                 hidden_size / num_attention_heads
             }
-            Some(_) => req("head_dim")?,
+            Some(_) => req("head_dim", MAX_HEAD_DIM)?,
+        };
+        if head_dim > MAX_HEAD_DIM {
+            bail!("field 'hidden_size': {hidden_size} / num_attention_heads {num_attention_heads} gives a head dimension of {head_dim} (expected ≤ {MAX_HEAD_DIM})");
+        }
+        let max_position_embeddings = match raw.get("max_position_embeddings") {
+            None | Some(Value::Null) => 4096,
+            Some(_) => req("max_position_embeddings", MAX_POSITION_EMBEDDINGS)?,
         };
         if head_dim % 2 != 0 {
             bail!("field 'head_dim': RoPE needs an even head dimension, found {head_dim}");
@@ -186,6 +215,9 @@ impl ModelConfig {
             .and_then(|p| get_f64(p, "rope_theta"))
             .or_else(|| get_f64(&raw, "rope_theta"))
             .unwrap_or(10000.0);
+        if !(rope_theta > 0.0 && rope_theta.is_finite()) {
+            bail!("field 'rope_theta': expected a positive number, found {rope_theta}");
+        }
         let scaling_src = rope_params.or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()));
         let rope_scaling = match scaling_src {
             None => RopeScaling::Default,
@@ -193,8 +225,9 @@ impl ModelConfig {
                 let field = if rope_params.is_some() { "rope_parameters" } else { "rope_scaling" };
                 let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
                 let num = |k: &str| -> Result<f64> {
-                    get_f64(s, k)
-                        .ok_or_else(|| anyhow::anyhow!("field '{field}.{k}': expected a number for rope type '{kind}'"))
+                    get_f64(s, k).filter(|x| *x > 0.0 && x.is_finite()).ok_or_else(|| {
+                        anyhow::anyhow!("field '{field}.{k}': expected a positive number for rope type '{kind}'")
+                    })
                 };
                 match kind {
                     "default" => RopeScaling::Default,
@@ -241,7 +274,15 @@ impl ModelConfig {
         let stored_dtype =
             raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(Value::as_str).map(str::to_string);
 
-        Ok(ModelConfig {
+        let rms_norm_eps = match raw.get("rms_norm_eps") {
+            None | Some(Value::Null) => 1e-6,
+            Some(v) => v
+                .as_f64()
+                .filter(|x| *x >= 0.0 && x.is_finite())
+                .ok_or_else(|| anyhow::anyhow!("field 'rms_norm_eps': expected a non-negative number, found {v}"))?,
+        };
+
+        let config = ModelConfig {
             model_type,
             vocab_size,
             hidden_size,
@@ -250,10 +291,10 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: get_f64(&raw, "rms_norm_eps").unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: get_i64(&raw, "max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: get_bool(&raw, "tie_word_embeddings").unwrap_or(false),
             qkv_bias,
             o_bias,
@@ -265,24 +306,42 @@ impl ModelConfig {
             stored_dtype,
             raw,
             warnings,
-        })
+        };
+        let params = config.parameter_count();
+        if params > i128::from(MAX_PARAMETERS) {
+            bail!(
+                "the sizes imply {:.1} billion parameters (hidden_size {hidden_size}, intermediate_size {intermediate_size}, num_hidden_layers {num_hidden_layers}, vocab_size {vocab_size}; expected at most {} billion)",
+                params as f64 / 1e9,
+                MAX_PARAMETERS / 1_000_000_000
+            );
+        }
+        Ok(config)
     }
 
     /// Number of parameters the decoder holds (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
+        // from_json refused configs of more than MAX_PARAMETERS, so this fits
+        i64::try_from(self.parameter_count()).unwrap_or(i64::MAX)
+    }
+
+    /// The parameter count in i128, so that any sizes a file states can be counted.
+    fn parameter_count(&self) -> i128 {
+        let h = i128::from(self.hidden_size);
+        let head_dim = i128::from(self.head_dim);
+        let q = i128::from(self.num_attention_heads) * head_dim;
+        let kv = i128::from(self.num_key_value_heads) * head_dim;
+        let inter = i128::from(self.intermediate_size);
+        let vocab = i128::from(self.vocab_size);
         let attn = h * q
             + 2 * h * kv
             + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 }
-            + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
+            + if self.qk_norm { 2 * head_dim } else { 0 };
+        let mlp = 3 * h * inter + if self.mlp_bias { 2 * inter + h } else { 0 };
         let layer = attn + mlp + 2 * h;
-        let emb = self.vocab_size * h;
-        emb + self.num_hidden_layers * layer + h + if self.tie_word_embeddings { 0 } else { emb }
+        let emb = vocab * h;
+        emb + i128::from(self.num_hidden_layers) * layer + h + if self.tie_word_embeddings { 0 } else { emb }
     }
 }
 

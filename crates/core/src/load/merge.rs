@@ -11,11 +11,11 @@ use crate::hf::checkpoint::{
     causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::hf::folder::write_folder;
-use crate::load::spec::{AdapterMode, ModelSpec};
+use crate::load::spec::{tokenizer_for, AdapterMode, ModelSpec};
 use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
-use crate::{LoadedModel, ModelConfig, ModelTokenizer};
+use crate::{LoadedModel, ModelConfig};
 
 /// How to merge.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Exported {
                 ModelSpec::at(base, None, device, Kind::Float).causal_lm(AdapterMode::Merge)?.model,
             ));
         }
-        let pad = ModelTokenizer::from_dir(tokenizer_dir)?.padding_id();
+        let pad = tokenizer_for(tokenizer_dir, &ModelConfig::from_dir(base)?, base)?.padding_id();
         Ok(Exported::Reward(load_scalar_model(base, device, Kind::Float, pad, |_| ScoreInit::Zeros)?))
     }
 

@@ -27,6 +27,38 @@ fn tokenizer_dir_of(model: &Path, adapter: Option<&Path>) -> PathBuf {
     }
 }
 
+/// Refuses a tokenizer that produces ids the model has no embedding row for (its largest token
+/// id or its padding id ≥ `vocab_size` of the model's config.json). A config vocabulary larger
+/// than the tokenizer (padding rows, as many HF models have) is fine.
+pub fn check_tokenizer_fits(tokenizer: &ModelTokenizer, config: &ModelConfig, model_dir: &Path) -> Result<()> {
+    let vocab = config.vocab_size;
+    let config_file = model_dir.join("config.json");
+    if let Some(max) = tokenizer.max_token_id().filter(|&m| m >= vocab) {
+        bail!(
+            "{}: the tokenizer has {} tokens with ids up to {max}, but {} has vocab_size {vocab} (expected every token id below vocab_size; tokenizer and model do not belong together)",
+            tokenizer.dir.display(),
+            tokenizer.vocab_size(),
+            config_file.display()
+        );
+    }
+    let pad = tokenizer.padding_id();
+    if pad < 0 || pad >= vocab {
+        bail!(
+            "{}: the padding token id {pad} is outside the vocabulary of {} (vocab_size {vocab}; expected 0 ≤ id < vocab_size)",
+            tokenizer.dir.display(),
+            config_file.display()
+        );
+    }
+    Ok(())
+}
+
+/// The tokenizer of `tokenizer_dir`, checked to fit the model of `model_dir` ([`check_tokenizer_fits`]).
+pub fn tokenizer_for(tokenizer_dir: &Path, config: &ModelConfig, model_dir: &Path) -> Result<ModelTokenizer> {
+    let tokenizer = ModelTokenizer::from_dir(tokenizer_dir)?;
+    check_tokenizer_fits(&tokenizer, config, model_dir)?;
+    Ok(tokenizer)
+}
+
 /// What to load and where.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -126,9 +158,13 @@ impl ModelSpec {
     pub fn causal_lm(&self, mode: AdapterMode) -> Result<LoadedCausalLm> {
         self.apply_runtime();
         let dir = self.model_dir()?;
+        let adapter_dir = self.adapter_dir()?;
+        // the tokenizer is checked against config.json before any weight is read
+        let tokenizer =
+            tokenizer_for(&tokenizer_dir_of(&dir, adapter_dir.as_deref()), &ModelConfig::from_dir(&dir)?, &dir)?;
         let mut model = load_causal_lm(&dir, self.device, self.dtype)?;
         let mut adapter = None;
-        if let Some(a) = self.adapter_dir()? {
+        if let Some(a) = adapter_dir {
             let lora = load_adapter(&model.vs, &mut model.lm, &a)?;
             if mode == AdapterMode::Merge {
                 merge_lora(&model.vs, &mut model.lm)?;
@@ -136,7 +172,6 @@ impl ModelSpec {
             }
             adapter = Some((a, lora));
         }
-        let tokenizer = ModelTokenizer::from_dir(&tokenizer_dir_of(&dir, adapter.as_ref().map(|a| a.0.as_path())))?;
         Ok(LoadedCausalLm { model, tokenizer, adapter, device: self.device, kind: self.dtype })
     }
 
@@ -147,7 +182,8 @@ impl ModelSpec {
         let dir = self.model_dir()?;
         let adapter = self.adapter_dir()?;
         let (m, tokenizer_dir) = load_reward_model_or_adapter(&dir, adapter.as_deref(), self.device, self.dtype)?;
-        Ok((m, ModelTokenizer::from_dir(&tokenizer_dir)?))
+        let tokenizer = tokenizer_for(&tokenizer_dir, &m.rm.config, &m.dir)?;
+        Ok((m, tokenizer))
     }
 
     /// Loads `model` (no adapter) as a scalar model to train: a reward-model folder as it is, or
@@ -159,7 +195,7 @@ impl ModelSpec {
     ) -> Result<(LoadedScalarModel, ModelTokenizer)> {
         self.apply_runtime();
         let dir = self.model_dir()?;
-        let tokenizer = ModelTokenizer::from_dir(&dir)?;
+        let tokenizer = tokenizer_for(&dir, &ModelConfig::from_dir(&dir)?, &dir)?;
         let m = load_scalar_model(&dir, self.device, self.dtype, tokenizer.padding_id(), init)?;
         Ok((m, tokenizer))
     }
@@ -218,7 +254,7 @@ pub fn load_reward_model_or_adapter(
             folder.task_type.as_deref().unwrap_or("none")
         );
     }
-    let pad = ModelTokenizer::from_dir(&tokenizer_dir)?.padding_id();
+    let pad = tokenizer_for(&tokenizer_dir, &base_config, &base)?.padding_id();
     let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
     load_adapter(&m.vs, &mut m.rm, &adapter)
         .with_context(|| format!("adapter {} on {}", adapter.display(), base.display()))?;

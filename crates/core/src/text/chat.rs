@@ -1,7 +1,7 @@
 //! Chat templates: HF Jinja templates rendered with minijinja the way transformers'
 //! `apply_chat_template` renders them (trim/lstrip blocks, Python string methods, `tojson` as
 //! Python's `json.dumps`, `raise_exception`, `strftime_now`).
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Kwargs, Value as JValue};
 use minijinja::{Environment, Error as JError, ErrorKind};
 use serde::Serialize;
@@ -34,27 +34,47 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
     tokens: TemplateTokens,
+    /// The file the template came from (named in every error).
+    origin: String,
 }
 
 const NAME: &str = "chat_template";
+
+/// Template instructions one render may execute. HF chat templates spend about 30 per message
+/// (Qwen2.5, Llama 3, SmolLM2), so this renders conversations of hundreds of thousands of
+/// messages, while a template that loops without end stops within a second or two.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// The most text one render may produce (64 MiB, some 16 million tokens).
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// minijinja's `range()` refuses ranges of more than this many items (its own bound).
+pub const MAX_RANGE_ITEMS: usize = 100_000;
 
 impl ChatTemplate {
     /// Compiles `source`; `origin` (a file name) is used in error messages.
     pub fn new(source: &str, tokens: TemplateTokens, origin: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_function("range", range);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| anyhow!("{origin}: chat template does not compile: {}", describe(&e)))?;
-        Ok(ChatTemplate { env, source: source.to_string(), tokens })
+        Ok(ChatTemplate { env, source: source.to_string(), tokens, origin: origin.to_string() })
     }
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The file the template came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// Renders a conversation (any JSON messages, so tool calls etc. pass through).
@@ -69,7 +89,8 @@ impl ChatTemplate {
         tools: Option<&Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tmpl = self.env.get_template(NAME).map_err(|e| anyhow!("{}", describe(&e)))?;
+        let origin = &self.origin;
+        let tmpl = self.env.get_template(NAME).map_err(|e| anyhow!("{origin}: chat template: {}", describe(&e)))?;
         let ctx = minijinja::context! {
             messages => JValue::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -80,7 +101,20 @@ impl ChatTemplate {
             pad_token => self.tokens.pad_token.clone(),
             unk_token => self.tokens.unk_token.clone(),
         };
-        tmpl.render(ctx).map_err(|e| anyhow!("chat template: {}", describe(&e)))
+        let mut out = BoundedOutput { bytes: Vec::new(), overflowed: false };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => {}
+            Err(_) if out.overflowed => bail!(
+                "{origin}: chat template: the rendered text exceeds {} MiB (expected a conversation's text)",
+                MAX_RENDERED_BYTES >> 20
+            ),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => bail!(
+                "{origin}: chat template: stopped after {TEMPLATE_FUEL} template instructions{} (expected a template that renders a conversation in far fewer; a loop that does not end?)",
+                e.line().map(|l| format!(" at template line {l}")).unwrap_or_default()
+            ),
+            Err(e) => bail!("{origin}: chat template: {}", describe(&e)),
+        }
+        String::from_utf8(out.bytes).map_err(|e| anyhow!("{origin}: chat template: rendered text is not UTF-8: {e}"))
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
@@ -90,15 +124,49 @@ impl ChatTemplate {
     }
 }
 
+/// Where the text of one render goes: refuses to grow past [`MAX_RENDERED_BYTES`].
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered text too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One line: what went wrong and the template line (minijinja's own "(in NAME:LINE)" left out).
 fn describe(e: &JError) -> String {
-    let mut s = match e.kind() {
-        ErrorKind::InvalidOperation if e.detail().is_some() => e.detail().unwrap_or_default().to_string(),
-        _ => e.to_string(),
+    let mut s = match (e.kind(), e.detail()) {
+        (ErrorKind::InvalidOperation, Some(detail)) => detail.to_string(),
+        (kind, Some(detail)) => format!("{kind}: {detail}"),
+        (kind, None) => kind.to_string(),
     };
     if let Some(line) = e.line() {
         s.push_str(&format!(" (template line {line})"));
     }
-    s
+    s.replace(['\r', '\n'], " ")
+}
+
+/// minijinja's `range()`, its refusal of huge ranges said with the bound.
+fn range(lower: isize, upper: Option<isize>, step: Option<isize>) -> Result<JValue, JError> {
+    minijinja::functions::range(lower, upper, step).map_err(|e| match e.detail() {
+        Some(d) if d.contains("too many elements") => JError::new(
+            ErrorKind::InvalidOperation,
+            format!("range() of more than {MAX_RANGE_ITEMS} items (expected a smaller range)"),
+        ),
+        _ => e,
+    })
 }
 
 fn raise_exception(msg: String) -> Result<JValue, JError> {

@@ -79,8 +79,9 @@ impl ModelTokenizer {
         if !tok_path.is_file() {
             bail!("{}: no tokenizer.json in the model folder (only fast tokenizers are supported)", tok_path.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+            anyhow!("{}: cannot load tokenizer (expected a tokenizers JSON file): {e}", tok_path.display())
+        })?;
         let tok_config = read_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json(&dir.join("special_tokens_map.json"))?;
         let token = |key: &str| {
@@ -138,6 +139,11 @@ impl ModelTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The largest id the tokenizer can produce (vocabulary and added tokens), None when empty.
+    pub fn max_token_id(&self) -> Option<i64> {
+        self.inner.get_vocab(true).into_values().max().map(i64::from)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<i64> {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
-use crate::load::spec::{AdapterMode, LoadedCausalLm, ModelSpec};
+use crate::load::spec::{tokenizer_for, AdapterMode, LoadedCausalLm, ModelSpec};
 use crate::model::io::LoadedModel;
 use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::lora::{
@@ -186,7 +186,7 @@ impl TrainingScalarModel {
         }
         tm.method = c.method;
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
-        tm.tokenizer = spec.tokenizer()?;
+        tm.tokenizer = tokenizer_for(&spec.tokenizer_dir()?, &tm.loaded.rm.config, &tm.loaded.dir)?;
         tm.loaded.rm.set_training(true);
         Ok(tm)
     }

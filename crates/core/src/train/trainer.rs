@@ -181,6 +181,43 @@ pub struct LoopState {
     pub stage: Value,
 }
 
+impl LoopState {
+    /// Refuses counters no run can have written (an edited or corrupt `state.json` at `path`, read
+    /// from the folder of step `folder_step`): the error names the field and what was expected.
+    /// Optimizer update counts are not bounded by the step (a PPO iteration makes many updates).
+    pub fn check(&self, path: &Path, folder_step: u64) -> Result<()> {
+        let fail = |what: String| Err(anyhow!("{}: {what}", path.display()));
+        let step = self.step;
+        if step != folder_step {
+            return fail(format!(
+                "field 'step': {step}, but the folder is checkpoint-{folder_step} (expected {folder_step})"
+            ));
+        }
+        if step > self.total_steps {
+            return fail(format!("field 'step': {step} (expected at most total_steps {})", self.total_steps));
+        }
+        if self.nonfinite_total > step {
+            return fail(format!("field 'nonfinite_total': {} (expected at most step {step})", self.nonfinite_total));
+        }
+        if self.nonfinite_in_row > self.nonfinite_total {
+            return fail(format!(
+                "field 'nonfinite_in_row': {} (expected at most nonfinite_total {})",
+                self.nonfinite_in_row, self.nonfinite_total
+            ));
+        }
+        if let Some(best) = self.best_step.filter(|&b| b > step) {
+            return fail(format!("field 'best_step': {best} (expected at most step {step})"));
+        }
+        if let Some(loss) = self.best_eval_loss.filter(|l| !l.is_finite()) {
+            return fail(format!("field 'best_eval_loss': {loss} (expected a finite number)"));
+        }
+        if !(self.elapsed_seconds.is_finite() && self.elapsed_seconds >= 0.0) {
+            return fail(format!("field 'elapsed_seconds': {} (expected a non-negative number)", self.elapsed_seconds));
+        }
+        Ok(())
+    }
+}
+
 /// A seeded permutation of `0..n` for one epoch (splitmix64 + Fisher–Yates): the data order is a
 /// pure function of (seed, epoch), so the data cursor is just a count of examples consumed.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -513,14 +550,13 @@ pub fn planned_steps(s: &TrainSection, examples: usize, per_step: usize) -> u64 
     ((s.epochs * examples as f64) / per_step.max(1) as f64).ceil().max(1.0) as u64
 }
 
-/// Reads a checkpoint for resuming: its files checked against the COMPLETE marker, its
-/// `state.json` parsed and checked.
+/// Reads a checkpoint for resuming: its `state.json` parsed and checked, its files checked
+/// against the COMPLETE marker.
 fn read_checkpoint(dir: &Path, step: u64) -> Result<LoopState> {
-    verify_checkpoint(dir, step)?;
+    // an impossible state names its field; then every file must be what was written
     let saved: LoopState = read_state(dir)?;
-    if saved.step != step {
-        bail!("{}: train_state/state.json: step {} in a folder named for step {step}", dir.display(), saved.step);
-    }
+    saved.check(&dir.join(TRAIN_STATE).join("state.json"), step)?;
+    verify_checkpoint(dir, step)?;
     Ok(saved)
 }
 
@@ -987,6 +1023,38 @@ mod tests {
         assert_eq!(&all[..5], &epoch_order(5, 3, 0)[..]);
         assert_eq!(&all[5..10], &epoch_order(5, 3, 1)[..]);
         assert_eq!(stream_indices(5, 3, 7, 5), all[7..12].to_vec());
+    }
+
+    #[test]
+    fn impossible_resume_counters_are_refused() {
+        let ok = LoopState {
+            step: 4,
+            total_steps: 10,
+            nonfinite_in_row: 1,
+            nonfinite_total: 2,
+            best_step: Some(4),
+            best_eval_loss: Some(1.5),
+            elapsed_seconds: 3.0,
+            optimizer_steps: BTreeMap::from([("policy".to_string(), 40)]),
+            ..Default::default()
+        };
+        let path = Path::new("out/checkpoint-4/train_state/state.json");
+        ok.check(path, 4).unwrap();
+        let err = |s: LoopState, folder: u64| s.check(path, folder).unwrap_err().to_string();
+        let e = err(ok.clone(), 6);
+        assert!(
+            e.starts_with("out/checkpoint-4/train_state/state.json: field 'step'") && e.contains("checkpoint-6"),
+            "{e}"
+        );
+        assert!(err(LoopState { step: 11, ..ok.clone() }, 11).contains("total_steps 10"));
+        assert!(
+            err(LoopState { nonfinite_total: 5, nonfinite_in_row: 0, ..ok.clone() }, 4).contains("'nonfinite_total'")
+        );
+        assert!(err(LoopState { nonfinite_in_row: 3, ..ok.clone() }, 4).contains("'nonfinite_in_row'"));
+        assert!(err(LoopState { best_step: Some(5), ..ok.clone() }, 4).contains("'best_step': 5"));
+        assert!(err(LoopState { best_eval_loss: Some(f64::INFINITY), ..ok.clone() }, 4).contains("'best_eval_loss'"));
+        assert!(err(LoopState { elapsed_seconds: -1.0, ..ok.clone() }, 4).contains("'elapsed_seconds'"));
+        assert!(err(LoopState { elapsed_seconds: f64::NAN, ..ok.clone() }, 4).contains("'elapsed_seconds'"));
     }
 
     #[test]
