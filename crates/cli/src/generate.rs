@@ -2,7 +2,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -52,7 +52,7 @@ pub struct GenerateArgs {
 
 /// Reads `{"prompt": "…"}` lines; errors name the file and line.
 pub fn read_prompt_file(path: &PathBuf) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = align_core::hf::folder::read_text_file(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::{kind_name, Origin, TextMode};
+use crate::hf::folder::utf8_problem;
 
 /// The extensions data files may have.
 pub(crate) const DATA_EXTENSIONS: [&str; 3] = ["jsonl", "json", "txt"];
@@ -150,15 +151,6 @@ pub(crate) fn raw_records(
         },
         FileLayout::Text => Ok(text_documents(path, bytes, text_mode)),
     })
-}
-
-/// The 1-based line of the first byte that is not UTF-8, and the message for it.
-fn utf8_problem(bytes: &[u8], e: &std::str::Utf8Error) -> (usize, String) {
-    let at = e.valid_up_to();
-    let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-    let byte = bytes.get(at).copied().unwrap_or(0);
-    (line, format!("invalid UTF-8: byte 0x{byte:02x} at column {} (expected UTF-8 text)", at - line_start + 1))
 }
 
 /// The lines of a file (split at `\n`, a trailing `\r` removed, as `str::lines` does), each

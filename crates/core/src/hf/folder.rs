@@ -12,6 +12,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The 1-based line of the first byte of `bytes` that is not UTF-8, and the message for it.
+pub fn utf8_problem(bytes: &[u8], e: &std::str::Utf8Error) -> (usize, String) {
+    let at = e.valid_up_to();
+    let line_start = bytes[..at].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    let byte = bytes.get(at).copied().unwrap_or(0);
+    (line, format!("invalid UTF-8: byte 0x{byte:02x} at column {} (expected UTF-8 text)", at - line_start + 1))
+}
+
+/// A whole text file; one that is not UTF-8 is an error naming the file, line and column.
+pub fn read_text_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let (line, message) = utf8_problem(e.as_bytes(), &e.utf8_error());
+        anyhow!("{}:{line}: {message}", path.display())
+    })
+}
+
 /// Flushes a file's data (or a folder's entries) to the disk.
 pub fn sync_path(path: &Path) -> Result<()> {
     let f = File::open(path).with_context(|| format!("{}: cannot open to sync", path.display()))?;
@@ -354,6 +372,18 @@ mod tests {
         assert!(std::fs::read_to_string(d.join(".lock")).unwrap().trim().parse::<u32>().is_ok());
         let again = FolderLock::acquire(&d, ".lock").unwrap();
         drop(again);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_text_file_that_is_not_utf8_names_its_line_and_column() {
+        let d = tmp("utf8");
+        let p = d.join("texts.txt");
+        std::fs::write(&p, b"fine\nalso fine\nbad \xff here\n").unwrap();
+        let e = read_text_file(&p).unwrap_err().to_string();
+        assert!(e.ends_with("texts.txt:3: invalid UTF-8: byte 0xff at column 5 (expected UTF-8 text)"), "{e}");
+        std::fs::write(&p, "ünïcode\n").unwrap();
+        assert_eq!(read_text_file(&p).unwrap(), "ünïcode\n");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

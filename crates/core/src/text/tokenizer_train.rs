@@ -52,7 +52,7 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
 /// The texts of a training file: `.jsonl` / `.json` give every string value of each record,
 /// anything else its non-empty lines.
 pub fn training_texts(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let content = crate::hf::folder::read_text_file(path)?;
     let mut out = Vec::new();
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => {
