@@ -68,7 +68,12 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         data.validation.len()
     );
     let params = tm.trainable_params();
-    let mut objective = NextTokenObjective { lm: &tm.loaded.lm, data, pad_id: tm.tokenizer.padding_id() };
+    let mut objective = NextTokenObjective {
+        lm: &tm.loaded.lm,
+        data,
+        pad_id: tm.tokenizer.padding_id(),
+        chunk_tokens: c.train.loss_chunk_tokens,
+    };
     let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
     train_supervised(run, &mut objective, &tm, params)
 }

@@ -116,13 +116,20 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             c.train.max_length
         );
         let validation = pack_sequences(&val_seqs, c.train.max_length);
-        let mut objective = PackedObjective { lm: &tm.loaded.lm, train: train_rows, validation, pad_id };
+        let mut objective = PackedObjective {
+            lm: &tm.loaded.lm,
+            train: train_rows,
+            validation,
+            pad_id,
+            chunk_tokens: c.train.loss_chunk_tokens,
+        };
         return train_supervised(run, &mut objective, &tm, params);
     }
     let mut objective = NextTokenObjective {
         lm: &tm.loaded.lm,
         data: SequenceSplits { train: train_seqs, validation: val_seqs },
         pad_id,
+        chunk_tokens: c.train.loss_chunk_tokens,
     };
     train_supervised(run, &mut objective, &tm, params)
 }

@@ -514,6 +514,11 @@ impl CausalLm {
         CausalLm { config: config.clone(), model, lm_head }
     }
 
+    /// The LM head's weight (`lm_head.weight`, or the embeddings when tied), `[vocab, hidden]`.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
     /// Projects hidden states to vocabulary logits (in the model's dtype).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(hidden.f_linear::<Tensor>(&self.lm_head, None)?)

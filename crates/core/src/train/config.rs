@@ -141,6 +141,10 @@ pub struct TrainSection {
     /// Intra-op CPU threads (default: libtorch's choice).
     #[serde(default)]
     pub threads: Option<i32>,
+    /// PT / SFT: run the LM head and the loss over chunks of this many tokens, so the
+    /// `[batch, seq, vocab]` logits never exist at once (0 = all at once).
+    #[serde(default)]
+    pub loss_chunk_tokens: usize,
 }
 
 impl Default for TrainSection {
