@@ -109,6 +109,12 @@ fn runs_skips_when_done_and_reruns_what_a_change_touches() {
         assert!(r["command"].as_str().unwrap().contains("run"));
     }
     assert!(record(&run, "sft")["summary"]["completed"].as_bool().unwrap());
+    // [defaults] device and seed survive a [defaults.train] table
+    for s in ["pt", "sft"] {
+        assert_eq!(record(&run, s)["config"]["train"]["seed"], 7, "{s}");
+        assert_eq!(record(&run, s)["config"]["train"]["device"], "cpu", "{s}");
+        assert_eq!(record(&run, s)["config"]["train"]["batch_size"], 4, "{s}");
+    }
     assert!(record(&run, "eval")["eval"]["perplexity"].as_f64().unwrap() > 1.0);
     let pipeline_json: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("pipeline.json")).unwrap()).unwrap();
@@ -131,6 +137,18 @@ fn runs_skips_when_done_and_reruns_what_a_change_touches() {
         .output()
         .unwrap());
     assert_eq!(outcomes(&only), vec!["pt: not selected", "sft: not selected", "eval: ran"]);
+}
+
+/// `--only STAGE` on a fresh run folder runs that stage alone, although later stages need
+/// stages that never ran.
+#[test]
+fn only_one_stage_of_a_fresh_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let file = pipeline(tmp.path(), &run, "");
+    let only = ok(align().args(["run", file.to_str().unwrap(), "--only", "pt"]).output().unwrap());
+    assert_eq!(outcomes(&only), vec!["pt: ran", "sft: not selected", "eval: not selected"]);
+    assert!(run.join("pt/final/model.safetensors").is_file() && !run.join("sft").exists());
 }
 
 /// A stage whose data changed re-runs (and what comes after it); a done stage whose `final/` was

@@ -98,14 +98,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             plan_made_stage(p, s, &produced)?
         } else {
             let input = match &s.from {
-                Some(f) => produced.get(f).cloned().ok_or_else(|| {
-                    anyhow!("stage '{}' needs '{f}', which has not produced a model (run it first)", s.name)
-                })?,
-                None => base.clone().ok_or_else(|| anyhow!("stage '{}': no starting model (set from = …)", s.name))?,
+                Some(f) => produced.get(f).cloned(),
+                None => base.clone(),
             };
             if !selected {
-                // an unselected stage still passes on what it produced earlier
-                if let Some(prev) = previous.filter(|r| r.status == StageStatus::Done) {
+                // an unselected stage still passes on what it produced earlier (if its input exists)
+                if let (Some(prev), Some(input)) = (previous.filter(|r| r.status == StageStatus::Done), input) {
                     if let Some(out) = stage_output(p, s, Some(&trained_from(s, input)?), &prev) {
                         produced.insert(s.name.clone(), out);
                     }
@@ -113,6 +111,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 outcomes.push((s.name.clone(), StageOutcome::NotSelected));
                 continue;
             }
+            let input = match (input, &s.from) {
+                (Some(i), _) => i,
+                (None, Some(f)) => {
+                    bail!("stage '{}' needs '{f}', which has not produced a model (run it first)", s.name)
+                }
+                (None, None) => bail!("stage '{}': no starting model (set from = …)", s.name),
+            };
             let tok_hash = tokenizer_hash(&input.model)?;
             let expected = pipeline_tokenizer.get_or_insert_with(|| tok_hash.clone());
             if tok_hash != *expected && !s.allow_tokenizer_mismatch {

@@ -334,7 +334,8 @@ impl Pipeline {
                     set_path(&mut shared, &["train".to_string(), k.clone()], v.clone())?;
                 }
                 _ => {
-                    shared.insert(k.clone(), v.clone());
+                    // merged, not replaced: [defaults.train] keeps what device/dtype/seed/threads set
+                    merge(&mut shared, &toml::Table::from_iter([(k.clone(), v.clone())]));
                 }
             }
         }
