@@ -105,6 +105,10 @@ fn a_non_finite_step_is_skipped_and_logged_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let s = run(tmp.path(), &settings(), &mut Toy::new(&[3], None, &[])).unwrap();
     assert!(s.completed && s.steps == 8 && s.nonfinite_steps == 1, "{s:?}");
+    if cfg!(target_os = "linux") {
+        // the summary reports the process's peak resident memory (libtorch alone is > 10 MB)
+        assert!(s.peak_rss_bytes.is_some_and(|b| b > 10 << 20), "{s:?}");
+    }
     let skipped: Vec<u64> = metric_lines(tmp.path())
         .iter()
         .filter(|l| l["skipped_nonfinite"] == true)

@@ -195,6 +195,9 @@ pub struct TrainSummary {
     pub tokens_seen: u64,
     pub seconds: f64,
     pub final_dir: Option<PathBuf>,
+    /// The process's peak resident memory when the run ended (Linux `VmHWM`), in bytes; None
+    /// where the system does not report it. On CUDA, device memory is not included.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// `stage.json`: a pipeline stage's status and lineage. Every field but `kind` and `status`

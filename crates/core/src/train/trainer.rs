@@ -793,12 +793,24 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         tokens_seen: state.tokens_seen,
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
         final_dir,
+        peak_rss_bytes: peak_rss_bytes(),
     };
+    if let Some(peak) = summary.peak_rss_bytes {
+        tracing::info!("peak memory (resident): {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+    }
     write_file_atomic(&out.join(SUMMARY), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     if let Some(stop) = stop_request.filter(|s| s.fail) {
         bail!("stopped after {unit} {}: {} (the last checkpoint is kept)", state.step, stop.reason);
     }
     Ok(summary)
+}
+
+/// The process's peak resident set size (`VmHWM` of `/proc/self/status`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The last value of `key` in `OUTPUT/metrics.jsonl`.
