@@ -123,6 +123,23 @@ fn restart_and_out_never_delete_what_we_did_not_write() {
     assert_ok(&train(&cfg, &["--restart"]));
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
 
+    // a folder an older align trained into (no run record): its complete checkpoints and outputs
+    // are adopted and resumed from; a checkpoint-named folder without align's marker is not
+    let (cfg_old, old) = pt_config(tmp.path(), "old", &data, "");
+    assert_ok(&train(&cfg_old, &["--stop-after", "3"]));
+    std::fs::remove_file(old.join(".align-outputs.json")).unwrap();
+    std::fs::write(old.join("checkpoint-3/COMPLETE"), "3\n").unwrap(); // the older marker: the step only
+    let o = train(&cfg_old, &[]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("adopted"), "{}", stderr(&o));
+    let (cfg_straight, straight) = pt_config(tmp.path(), "straight", &data, "");
+    assert_ok(&train(&cfg_straight, &[]));
+    assert!(weights(&old) == weights(&straight), "the adopted run resumed exactly");
+    std::fs::remove_file(old.join(".align-outputs.json")).unwrap();
+    std::fs::create_dir_all(old.join("checkpoint-9")).unwrap();
+    let e = fails(&["train", "pretrain", "--config", s(&cfg_old)]);
+    assert!(e.contains("'checkpoint-9'"), "{e}");
+
     // init --out into a folder holding a user's file, or into its own input
     let desc = tmp.path().join("desc.toml");
     std::fs::write(&desc, "model_type = \"llama\"\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 1\nnum_attention_heads = 2\nnum_key_value_heads = 1\nmax_position_embeddings = 64\n").unwrap();

@@ -390,7 +390,11 @@ fn half_written(name: &str) -> bool {
 /// run: it is refused, never resumed from or deleted.
 pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<OutputLedger> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let had_ledger = out.join(OUTPUT_LEDGER).is_file();
     let mut ledger = OutputLedger::load(out)?;
+    if !had_ledger {
+        adopt_older_outputs(out, &mut ledger)?;
+    }
     let mut foreign = Vec::new();
     for entry in std::fs::read_dir(out)?.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -422,6 +426,44 @@ pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<OutputLedger> {
         }
     }
     Ok(ledger)
+}
+
+/// A folder an older align trained into has no ledger: its entries are adopted when they carry
+/// align's own proof — `checkpoint-N` folders with a COMPLETE marker of step N, and the run's
+/// other outputs when there is such a checkpoint or a `train_summary.json` that reads as one.
+/// Anything else named like ours stays foreign (refused, never deleted).
+fn adopt_older_outputs(out: &Path, ledger: &mut OutputLedger) -> Result<()> {
+    let marker_step = |dir: &Path| -> Option<u64> {
+        let text = std::fs::read_to_string(dir.join(COMPLETE_MARKER)).ok()?;
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .or_else(|| serde_json::from_str::<CompleteMarker>(&text).ok().map(|m| m.step))
+    };
+    let checkpoints: Vec<String> = complete_checkpoints(out)
+        .into_iter()
+        .filter(|(step, dir)| marker_step(dir) == Some(*step))
+        .filter_map(|(_, dir)| dir.file_name().map(|n| n.to_string_lossy().to_string()))
+        .collect();
+    let summary_reads = std::fs::read_to_string(out.join(SUMMARY))
+        .ok()
+        .is_some_and(|t| serde_json::from_str::<TrainSummary>(&t).is_ok_and(|s| s.total_steps > 0));
+    let mut adopted = checkpoints.clone();
+    if !checkpoints.is_empty() || summary_reads {
+        adopted.extend(RUN_OUTPUTS.iter().filter(|n| out.join(n).exists()).map(|n| n.to_string()));
+    }
+    for name in &adopted {
+        ledger.add(name)?;
+    }
+    if !adopted.is_empty() {
+        tracing::warn!(
+            "{}: no run record ({OUTPUT_LEDGER}): adopted {} entries an older align wrote ({})",
+            out.display(),
+            adopted.len(),
+            adopted.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Test hooks, compiled only with the `fault-injection` feature (never into the release binary
