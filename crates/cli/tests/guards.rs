@@ -81,7 +81,10 @@ fn an_edited_resume_state_is_refused() {
     let o = align(&["train", "pretrain", "--config", s(&cfg)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains(&format!("{}: field 'nonfinite_total': 7 (expected at most step 2)", state.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: field 'nonfinite_total': 7 (expected at most step 2)", state.display())),
+        "{err}"
+    );
     assert!(err.contains("checkpoint-1"), "{err}");
     // with no older checkpoint to fall back to, the run stops: one error line naming the field
     std::fs::remove_dir_all(out.join("checkpoint-1")).unwrap();

@@ -185,7 +185,10 @@ fn changed_data_or_a_deleted_output_re_runs_the_stage() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fault-injection"), ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)")]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)"
+)]
 fn killed_runner_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");

@@ -66,12 +66,16 @@ fn a_truncated_newest_checkpoint_resumes_from_the_older_one_to_the_same_weights(
     assert_ok(&o);
     let err = stderr(&o);
     assert!(err.contains("checkpoint-4/model.safetensors") && err.contains("next older"), "{err}");
-    assert!(weights(&straight) == weights(&broken), "resuming from checkpoint-3 must end with the straight run's weights");
+    assert!(
+        weights(&straight) == weights(&broken),
+        "resuming from checkpoint-3 must end with the straight run's weights"
+    );
 
     // a state.json edited by hand is refused the same way (here: every checkpoint is broken)
     let (cfg, edited) = pt_config(tmp.path(), "edited", &data, "");
     assert_ok(&train(&cfg, &["--stop-after", "1"]));
-    std::fs::write(edited.join("checkpoint-1/train_state/state.json"), "{\"step\": 1, \"examples_consumed\": 4").unwrap();
+    std::fs::write(edited.join("checkpoint-1/train_state/state.json"), "{\"step\": 1, \"examples_consumed\": 4")
+        .unwrap();
     let e = stderr(&train(&cfg, &[]));
     assert!(e.contains("no checkpoint could be loaded") && e.contains("--restart"), "{e}");
 }

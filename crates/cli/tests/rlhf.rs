@@ -241,7 +241,10 @@ fn ppo_config(dir: &Path, name: &str, out: &Path, reward: &Path) -> PathBuf {
 /// reward`: SIGKILL in the middle of an iteration, then the same command again, ends with the
 /// weights (policy and critic) of an uninterrupted run.
 #[test]
-#[cfg_attr(not(feature = "fault-injection"), ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)")]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)"
+)]
 fn train_ppo_killed_mid_iteration_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let rm = tmp.path().join("rm");

@@ -55,7 +55,10 @@ fn same_run(a: &Path, b: &Path) {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fault-injection"), ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)")]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the test hooks: --features align-cli/fault-injection (scripts/test.sh sets it)"
+)]
 fn sigkill_mid_run_and_crash_during_save_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");

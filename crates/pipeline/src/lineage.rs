@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use align_core::data::expand_data_paths;
-use align_core::text::chat::strftime;
 use align_core::hf::folder::sha256_file;
+use align_core::text::chat::strftime;
 use align_core::train::config::sha256_hex;
 use align_runs::files::STAGE_RECORD;
 use align_runs::{StageRecord, StageStatus};
@@ -69,7 +69,10 @@ pub(crate) fn read_record(path: &Path) -> Option<StageRecord> {
 
 pub(crate) fn write_record(dir: &Path, rec: &StageRecord) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    align_core::hf::folder::write_file_atomic(&dir.join(STAGE_RECORD), (serde_json::to_string_pretty(rec)? + "\n").as_bytes())
+    align_core::hf::folder::write_file_atomic(
+        &dir.join(STAGE_RECORD),
+        (serde_json::to_string_pretty(rec)? + "\n").as_bytes(),
+    )
 }
 
 /// Content hashes of the stage's `data` files.

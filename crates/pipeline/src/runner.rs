@@ -53,8 +53,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
     }
     write_file_atomic(
         &p.run_dir.join(PIPELINE_RECORD),
-        (serde_json::to_string_pretty(&json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}))?
-            + "\n")
+        (serde_json::to_string_pretty(
+            &json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}),
+        )? + "\n")
             .as_bytes(),
     )?;
     // the starting model: a given folder, one `align init` makes from a description, or none
@@ -132,11 +133,12 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
         };
         let input_hash = sha256_hex(canonical_json(&json!({"config": plan.config_hash, "inputs": plan.inputs, "data": plan.data, "tokenizer": plan.tokenizer_hash, "kind": s.kind, "eval": s.eval})).as_bytes());
 
-        let done_with_same_inputs =
-            !opts.restart && previous.as_ref().is_some_and(|r| r.status == StageStatus::Done && r.input_hash == input_hash);
+        let done_with_same_inputs = !opts.restart
+            && previous.as_ref().is_some_and(|r| r.status == StageStatus::Done && r.input_hash == input_hash);
         // a done stage whose output was deleted or changed since is run again (resuming: its
         // checkpoints, if kept, make that quick)
-        let damaged = if done_with_same_inputs { previous.as_ref().and_then(|r| damaged_output(p, s, r)) } else { None };
+        let damaged =
+            if done_with_same_inputs { previous.as_ref().and_then(|r| damaged_output(p, s, r)) } else { None };
         if done_with_same_inputs && damaged.is_none() {
             let prev = previous.clone().unwrap_or_else(|| StageRecord::new(&s.name, s.kind));
             if let Some(out) = stage_output(p, s, plan.input.as_ref(), &prev) {
@@ -365,7 +367,9 @@ pub(crate) fn damaged_output(p: &Pipeline, s: &StageSpec, rec: &StageRecord) -> 
         return Some(format!("its output {} is missing", final_dir.display()));
     }
     match (&rec.output_hash, content_hash(&final_dir)) {
-        (Some(want), Ok(got)) if *want != got => Some(format!("its output {} changed or is incomplete", final_dir.display())),
+        (Some(want), Ok(got)) if *want != got => {
+            Some(format!("its output {} changed or is incomplete", final_dir.display()))
+        }
         (_, Err(e)) => Some(format!("its output {} cannot be read ({e:#})", final_dir.display())),
         _ => None,
     }

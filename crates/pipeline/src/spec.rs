@@ -406,7 +406,9 @@ impl Pipeline {
             let allow_tokenizer_mismatch = match t.get("allow_tokenizer_mismatch") {
                 None => false,
                 Some(toml::Value::Boolean(b)) => *b,
-                Some(other) => bail!("{sat}.allow_tokenizer_mismatch: expected true or false, found {}", other.type_str()),
+                Some(other) => {
+                    bail!("{sat}.allow_tokenizer_mismatch: expected true or false, found {}", other.type_str())
+                }
             };
             if kind != StageKind::Eval && t.contains_key("max_new_tokens") {
                 bail!("{sat}.max_new_tokens: only an eval stage (eval = \"answers\") reads it; a ppo stage sets ppo.max_new_tokens");
@@ -427,8 +429,7 @@ impl Pipeline {
                 }
             }
             merge(&mut table, &own);
-            let eval_settings =
-                if kind == StageKind::Eval { Some(eval_settings(&own, &table, &sat)?) } else { None };
+            let eval_settings = if kind == StageKind::Eval { Some(eval_settings(&own, &table, &sat)?) } else { None };
             // data files must exist, and be of the right kind, read with the stage's own options
             let data: Vec<String> = match table.get("data") {
                 None => Vec::new(),
@@ -436,7 +437,9 @@ impl Pipeline {
                     .iter()
                     .enumerate()
                     .map(|(j, v)| {
-                        v.as_str().map(str::to_string).ok_or_else(|| anyhow!("{sat}.data[{j}]: expected a file path string"))
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| anyhow!("{sat}.data[{j}]: expected a file path string"))
                     })
                     .collect::<Result<_>>()?,
                 Some(other) => bail!("{sat}.data: expected a list of files, found {}", other.type_str()),
@@ -447,7 +450,10 @@ impl Pipeline {
             expand_data_paths(&data).map_err(|e| anyhow!("{sat}.data: {e}"))?;
             let options: DataOptions = match table.get("data_options") {
                 None => DataOptions::default(),
-                Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| anyhow!("{sat}.data_options: {}", e.message().trim()))?,
+                Some(v) => v
+                    .clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| anyhow!("{sat}.data_options: {}", e.message().trim()))?,
             };
             options.validate().map_err(|e| anyhow!("{sat}.data_options: {e}"))?;
             if kind == StageKind::Dpo || kind == StageKind::Reward {

@@ -108,8 +108,7 @@ pub(crate) fn run_init_stage(p: &Pipeline, s: &StageSpec, plan: &StagePlan) -> R
 
 pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     use align_core::infer::logprobs::corpus_perplexity;
-    let settings =
-        s.eval_settings.as_ref().ok_or_else(|| anyhow!("stage '{}': not an eval stage", s.name))?;
+    let settings = s.eval_settings.as_ref().ok_or_else(|| anyhow!("stage '{}': not an eval stage", s.name))?;
     let device = align_core::model::device::parse_device(settings.train.device.as_deref().unwrap_or("auto"))?;
     let kind = align_core::model::device::parse_dtype(settings.train.dtype.as_deref(), device)?;
     if let Some(n) = settings.train.threads {

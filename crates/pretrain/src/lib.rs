@@ -74,7 +74,13 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         pad_id: tm.tokenizer.padding_id(),
         chunk_tokens: c.train.loss_chunk_tokens,
     };
-    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
+    let run = TrainRun {
+        settings: &c.train,
+        output_dir: &c.output_dir,
+        fingerprint: &cfg.fingerprint()?,
+        restart,
+        stop_after,
+    };
     train_supervised(run, &mut objective, &tm, params)
 }
 

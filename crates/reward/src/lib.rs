@@ -177,7 +177,13 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let params = tm.trainable_params();
     let mut objective =
         RewardObjective { rm: &tm.loaded.rm, data: PairSplits { train: train_enc, validation: val_enc }, section };
-    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
+    let run = TrainRun {
+        settings: &c.train,
+        output_dir: &c.output_dir,
+        fingerprint: &cfg.fingerprint()?,
+        restart,
+        stop_after,
+    };
     train_supervised(run, &mut objective, &tm, params)
 }
 

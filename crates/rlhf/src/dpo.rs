@@ -8,8 +8,8 @@ use tch::Kind;
 use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
-use align_core::model::decoder::CausalLm;
 use align_core::hf::folder::sha256_file;
+use align_core::model::decoder::CausalLm;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train::setup::{training_device, training_spec, TrainingModel};
@@ -228,6 +228,12 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let tm = TrainingModel::load(cfg)?;
     let params_list = tm.trainable_params();
     let mut objective = DpoObjective { policy: &tm.loaded.lm, reference: &reference, data, params, pad_id };
-    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
+    let run = TrainRun {
+        settings: &c.train,
+        output_dir: &c.output_dir,
+        fingerprint: &cfg.fingerprint()?,
+        restart,
+        stop_after,
+    };
     train_supervised(run, &mut objective, &tm, params_list)
 }

@@ -636,6 +636,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         samples_path: (section.sample_every > 0).then(|| c.output_dir.join(SAMPLES)),
         value_lr_base: section.value_lr.unwrap_or(t.lr),
     };
-    let run = TrainRun { settings: t, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
+    let run =
+        TrainRun { settings: t, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
     train(run, &mut step)
 }

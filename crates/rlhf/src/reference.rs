@@ -9,12 +9,12 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use align_core::hf::checkpoint::{resolve_model_dir, weight_files};
+use align_core::hf::folder::{sha256_file, sync_path};
 use align_core::infer::logprobs::sequence_logprobs;
 use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::io::LoadedModel;
 use align_core::peft::lora::without_adapters;
-use align_core::hf::folder::{sha256_file, sync_path};
 use align_core::train::config::{canonical_json, sha256_hex};
 use align_core::train::config::{LoadedConfig, Method};
 use align_core::train::preference_batch::{PairSplits, PreferenceBatch};

@@ -105,7 +105,13 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         vc.kept
     );
     let params = tm.trainable_params();
-    let run = TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };
+    let run = TrainRun {
+        settings: &c.train,
+        output_dir: &c.output_dir,
+        fingerprint: &cfg.fingerprint()?,
+        restart,
+        stop_after,
+    };
     let pad_id = tm.tokenizer.padding_id();
     if section.packing {
         let train_rows = pack_sequences(&train_seqs, c.train.max_length);

@@ -201,7 +201,10 @@ pub fn verify_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
             bail!("{}: {} bytes, but {} were written (truncated or changed)", path.display(), meta.len(), want.bytes);
         }
         if sha256_file(&path)? != want.sha256 {
-            bail!("{}: its SHA-256 differs from the one recorded when it was written (corrupt or changed)", path.display());
+            bail!(
+                "{}: its SHA-256 differs from the one recorded when it was written (corrupt or changed)",
+                path.display()
+            );
         }
     }
     Ok(())

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::hf::checkpoint::{
-    causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES,
-};
+use crate::hf::checkpoint::{causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES};
 use crate::hf::folder::write_folder;
 use crate::load::spec::{tokenizer_for, AdapterMode, ModelSpec};
 use crate::model::decoder::ForwardOptions;

@@ -17,9 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::hf::checkpoint::{
-    copy_companions, for_each_tensor, resolve_model_dir, save_tensors, SINGLE_FILE,
-};
+use crate::hf::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, SINGLE_FILE};
 use crate::hf::folder::write_folder;
 use crate::model::decoder::Trunk;
 

@@ -68,7 +68,11 @@ fn summed_nll_with(
 /// is that of the summed NLL. Equal to the unchunked loss up to f32 summation order.
 pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk_tokens: usize) -> Result<Tensor> {
     let size = hidden.size();
-    anyhow::ensure!(size.len() == 3 && labels.size() == size[..2], "hidden {size:?} and labels {:?} do not match", labels.size());
+    anyhow::ensure!(
+        size.len() == 3 && labels.size() == size[..2],
+        "hidden {size:?} and labels {:?} do not match",
+        labels.size()
+    );
     let (b, t) = (size[0], size[1]);
     let device = hidden.device();
     // position t is scored against labels[t + 1]; the last position has nothing to predict

@@ -338,7 +338,11 @@ impl OutputLedger {
                     .and_then(Value::as_array)
                     .ok_or_else(|| anyhow!("{}: field 'written': expected a list of names", path.display()))?
                     .iter()
-                    .map(|n| n.as_str().map(str::to_string).ok_or_else(|| anyhow!("{}: field 'written': expected names", path.display())))
+                    .map(|n| {
+                        n.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| anyhow!("{}: field 'written': expected names", path.display()))
+                    })
                     .collect::<Result<_>>()?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
@@ -348,7 +352,10 @@ impl OutputLedger {
     }
 
     fn save(&self) -> Result<()> {
-        write_file_atomic(&self.path, (serde_json::to_string_pretty(&json!({"written": self.written}))? + "\n").as_bytes())
+        write_file_atomic(
+            &self.path,
+            (serde_json::to_string_pretty(&json!({"written": self.written}))? + "\n").as_bytes(),
+        )
     }
 
     /// Records `name` before it is written, so that a crash never leaves an entry it does not list.
@@ -435,10 +442,7 @@ pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<OutputLedger> {
 fn adopt_older_outputs(out: &Path, ledger: &mut OutputLedger) -> Result<()> {
     let marker_step = |dir: &Path| -> Option<u64> {
         let text = std::fs::read_to_string(dir.join(COMPLETE_MARKER)).ok()?;
-        text.trim()
-            .parse::<u64>()
-            .ok()
-            .or_else(|| serde_json::from_str::<CompleteMarker>(&text).ok().map(|m| m.step))
+        text.trim().parse::<u64>().ok().or_else(|| serde_json::from_str::<CompleteMarker>(&text).ok().map(|m| m.step))
     };
     let checkpoints: Vec<String> = complete_checkpoints(out)
         .into_iter()
@@ -650,11 +654,7 @@ fn resume(out: &Path, run: &TrainRun, step: &mut dyn TrainStep) -> Result<Option
         return Ok(Some(saved));
     }
     if !broken.is_empty() {
-        bail!(
-            "{}: no checkpoint could be loaded ({}); start over with --restart",
-            out.display(),
-            broken.join("; ")
-        );
+        bail!("{}: no checkpoint could be loaded ({}); start over with --restart", out.display(), broken.join("; "));
     }
     Ok(None)
 }
@@ -687,7 +687,10 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             truncate_metrics(&out.join(log), at)?;
         }
         saved_at = Some(at);
-        tracing::info!("resuming from {} ({unit} {at} of {total})", out.join(format!("{CHECKPOINT_PREFIX}{at}")).display());
+        tracing::info!(
+            "resuming from {} ({unit} {at} of {total})",
+            out.join(format!("{CHECKPOINT_PREFIX}{at}")).display()
+        );
     } else {
         for log in [METRICS, SAMPLES] {
             truncate_metrics(&out.join(log), 0)?;
