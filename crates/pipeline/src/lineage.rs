@@ -1,13 +1,13 @@
 //! Lineage: content hashes of models, data and tokenizers, and `stage.json` records (read,
 //! written atomically, marked stale downstream) that decide whether a stage is up to date.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use align_core::data::expand_data_paths;
-use align_core::hf::folder::sha256_file;
+use align_core::hf::folder::{folder_manifest, sha256_file};
 use align_core::text::chat::strftime;
 use align_core::train::config::sha256_hex;
 use align_runs::files::STAGE_RECORD;
@@ -22,30 +22,14 @@ pub(crate) fn now() -> String {
 
 /// SHA-256 over every file of a folder (names and contents, sorted), or of one file.
 pub fn content_hash(path: &Path) -> Result<String> {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        collect_files(path, path, &mut files)?;
+    let files: Vec<(String, String)> = if path.is_dir() {
+        folder_manifest(path, None)?.into_iter().map(|(rel, d)| (rel, d.sha256)).collect()
     } else {
-        files.push((path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), path.to_path_buf()));
-    }
-    files.sort();
-    let mut acc = String::new();
-    for (rel, full) in files {
-        acc.push_str(&format!("{rel}:{};", sha256_file(&full)?));
-    }
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        vec![(name, sha256_file(path)?)]
+    };
+    let acc: String = files.iter().map(|(rel, sha)| format!("{rel}:{sha};")).collect();
     Ok(sha256_hex(acc.as_bytes()))
-}
-
-pub(crate) fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        let p = e?.path();
-        if p.is_dir() {
-            collect_files(root, &p, out)?;
-        } else {
-            out.push((p.strip_prefix(root).unwrap_or(&p).display().to_string(), p));
-        }
-    }
-    Ok(())
 }
 
 /// Hash of what decides tokenisation: tokenizer.json, tokenizer_config.json, chat template.

@@ -122,12 +122,10 @@ impl FolderLock {
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let who = if holder.is_empty() { "another process".to_string() } else { format!("process {holder}") };
+                let holder = Some(holder.trim()).filter(|h| !h.is_empty()).unwrap_or("unknown");
                 bail!(
-                    "{}: in use by {who} (PID {}; lock {}): one align process writes a folder at a time — wait for it, or stop it",
+                    "{}: in use by another align process (PID {holder}; lock {}): one align process writes a folder at a time — wait for it, or stop it",
                     dir.display(),
-                    if holder.is_empty() { "unknown" } else { holder },
                     path.display()
                 );
             }
@@ -168,13 +166,13 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 /// The manifest of every file under `dir` except `leave_out` (a name at the top level).
-pub fn folder_manifest(dir: &Path, leave_out: &str) -> Result<Manifest> {
-    fn walk(root: &Path, dir: &Path, leave_out: &str, out: &mut Manifest) -> Result<()> {
+pub fn folder_manifest(dir: &Path, leave_out: Option<&str>) -> Result<Manifest> {
+    fn walk(root: &Path, dir: &Path, leave_out: Option<&str>, out: &mut Manifest) -> Result<()> {
         for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
             let path = entry?.path();
             let rel = path.strip_prefix(root).unwrap_or(&path);
             let key = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-            if key == leave_out {
+            if leave_out == Some(key.as_str()) {
                 continue;
             }
             if path.is_dir() {
@@ -350,7 +348,7 @@ mod tests {
         std::fs::write(d.join("a.bin"), vec![7u8; 1000]).unwrap();
         std::fs::write(d.join("sub/b.json"), "{\"x\": 1}").unwrap();
         std::fs::write(d.join("COMPLETE"), "x").unwrap();
-        let m = folder_manifest(&d, "COMPLETE").unwrap();
+        let m = folder_manifest(&d, Some("COMPLETE")).unwrap();
         assert_eq!(m.keys().cloned().collect::<Vec<_>>(), vec!["a.bin".to_string(), "sub/b.json".to_string()]);
         verify_manifest(&d, &m).unwrap();
         std::fs::write(d.join("sub/b.json"), "{\"x\": 2}").unwrap();

@@ -8,6 +8,14 @@ use crate::model::decoder::{CausalLm, ForwardOptions};
 /// Label value meaning "not scored", as in HF / PyTorch cross-entropy.
 pub use crate::text::conversation::IGNORE_INDEX;
 
+/// `[B, T]` labels moved one position left, [`IGNORE_INDEX`] at the end: position `t` is scored
+/// against `labels[t + 1]`, and the last position has nothing to predict.
+pub fn shifted_labels(labels: &Tensor) -> Result<Tensor> {
+    let (b, t) = (labels.size()[0], labels.size()[1]);
+    let pad = Tensor::f_full([b, 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
+    Ok(Tensor::f_cat(&[&labels.f_narrow(1, 1, t - 1)?, &pad], 1)?)
+}
+
 /// Log-probabilities of `labels` under `logits` with the causal shift: entry `t` of the result is
 /// `log p(labels[t+1] | tokens ..= t)`. Returns `([B, T-1]` f32 log-probs, 0 where ignored;
 /// `[B, T-1]` bool mask of scored positions`)`. The labels are shifted (not the logits) and scored
@@ -20,9 +28,7 @@ pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tenso
         "token_logprobs: logits {ls:?} and labels {ys:?} do not match"
     );
     let (b, t, v) = (ls[0], ls[1], ls[2]);
-    // position t is scored against labels[t + 1]; the last position has nothing to predict
-    let pad = Tensor::f_full([b, 1], IGNORE_INDEX, (Kind::Int64, labels.device()))?;
-    let shifted = Tensor::f_cat(&[&labels.f_narrow(1, 1, t - 1)?, &pad], 1)?;
+    let shifted = shifted_labels(labels)?;
     let nll = logits.f_to_kind(Kind::Float)?.f_view([b * t, v])?.f_cross_entropy_loss::<Tensor>(
         &shifted.f_view([b * t])?,
         None,

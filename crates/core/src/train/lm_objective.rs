@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::infer::logprobs::{token_logprobs, IGNORE_INDEX};
+use crate::infer::logprobs::{shifted_labels, token_logprobs, IGNORE_INDEX};
 use crate::model::decoder::{CausalLm, ForwardOptions};
 use crate::text::conversation::LabeledTokens;
 use crate::train::trainer::{MicroBatch, Objective, Split};
@@ -75,9 +75,7 @@ pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk
     );
     let (b, t) = (size[0], size[1]);
     let device = hidden.device();
-    // position t is scored against labels[t + 1]; the last position has nothing to predict
-    let pad = Tensor::f_full([b, 1], IGNORE_INDEX, (Kind::Int64, device))?;
-    let shifted = Tensor::f_cat(&[&labels.f_narrow(1, 1, t - 1)?, &pad], 1)?;
+    let shifted = shifted_labels(labels)?;
     let w = lm.lm_head_weight();
     let (hidden_grad, head_grad) = (hidden.requires_grad(), w.requires_grad());
     let span = (chunk_tokens as i64 / b.max(1)).max(1);

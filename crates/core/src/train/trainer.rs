@@ -440,13 +440,9 @@ pub fn prepare_output_dir(out: &Path, restart: bool) -> Result<OutputLedger> {
 /// other outputs when there is such a checkpoint or a `train_summary.json` that reads as one.
 /// Anything else named like ours stays foreign (refused, never deleted).
 fn adopt_older_outputs(out: &Path, ledger: &mut OutputLedger) -> Result<()> {
-    let marker_step = |dir: &Path| -> Option<u64> {
-        let text = std::fs::read_to_string(dir.join(COMPLETE_MARKER)).ok()?;
-        text.trim().parse::<u64>().ok().or_else(|| serde_json::from_str::<CompleteMarker>(&text).ok().map(|m| m.step))
-    };
     let checkpoints: Vec<String> = complete_checkpoints(out)
         .into_iter()
-        .filter(|(step, dir)| marker_step(dir) == Some(*step))
+        .filter(|(step, dir)| read_marker(dir).is_ok_and(|m| m.step == *step))
         .filter_map(|(_, dir)| dir.file_name().map(|n| n.to_string_lossy().to_string()))
         .collect();
     let summary_reads = std::fs::read_to_string(out.join(SUMMARY))
@@ -502,17 +498,23 @@ struct CompleteMarker {
     files: Manifest,
 }
 
-/// Checks a checkpoint's files against its COMPLETE marker (a marker of an older align holds only
-/// the step, and is taken as is).
-fn verify_checkpoint(dir: &Path, step: u64) -> Result<()> {
+/// Reads a checkpoint's COMPLETE marker; the marker of an older align holds only the step (its
+/// manifest is then empty).
+fn read_marker(dir: &Path) -> Result<CompleteMarker> {
     let path = dir.join(COMPLETE_MARKER);
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if text.trim().parse::<u64>().is_ok() {
-        return Ok(());
+    if let Ok(step) = text.trim().parse::<u64>() {
+        return Ok(CompleteMarker { step, files: Manifest::new() });
     }
-    let marker: CompleteMarker =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))
+}
+
+/// Checks a checkpoint's files against its COMPLETE marker (one of an older align has no
+/// manifest: only its step is checked).
+fn verify_checkpoint(dir: &Path, step: u64) -> Result<()> {
+    let marker = read_marker(dir)?;
     if marker.step != step {
+        let path = dir.join(COMPLETE_MARKER);
         bail!("{}: records step {}, but the folder is named for step {step}", path.display(), marker.step);
     }
     verify_manifest(dir, &marker.files)
@@ -534,7 +536,7 @@ fn write_checkpoint(
     write_folder(&out.join(&name), |tmp| {
         fill(tmp)?;
         fault_injection::crash_in_save(step);
-        let marker = CompleteMarker { step, files: folder_manifest(tmp, COMPLETE_MARKER)? };
+        let marker = CompleteMarker { step, files: folder_manifest(tmp, Some(COMPLETE_MARKER))? };
         std::fs::write(tmp.join(COMPLETE_MARKER), serde_json::to_string_pretty(&marker)? + "\n")?;
         Ok(())
     })?;
