@@ -257,3 +257,16 @@ fn lora_run_continues_a_reward_adapter_and_refuses_a_causal_lm_adapter() {
     let e = format!("{:#}", align_reward::run(&config(&tmp.path().join("refused"), &extra), false, None).unwrap_err());
     assert!(e.contains("adapter") && e.contains("CAUSAL_LM") && e.contains("test.toml"), "{e}");
 }
+
+#[test]
+fn gradient_checkpointing_trains_to_the_same_weights() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, ckpt) = (tmp.path().join("plain"), tmp.path().join("ckpt"));
+    align_reward::run(&config(&plain, &["train.max_steps=3"]), false, None).unwrap();
+    align_reward::run(&config(&ckpt, &["train.max_steps=3", "train.gradient_checkpointing=true"]), false, None)
+        .unwrap();
+    assert_eq!(losses(&plain), losses(&ckpt));
+    let a = std::fs::read(plain.join("final/model.safetensors")).unwrap();
+    assert!(a == std::fs::read(ckpt.join("final/model.safetensors")).unwrap(), "weights differ");
+}

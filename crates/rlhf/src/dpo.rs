@@ -81,6 +81,8 @@ pub struct DpoObjective<'a> {
     pub data: PairSplits,
     pub params: DpoLossParams,
     pub pad_id: i64,
+    /// `train.loss_chunk_tokens`: the LM head in chunks of this many tokens (0 = at once).
+    pub chunk_tokens: usize,
 }
 
 impl Objective for DpoObjective<'_> {
@@ -95,10 +97,11 @@ impl Objective for DpoObjective<'_> {
     fn forward(&mut self, split: Split, examples: &[usize]) -> Result<MicroBatch> {
         let device = self.policy.device();
         let batch = self.data.batch(split, examples, self.pad_id, device)?;
-        let (pc, pr, nc, nr) = pair_logps(self.policy, &batch)?;
+        let chunk = self.chunk_tokens;
+        let (pc, pr, nc, nr) = pair_logps(self.policy, &batch, chunk)?;
         let reference = match self.reference {
             Reference::Cached(r) => Some(r.select(split, examples, device)?),
-            other => other.run(self.policy, |lm| pair_logps(lm, &batch))?.map(|(rc, rr, _, _)| (rc, rr)),
+            other => other.run(self.policy, |lm| pair_logps(lm, &batch, chunk))?.map(|(rc, rr, _, _)| (rc, rr)),
         };
         let out = dpo_loss(
             &PairLogps {
@@ -212,7 +215,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, &data, || {
                 tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
                 let model = load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind)?;
-                compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id)
+                compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id, c.train.loss_chunk_tokens)
             })?;
             tracing::info!(
                 "reference log-probs {} {}",
@@ -227,7 +230,14 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
 
     let tm = TrainingModel::load(cfg)?;
     let params_list = tm.trainable_params();
-    let mut objective = DpoObjective { policy: &tm.loaded.lm, reference: &reference, data, params, pad_id };
+    let mut objective = DpoObjective {
+        policy: &tm.loaded.lm,
+        reference: &reference,
+        data,
+        params,
+        pad_id,
+        chunk_tokens: c.train.loss_chunk_tokens,
+    };
     let run = TrainRun {
         settings: &c.train,
         output_dir: &c.output_dir,

@@ -18,7 +18,9 @@ use align_core::eval::winrate::score_answers;
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
 use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
+use align_core::infer::logprobs::HeadOptions;
 use align_core::load::spec::ModelSpec;
+use align_core::model::recompute;
 use align_core::model::scalar::{LoadedScalarModel, ScoreInit};
 use align_core::text::chat::ChatMessage;
 use align_core::train::config::{LoadedConfig, TrainSection};
@@ -148,7 +150,17 @@ impl Ppo<'_> {
 
     /// Runs forward passes over the rollout in micro-batches of `train.batch_size` rows and
     /// concatenates the `[b, R]` results.
-    fn per_row(&self, batch: &RolloutBatch, f: impl Fn(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
+    /// How the policy's LM head scores response tokens: at the sampling temperature, in chunks
+    /// of `train.loss_chunk_tokens`.
+    fn head(&self) -> HeadOptions {
+        HeadOptions {
+            temperature: self.section.temperature,
+            chunk_tokens: self.train.loss_chunk_tokens,
+            entropy: false,
+        }
+    }
+
+    fn per_row(&self, batch: &RolloutBatch, mut f: impl FnMut(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
         let n = batch.input_ids.size()[0] as usize;
         let rows: Vec<usize> = (0..n).collect();
         let mut parts = Vec::new();
@@ -224,15 +236,21 @@ impl Ppo<'_> {
         let t = Instant::now();
         let batch = RolloutBatch::new(&prompt_ids, &generations, self.pad_id, device)?;
         let mask = &batch.response_mask;
-        let (old_logprobs, ref_logprobs, old_values) = tch::no_grad(|| -> Result<_> {
-            let old = self.per_row(&batch, |b| b.response_logprobs(lm, s.temperature))?;
+        let head = self.head();
+        let (old_logprobs, entropy, ref_logprobs, old_values) = tch::no_grad(|| -> Result<_> {
+            let mut entropies = Vec::new();
+            let old = self.per_row(&batch, |b| {
+                let scores = b.response_scores(lm, HeadOptions { entropy: true, ..head })?;
+                entropies.extend(scores.entropy);
+                Ok(scores.logprobs)
+            })?;
             let reference = self.per_row(&batch, |b| {
                 self.reference
-                    .run(lm, |r| b.response_logprobs(r, s.temperature))?
+                    .run(lm, |r| b.response_logprobs(r, head))?
                     .ok_or_else(|| anyhow!("PPO needs a reference model"))
             })?;
             let values = self.per_row(&batch, |b| b.response_values(critic))?;
-            Ok((old, reference, values))
+            Ok((old, Tensor::f_cat(&entropies, 0)?, reference, values))
         })?;
         let forward_seconds = t.elapsed().as_secs_f64();
 
@@ -276,6 +294,7 @@ impl Ppo<'_> {
             "kl_coef": state.kl_coef,
             "objective/kl": kl_mean,
             "objective/entropy": -seq_sum(&old_logprobs.f_mul(mask)?)?,
+            "policy/entropy_avg": scalar(&entropy.f_mul(mask)?.f_sum(Kind::Double)?)? / tokens,
             "objective/non_score_reward": non_score_mean,
             "objective/rlhf_reward": score_mean + non_score_mean,
             "objective/scores": score_mean,
@@ -353,7 +372,7 @@ impl Ppo<'_> {
                         Tensor::from_slice(&micro.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?;
                     let pick = |t: &Tensor| t.f_index_select(0, &idx);
                     let m = &sub.response_mask;
-                    let new_logprobs = sub.response_logprobs(lm, s.temperature)?;
+                    let new_logprobs = sub.response_logprobs(lm, self.head())?;
                     let new_values = sub.response_values(critic)?;
                     let pl = clipped_policy_loss(&new_logprobs, &pick(old_logprobs)?, &pick(advantages)?, s.cliprange)?;
                     let vl = clipped_value_loss(&new_values, &pick(old_values)?, &pick(returns)?, s.cliprange_value)?;
@@ -361,7 +380,7 @@ impl Ppo<'_> {
                     let pg = masked_sum(&pl.losses)?;
                     let vf = masked_sum(&vl.losses)?;
                     let loss = pg.f_add(&vf.f_mul_scalar(s.vf_coef)?)?.f_div_scalar(mb_tokens)?;
-                    loss.f_backward()?;
+                    recompute::backward(&loss)?;
                     let _guard = tch::no_grad_guard();
                     for (k, x) in [
                         scalar(&pg)?,
@@ -588,6 +607,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         .with_context(|| format!("{origin}: [ppo] reward_model"))?;
     reward.vs.freeze();
     let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
+    value.loaded.rm.model.set_gradient_checkpointing(t.checkpoint_every());
     let policy = TrainingModel::load(cfg)?;
     let prompts = load_prompts(cfg, &policy.tokenizer, max_prompt)?;
     let window = max_prompt + section.max_new_tokens;

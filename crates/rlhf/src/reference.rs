@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use align_core::hf::checkpoint::{resolve_model_dir, weight_files};
 use align_core::hf::folder::{sha256_file, sync_path};
-use align_core::infer::logprobs::sequence_logprobs;
+use align_core::infer::logprobs::{head_logprobs, HeadOptions};
 use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::io::LoadedModel;
@@ -21,10 +21,17 @@ use align_core::train::preference_batch::{PairSplits, PreferenceBatch};
 use align_core::train::trainer::Split;
 
 /// Summed answer log-probs and answer token counts of a batch's chosen and rejected rows,
-/// each `[B]` f32: `(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)`.
-pub fn pair_logps(lm: &CausalLm, batch: &PreferenceBatch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let logits = lm.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
-    let (sums, counts) = sequence_logprobs(&logits, &batch.labels)?;
+/// each `[B]` f32: `(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)`; the LM head
+/// runs in chunks of `chunk_tokens` (`train.loss_chunk_tokens`, 0 = at once).
+pub fn pair_logps(
+    lm: &CausalLm,
+    batch: &PreferenceBatch,
+    chunk_tokens: usize,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let hidden = lm.model.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
+    let scores = head_logprobs(lm, &hidden, &batch.labels, HeadOptions { chunk_tokens, ..Default::default() })?;
+    let sums = scores.logprobs.f_sum_dim_intlist(1, false, Kind::Float)?;
+    let counts = scores.mask.f_sum_dim_intlist(1, false, Kind::Float)?;
     let (pc, pr) = batch.split(&sums)?;
     let (nc, nr) = batch.split(&counts)?;
     Ok((pc, pr, nc, nr))
@@ -125,6 +132,7 @@ pub fn compute_reference_logps(
     data: &PairSplits,
     batch_size: usize,
     pad_id: i64,
+    chunk_tokens: usize,
 ) -> Result<ReferenceLogps> {
     let _guard = tch::no_grad_guard();
     let mut per_split = Vec::new();
@@ -133,7 +141,7 @@ pub fn compute_reference_logps(
         let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
         for chunk in pairs.chunks(batch_size.max(1)) {
             let batch = PreferenceBatch::new(chunk, pad_id, lm.device())?;
-            let (pc, pr, _, _) = pair_logps(lm, &batch)?;
+            let (pc, pr, _, _) = pair_logps(lm, &batch, chunk_tokens)?;
             chosen.push(pc.f_to_device(Device::Cpu)?);
             rejected.push(pr.f_to_device(Device::Cpu)?);
         }

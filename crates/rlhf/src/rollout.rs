@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 use align_core::infer::generate::Generation;
-use align_core::infer::logprobs::{token_logprobs, IGNORE_INDEX};
+use align_core::infer::logprobs::{head_logprobs, HeadOptions, HeadScores, IGNORE_INDEX};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::scalar::ScalarModel;
 
@@ -71,25 +71,26 @@ impl RolloutBatch {
         ForwardOptions { attention_mask: Some(&self.attention_mask), position_ids: None, segment_ids: None }
     }
 
-    /// Log-probs of the response tokens under `lm` with its logits divided by `temperature`
-    /// (the distribution they were sampled from), `[B, R]` f32, 0 on padding. Only the positions
-    /// that predict response tokens go through the LM head.
-    pub fn response_logprobs(&self, lm: &CausalLm, temperature: f64) -> Result<Tensor> {
+    /// Log-probs of the response tokens under `lm` with its logits divided by
+    /// `head.temperature` (the distribution they were sampled from), `[B, R]` f32, 0 on padding
+    /// (and their entropies when `head.entropy`). Only the positions that predict response
+    /// tokens go through the LM head, in chunks of `head.chunk_tokens`.
+    pub fn response_scores(&self, lm: &CausalLm, head: HeadOptions) -> Result<HeadScores> {
         let (p, r) = (self.prompt_width, self.response_width);
         let hidden = lm.model.forward(&self.input_ids, &self.options(), None)?;
         // positions P-1 .. P+R-1 predict the response tokens at P .. P+R
-        let mut logits = lm.lm_logits(&hidden.f_narrow(1, p - 1, r + 1)?)?;
-        if temperature > 0.0 && temperature != 1.0 {
-            logits = logits.f_div_scalar(temperature)?;
-        }
         let targets = self.input_ids.f_narrow(1, p - 1, r + 1)?;
         let scored = Tensor::f_cat(
             &[&Tensor::f_ones([targets.size()[0], 1], (Kind::Bool, targets.device()))?, &self.response_mask.f_gt(0.5)?],
             1,
         )?;
         let labels = targets.f_where_scalarother(&scored, IGNORE_INDEX)?;
-        let (lp, _) = token_logprobs(&logits, &labels)?;
-        Ok(lp)
+        head_logprobs(lm, &hidden.f_narrow(1, p - 1, r + 1)?, &labels, head)
+    }
+
+    /// [`Self::response_scores`]' log-probs.
+    pub fn response_logprobs(&self, lm: &CausalLm, head: HeadOptions) -> Result<Tensor> {
+        Ok(self.response_scores(lm, head)?.logprobs)
     }
 
     /// The critic's value of the state before each response token, `[B, R]` f32, 0 on padding.
@@ -122,10 +123,14 @@ mod tests {
         let gens = vec![generation(&[12, 13]), generation(&[20, 21, 22])];
         let batch = RolloutBatch::new(&prompts, &gens, 0, Device::Cpu).unwrap();
         assert_eq!((batch.prompt_width, batch.response_width), (4, 3));
-        let lp = tch::no_grad(|| batch.response_logprobs(&m.lm, 0.7)).unwrap();
+        let head = HeadOptions { temperature: 0.7, ..Default::default() };
+        let lp = tch::no_grad(|| batch.response_logprobs(&m.lm, head)).unwrap();
+        let chunked = HeadOptions { chunk_tokens: 2, ..head };
+        let lp_chunked = tch::no_grad(|| batch.response_logprobs(&m.lm, chunked)).unwrap();
+        assert!((&lp - &lp_chunked).abs().max().double_value(&[]) < 1e-5);
         for (i, (p, g)) in prompts.iter().zip(&gens).enumerate() {
             let alone = RolloutBatch::new(&[p.clone()], &[g.clone()], 0, Device::Cpu).unwrap();
-            let want = tch::no_grad(|| alone.response_logprobs(&m.lm, 0.7)).unwrap();
+            let want = tch::no_grad(|| alone.response_logprobs(&m.lm, head)).unwrap();
             let got = lp.get(i as i64).narrow(0, 0, g.tokens.len() as i64);
             let diff = (got - want.get(0)).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "row {i}: {diff}");

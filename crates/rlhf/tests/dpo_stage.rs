@@ -214,3 +214,25 @@ fn every_loss_type_trains_and_bad_settings_name_the_key() {
     .to_string();
     assert!(e.contains("[dpo]") && e.contains("kto"), "{e}");
 }
+
+/// Gradient checkpointing trains to the same bytes; the chunked LM head (`loss_chunk_tokens`)
+/// to the same losses up to the matrix kernels' summation order.
+#[test]
+fn gradient_checkpointing_and_the_chunked_head_give_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, more: &[&str]| {
+        let out = tmp.path().join(name);
+        let sets: Vec<&str> = ["train.max_steps=3"].iter().chain(more).copied().collect();
+        align_rlhf::run_dpo(&config(&out, &sets), false, None).unwrap();
+        out
+    };
+    let plain = run("plain", &[]);
+    let ckpt = run("ckpt", &["train.gradient_checkpointing=true"]);
+    assert_eq!(series(&plain, "loss"), series(&ckpt, "loss"));
+    let a = std::fs::read(plain.join("final/model.safetensors")).unwrap();
+    assert!(a == std::fs::read(ckpt.join("final/model.safetensors")).unwrap(), "weights differ");
+    let chunked = run("chunked", &["train.gradient_checkpointing=true", "train.loss_chunk_tokens=16"]);
+    for (x, y) in series(&plain, "loss").iter().zip(series(&chunked, "loss")) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "chunked loss {y} vs {x}");
+    }
+}

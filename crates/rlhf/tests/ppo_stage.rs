@@ -336,3 +336,26 @@ fn a_guardrail_stops_the_run_only_with_stop_on_guardrail() {
     let s = align_rlhf::run_ppo(&config(&warned, &reward, &guard[..2]), false, None).unwrap();
     assert!(s.completed && s.steps == 4, "{s:?}");
 }
+
+/// PPO's updates with gradient checkpointing (policy and critic) train to the same bytes, and
+/// the entropy metric is there.
+#[test]
+fn gradient_checkpointing_gives_the_same_updates() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let reward = tmp.path().join("rm");
+    toy_reward_model(&reward);
+    let run = |name: &str, more: &[&str]| {
+        let out = tmp.path().join(name);
+        let sets: Vec<&str> = ["train.max_steps=2"].iter().chain(more).copied().collect();
+        align_rlhf::run_ppo(&config(&out, &reward, &sets), false, None).unwrap();
+        out
+    };
+    let plain = run("plain", &[]);
+    let ckpt = run("ckpt", &["train.gradient_checkpointing=true"]);
+    let a = std::fs::read(plain.join("final/model.safetensors")).unwrap();
+    assert!(a == std::fs::read(ckpt.join("final/model.safetensors")).unwrap(), "policy weights differ");
+    let entropy = series(&plain, "policy/entropy_avg");
+    assert!(entropy.iter().all(|e| e.is_finite() && *e > 0.0), "{entropy:?}");
+    assert_eq!(entropy, series(&ckpt, "policy/entropy_avg"));
+}

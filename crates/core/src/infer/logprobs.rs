@@ -4,6 +4,7 @@ use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 use crate::model::decoder::{CausalLm, ForwardOptions};
+use crate::model::recompute;
 
 /// Label value meaning "not scored", as in HF / PyTorch cross-entropy.
 pub use crate::text::conversation::IGNORE_INDEX;
@@ -39,6 +40,128 @@ pub fn token_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tenso
     let lp = nll.f_neg()?.f_view([b, t])?.f_narrow(1, 0, t - 1)?;
     let mask = shifted.f_narrow(1, 0, t - 1)?.f_ne(IGNORE_INDEX)?;
     Ok((lp, mask))
+}
+
+/// How the LM head scores hidden states ([`head_logprobs`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadOptions {
+    /// Logits are divided by this before the softmax (1 = as they are).
+    pub temperature: f64,
+    /// `train.loss_chunk_tokens`: the head runs over chunks of about this many tokens, so the
+    /// `[B, T, vocab]` logits never exist at once, in the forward pass nor the backward (0 = all
+    /// at once).
+    pub chunk_tokens: usize,
+    /// Also return each position's entropy (a metric: no gradient).
+    pub entropy: bool,
+}
+
+impl Default for HeadOptions {
+    fn default() -> Self {
+        HeadOptions { temperature: 1.0, chunk_tokens: 0, entropy: false }
+    }
+}
+
+/// What [`head_logprobs`] returns, each `[B, T-1]` f32 over the causally shifted labels.
+pub struct HeadScores {
+    /// `log p(labels[t+1] | ..= t)`, 0 where ignored.
+    pub logprobs: Tensor,
+    /// Scored positions.
+    pub mask: Tensor,
+    /// The entropy of each position's distribution (detached), when asked for.
+    pub entropy: Option<Tensor>,
+}
+
+/// Token log-probs of `labels` under the LM head applied to `hidden` (`[B, T, H]`), as
+/// [`token_logprobs`] of the logits. With `chunk_tokens > 0` the head runs chunk by chunk
+/// without a graph and, when gradients are wanted, the log-probs are a leaf whose backward is
+/// deferred ([`recompute::backward`]): each chunk's logits are recomputed and its gradient
+/// passed on to the hidden states and the head, one chunk at a time. Equal to the unchunked
+/// values up to the matrix kernels' summation order.
+pub fn head_logprobs(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, opts: HeadOptions) -> Result<HeadScores> {
+    let (hs, ys) = (hidden.size(), labels.size());
+    ensure!(
+        hs.len() == 3 && ys.len() == 2 && hs[..2] == ys[..] && hs[1] >= 1,
+        "head_logprobs: hidden {hs:?} and labels {ys:?} do not match"
+    );
+    let (b, t) = (hs[0], hs[1]);
+    let w = lm.lm_head_weight();
+    if opts.chunk_tokens == 0 {
+        let logits = head_logits(w, hidden, opts.temperature)?;
+        let (logprobs, mask) = token_logprobs(&logits, labels)?;
+        let entropy =
+            if opts.entropy { Some(tch::no_grad(|| entropy_of(&logits.f_narrow(1, 0, t - 1)?))?) } else { None };
+        return Ok(HeadScores { logprobs, mask, entropy });
+    }
+    let shifted = shifted_labels(labels)?;
+    let span = (opts.chunk_tokens as i64 / b.max(1)).max(1);
+    let chunks: Vec<(i64, i64)> = (0..t).step_by(span as usize).map(|s| (s, span.min(t - s))).collect();
+    let (mut lps, mut ents) = (Vec::new(), Vec::new());
+    tch::no_grad(|| -> Result<()> {
+        for &c in &chunks {
+            let (lp, logits) = chunk_logprobs(w, hidden, &shifted, c, opts.temperature)?;
+            lps.push(lp);
+            if opts.entropy {
+                ents.push(entropy_of(&logits)?);
+            }
+        }
+        Ok(())
+    })?;
+    let logprobs = Tensor::f_cat(&lps, 1)?.f_narrow(1, 0, t - 1)?;
+    let mask = shifted.f_narrow(1, 0, t - 1)?.f_ne(IGNORE_INDEX)?;
+    let entropy = if opts.entropy { Some(Tensor::f_cat(&ents, 1)?.f_narrow(1, 0, t - 1)?) } else { None };
+    let wants_grad = recompute::grad_enabled() && (hidden.requires_grad() || w.requires_grad());
+    if !wants_grad {
+        return Ok(HeadScores { logprobs, mask, entropy });
+    }
+    let logprobs = logprobs.f_contiguous()?.set_requires_grad(true);
+    let (hidden, w, temperature) = (hidden.shallow_clone(), w.shallow_clone(), opts.temperature);
+    recompute::defer(vec![logprobs.shallow_clone()], move |grads| {
+        // position T-1 predicts nothing: its gradient is 0
+        let g = Tensor::f_cat(&[&grads[0], &Tensor::f_zeros([b, 1], (Kind::Float, grads[0].device()))?], 1)?;
+        let leaf = hidden.f_detach()?.set_requires_grad(hidden.requires_grad());
+        for &c in &chunks {
+            let (lp, _) = chunk_logprobs(&w, &leaf, &shifted, c, temperature)?;
+            recompute::backprop(&[lp], &[g.f_narrow(1, c.0, c.1)?])?;
+        }
+        if hidden.requires_grad() {
+            recompute::backprop(&[hidden], &[leaf.grad()])?;
+        }
+        Ok(())
+    });
+    Ok(HeadScores { logprobs, mask, entropy })
+}
+
+/// `hidden · Wᵀ / temperature`.
+fn head_logits(w: &Tensor, hidden: &Tensor, temperature: f64) -> Result<Tensor> {
+    let z = hidden.f_linear::<Tensor>(w, None)?;
+    Ok(if temperature > 0.0 && temperature != 1.0 { z.f_div_scalar(temperature)? } else { z })
+}
+
+/// Log-probs `[B, len]` of the shifted labels at positions `start..start+len`, and their logits.
+fn chunk_logprobs(
+    w: &Tensor,
+    hidden: &Tensor,
+    shifted: &Tensor,
+    (start, len): (i64, i64),
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let logits = head_logits(w, &hidden.f_narrow(1, start, len)?, temperature)?;
+    let (b, v) = (logits.size()[0], logits.size()[2]);
+    let y = shifted.f_narrow(1, start, len)?.f_reshape([-1])?;
+    let nll = logits.f_to_kind(Kind::Float)?.f_reshape([-1, v])?.f_cross_entropy_loss::<Tensor>(
+        &y,
+        None,
+        tch::Reduction::None,
+        IGNORE_INDEX,
+        0.0,
+    )?;
+    Ok((nll.f_neg()?.f_view([b, len])?, logits))
+}
+
+/// Entropy of each position's softmax over `[B, T, V]` logits, `[B, T]` f32.
+fn entropy_of(logits: &Tensor) -> Result<Tensor> {
+    let lsm = logits.f_log_softmax(-1, Kind::Float)?;
+    Ok(lsm.f_exp()?.f_mul(&lsm)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?)
 }
 
 /// Per-row sums of the labels' log-probabilities and the number of scored labels, both `[B]`

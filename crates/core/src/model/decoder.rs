@@ -1,6 +1,6 @@
 //! The Llama-family decoder (llama, mistral, qwen2, qwen3): a trunk that returns hidden states for
 //! every position and a separate LM head, with parameters stored under their HF names.
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
@@ -8,6 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
 use crate::model::lora_layer::{LoraAdapter, LoraConfig};
+use crate::model::recompute;
 
 /// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
 /// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.
@@ -38,6 +39,20 @@ impl Linear {
         self.weight.size()[1]
     }
 
+    /// The same layer over the same tensors (parameters and their gradients are shared).
+    fn shallow_clone(&self) -> Self {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            lora: self.lora.as_ref().map(LoraAdapter::shallow_clone),
+        }
+    }
+
+    /// True when the forward pass draws random numbers (LoRA dropout in training mode).
+    fn draws_random(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.is_enabled() && l.dropout > 0.0 && l.mode.training())
+    }
+
     pub fn out_features(&self) -> i64 {
         self.weight.size()[0]
     }
@@ -50,11 +65,17 @@ impl Linear {
 pub struct RunMode {
     training: AtomicBool,
     adapters_enabled: AtomicBool,
+    /// Activation checkpointing: every k-th decoder layer (0 = off).
+    checkpoint_every: AtomicUsize,
 }
 
 impl RunMode {
     fn new() -> Self {
-        RunMode { training: AtomicBool::new(false), adapters_enabled: AtomicBool::new(true) }
+        RunMode {
+            training: AtomicBool::new(false),
+            adapters_enabled: AtomicBool::new(true),
+            checkpoint_every: AtomicUsize::new(0),
+        }
     }
 
     pub fn training(&self) -> bool {
@@ -76,6 +97,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
         RmsNorm { weight: p.ones("weight", &[dim]), eps }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        RmsNorm { weight: self.weight.shallow_clone(), eps: self.eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -127,6 +152,10 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 impl RopeTables {
+    fn shallow_clone(&self) -> Self {
+        RopeTables { cos: self.cos.shallow_clone(), sin: self.sin.shallow_clone() }
+    }
+
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_mul(&self.cos)?.f_add(&rotate_half(x)?.f_mul(&self.sin)?)?)
     }
@@ -189,6 +218,15 @@ pub enum AttnMask {
     Explicit(Tensor),
 }
 
+impl AttnMask {
+    fn shallow_clone(&self) -> Self {
+        match self {
+            AttnMask::Causal => AttnMask::Causal,
+            AttnMask::Explicit(m) => AttnMask::Explicit(m.shallow_clone()),
+        }
+    }
+}
+
 impl Attention {
     fn new(p: nn::Path, c: &ModelConfig) -> Self {
         let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -202,6 +240,20 @@ impl Attention {
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+        }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        Attention {
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            o_proj: self.o_proj.shallow_clone(),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::shallow_clone),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::shallow_clone),
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
         }
     }
 
@@ -267,6 +319,14 @@ impl Mlp {
         }
     }
 
+    fn shallow_clone(&self) -> Self {
+        Mlp {
+            gate_proj: self.gate_proj.shallow_clone(),
+            up_proj: self.up_proj.shallow_clone(),
+            down_proj: self.down_proj.shallow_clone(),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gated = self.gate_proj.forward(x)?.f_silu()?.f_mul(&self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
@@ -279,6 +339,79 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// `h + attn(norm(h))`, then `+ mlp(norm(·))`.
+    fn forward(
+        &self,
+        h: &Tensor,
+        rope: &RopeTables,
+        mask: &AttnMask,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+    ) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(h)?;
+        let h = h.f_add(&self.self_attn.forward(&normed, rope, mask, cache)?)?;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
+        Ok(h.f_add(&m)?)
+    }
+
+    /// The same layer over the same parameters (what a deferred recomputation holds).
+    fn shallow_clone(&self) -> Self {
+        DecoderLayer {
+            self_attn: self.self_attn.shallow_clone(),
+            mlp: self.mlp.shallow_clone(),
+            input_layernorm: self.input_layernorm.shallow_clone(),
+            post_attention_layernorm: self.post_attention_layernorm.shallow_clone(),
+        }
+    }
+
+    fn has_trainable_parameters(&self) -> bool {
+        let norms = [
+            Some(&self.input_layernorm),
+            Some(&self.post_attention_layernorm),
+            self.self_attn.q_norm.as_ref(),
+            self.self_attn.k_norm.as_ref(),
+        ];
+        norms.into_iter().flatten().any(|n| n.weight.requires_grad())
+            || self.linears().iter().any(|l| {
+                l.weight.requires_grad()
+                    || l.bias.as_ref().is_some_and(Tensor::requires_grad)
+                    || l.lora.as_ref().is_some_and(|a| a.lora_a.requires_grad() || a.lora_b.requires_grad())
+            })
+    }
+
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
+    /// Runs the layer without keeping a graph and defers its backward pass: only the input is
+    /// kept; the backward recomputes the layer from it (from the same random seed) and
+    /// back-propagates the output's gradient.
+    fn forward_checkpointed(
+        &self,
+        h: &Tensor,
+        rope: &RopeTables,
+        mask: &AttnMask,
+        seed: Option<i64>,
+    ) -> Result<Tensor> {
+        let out = tch::no_grad(|| self.forward(h, rope, mask, None))?;
+        if !(h.requires_grad() || self.has_trainable_parameters()) {
+            return Ok(out); // nothing to differentiate: an ordinary pass keeps no graph either
+        }
+        let out = out.set_requires_grad(true);
+        let (layer, input, rope, mask) =
+            (self.shallow_clone(), h.shallow_clone(), rope.shallow_clone(), mask.shallow_clone());
+        recompute::defer(vec![out.shallow_clone()], move |grads| {
+            if let Some(seed) = seed {
+                tch::manual_seed(seed);
+            }
+            let again = layer.forward(&input, &rope, &mask, None)?;
+            recompute::backprop(&[again], &grads)
+        });
+        Ok(out)
+    }
 }
 
 /// The decoder trunk (`model.*` in HF checkpoints): embeddings, layers, final norm. Its
@@ -347,6 +480,18 @@ impl Trunk {
 
     pub fn is_training(&self) -> bool {
         self.mode.training()
+    }
+
+    /// Activation checkpointing (`[train] gradient_checkpointing`): with `every = k ≥ 1`, every
+    /// k-th decoder layer (0, k, 2k, …) keeps only its input in a training forward pass and is
+    /// recomputed in the backward pass (`recompute::backward`); 0 turns it off. Forward passes
+    /// without gradients or with a KV cache are never checkpointed.
+    pub fn set_gradient_checkpointing(&self, every: usize) {
+        self.mode.checkpoint_every.store(every, Ordering::Relaxed);
+    }
+
+    pub fn gradient_checkpointing(&self) -> usize {
+        self.mode.checkpoint_every.load(Ordering::Relaxed)
     }
 
     /// With adapters disabled the forward pass is the base model's. See `lora::without_adapters`.
@@ -454,14 +599,20 @@ impl Trunk {
             (None, None) if past == 0 => AttnMask::Causal,
             (None, m) => AttnMask::Explicit(attention_bias_mask(m, b, past, t, device)?),
         };
+        let every = self.gradient_checkpointing();
+        let checkpointed = every > 0 && cache.is_none() && recompute::grad_enabled();
         let mut h = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(&h)?;
-            let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-            let a = layer.self_attn.forward(&normed, &rope, &mask, kv)?;
-            h = h.f_add(&a)?;
-            let m = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
-            h = h.f_add(&m)?;
+            // a layer that draws random numbers runs from its own seed, checkpointed or not, so
+            // that its recomputation draws the same ones
+            let seed =
+                if layer.linears().iter().any(|l| l.draws_random()) { Some(recompute::fork_rng()?) } else { None };
+            h = if checkpointed && i % every == 0 {
+                layer.forward_checkpointed(&h, &rope, &mask, seed)?
+            } else {
+                let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
+                layer.forward(&h, &rope, &mask, kv)?
+            };
         }
         if let Some(c) = cache {
             c.len += t;

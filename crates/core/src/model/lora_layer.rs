@@ -235,6 +235,17 @@ impl LoraAdapter {
         Ok(if y.kind() == kind { y } else { y.f_to_kind(kind)? })
     }
 
+    /// The same adapter over the same tensors.
+    pub(crate) fn shallow_clone(&self) -> Self {
+        LoraAdapter {
+            lora_a: self.lora_a.shallow_clone(),
+            lora_b: self.lora_b.shallow_clone(),
+            scaling: self.scaling,
+            dropout: self.dropout,
+            mode: self.mode.clone(),
+        }
+    }
+
     /// `scaling · B A`, `[out, in]`, in the adapter's dtype.
     pub fn delta_weight(&self) -> Result<Tensor> {
         Ok(self.lora_b.f_matmul(&self.lora_a)?.f_mul_scalar(self.scaling)?)

@@ -5,4 +5,5 @@ pub mod device;
 pub mod init;
 pub mod io;
 pub mod lora_layer;
+pub mod recompute;
 pub mod scalar;

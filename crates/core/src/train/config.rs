@@ -141,10 +141,19 @@ pub struct TrainSection {
     /// Intra-op CPU threads (default: libtorch's choice).
     #[serde(default)]
     pub threads: Option<i32>,
-    /// PT / SFT: run the LM head and the loss over chunks of this many tokens, so the
-    /// `[batch, seq, vocab]` logits never exist at once (0 = all at once).
+    /// Run the LM head and the loss (PT, SFT) or the token log-probs (DPO, PPO) over chunks of
+    /// this many tokens, so the `[batch, seq, vocab]` logits never exist at once (0 = all at
+    /// once).
     #[serde(default)]
     pub loss_chunk_tokens: usize,
+    /// Activation checkpointing: decoder layers keep only their inputs in the forward pass and
+    /// are recomputed in the backward pass (the trained models of every stage).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`: checkpoint every k-th layer (0, k, 2k, …); the others keep
+    /// their activations (default 1: every layer).
+    #[serde(default)]
+    pub gradient_checkpointing_every: Option<usize>,
 }
 
 impl Default for TrainSection {
@@ -154,6 +163,15 @@ impl Default for TrainSection {
 }
 
 impl TrainSection {
+    /// What `model::decoder::Trunk::set_gradient_checkpointing` gets: every k-th layer, 0 = off.
+    pub fn checkpoint_every(&self) -> usize {
+        if self.gradient_checkpointing {
+            self.gradient_checkpointing_every.unwrap_or(1)
+        } else {
+            0
+        }
+    }
+
     /// The optimizer settings of `[train]`.
     pub fn adamw(&self) -> crate::train::optim::AdamWConfig {
         crate::train::optim::AdamWConfig {
@@ -191,6 +209,11 @@ pub struct TrainConfig {
     #[serde(default)]
     pub data_options: Option<toml::Table>,
 }
+
+/// `[train]` keys that change how much memory a run takes but not one bit of what it computes:
+/// left out of the config's hash, so turning them on resumes the run (e.g. after running out of
+/// memory) and leaves a finished pipeline stage done.
+pub const RESULT_NEUTRAL_TRAIN_KEYS: &[&str] = &["gradient_checkpointing", "gradient_checkpointing_every"];
 
 /// A parsed config plus the stage's own section and where it came from.
 #[derive(Debug, Clone)]
@@ -361,6 +384,11 @@ impl LoadedConfig {
         loaded_sections.check_method_sections()?;
         let mut whole = serde_json::to_value(&table)?;
         whole[stage] = serde_json::to_value(&stage_table)?;
+        if let Some(train) = whole.get_mut("train").and_then(|t| t.as_object_mut()) {
+            for key in RESULT_NEUTRAL_TRAIN_KEYS {
+                train.remove(*key);
+            }
+        }
         let hash = sha256_hex(canonical_json(&whole).as_bytes());
         Ok(LoadedConfig {
             config,
@@ -480,6 +508,14 @@ fn validate(c: &TrainConfig) -> Result<()> {
     if t.max_length < 2 {
         bail!("key 'train.max_length': expected at least 2 tokens");
     }
+    match t.gradient_checkpointing_every {
+        Some(0) => bail!("key 'train.gradient_checkpointing_every': expected an integer ≥ 1 (every k-th layer)"),
+        Some(_) if !t.gradient_checkpointing => bail!(
+            "key 'train.gradient_checkpointing_every' is set but train.gradient_checkpointing is false; set \
+             gradient_checkpointing = true (or remove the key)"
+        ),
+        _ => {}
+    }
     Ok(())
 }
 
@@ -514,6 +550,25 @@ mod tests {
         assert!(e.contains("colour"), "{e}");
         let e = load(BASE, &["train.val_ratio=1.5"]).unwrap_err().to_string();
         assert!(e.contains("train.val_ratio"), "{e}");
+    }
+
+    #[test]
+    fn gradient_checkpointing_keys() {
+        let c = load(BASE, &["train.gradient_checkpointing=true"]).unwrap();
+        assert_eq!(c.config.train.checkpoint_every(), 1);
+        let c = load(BASE, &["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=2"]).unwrap();
+        assert_eq!(c.config.train.checkpoint_every(), 2);
+        assert_eq!(load(BASE, &[]).unwrap().config.train.checkpoint_every(), 0);
+        let e = load(BASE, &["train.gradient_checkpointing_every=2"]).unwrap_err().to_string();
+        assert!(e.contains("train.gradient_checkpointing_every") && e.contains("gradient_checkpointing = true"), "{e}");
+        let e = load(BASE, &["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("≥ 1"), "{e}");
+        // it changes no result: same hash, so a run resumes with it turned on
+        let on = load(BASE, &["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=2"]).unwrap();
+        assert_eq!(on.hash, load(BASE, &[]).unwrap().hash);
+        assert_ne!(load(BASE, &["train.loss_chunk_tokens=64"]).unwrap().hash, on.hash);
     }
 
     #[test]

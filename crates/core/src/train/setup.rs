@@ -64,6 +64,7 @@ impl TrainingModel {
             }
         }
         loaded.lm.set_training(true);
+        loaded.lm.model.set_gradient_checkpointing(t.checkpoint_every());
         Ok(TrainingModel { loaded, tokenizer, device, kind, method: c.method, base_name: c.model.clone() })
     }
 
@@ -188,6 +189,7 @@ impl TrainingScalarModel {
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
         tm.tokenizer = tokenizer_for(&spec.tokenizer_dir()?, &tm.loaded.rm.config, &tm.loaded.dir)?;
         tm.loaded.rm.set_training(true);
+        tm.loaded.rm.model.set_gradient_checkpointing(c.train.checkpoint_every());
         Ok(tm)
     }
 

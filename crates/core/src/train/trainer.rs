@@ -24,6 +24,7 @@ pub use align_runs::TrainSummary;
 
 use crate::hf::checkpoint::save_tensors;
 use crate::hf::folder::{folder_manifest, verify_manifest, write_file_atomic, write_folder, FolderLock, Manifest};
+use crate::model::recompute;
 use crate::train::config::{RunFingerprint, TrainSection};
 use crate::train::optim::{learning_rate, AdamW};
 
@@ -945,6 +946,7 @@ impl TrainStep for SupervisedStep<'_> {
         let examples = stream_indices(n, s.seed, at.examples_consumed, per_step);
         let units: f64 = examples.iter().map(|&e| self.objective.units(Split::Train, e)).sum::<f64>().max(1.0);
         self.model.set_training(true);
+        recompute::discard();
         let mut loss_value = 0f64;
         let mut tokens = 0usize;
         let mut sums: BTreeMap<String, f64> = BTreeMap::new();
@@ -952,7 +954,7 @@ impl TrainStep for SupervisedStep<'_> {
             let mb = self.objective.forward(Split::Train, micro)?;
             let loss = mb.loss_sum.f_div_scalar(units)?;
             loss_value += loss.f_double_value(&[])?;
-            loss.f_backward()?;
+            recompute::backward(&loss)?;
             tokens += mb.tokens;
             for (k, v) in mb.metrics {
                 *sums.entry(k).or_default() += v;
