@@ -153,6 +153,33 @@ extern "C" {
 }
 const M_MMAP_THRESHOLD: i32 = -3;
 
+/// The same in the half-precision compute dtypes: the weight is dequantised to x's dtype.
+#[test]
+fn quantised_linear_computes_in_the_input_dtype() {
+    let _g = align_testkit::rng_lock();
+    tch::manual_seed(7);
+    let w = Tensor::randn([64, 128], (Kind::Float, Device::Cpu)) * 0.05;
+    let qw =
+        QuantizedWeight::new(&w, Quantization::FourBit { quant_type: QuantType4::Nf4, double_quant: true }).unwrap();
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let dense = qw.dequantize(kind).unwrap();
+        assert_eq!(dense.kind(), kind);
+        let x0 = Tensor::randn([4, 128], (kind, Device::Cpu));
+        let g = Tensor::randn([4, 64], (kind, Device::Cpu));
+        let run = |quantised: bool| {
+            let x = x0.copy().set_requires_grad(true);
+            let h = &x * 2.0;
+            let y = if quantised { quantized_linear(&h, &qw).unwrap() } else { h.linear::<Tensor>(&dense, None) };
+            assert_eq!(y.kind(), kind);
+            (&y * &g).sum(Kind::Float).backward();
+            (y.detach().to_kind(Kind::Float), x.grad().to_kind(Kind::Float))
+        };
+        let ((yq, gq), (yd, gd)) = (run(true), run(false));
+        assert!(yq.allclose(&yd, 1e-2, 1e-2, false), "{kind:?}: outputs");
+        assert!(gq.allclose(&gd, 1e-2, 1e-2, false), "{kind:?}: input gradients");
+    }
+}
+
 /// Resident bytes of this process (Linux /proc/self/statm), for the memory check.
 fn rss_bytes() -> i64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
