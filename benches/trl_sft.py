@@ -12,7 +12,8 @@ from trl import SFTConfig, SFTTrainer
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
 ap.add_argument("--data", required=True)
-ap.add_argument("--method", choices=["full", "lora"], default="full")
+ap.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
+ap.add_argument("--gradient-checkpointing", action="store_true")
 ap.add_argument("--max-length", type=int, default=256)
 ap.add_argument("--batch-size", type=int, default=4)
 ap.add_argument("--steps", type=int, default=12)
@@ -31,10 +32,17 @@ for line in open(a.data, encoding="utf-8"):
         msgs.insert(0, {"role": "system", "content": rec["system_prompt"]})
     rows.append({"messages": msgs})
 tok = AutoTokenizer.from_pretrained(a.model)
-model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+if a.method == "qlora":
+    # bitsandbytes' 4-bit NF4 base with double quantisation, computing in f32 (CPU)
+    from transformers import BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=bnb, device_map="cpu")
+else:
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
 
 peft_config = None
-if a.method == "lora":
+if a.method in ("lora", "qlora"):
     from peft import LoraConfig
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -52,6 +60,7 @@ cfg = SFTConfig(
     output_dir=a.out, max_length=a.max_length, per_device_train_batch_size=a.batch_size, max_steps=a.steps,
     learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, packing=False,
     dataloader_num_workers=0, seed=42, bf16=False, fp16=False, assistant_only_loss=False,
+    gradient_checkpointing=a.gradient_checkpointing,
 )
 trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_config, callbacks=[clock])
 lengths = [len(x) for x in trainer.train_dataset["input_ids"]]

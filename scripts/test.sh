@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: sets up what is missing (.venv with torch; transformers and peft for the
-# interop checks), builds the workspace in release mode and runs every test. The interop checks
-# (align's folders and adapters loaded by transformers / PEFT) are required here: with
+# The test command: sets up what is missing (.venv with torch; transformers, peft and
+# bitsandbytes for the interop checks), builds the workspace in release mode and runs every
+# test. The interop checks (align's folders and adapters loaded by transformers / PEFT /
+# bitsandbytes) are required here: with
 # ALIGN_REQUIRE_INTEROP=1 (or CI=true) a check whose Python package is missing fails instead of
 # skipping (crates/testkit: python_with).
 #   scripts/test.sh [extra cargo test args]
@@ -18,6 +19,9 @@ source scripts/env.sh
 # transformers 5.23.0 and torch 2.11.0 (its only other needs: accelerate, psutil)
 TRANSFORMERS_VERSION=5.23.0
 PEFT_VERSION=0.21.2
+# bitsandbytes 0.50.2, the newest release, quantises and dequantises 4-bit on CPU with torch 2.11
+# (the QLoRA interop checks and the fixtures of tests/fixtures/make_bnb_fixtures.py)
+BITSANDBYTES_VERSION=0.50.2
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
@@ -25,6 +29,10 @@ fi
 if ! python -c "import peft" 2>/dev/null; then
   echo "installing peft into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "peft==$PEFT_VERSION" >&2
+fi
+if ! python -c "import bitsandbytes" 2>/dev/null; then
+  echo "installing bitsandbytes into .venv (used only by tests)" >&2
+  pip install -q --disable-pip-version-check "bitsandbytes==$BITSANDBYTES_VERSION" >&2
 fi
 export ALIGN_REQUIRE_INTEROP=1
 # the fsync check traces a checkpoint write with strace: installed where the machine allows it

@@ -6,7 +6,7 @@ use tch::Device;
 use align_core::load::spec::AdapterMode;
 use align_core::{LoadedModel, ModelTokenizer};
 
-use crate::ModelArgs;
+use crate::{ModelArgs, QuantArgs};
 
 /// A model and its tokenizer, ready on the requested device.
 pub struct Session {
@@ -16,7 +16,12 @@ pub struct Session {
 }
 
 pub fn load_session(args: &ModelArgs) -> Result<Session> {
-    let spec = args.spec()?;
+    load_session_quantized(args, &QuantArgs::default())
+}
+
+/// `load_session`, with the base held quantised as `--quantize` says.
+pub fn load_session_quantized(args: &ModelArgs, quant: &QuantArgs) -> Result<Session> {
+    let spec = args.spec()?.quantized(quant.quantization()?);
     let started = std::time::Instant::now();
     let loaded = spec.causal_lm(AdapterMode::Merge)?;
     let model = loaded.model;

@@ -11,13 +11,15 @@ use align_core::infer::logprobs::corpus_perplexity;
 use align_core::load::spec::AdapterMode;
 use align_core::train::preference_batch::encode_pairs;
 
-use crate::common::load_session;
-use crate::ModelArgs;
+use crate::common::{load_session, load_session_quantized};
+use crate::{ModelArgs, QuantArgs};
 
 #[derive(Args)]
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     /// .txt (every non-empty line is a record) or .jsonl / .json (`text` field).
     #[arg(long)]
     pub data: PathBuf,
@@ -40,7 +42,7 @@ pub fn perplexity(args: PerplexityArgs) -> Result<()> {
     if records.is_empty() {
         bail!("{}: no records", args.data.display());
     }
-    let s = load_session(&args.model)?;
+    let s = load_session_quantized(&args.model, &args.quant)?;
     let texts: Vec<String> = records.into_iter().map(|r| r.text).collect();
     let started = std::time::Instant::now();
     let r = corpus_perplexity(&s.model.lm, &s.tokenizer, &texts, args.max_length, args.batch_tokens)?;

@@ -10,13 +10,15 @@ use align_core::eval::answers::stop_token_ids;
 use align_core::infer::generate::{generate_with_stats, SamplingConfig};
 use align_core::text::chat::ChatMessage;
 
-use crate::common::load_session;
-use crate::ModelArgs;
+use crate::common::load_session_quantized;
+use crate::{ModelArgs, QuantArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     /// One prompt.
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
     pub prompt: Option<String>,
@@ -86,7 +88,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, Some(file)) => read_prompt_file(file)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
-    let s = load_session(&args.model)?;
+    let s = load_session_quantized(&args.model, &args.quant)?;
     let tok = &s.tokenizer;
     let cfg = SamplingConfig {
         max_new_tokens: args.max_new_tokens,

@@ -106,6 +106,30 @@ pub struct ModelArgs {
     pub adapter: Option<String>,
 }
 
+/// Flags of the commands that can hold the model's base quantised (`generate`, `eval perplexity`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct QuantArgs {
+    /// Hold the decoder's projections quantised, dequantised on the fly per layer in --dtype:
+    /// nf4 or fp4 (bitsandbytes' 4-bit layout, blocks of 64; an --adapter is attached on top,
+    /// not merged) or int8 (LLM.int8-style: int8 weights with one absmax scale per row).
+    #[arg(long, value_name = "nf4|fp4|int8")]
+    pub quantize: Option<String>,
+    /// With --quantize nf4|fp4: quantise the blocks' absmax again (8-bit, blocks of 256), as
+    /// bitsandbytes' bnb_4bit_use_double_quant.
+    #[arg(long, requires = "quantize")]
+    pub double_quant: bool,
+}
+
+impl QuantArgs {
+    /// The core's `Quantization` of these flags (None without --quantize).
+    pub fn quantization(&self) -> anyhow::Result<Option<align_core::model::quant::Quantization>> {
+        self.quantize
+            .as_deref()
+            .map(|m| align_core::model::quant::Quantization::from_flags(m, self.double_quant))
+            .transpose()
+    }
+}
+
 impl ModelArgs {
     /// The `--model` value; an error naming the flag when it is missing.
     pub fn model_name(&self) -> anyhow::Result<&str> {

@@ -1,5 +1,6 @@
 //! Activation checkpointing and chunked LM heads give the gradients of the ordinary backward
 //! pass: full tuning, LoRA with dropout (the recomputation replays the same masks), freeze,
+//! QLoRA (LoRA on a 4-bit base, whose linears dequantise in their own autograd function),
 //! every k-th layer, a scalar-head model, and a nonlinear (DPO-like) loss over chunked token
 //! log-probs. Checkpointed runs are compared bitwise with ordinary ones: the recomputation runs
 //! the same kernels on the same inputs, so on one machine it gives the same bits.
@@ -21,7 +22,14 @@ fn model(method: &str) -> LoadedModel {
                 let _ = v.set_requires_grad(true);
             }
         }
-        "lora" => {
+        "lora" | "qlora" => {
+            if method == "qlora" {
+                let q = align_core::model::quant::Quantization::FourBit {
+                    quant_type: align_core::model::quant::QuantType4::Nf4,
+                    double_quant: true,
+                };
+                m.lm.model.quantize(&m.vs, q).unwrap();
+            }
             tch::manual_seed(1);
             let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.2, ..Default::default() };
             attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
@@ -98,7 +106,7 @@ fn nll(m: &LoadedModel, chunk: usize) -> Tensor {
 #[test]
 fn checkpointed_gradients_equal_the_ordinary_ones_bitwise() {
     let _turn = rng_lock();
-    for method in ["full", "lora", "freeze"] {
+    for method in ["full", "lora", "freeze", "qlora"] {
         let m = model(method);
         let plain = grads(&m, 0, 11, |m| nll(m, 0));
         for every in [1, 2] {

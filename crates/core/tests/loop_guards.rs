@@ -12,7 +12,7 @@ use align_core::train::trainer::{
 };
 use anyhow::Result;
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct Toy {
     w: Tensor,

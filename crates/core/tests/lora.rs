@@ -219,7 +219,7 @@ fn rslora_scales_by_alpha_over_sqrt_r() {
         let scaling = q.lora.as_ref().unwrap().scaling;
         assert_eq!(scaling, if use_rslora { 4.0 } else { 2.0 });
         let full = tch::no_grad(|| q.forward(&x)).unwrap();
-        deltas.push(full - x.linear::<Tensor>(&q.weight, None));
+        deltas.push(full - x.linear::<Tensor>(q.weight.dense().unwrap(), None));
     }
     let d = max_rel_diff(&(&deltas[0] * 2.0), &deltas[1]);
     assert!(d < 1e-5, "rsLoRA update should be twice the plain one for r = 4: {d}");
@@ -234,7 +234,10 @@ fn lora_trains_only_adapters_and_dropout_is_training_only() {
     assert_eq!(trainable.len(), 2 * 14);
     assert!(trainable.iter().all(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight")));
     assert!(trainable.iter().any(|(n, _)| n == "model.layers.0.self_attn.q_proj.lora_A.weight"));
-    assert!(!m.lm.model.embed_tokens.requires_grad() && !m.lm.model.layers[1].mlp.up_proj.weight.requires_grad());
+    assert!(
+        !m.lm.model.embed_tokens.requires_grad()
+            && !m.lm.model.layers[1].mlp.up_proj.weight.dense().unwrap().requires_grad()
+    );
     randomise_adapters(&m.lm, 1);
     let ids = Tensor::from_slice(&[5i64, 9, 200, 17, 3, 44]).view([1, 6]);
 
@@ -258,7 +261,7 @@ fn lora_trains_only_adapters_and_dropout_is_training_only() {
     for (name, t) in &trainable {
         assert!(t.grad().defined(), "{name}: no gradient");
     }
-    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.grad().defined());
+    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.dense().unwrap().grad().defined());
 }
 
 #[test]
@@ -299,8 +302,8 @@ fn freeze_selects_last_layers_and_named_modules() {
 
     let names = apply_freeze(&m.vs, &m.lm, &FreezeConfig { last_layers: None, modules: vec!["mlp".into()] }).unwrap();
     assert_eq!(names.len(), 6);
-    assert!(m.lm.model.layers[0].mlp.down_proj.weight.requires_grad());
-    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.requires_grad());
+    assert!(m.lm.model.layers[0].mlp.down_proj.weight.dense().unwrap().requires_grad());
+    assert!(!m.lm.model.layers[0].self_attn.q_proj.weight.dense().unwrap().requires_grad());
 
     for (cfg, want) in [
         (FreezeConfig { last_layers: Some(3), modules: vec![] }, "freeze.last_layers"),

@@ -270,3 +270,25 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
     let a = std::fs::read(plain.join("final/model.safetensors")).unwrap();
     assert!(a == std::fs::read(ckpt.join("final/model.safetensors")).unwrap(), "weights differ");
 }
+
+/// QLoRA reward model: LoRA on the 4-bit trunk with the head trained in full, saved as a PEFT
+/// SEQ_CLS adapter, resumed bitwise.
+#[test]
+fn qlora_reward_model_saves_a_peft_adapter_and_resumes_bitwise() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let q = with_lora(&["train.quantize=nf4", "train.double_quant=true"]);
+    let straight = tmp.path().join("straight");
+    assert!(align_reward::run(&config(&straight, &q), false, None).unwrap().completed);
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(&resumed, &q);
+    assert!(!align_reward::run(&cfg, false, Some(3)).unwrap().completed);
+    assert!(align_reward::run(&cfg, false, None).unwrap().completed);
+    let a = std::fs::read(straight.join("final/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "QLoRA reward adapter differs after stop + resume");
+    assert_eq!(losses(&straight), losses(&resumed));
+    assert!(losses(&straight).iter().all(|(_, l)| l.is_finite()));
+    let names = tensor_names(&straight.join("final/adapter_model.safetensors"));
+    assert!(names.contains(&"base_model.model.score.weight".to_string()), "{names:?}");
+}

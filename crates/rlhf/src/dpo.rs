@@ -10,6 +10,7 @@ use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
 use align_core::hf::folder::sha256_file;
 use align_core::model::decoder::CausalLm;
+use align_core::model::quant::Quantization;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train::setup::{training_device, training_spec, TrainingModel};
@@ -128,6 +129,15 @@ impl Objective for DpoObjective<'_> {
     }
 }
 
+/// The cache settings, plus the base's quantisation when the run holds it quantised (QLoRA), so
+/// a cache made on a full-precision reference is not reused (keys of other runs are unchanged).
+fn with_quantization(mut settings: serde_json::Value, q: Option<Quantization>) -> serde_json::Value {
+    if let Some(q) = q {
+        settings["quantize"] = serde_json::Value::String(q.describe());
+    }
+    settings
+}
+
 /// Runs (or resumes) the DPO stage described by `cfg`. With `precompute_ref` the reference is
 /// loaded (before the policy), used for every pair once and dropped; the log-probs are cached in
 /// `output_dir/ref_logps-<key>.safetensors` and reused when the key matches.
@@ -195,26 +205,30 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
                 val_files: &if c.val_data.is_empty() { Vec::new() } else { expand_data_paths(&c.val_data)? },
                 chat_template: &template,
                 max_length: c.train.max_length,
-                settings: json!({
-                    "length_policy": options.length_policy,
-                    "val_ratio": c.train.val_ratio,
-                    "seed": c.train.seed,
-                    "dtype": format!("{kind:?}"),
-                    "device": if device.is_cuda() { "cuda" } else { "cpu" },
-                    "reference_adapter": match &ref_adapter {
-                        Some(a) => json!([
-                            sha256_file(&a.join("adapter_config.json"))?,
-                            sha256_file(&a.join("adapter_model.safetensors"))?
-                        ]),
-                        None => serde_json::Value::Null,
-                    },
-                }),
+                settings: with_quantization(
+                    json!({
+                        "length_policy": options.length_policy,
+                        "val_ratio": c.train.val_ratio,
+                        "seed": c.train.seed,
+                        "dtype": format!("{kind:?}"),
+                        "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                        "reference_adapter": match &ref_adapter {
+                            Some(a) => json!([
+                                sha256_file(&a.join("adapter_config.json"))?,
+                                sha256_file(&a.join("adapter_model.safetensors"))?
+                            ]),
+                            None => serde_json::Value::Null,
+                        },
+                    }),
+                    c.train.quantization()?,
+                ),
                 data: &data,
             };
             let key = reference_cache_key(&inputs)?;
             let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, &data, || {
                 tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
-                let model = load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind)?;
+                let model =
+                    load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind, c.train.quantization()?)?;
                 compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id, c.train.loss_chunk_tokens)
             })?;
             tracing::info!(

@@ -14,6 +14,7 @@ use align_core::infer::logprobs::{head_logprobs, HeadOptions};
 use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::io::LoadedModel;
+use align_core::model::quant::Quantization;
 use align_core::peft::lora::without_adapters;
 use align_core::train::config::{canonical_json, sha256_hex};
 use align_core::train::config::{LoadedConfig, Method};
@@ -90,14 +91,16 @@ impl Reference {
 }
 
 /// Loads the reference model with every parameter frozen; `adapter` (a PEFT folder) is merged
-/// into it first.
+/// into it first, or, with `quantize` (a QLoRA run: the reference is held as the policy's base
+/// is), attached frozen on the quantised base.
 pub fn load_reference_model(
     dir: &Path,
     adapter: Option<&Path>,
     device: Device,
     kind: Kind,
+    quantize: Option<Quantization>,
 ) -> Result<Box<LoadedModel>> {
-    let mut m = ModelSpec::at(dir, adapter, device, kind).causal_lm(AdapterMode::Merge)?.model;
+    let mut m = ModelSpec::at(dir, adapter, device, kind).quantized(quantize).causal_lm(AdapterMode::Merge)?.model;
     m.vs.freeze();
     Ok(Box::new(m))
 }
@@ -107,10 +110,11 @@ pub fn load_reference_model(
 /// adapters uses its own base with the adapters disabled, so no second copy is loaded.
 pub fn policy_reference(cfg: &LoadedConfig, explicit: Option<&str>, device: Device, kind: Kind) -> Result<Reference> {
     let c = &cfg.config;
+    let quantize = c.train.quantization()?;
     if let Some(dir) = explicit {
         let dir = resolve_model_dir(dir)?;
         tracing::info!("reference: {} (frozen)", dir.display());
-        return Ok(Reference::Live(load_reference_model(&dir, None, device, kind)?));
+        return Ok(Reference::Live(load_reference_model(&dir, None, device, kind, quantize)?));
     }
     if c.method == Method::Lora && c.adapter.is_none() {
         tracing::info!("reference: the policy's base model with its LoRA adapters disabled (one copy of the weights)");
@@ -123,7 +127,7 @@ pub fn policy_reference(cfg: &LoadedConfig, explicit: Option<&str>, device: Devi
         dir.display(),
         adapter.as_ref().map_or(String::new(), |a| format!(" + adapter {}", a.display()))
     );
-    Ok(Reference::Live(load_reference_model(&dir, adapter.as_deref(), device, kind)?))
+    Ok(Reference::Live(load_reference_model(&dir, adapter.as_deref(), device, kind, quantize)?))
 }
 
 /// Reference log-probs of every pair of both splits, in micro-batches of `batch_size` pairs.

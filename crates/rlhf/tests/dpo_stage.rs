@@ -236,3 +236,20 @@ fn gradient_checkpointing_and_the_chunked_head_give_the_same_run() {
         assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "chunked loss {y} vs {x}");
     }
 }
+
+/// QLoRA DPO: policy and reference are the same 4-bit base (the reference with the adapters
+/// disabled, or cached from it), so the first loss is ln 2; the run trains and saves an adapter.
+#[test]
+fn qlora_dpo_starts_at_ln2_and_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [("live", "dpo.precompute_ref=false"), ("cached", "dpo.precompute_ref=true")] {
+        let out = tmp.path().join(name);
+        let sets =
+            ["method=lora", "lora.r=8", "train.quantize=nf4", "train.double_quant=true", "train.max_steps=3", extra];
+        align_rlhf::run_dpo(&config(&out, &sets), false, None).unwrap();
+        let loss = series(&out, "loss");
+        assert!((loss[0] - std::f64::consts::LN_2).abs() < 1e-5, "{name}: step-0 loss {loss:?}, expected ln 2");
+        assert!(loss.iter().all(|l| l.is_finite()));
+        assert!(out.join("final/adapter_model.safetensors").is_file() && !out.join("final/model.safetensors").exists());
+    }
+}

@@ -359,3 +359,25 @@ fn gradient_checkpointing_gives_the_same_updates() {
     assert!(entropy.iter().all(|e| e.is_finite() && *e > 0.0), "{entropy:?}");
     assert_eq!(entropy, series(&ckpt, "policy/entropy_avg"));
 }
+
+/// QLoRA PPO: the policy's base is held in 4 bits (NF4), the reference is that quantised base
+/// with the adapters disabled (first KL exactly 0), the critic stays a full-precision model.
+#[test]
+fn qlora_policy_uses_its_quantised_base_as_reference() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let reward = tmp.path().join("rm");
+    toy_reward_model(&reward);
+    let out = tmp.path().join("qlora");
+    let cfg = config(
+        &out,
+        &reward,
+        &["method=\"lora\"", "train.max_steps=2", "lora.r=4", "train.quantize=\"nf4\"", "train.double_quant=true"],
+    );
+    align_rlhf::run_ppo(&cfg, false, None).unwrap();
+    let kl = series(&out, "objective/kl");
+    assert!(kl[0].abs() < 1e-6, "first-iteration KL {kl:?}");
+    assert!(series(&out, "loss/policy").iter().all(|l| l.is_finite()));
+    assert!(out.join("final/adapter_config.json").is_file() && !out.join("final/model.safetensors").exists());
+    assert!(out.join("final/value_model/config.json").is_file());
+}

@@ -11,11 +11,12 @@ use tch::{Device, Kind};
 use crate::hf::checkpoint::resolve_model_dir;
 use crate::hf::config::ModelConfig;
 use crate::model::device::{enable_cpu_features, parse_device, parse_dtype};
-use crate::model::io::{load_causal_lm, LoadedModel};
+use crate::model::io::{load_causal_lm, variable_bytes, LoadedModel};
+use crate::model::quant::Quantization;
 use crate::model::scalar::{
     is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit,
 };
-use crate::peft::lora::{load_adapter, merge_lora, LoraConfig};
+use crate::peft::lora::{is_adapter_variable, load_adapter, merge_lora, LoraConfig};
 use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
 use crate::text::tokenizer::ModelTokenizer;
 
@@ -70,6 +71,9 @@ pub struct ModelSpec {
     pub dtype: Kind,
     /// libtorch's intra-op CPU threads (None: libtorch's choice).
     pub threads: Option<i32>,
+    /// Hold the decoder's projections quantised (applied after the weights are loaded; an
+    /// adapter is then attached on top, never merged).
+    pub quantize: Option<Quantization>,
 }
 
 /// What happens to the adapter at load.
@@ -103,7 +107,14 @@ impl ModelSpec {
     ) -> Result<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype, device)?;
-        Ok(ModelSpec { model: model.to_string(), adapter: adapter.map(str::to_string), device, dtype, threads })
+        Ok(ModelSpec {
+            model: model.to_string(),
+            adapter: adapter.map(str::to_string),
+            device,
+            dtype,
+            threads,
+            quantize: None,
+        })
     }
 
     /// A folder (and adapter) on a device and dtype already chosen.
@@ -114,7 +125,14 @@ impl ModelSpec {
             device,
             dtype,
             threads: None,
+            quantize: None,
         }
+    }
+
+    /// The same spec with the base held quantised as `q` says (None: in full precision).
+    pub fn quantized(mut self, q: Option<Quantization>) -> Self {
+        self.quantize = q;
+        self
     }
 
     /// Applies the thread count and the CPU kernel settings (before the first tensor op).
@@ -154,7 +172,9 @@ impl ModelSpec {
         ModelTokenizer::from_dir(&self.tokenizer_dir()?)
     }
 
-    /// Loads the causal LM with its adapter merged or attached, and its tokenizer.
+    /// Loads the causal LM with its adapter merged or attached, and its tokenizer. With
+    /// `quantize` the projections are quantised after loading and an adapter is always attached
+    /// (under `Merge` frozen, for inference).
     pub fn causal_lm(&self, mode: AdapterMode) -> Result<LoadedCausalLm> {
         self.apply_runtime();
         let dir = self.model_dir()?;
@@ -163,10 +183,32 @@ impl ModelSpec {
         let tokenizer =
             tokenizer_for(&tokenizer_dir_of(&dir, adapter_dir.as_deref()), &ModelConfig::from_dir(&dir)?, &dir)?;
         let mut model = load_causal_lm(&dir, self.device, self.dtype)?;
+        if let Some(q) = self.quantize {
+            model.lm.model.quantize(&model.vs, q).with_context(|| format!("{}: quantising", dir.display()))?;
+            tracing::info!(
+                "quantised the projections to {} ({:.1} MiB; the rest of the model {:.1} MiB)",
+                q.describe(),
+                model.lm.model.quantized_bytes() as f64 / (1 << 20) as f64,
+                variable_bytes(&model.vs) as f64 / (1 << 20) as f64
+            );
+        }
         let mut adapter = None;
         if let Some(a) = adapter_dir {
             let lora = load_adapter(&model.vs, &mut model.lm, &a)?;
-            if mode == AdapterMode::Merge {
+            if mode == AdapterMode::Merge && self.quantize.is_some() {
+                // never merged into a quantised base: attached on top, frozen
+                for (name, v) in model.vs.variables() {
+                    if is_adapter_variable(&name) {
+                        let _ = v.set_requires_grad(false);
+                    }
+                }
+                tracing::info!(
+                    "attached LoRA adapter {} (r {}, alpha {}) on the quantised base",
+                    a.display(),
+                    lora.r,
+                    lora.alpha
+                );
+            } else if mode == AdapterMode::Merge {
                 merge_lora(&model.vs, &mut model.lm)?;
                 tracing::info!("merged LoRA adapter {} (r {}, alpha {})", a.display(), lora.r, lora.alpha);
             }
@@ -178,6 +220,13 @@ impl ModelSpec {
     /// Loads a reward model (a `*ForSequenceClassification` folder, or a `SEQ_CLS` adapter folder
     /// on its base, or `model` + `adapter`) with the adapter merged, and its tokenizer.
     pub fn scalar_model(&self) -> Result<(LoadedScalarModel, ModelTokenizer)> {
+        if let Some(q) = self.quantize {
+            bail!(
+                "{}: a reward model is loaded with its adapter merged, which a quantised ({}) base cannot take; score with the full-precision model",
+                self.model,
+                q.describe()
+            );
+        }
         self.apply_runtime();
         let dir = self.model_dir()?;
         let adapter = self.adapter_dir()?;
@@ -188,7 +237,8 @@ impl ModelSpec {
 
     /// Loads `model` (no adapter) as a scalar model to train: a reward-model folder as it is, or
     /// a causal LM's trunk with a new head initialised by `init(hidden_size)`; padding with the
-    /// tokenizer's padding id.
+    /// tokenizer's padding id; with `quantize` the trunk's projections are quantised (the head
+    /// stays dense and trains).
     pub fn scalar_model_to_train(
         &self,
         init: impl FnOnce(i64) -> ScoreInit,
@@ -196,7 +246,10 @@ impl ModelSpec {
         self.apply_runtime();
         let dir = self.model_dir()?;
         let tokenizer = tokenizer_for(&dir, &ModelConfig::from_dir(&dir)?, &dir)?;
-        let m = load_scalar_model(&dir, self.device, self.dtype, tokenizer.padding_id(), init)?;
+        let mut m = load_scalar_model(&dir, self.device, self.dtype, tokenizer.padding_id(), init)?;
+        if let Some(q) = self.quantize {
+            m.rm.model.quantize(&m.vs, q).with_context(|| format!("{}: quantising", dir.display()))?;
+        }
         Ok((m, tokenizer))
     }
 }

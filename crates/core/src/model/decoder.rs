@@ -7,28 +7,76 @@ use anyhow::{ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
+use crate::model::io::remove_variables;
 use crate::model::lora_layer::{LoraAdapter, LoraConfig};
+use crate::model::quant::{Quantization, QuantizedWeight};
+use crate::model::quant_linear::quantized_linear;
 use crate::model::recompute;
 
-/// A dense projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA
-/// update `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled.
+/// A projection `y = x Wᵀ + b` with weight `[out, in]` as HF stores it, plus the LoRA update
+/// `scaling · dropout(x) Aᵀ Bᵀ` when an adapter is attached and enabled. The weight is a variable
+/// of the model's `VarStore`, or, in a quantised model, a frozen quantised state that the
+/// forward (and backward) pass dequantises on the fly; then the dense weight no longer exists.
 #[derive(Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     /// Attached by `lora::attach_lora` / `lora::load_adapter`; removed by `lora::merge_lora`.
     pub lora: Option<LoraAdapter>,
 }
 
+/// The weight of a [`Linear`].
+#[derive(Debug)]
+pub enum LinearWeight {
+    /// A variable of the model's `VarStore`, under its HF name.
+    Dense(Tensor),
+    /// Frozen and quantised (see `model::quant`), outside the `VarStore`.
+    Quantized(QuantizedWeight),
+}
+
+impl LinearWeight {
+    /// The dense weight; None when quantised.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        match self {
+            LinearWeight::Dense(w) => LinearWeight::Dense(w.shallow_clone()),
+            LinearWeight::Quantized(q) => LinearWeight::Quantized(q.shallow_clone()),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn shape(&self) -> Vec<i64> {
+        match self {
+            LinearWeight::Dense(w) => w.size(),
+            LinearWeight::Quantized(q) => q.shape(),
+        }
+    }
+}
+
 impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
-        let weight = p.zeros("weight", &[out_dim, in_dim]);
+        let weight = LinearWeight::Dense(p.zeros("weight", &[out_dim, in_dim]));
         let bias = bias.then(|| p.zeros("bias", &[out_dim]));
         Linear { weight, bias, lora: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            LinearWeight::Quantized(q) => {
+                let y = quantized_linear(x, q)?;
+                match &self.bias {
+                    Some(b) => y.f_add(b)?,
+                    None => y,
+                }
+            }
+        };
         match &self.lora {
             Some(lora) if lora.is_enabled() => Ok(y.f_add(&lora.forward(x)?)?),
             _ => Ok(y),
@@ -36,7 +84,7 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> i64 {
-        self.weight.size()[1]
+        self.weight.shape()[1]
     }
 
     /// The same layer over the same tensors (parameters and their gradients are shared).
@@ -54,7 +102,12 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
+        self.weight.shape()[0]
+    }
+
+    /// True when the weight is held quantised.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
     }
 }
 
@@ -375,7 +428,7 @@ impl DecoderLayer {
         ];
         norms.into_iter().flatten().any(|n| n.weight.requires_grad())
             || self.linears().iter().any(|l| {
-                l.weight.requires_grad()
+                l.weight.dense().is_some_and(Tensor::requires_grad)
                     || l.bias.as_ref().is_some_and(Tensor::requires_grad)
                     || l.lora.as_ref().is_some_and(|a| a.lora_a.requires_grad() || a.lora_b.requires_grad())
             })
@@ -427,6 +480,8 @@ pub struct Trunk {
     prefix: String,
     mode: Arc<RunMode>,
     lora: Option<LoraConfig>,
+    /// How the projections' weights are held, when quantised (`quantize`).
+    quantization: Option<Quantization>,
 }
 
 /// The inputs of one forward pass besides the token ids.
@@ -465,7 +520,16 @@ impl Trunk {
             rope_inv_freq(c.rope_theta, c.head_dim, &c.rope_scaling).into_iter().map(|f| f as f32).collect();
         let inv_freq = Tensor::from_slice(&freqs).to_device(p.device());
         let prefix = p.components().collect::<Vec<_>>().join(".");
-        Trunk { embed_tokens, layers, norm, inv_freq, prefix, mode: Arc::new(RunMode::new()), lora: None }
+        Trunk {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq,
+            prefix,
+            mode: Arc::new(RunMode::new()),
+            lora: None,
+            quantization: None,
+        }
     }
 
     /// The trunk's path in the `VarStore` (`model`): its parameter names start with it and a dot.
@@ -506,6 +570,49 @@ impl Trunk {
     /// The LoRA configuration of the attached adapters, if any.
     pub fn lora_config(&self) -> Option<&LoraConfig> {
         self.lora.as_ref()
+    }
+
+    /// How the projections' weights are held, when the trunk was quantised.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.quantization
+    }
+
+    /// Quantises the weight of every projection of the decoder layers (`linears`: q, k, v, o,
+    /// gate, up, down; not the embeddings, norms or heads, as transformers' bitsandbytes
+    /// integration leaves them) and removes the dense weights from `vs`, which frees them. Their
+    /// biases stay dense and, like every quantised weight, frozen. Quantise after loading the
+    /// weights and before attaching adapters.
+    pub fn quantize(&mut self, vs: &nn::VarStore, q: Quantization) -> Result<()> {
+        ensure!(self.lora.is_none(), "quantise the base model before attaching LoRA adapters");
+        ensure!(self.quantization.is_none(), "the model is already quantised");
+        tch::no_grad(|| -> Result<()> {
+            for (path, lin) in self.linears_mut() {
+                let LinearWeight::Dense(w) = &lin.weight else {
+                    anyhow::bail!("{path}.weight is already quantised");
+                };
+                let quantized = QuantizedWeight::new(w, q).map_err(|e| anyhow::anyhow!("{path}.weight: {e}"))?;
+                lin.weight = LinearWeight::Quantized(quantized);
+                if let Some(b) = &lin.bias {
+                    let _ = b.shallow_clone().f_requires_grad_(false)?;
+                }
+                remove_variables(vs, &[format!("{path}.weight")])?;
+            }
+            Ok(())
+        })?;
+        self.quantization = Some(q);
+        Ok(())
+    }
+
+    /// Bytes of the quantised states of the projections (0 when not quantised); the rest of the
+    /// model's bytes are its `VarStore`'s.
+    pub fn quantized_bytes(&self) -> i64 {
+        self.linears()
+            .iter()
+            .map(|(_, l)| match &l.weight {
+                LinearWeight::Quantized(q) => q.nbytes(),
+                LinearWeight::Dense(_) => 0,
+            })
+            .sum()
     }
 
     pub(crate) fn run_mode(&self) -> Arc<RunMode> {

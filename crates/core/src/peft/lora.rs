@@ -19,7 +19,8 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::hf::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, SINGLE_FILE};
 use crate::hf::folder::write_folder;
-use crate::model::decoder::Trunk;
+use crate::model::decoder::{LinearWeight, Trunk};
+use crate::model::io::remove_variables;
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -141,17 +142,16 @@ pub fn without_adapters<M: LoraModel, T>(model: &M, f: impl FnOnce(&M) -> Result
     out
 }
 
-fn remove_variables(vs: &VarStore, names: &[String]) -> Result<()> {
-    let mut vars =
-        vs.variables_.lock().map_err(|_| anyhow!("the model's variable store is unusable (a thread panicked)"))?;
-    let mut ptrs = HashSet::new();
-    for n in names {
-        if let Some(t) = vars.named_variables.remove(n) {
-            ptrs.insert(t.data_ptr() as usize);
-        }
+/// Refuses `what` (merging, exporting, saving full weights) on a trunk whose base is held
+/// quantised: a quantised base has no full-precision weights to write or fold into.
+pub fn refuse_quantized(trunk: &Trunk, what: &str) -> Result<()> {
+    match trunk.quantization() {
+        Some(q) => bail!(
+            "cannot {what} a model loaded quantised ({}): its base weights are not kept in full precision; load the full-precision base (no --quantize / [train] quantize) and export from it",
+            q.describe()
+        ),
+        None => Ok(()),
     }
-    vars.trainable_variables.retain(|v| !ptrs.contains(&(v.tensor.data_ptr() as usize)));
-    Ok(())
 }
 
 /// Folds every adapter into its base weight (`W += scaling · B A`, in W's dtype), then removes
@@ -160,18 +160,19 @@ fn remove_variables(vs: &VarStore, names: &[String]) -> Result<()> {
 /// are.
 pub fn merge_lora<M: LoraModel>(vs: &VarStore, model: &mut M) -> Result<()> {
     ensure!(model.trunk().lora_config().is_some(), "no LoRA adapters are attached: nothing to merge");
+    refuse_quantized(model.trunk(), "merge LoRA adapters into")?;
     let mut removed = Vec::new();
     tch::no_grad(|| -> Result<()> {
         let mut deltas = Vec::new();
         for (path, lin) in model.trunk().linears() {
-            if let Some(lora) = &lin.lora {
-                deltas.push((path, lora.delta_weight()?.f_to_kind(lin.weight.kind())?));
+            if let (Some(lora), Some(w)) = (&lin.lora, lin.weight.dense()) {
+                deltas.push((path, lora.delta_weight()?.f_to_kind(w.kind())?));
             }
         }
         let mut deltas: HashMap<String, Tensor> = deltas.into_iter().collect();
         for (path, lin) in model.trunk_mut().linears_mut() {
-            if let Some(delta) = deltas.remove(&path) {
-                let _ = lin.weight.f_add_(&delta)?;
+            if let (Some(delta), LinearWeight::Dense(w)) = (deltas.remove(&path), &mut lin.weight) {
+                let _ = w.f_add_(&delta)?;
                 lin.lora = None;
                 removed.push(format!("{path}.lora_A.weight"));
                 removed.push(format!("{path}.lora_B.weight"));

@@ -154,6 +154,15 @@ pub struct TrainSection {
     /// their activations (default 1: every layer).
     #[serde(default)]
     pub gradient_checkpointing_every: Option<usize>,
+    /// QLoRA: hold the frozen base's projections in 4 bits, `"nf4"` or `"fp4"` (bitsandbytes'
+    /// layout, blocks of 64), dequantised on the fly in the compute dtype (`dtype`); only with
+    /// `method = "lora"`. None: the base stays in full precision.
+    #[serde(default)]
+    pub quantize: Option<String>,
+    /// QLoRA's double quantisation: the 4-bit blocks' absmax quantised again (8-bit, blocks of
+    /// 256); needs `quantize`. Default false, as transformers' `BitsAndBytesConfig`.
+    #[serde(default)]
+    pub double_quant: Option<bool>,
 }
 
 impl Default for TrainSection {
@@ -170,6 +179,27 @@ impl TrainSection {
         } else {
             0
         }
+    }
+
+    /// The quantisation of the base, from `quantize` and `double_quant` (checked when the
+    /// config loads: only 4-bit types, only under LoRA).
+    pub fn quantization(&self) -> Result<Option<crate::model::quant::Quantization>> {
+        use crate::model::quant::{QuantType4, Quantization};
+        let quant_type = match self.quantize.as_deref() {
+            None => {
+                if self.double_quant.is_some() {
+                    bail!("key 'train.double_quant': applies to a 4-bit base; set train.quantize = \"nf4\" or \"fp4\" (or remove train.double_quant)");
+                }
+                return Ok(None);
+            }
+            Some("nf4") => QuantType4::Nf4,
+            Some("fp4") => QuantType4::Fp4,
+            Some("int8") => bail!(
+                "key 'train.quantize': \"int8\" is for inference only (align generate / eval perplexity --quantize int8); QLoRA trains on a 4-bit base: \"nf4\" or \"fp4\""
+            ),
+            Some(other) => bail!("key 'train.quantize': expected \"nf4\" or \"fp4\", found {other:?}"),
+        };
+        Ok(Some(Quantization::FourBit { quant_type, double_quant: self.double_quant.unwrap_or(false) }))
     }
 
     /// The optimizer settings of `[train]`.
@@ -516,6 +546,12 @@ fn validate(c: &TrainConfig) -> Result<()> {
         ),
         _ => {}
     }
+    if t.quantization()?.is_some() && c.method != Method::Lora {
+        bail!(
+            "key 'train.quantize': QLoRA trains LoRA adapters on the frozen quantised base; set method = \"lora\" (found method = \"{}\")",
+            c.method.as_str()
+        );
+    }
     Ok(())
 }
 
@@ -594,6 +630,35 @@ mod tests {
         assert!(e.contains("c.toml") && e.contains("lora.r"), "{e}");
         let e = load(BASE, &["method=freeze", "freeze.layers=1"]).unwrap_err().to_string();
         assert!(e.starts_with("c.toml: [freeze]: ") && e.contains("layers"), "{e}");
+    }
+
+    #[test]
+    fn quantize_needs_lora_and_a_four_bit_type() {
+        use crate::model::quant::{QuantType4, Quantization};
+        let c = load(BASE, &["method=lora", "train.quantize=nf4", "train.double_quant=true"]).unwrap();
+        assert_eq!(
+            c.config.train.quantization().unwrap(),
+            Some(Quantization::FourBit { quant_type: QuantType4::Nf4, double_quant: true })
+        );
+        let c = load(BASE, &["method=lora", "train.quantize=fp4"]).unwrap();
+        assert_eq!(
+            c.config.train.quantization().unwrap(),
+            Some(Quantization::FourBit { quant_type: QuantType4::Fp4, double_quant: false })
+        );
+        assert_eq!(load(BASE, &[]).unwrap().config.train.quantization().unwrap(), None);
+        let e = load(BASE, &["train.quantize=nf4"]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: key 'train.quantize'") && e.contains("QLoRA trains LoRA adapters"), "{e}");
+        assert!(e.contains(r#"method = "full""#), "{e}");
+        let e = load(BASE, &["method=freeze", "freeze.last_layers=1", "train.quantize=nf4"]).unwrap_err().to_string();
+        assert!(e.contains(r#"set method = "lora" (found method = "freeze")"#), "{e}");
+        let e = load(BASE, &["method=lora", "train.double_quant=true"]).unwrap_err().to_string();
+        assert!(e.contains("key 'train.double_quant'") && e.contains("train.quantize"), "{e}");
+        let e = load(BASE, &["method=lora", "train.quantize=int8"]).unwrap_err().to_string();
+        assert!(e.contains("key 'train.quantize'") && e.contains("inference only"), "{e}");
+        let e = load(BASE, &["method=lora", "train.quantize=nf8"]).unwrap_err().to_string();
+        assert!(e.contains(r#"expected "nf4" or "fp4", found "nf8""#), "{e}");
+        let e = load(BASE, &["method=lora", "train.quantize=nf4", "train.double_quant=1"]).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("bool"), "{e}");
     }
 
     #[test]

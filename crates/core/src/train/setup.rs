@@ -11,8 +11,9 @@ use crate::load::spec::{tokenizer_for, AdapterMode, LoadedCausalLm, ModelSpec};
 use crate::model::io::LoadedModel;
 use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::lora::{
-    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, restore_adapter_weights,
-    trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig, ADAPTER_CONFIG_FILE,
+    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, refuse_quantized,
+    restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
+    ADAPTER_CONFIG_FILE,
 };
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::{LoadedConfig, Method};
@@ -83,6 +84,7 @@ impl ModelState for TrainingModel {
             };
             return write_adapter(&self.loaded.lm, dir, &opts);
         }
+        refuse_quantized(&self.loaded.lm.model, "save the full weights of")?;
         let opts = SaveOptions { companions_from: Some(&self.loaded.dir), ..Default::default() };
         write_pretrained(&self.loaded.vs, &self.loaded.lm.config, dir, &opts)
     }
@@ -100,11 +102,12 @@ impl ModelState for TrainingModel {
 }
 
 /// The [`ModelSpec`] of a training run: `model`, `adapter`, `train.device`, `train.dtype`,
-/// `train.threads`.
+/// `train.threads`, `train.quantize` / `train.double_quant` (QLoRA: the base held in 4 bits).
 pub fn training_spec(cfg: &LoadedConfig) -> Result<ModelSpec> {
     let c = &cfg.config;
     let t = &c.train;
-    ModelSpec::from_flags(&c.model, c.adapter.as_deref(), &t.device, t.dtype.as_deref(), t.threads)
+    let spec = ModelSpec::from_flags(&c.model, c.adapter.as_deref(), &t.device, t.dtype.as_deref(), t.threads)?;
+    Ok(spec.quantized(t.quantization()?))
 }
 
 /// Device and dtype of a training run (`train.device`, `train.dtype`), with `train.threads` applied.
@@ -145,8 +148,9 @@ impl TrainingScalarModel {
                 dir.display()
             );
         }
-        let mut tm = Self::from_dir(&dir, device, kind, init)?;
-        tm.base_name = c.model.clone();
+        let (loaded, tokenizer) = spec.scalar_model_to_train(init)?;
+        let mut tm =
+            TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name: c.model.clone() };
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
         let adapter = spec.adapter_dir()?;
         let loaded = &mut tm.loaded;
@@ -225,6 +229,7 @@ impl ModelState for TrainingScalarModel {
             };
             return write_adapter(&self.loaded.rm, dir, &opts);
         }
+        refuse_quantized(&self.loaded.rm.model, "save the full weights of")?;
         write_scalar_model(&self.loaded.vs, &self.loaded.rm, dir, None, Some(&self.loaded.dir))
     }
 
