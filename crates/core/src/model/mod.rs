@@ -1,5 +1,7 @@
 //! The models: one decoder for the Llama family (trunk + LM head), the scalar-head model (reward
-//! and value models), random initialisation, device/dtype selection and causal-LM folder loading.
+//! and value models), random initialisation, device/dtype selection, causal-LM folder loading and
+//! 8-bit block-wise quantisation (bitsandbytes' maps).
+pub mod blockwise;
 pub mod decoder;
 pub mod device;
 pub mod init;
