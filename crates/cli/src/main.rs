@@ -11,6 +11,7 @@ mod eval;
 mod export;
 mod generate;
 mod init;
+mod plan;
 mod report_cmd;
 mod run;
 mod train;
@@ -50,6 +51,8 @@ enum Command {
     Bench(BenchCommand),
     /// Merge a LoRA adapter into its base model and write a plain HF model folder.
     Export(export::ExportArgs),
+    /// Print the memory plan of a training run: weights, gradients, optimizer, activations, logits, total.
+    Plan(plan::PlanArgs),
     /// Show the libtorch build, threads and devices this binary sees.
     Env,
     /// Write RUN_DIR/report/report.html with PNG plots and a diagnosis of every stage of a run.
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
         Command::Data(c) => data_cmd::run(c),
         Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
         Command::Export(a) => export::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Env => common::print_env(),
         Command::Report(a) => report_cmd::report(a),
         Command::Status(a) => report_cmd::status(a),

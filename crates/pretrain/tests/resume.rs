@@ -143,3 +143,32 @@ fn restart_starts_over_and_limit_keeps_newest_checkpoints() {
     assert_eq!(s.steps, 2);
     assert_eq!(losses(&out).len(), 2);
 }
+
+/// `optimizer = "adamw8bit"`: the 8-bit codes and absmax are saved in `train_state/` and
+/// restored, so 3 steps + stop + resume to 6 equal 6 straight steps bitwise (weights, losses and
+/// the optimizer state itself).
+#[test]
+fn eight_bit_adamw_resumes_bitwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eight = ["train.optimizer=adamw8bit"];
+    let straight = tmp.path().join("straight");
+    assert!(align_pretrain::run(&config(&straight, &eight), false, None).unwrap().completed);
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(&resumed, &eight);
+    assert_eq!(align_pretrain::run(&cfg, false, Some(3)).unwrap().steps, 3);
+    assert!(align_pretrain::run(&cfg, false, None).unwrap().completed);
+    let read = |dir: &Path, f: &str| std::fs::read(dir.join(f)).unwrap();
+    assert!(read(&straight, "final/model.safetensors") == read(&resumed, "final/model.safetensors"));
+    let state = "checkpoint-6/train_state/optimizer.safetensors";
+    assert!(read(&straight, state) == read(&resumed, state), "optimizer state differs after resume");
+    assert_eq!(losses(&straight), losses(&resumed));
+    // the embedding (320 × 32 ≥ 4096 elements) has 8-bit moments, the small tensors f32 ones
+    let tensors: std::collections::BTreeMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(straight.join(state)).unwrap().into_iter().collect();
+    assert_eq!(tensors["exp_avg.model.embed_tokens.weight"].kind(), tch::Kind::Uint8);
+    assert_eq!(tensors["exp_avg_sq_absmax.model.embed_tokens.weight"].size(), [40]);
+    assert_eq!(tensors["exp_avg.model.norm.weight"].kind(), tch::Kind::Float);
+    // a different optimizer is a different run: resuming it is refused, naming the key
+    let e = align_pretrain::run(&config(&resumed, &[]), false, None).unwrap_err().to_string();
+    assert!(e.contains("train.optimizer"), "{e}");
+}

@@ -198,6 +198,10 @@ pub struct TrainSummary {
     /// The process's peak resident memory when the run ended (Linux `VmHWM`), in bytes; None
     /// where the system does not report it. On CUDA, device memory is not included.
     pub peak_rss_bytes: Option<u64>,
+    /// The memory plan's total for the run (`align plan`; weights, gradients, optimizer state,
+    /// activations, logits and the runtime), in bytes; None where no plan is made (PPO).
+    #[serde(default)]
+    pub planned_peak_bytes: Option<u64>,
 }
 
 /// `stage.json`: a pipeline stage's status and lineage. Every field but `kind` and `status`

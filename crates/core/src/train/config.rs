@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::train::optim::Schedule;
+use crate::train::optim::{OptimizerKind, Schedule};
 
 /// How the model's weights are tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -138,6 +138,9 @@ pub struct TrainSection {
     pub adam_beta2: f64,
     #[serde(default = "d_eps")]
     pub adam_epsilon: f64,
+    /// `adamw` (f32 moments) or `adamw8bit` (bitsandbytes-style 8-bit block-wise moments).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
     /// Intra-op CPU threads (default: libtorch's choice).
     #[serde(default)]
     pub threads: Option<i32>,
@@ -209,6 +212,7 @@ impl TrainSection {
             beta2: self.adam_beta2,
             eps: self.adam_epsilon,
             weight_decay: self.weight_decay,
+            kind: self.optimizer,
         }
     }
 }
@@ -605,6 +609,16 @@ mod tests {
         let on = load(BASE, &["train.gradient_checkpointing=true", "train.gradient_checkpointing_every=2"]).unwrap();
         assert_eq!(on.hash, load(BASE, &[]).unwrap().hash);
         assert_ne!(load(BASE, &["train.loss_chunk_tokens=64"]).unwrap().hash, on.hash);
+    }
+
+    #[test]
+    fn the_optimizer_is_adamw_or_adamw8bit() {
+        assert_eq!(load(BASE, &[]).unwrap().config.train.optimizer, OptimizerKind::Adamw);
+        let c = load(BASE, &["train.optimizer=adamw8bit"]).unwrap();
+        assert_eq!(c.config.train.adamw().kind, OptimizerKind::Adamw8bit);
+        let e = load(BASE, &["train.optimizer=adam8"]).unwrap_err().to_string();
+        assert!(e.starts_with("c.toml: ") && e.contains("train.optimizer") && e.contains("\"adam8\""), "{e}");
+        assert!(e.contains(r#""adamw", "adamw8bit""#), "{e}");
     }
 
     #[test]

@@ -1,10 +1,63 @@
-//! AdamW with saveable state (f32 moments; f32 master weights for bf16/f16 parameters), learning-
-//! rate schedules as pure functions of the step, and global-norm gradient clipping.
+//! AdamW with saveable state (f32 moments, or bitsandbytes-style 8-bit block-wise moments; f32
+//! master weights for bf16/f16 parameters), learning-rate schedules as pure functions of the
+//! step, and global-norm gradient clipping.
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::blockwise::{block_count, dequantize_blockwise, quantize_blockwise, QuantMap};
+
+/// `[train] optimizer`: how AdamW keeps its moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// f32 moments (8 bytes of state per trained parameter).
+    #[default]
+    Adamw,
+    /// bitsandbytes' `AdamW8bit`: moments as 8-bit codes with an f32 absmax per block of
+    /// [`BLOCK_SIZE`] (about 2 bytes per parameter); tensors under [`MIN_8BIT_SIZE`] elements
+    /// keep f32 moments.
+    Adamw8bit,
+}
+
+impl OptimizerKind {
+    /// The values `[train] optimizer` accepts.
+    pub const ACCEPTED: [&'static str; 2] = ["adamw", "adamw8bit"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Adamw8bit => "adamw8bit",
+        }
+    }
+
+    /// Parses a value of `[train] optimizer` (or `align plan --optimizer`); the error names the
+    /// key and the accepted values.
+    pub fn parse(value: &str) -> Result<OptimizerKind> {
+        match value {
+            "adamw" => Ok(OptimizerKind::Adamw),
+            "adamw8bit" => Ok(OptimizerKind::Adamw8bit),
+            other => bail!(
+                "key 'train.optimizer': unknown optimizer \"{other}\" (expected one of {})",
+                OptimizerKind::ACCEPTED.map(|a| format!("\"{a}\"")).join(", ")
+            ),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OptimizerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        OptimizerKind::parse(&value).map_err(|e| serde::de::Error::custom(e.to_string()))
+    }
+}
+
+/// Elements per block of an 8-bit moment (bitsandbytes' block-wise optimizers use 256).
+pub const BLOCK_SIZE: i64 = 256;
+/// Tensors with fewer elements keep f32 moments under `adamw8bit` (bitsandbytes' `min_8bit_size`).
+pub const MIN_8BIT_SIZE: i64 = 4096;
 
 /// Learning-rate schedule shapes after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -46,12 +99,23 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// f32 or 8-bit block-wise moments.
+    pub kind: OptimizerKind,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, kind: OptimizerKind::Adamw }
     }
+}
+
+/// A parameter's two moments.
+enum Moments {
+    /// f32, the parameter's shape.
+    Full { exp_avg: Tensor, exp_avg_sq: Tensor },
+    /// 8-bit codes (uint8, the parameter's shape) of the signed (`exp_avg`) and unsigned
+    /// (`exp_avg_sq`) dynamic maps, with an f32 absmax per block of [`BLOCK_SIZE`].
+    Blockwise { exp_avg: Tensor, exp_avg_absmax: Tensor, exp_avg_sq: Tensor, exp_avg_sq_absmax: Tensor },
 }
 
 struct ParamState {
@@ -59,15 +123,24 @@ struct ParamState {
     param: Tensor,
     /// f32 copy the update is applied to when the parameter itself is bf16/f16.
     master: Option<Tensor>,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    moments: Moments,
     decay: bool,
 }
 
-/// Decoupled-weight-decay Adam over named parameters (PyTorch's `AdamW` update rule).
+/// The two dynamic maps of the 8-bit moments, on one device.
+struct DeviceMaps {
+    device: Device,
+    signed: QuantMap,
+    unsigned: QuantMap,
+}
+
+/// Decoupled-weight-decay Adam over named parameters (PyTorch's `AdamW` update rule; with
+/// [`OptimizerKind::Adamw8bit`], bitsandbytes' `AdamW8bit` block-wise 8-bit update).
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<ParamState>,
+    /// The dynamic maps for each device holding 8-bit moments.
+    maps: Vec<DeviceMaps>,
     /// Updates applied so far (Adam's bias-correction step count).
     pub steps: u64,
 }
@@ -80,23 +153,44 @@ pub fn decays_by_default(name: &str, t: &Tensor) -> bool {
 impl AdamW {
     /// `params`: (HF name, parameter) pairs to train, in a fixed order.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut maps: Vec<DeviceMaps> = Vec::new();
         let params = params
             .into_iter()
             .map(|(name, param)| {
                 let master =
                     if param.kind() == Kind::Float { None } else { Some(param.f_detach()?.f_to_kind(Kind::Float)?) };
-                let zeros = || Tensor::f_zeros_like(&param)?.f_to_kind(Kind::Float);
-                Ok(ParamState {
-                    decay: decays_by_default(&name, &param),
-                    exp_avg: zeros()?,
-                    exp_avg_sq: zeros()?,
-                    master,
-                    name,
-                    param,
-                })
+                let moments = if is_8bit(cfg.kind, &param) {
+                    let device = param.device();
+                    if !maps.iter().any(|m| m.device == device) {
+                        maps.push(DeviceMaps {
+                            device,
+                            signed: QuantMap::dynamic(true, device)?,
+                            unsigned: QuantMap::dynamic(false, device)?,
+                        });
+                    }
+                    // bitsandbytes starts from zero codes and zero absmax (moments of -0 / 0)
+                    let codes = || Tensor::f_zeros(param.size(), (Kind::Uint8, device));
+                    let absmax =
+                        || Tensor::f_zeros([block_count(param.numel() as i64, BLOCK_SIZE)], (Kind::Float, device));
+                    Moments::Blockwise {
+                        exp_avg: codes()?,
+                        exp_avg_absmax: absmax()?,
+                        exp_avg_sq: codes()?,
+                        exp_avg_sq_absmax: absmax()?,
+                    }
+                } else {
+                    let zeros = || Tensor::f_zeros_like(&param)?.f_to_kind(Kind::Float);
+                    Moments::Full { exp_avg: zeros()?, exp_avg_sq: zeros()? }
+                };
+                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, params, steps: 0 })
+        Ok(AdamW { cfg, params, maps, steps: 0 })
+    }
+
+    /// f32 or 8-bit moments.
+    pub fn kind(&self) -> OptimizerKind {
+        self.cfg.kind
     }
 
     pub fn parameters(&self) -> impl Iterator<Item = (&str, &Tensor)> {
@@ -144,6 +238,7 @@ impl AdamW {
         let bias2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / bias1;
         let bias2_sqrt = bias2.sqrt();
+        let maps = &self.maps;
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
                 let g = p.param.grad();
@@ -155,13 +250,31 @@ impl AdamW {
                     Some(m) => m.shallow_clone(),
                     None => p.param.shallow_clone(),
                 };
-                if p.decay && c.weight_decay != 0.0 {
-                    let _ = target.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+                match &mut p.moments {
+                    Moments::Full { exp_avg, exp_avg_sq } => {
+                        if p.decay && c.weight_decay != 0.0 {
+                            let _ = target.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+                        }
+                        let _ = exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
+                        let _ = exp_avg_sq.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+                        let denom = exp_avg_sq.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(c.eps)?;
+                        let _ = target.f_addcdiv_(&exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+                    }
+                    Moments::Blockwise { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
+                        let device = p.param.device();
+                        let m = maps
+                            .iter()
+                            .find(|m| m.device == device)
+                            .ok_or_else(|| anyhow!("parameter '{}': no 8-bit maps for {device:?}", p.name))?;
+                        let moments = Blockwise8bitMoments {
+                            exp_avg: (exp_avg, exp_avg_absmax),
+                            exp_avg_sq: (exp_avg_sq, exp_avg_sq_absmax),
+                        };
+                        let decay = if p.decay { c.weight_decay } else { 0.0 };
+                        adamw8bit_update(&mut target, &g, moments, &m.signed, &m.unsigned, &c, decay, lr, self.steps)
+                            .map_err(|e| anyhow!("parameter '{}': {e}", p.name))?;
+                    }
                 }
-                let _ = p.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?;
-                let _ = p.exp_avg_sq.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
-                let denom = p.exp_avg_sq.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(c.eps)?;
-                let _ = target.f_addcdiv_(&p.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
                 if p.master.is_some() {
                     let _ = p.param.f_copy_(&target)?;
                 }
@@ -170,12 +283,24 @@ impl AdamW {
         })
     }
 
-    /// Optimizer state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`, `master.NAME`).
+    /// Optimizer state as named tensors: `exp_avg.NAME`, `exp_avg_sq.NAME` (f32, or the uint8
+    /// codes of 8-bit moments, then with `exp_avg_absmax.NAME`, `exp_avg_sq_absmax.NAME`) and
+    /// `master.NAME` for bf16/f16 parameters.
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for p in &self.params {
-            out.insert(format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone());
-            out.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone());
+            match &p.moments {
+                Moments::Full { exp_avg, exp_avg_sq } => {
+                    out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
+                    out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
+                }
+                Moments::Blockwise { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
+                    out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
+                    out.insert(format!("exp_avg_absmax.{}", p.name), exp_avg_absmax.shallow_clone());
+                    out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
+                    out.insert(format!("exp_avg_sq_absmax.{}", p.name), exp_avg_sq_absmax.shallow_clone());
+                }
+            }
             if let Some(m) = &p.master {
                 out.insert(format!("master.{}", p.name), m.shallow_clone());
             }
@@ -183,24 +308,50 @@ impl AdamW {
         out
     }
 
-    /// Restores state written by `state_tensors` (and the step count).
+    /// Bytes of optimizer state held (moments, absmax, master copies): what a checkpoint's
+    /// `train_state/NAME.safetensors` stores, less its header.
+    pub fn state_bytes(&self) -> usize {
+        self.state_tensors().values().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
+    }
+
+    /// Restores state written by `state_tensors` (and the step count). A state of the other
+    /// optimizer kind (f32 moments for `adamw8bit`, codes for `adamw`) is refused, naming both.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, steps: u64) -> Result<()> {
+        let kind = self.cfg.kind;
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
-                let get = |key: String| tensors.get(&key).ok_or_else(|| anyhow!("optimizer state lacks '{key}'"));
-                let src = get(format!("exp_avg.{}", p.name))?;
-                if src.size() != p.exp_avg.size() {
-                    bail!(
-                        "optimizer state '{}' has shape {:?}, the parameter {:?}",
-                        p.name,
-                        src.size(),
-                        p.exp_avg.size()
-                    );
+                let get = |key: String, want: &Tensor| -> Result<&Tensor> {
+                    let src = tensors.get(&key).ok_or_else(|| anyhow!("optimizer state lacks '{key}'"))?;
+                    if src.kind() != want.kind() {
+                        bail!(
+                            "optimizer state '{key}' is {:?}, expected {:?} for train.optimizer = \"{}\" \
+                             (was the checkpoint written with another optimizer?)",
+                            src.kind(),
+                            want.kind(),
+                            kind.as_str()
+                        );
+                    }
+                    if src.size() != want.size() {
+                        bail!("optimizer state '{key}' has shape {:?}, expected {:?}", src.size(), want.size());
+                    }
+                    Ok(src)
+                };
+                let name = &p.name;
+                match &mut p.moments {
+                    Moments::Full { exp_avg, exp_avg_sq } => {
+                        let _ = exp_avg.f_copy_(get(format!("exp_avg.{name}"), exp_avg)?)?;
+                        let _ = exp_avg_sq.f_copy_(get(format!("exp_avg_sq.{name}"), exp_avg_sq)?)?;
+                    }
+                    Moments::Blockwise { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
+                        let _ = exp_avg.f_copy_(get(format!("exp_avg.{name}"), exp_avg)?)?;
+                        let _ = exp_avg_absmax.f_copy_(get(format!("exp_avg_absmax.{name}"), exp_avg_absmax)?)?;
+                        let _ = exp_avg_sq.f_copy_(get(format!("exp_avg_sq.{name}"), exp_avg_sq)?)?;
+                        let _ =
+                            exp_avg_sq_absmax.f_copy_(get(format!("exp_avg_sq_absmax.{name}"), exp_avg_sq_absmax)?)?;
+                    }
                 }
-                let _ = p.exp_avg.f_copy_(src)?;
-                let _ = p.exp_avg_sq.f_copy_(get(format!("exp_avg_sq.{}", p.name))?)?;
                 if let Some(m) = &mut p.master {
-                    let _ = m.f_copy_(get(format!("master.{}", p.name))?)?;
+                    let _ = m.f_copy_(get(format!("master.{name}"), m)?)?;
                     let _ = p.param.f_copy_(m)?;
                 }
             }
@@ -222,6 +373,64 @@ impl AdamW {
         }
         Ok(true)
     }
+}
+
+/// True when `param` gets 8-bit moments under `kind` (bitsandbytes: at least `min_8bit_size`
+/// elements).
+pub fn is_8bit(kind: OptimizerKind, param: &Tensor) -> bool {
+    kind == OptimizerKind::Adamw8bit && param.numel() as i64 >= MIN_8BIT_SIZE
+}
+
+/// One parameter's 8-bit moments: (codes, absmax) of `exp_avg` and of `exp_avg_sq`.
+pub struct Blockwise8bitMoments<'a> {
+    pub exp_avg: (&'a mut Tensor, &'a mut Tensor),
+    pub exp_avg_sq: (&'a mut Tensor, &'a mut Tensor),
+}
+
+/// bitsandbytes' block-wise 8-bit Adam update (`optimizer_update_8bit_blockwise`, CPU kernel,
+/// `"adam"`), in its order and with its float32 operations: dequantise both moments; `m = β1·m +
+/// (1-β1)·g`, `v = β2·v + (1-β2)·g²`; `denom = √v / √(1-β2^t) + ε`; decoupled decay `w ·= 1 -
+/// lr·wd`; `w -= lr/(1-β1^t) · m / denom` from the updated f32 moments; then each moment
+/// requantised with its new absmax per block. `target` is the f32 weight (or master copy), `g`
+/// the f32 gradient, `step` the 1-based update count.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw8bit_update(
+    target: &mut Tensor,
+    g: &Tensor,
+    moments: Blockwise8bitMoments,
+    signed: &QuantMap,
+    unsigned: &QuantMap,
+    cfg: &AdamWConfig,
+    weight_decay: f64,
+    lr: f64,
+    step: u64,
+) -> Result<()> {
+    let (m_codes, m_absmax) = moments.exp_avg;
+    let (v_codes, v_absmax) = moments.exp_avg_sq;
+    let mut m = dequantize_blockwise(m_codes, m_absmax, signed, BLOCK_SIZE)?;
+    let mut v = dequantize_blockwise(v_codes, v_absmax, unsigned, BLOCK_SIZE)?;
+    // `m.mul_(β1).add_(g, alpha=1-β1)`: tch has no `alpha`; addcmul by a float32 scalar tensor
+    // is the same fused float32 operation, bit for bit
+    let one_minus_beta1 = Tensor::f_scalar_tensor(1.0 - cfg.beta1, (Kind::Float, g.device()))?;
+    let _ = m.f_mul_scalar_(cfg.beta1)?.f_addcmul_(g, &one_minus_beta1)?;
+    // `v.mul_(β2).addcmul_(g, g, value=1-β2)`: the kernel forms value·g first, as here
+    let _ = v.f_mul_scalar_(cfg.beta2)?.f_addcmul_(&g.f_mul_scalar(1.0 - cfg.beta2)?, g)?;
+    // Python's `beta ** step` is the C library's pow, as f64::powf
+    let correction1 = 1.0 - cfg.beta1.powf(step as f64);
+    let correction2 = (1.0 - cfg.beta2.powf(step as f64)).sqrt();
+    let denom = v.f_sqrt()?.f_div_scalar(correction2)?.f_add_scalar(cfg.eps)?;
+    if weight_decay > 0.0 {
+        let _ = target.f_mul_scalar_(1.0 - lr * weight_decay)?;
+    }
+    // `addcdiv_(m, denom, value=s)` computes (s·m)/denom, as here
+    let _ = target.f_addcdiv_(&m.f_mul_scalar(-lr / correction1)?, &denom)?;
+    let (codes, absmax) = quantize_blockwise(&m, signed, BLOCK_SIZE)?;
+    let _ = m_codes.f_copy_(&codes)?;
+    let _ = m_absmax.f_copy_(&absmax)?;
+    let (codes, absmax) = quantize_blockwise(&v, unsigned, BLOCK_SIZE)?;
+    let _ = v_codes.f_copy_(&codes)?;
+    let _ = v_absmax.f_copy_(&absmax)?;
+    Ok(())
 }
 
 #[cfg(test)]

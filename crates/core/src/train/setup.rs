@@ -76,6 +76,24 @@ impl TrainingModel {
 }
 
 impl ModelState for TrainingModel {
+    fn memory_plan(
+        &self,
+        settings: &crate::train::config::TrainSection,
+    ) -> Result<Option<crate::train::plan::MemoryPlan>> {
+        use crate::train::plan::{plan_memory, PlanSettings};
+        let trainable = self.trainable_params().into_iter().map(|(n, _)| n).collect();
+        let lora = if self.method == Method::Lora { self.loaded.lm.lora_config() } else { None };
+        let s = PlanSettings::of_run(
+            settings,
+            self.kind,
+            !self.device.is_cuda(),
+            lora,
+            trainable,
+            self.method == Method::Full,
+        );
+        Ok(Some(plan_memory(&self.loaded.lm.config, &s)?))
+    }
+
     fn save(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora {
             let opts = AdapterSaveOptions {

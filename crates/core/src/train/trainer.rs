@@ -27,6 +27,7 @@ use crate::hf::folder::{folder_manifest, verify_manifest, write_file_atomic, wri
 use crate::model::recompute;
 use crate::train::config::{RunFingerprint, TrainSection};
 use crate::train::optim::{learning_rate, AdamW};
+use crate::train::plan::{human_bytes, MemoryPlan};
 
 /// Which part of the data a batch comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,11 @@ pub trait ModelState {
     fn restore(&self, dir: &Path) -> Result<()>;
     /// Switches dropout on (training) or off (evaluation).
     fn set_training(&self, _on: bool) {}
+    /// The memory plan of training this model with `settings` ([`crate::train::plan`]), when the
+    /// model can make one.
+    fn memory_plan(&self, _settings: &TrainSection) -> Result<Option<MemoryPlan>> {
+        Ok(None)
+    }
 }
 
 /// Where the loop is when it asks for a step.
@@ -137,6 +143,12 @@ pub trait TrainStep {
     /// True when the stage has validation data to evaluate.
     fn has_validation(&self) -> bool {
         false
+    }
+    /// The memory plan of a step ([`crate::train::plan`]); logged at the start, its total
+    /// recorded in `train_summary.json` next to the measured peak. None where no plan is made
+    /// (PPO's four models).
+    fn memory_plan(&self) -> Result<Option<MemoryPlan>> {
+        Ok(None)
     }
     /// Mean loss and metrics over the validation data.
     fn evaluate(&mut self) -> Result<Evaluation> {
@@ -675,6 +687,20 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         bail!("no training examples");
     }
     let per_step = step.examples_per_step();
+    let plan = step.memory_plan()?;
+    if let Some(p) = &plan {
+        tracing::info!(
+            "memory plan: weights {}, gradients {}, optimizer {}, activations {}, logits {}, step scratch {}, runtime {}; total {}",
+            human_bytes(p.weights),
+            human_bytes(p.gradients),
+            human_bytes(p.optimizer),
+            human_bytes(p.activations),
+            human_bytes(p.logits),
+            human_bytes(p.step_scratch),
+            human_bytes(p.runtime),
+            human_bytes(p.total)
+        );
+    }
     let total = planned_steps(s, n_train, per_step);
     let warmup = (s.warmup_ratio * total as f64).round() as u64;
     let mut state = LoopState { total_steps: total, fingerprint: run.fingerprint.clone(), ..Default::default() };
@@ -842,9 +868,18 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
         final_dir,
         peak_rss_bytes: peak_rss_bytes(),
+        planned_peak_bytes: plan.as_ref().map(|p| p.total),
     };
     if let Some(peak) = summary.peak_rss_bytes {
-        tracing::info!("peak memory (resident): {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+        match summary.planned_peak_bytes {
+            Some(planned) => tracing::info!(
+                "peak memory (resident): {} (planned {}, {:+.1} %)",
+                human_bytes(peak),
+                human_bytes(planned),
+                (planned as f64 / peak as f64 - 1.0) * 100.0
+            ),
+            None => tracing::info!("peak memory (resident): {}", human_bytes(peak)),
+        }
     }
     write_file_atomic(&out.join(SUMMARY), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     if let Some(stop) = stop_request.filter(|s| s.fail) {
@@ -1002,6 +1037,10 @@ impl TrainStep for SupervisedStep<'_> {
 
     fn has_validation(&self) -> bool {
         self.objective.len(Split::Validation) > 0
+    }
+
+    fn memory_plan(&self) -> Result<Option<MemoryPlan>> {
+        self.model.memory_plan(self.settings)
     }
 
     fn evaluate(&mut self) -> Result<Evaluation> {
