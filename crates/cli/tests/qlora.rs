@@ -104,7 +104,7 @@ fn qlora_adapter_loads_in_peft_on_the_bitsandbytes_base() {
 }
 
 fn smollm2(test: &str) -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("ALIGN_SMOLLM2_DIR").map(PathBuf::from) else {
+    let Some(dir) = std::env::var_os("ALIGN_SMOLLM2_DIR").filter(|d| !d.is_empty()).map(PathBuf::from) else {
         eprintln!(
             "SKIPPED {test}: set ALIGN_SMOLLM2_DIR to a SmolLM2-135M-Instruct folder (../shared/tools/make-smollm2.sh)"
         );
