@@ -31,8 +31,7 @@ pub fn pair_logps(
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let hidden = lm.model.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
     let scores = head_logprobs(lm, &hidden, &batch.labels, HeadOptions { chunk_tokens, ..Default::default() })?;
-    let sums = scores.logprobs.f_sum_dim_intlist(1, false, Kind::Float)?;
-    let counts = scores.mask.f_sum_dim_intlist(1, false, Kind::Float)?;
+    let (sums, counts) = scores.sequence_sums()?;
     let (pc, pr) = batch.split(&sums)?;
     let (nc, nr) = batch.split(&counts)?;
     Ok((pc, pr, nc, nr))

@@ -164,11 +164,13 @@ fn entropy_of(logits: &Tensor) -> Result<Tensor> {
     Ok(lsm.f_exp()?.f_mul(&lsm)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_neg()?)
 }
 
-/// Per-row sums of the labels' log-probabilities and the number of scored labels, both `[B]`
-/// f32 (the sequence log-prob of DPO-style losses).
-pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (lp, mask) = token_logprobs(logits, labels)?;
-    Ok((lp.f_sum_dim_intlist(1, false, Kind::Float)?, mask.f_sum_dim_intlist(1, false, Kind::Float)?))
+impl HeadScores {
+    /// Per-row sums of the labels' log-probabilities and the number of scored labels, both `[B]`
+    /// f32 (the sequence log-prob of DPO-style losses).
+    pub fn sequence_sums(&self) -> Result<(Tensor, Tensor)> {
+        let sums = self.logprobs.f_sum_dim_intlist(1, false, Kind::Float)?;
+        Ok((sums, self.mask.f_sum_dim_intlist(1, false, Kind::Float)?))
+    }
 }
 
 /// Summed negative log-likelihood and number of predicted tokens of one sequence.
@@ -252,7 +254,8 @@ mod tests {
         assert!(!bool::try_from(mask.get(1).get(0)).unwrap());
         assert_eq!(lp.double_value(&[1, 0]), 0.0);
         assert_eq!(perplexity(&[SequenceNll { nll: 2.0, tokens: 2 }]), 1f64.exp());
-        let (sums, counts) = sequence_logprobs(&logits, &labels).unwrap();
+        let scores = HeadScores { logprobs: lp.shallow_clone(), mask: mask.shallow_clone(), entropy: None };
+        let (sums, counts) = scores.sequence_sums().unwrap();
         assert!((sums.double_value(&[1]) - lp.get(1).sum(Kind::Float).double_value(&[])).abs() < 1e-6);
         assert_eq!(Vec::<f32>::try_from(counts).unwrap(), vec![3.0, 2.0]);
     }
