@@ -74,21 +74,21 @@ fn four_bit_layout_is_bitsandbytes_layout_byte_for_byte() {
             let at = format!("{w}.{}", qt.as_str());
             let plain = quantize_4bit(input, qt, false).unwrap();
             assert_eq!(plain.packed.size(), f[&format!("{at}.packed")].size(), "{at}");
-            assert_same_bytes(&plain.packed, &f[&format!("{at}.packed")], "{at}: packed nibbles");
+            assert_same_bytes(&plain.packed, &f[&format!("{at}.packed")], &format!("{at}: packed nibbles"));
             let BlockScales::Plain(absmax) = &plain.scales else { panic!("{at}: expected plain scales") };
-            assert_same_bytes(absmax, &f[&format!("{at}.absmax")], "{at}: absmax");
+            assert_same_bytes(absmax, &f[&format!("{at}.absmax")], &format!("{at}: absmax"));
             let dq = plain.dequantize(input.kind()).unwrap();
             assert_eq!(dq.kind(), input.kind());
-            assert_same_bytes(&dq, &f[&format!("{at}.dequant")], "{at}: dequantised values");
+            assert_same_bytes(&dq, &f[&format!("{at}.dequant")], &format!("{at}: dequantised values"));
 
             let nested = quantize_4bit(input, qt, true).unwrap();
-            assert_same_bytes(&nested.packed, &plain.packed, "{at}: nested packing");
+            assert_same_bytes(&nested.packed, &plain.packed, &format!("{at}: nested packing"));
             let BlockScales::Nested { codes, absmax, offset } = &nested.scales else { panic!("{at}: not nested") };
-            assert_same_bytes(codes, &f[&format!("{at}.dq.absmax")], "{at}: nested absmax codes");
-            assert_same_bytes(absmax, &f[&format!("{at}.dq.absmax2")], "{at}: nested absmax2");
-            assert_same_bytes(&offset.reshape([1]), &f[&format!("{at}.dq.offset")], "{at}: offset");
+            assert_same_bytes(codes, &f[&format!("{at}.dq.absmax")], &format!("{at}: nested absmax codes"));
+            assert_same_bytes(absmax, &f[&format!("{at}.dq.absmax2")], &format!("{at}: nested absmax2"));
+            assert_same_bytes(&offset.reshape([1]), &f[&format!("{at}.dq.offset")], &format!("{at}: offset"));
             let dq = nested.dequantize(input.kind()).unwrap();
-            assert_same_bytes(&dq, &f[&format!("{at}.dq.dequant")], "{at}: nested dequantised values");
+            assert_same_bytes(&dq, &f[&format!("{at}.dq.dequant")], &format!("{at}: nested dequantised values"));
         }
     }
     let code2 = align_core::model::quant::nested_map(Device::Cpu).unwrap();
