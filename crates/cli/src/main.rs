@@ -159,6 +159,10 @@ fn main() -> ExitCode {
         .init();
     align_core::model::device::enable_cpu_features();
     let cli = Cli::parse();
+    if let Err(e) = join_world(&cli.command) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Run(a) => run::run(a),
@@ -180,9 +184,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let w = align_core::dist::world();
+            if w.size() > 1 {
+                eprintln!("error (rank {} of {}): {e:#}", w.rank(), w.size());
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Under torchrun (`WORLD_SIZE` > 1) `align train` and `align run` join the process group of
+/// the job; any other command would run once per rank, so it is refused.
+fn join_world(command: &Command) -> anyhow::Result<()> {
+    if align_core::dist::config_from_env()?.is_none() {
+        return Ok(());
+    }
+    match command {
+        Command::Train(_) | Command::Run(_) => align_core::dist::init_from_env().map(|_| ()),
+        _ => anyhow::bail!(
+            "WORLD_SIZE > 1 (torchrun): only `align train` and `align run` are data-parallel; run this command as one process"
+        ),
     }
 }
 

@@ -11,6 +11,9 @@ pub mod peft;
 pub mod text;
 pub mod train;
 
+/// The data-parallel world of this process (crates/dist: c10d collectives from torchrun's
+/// environment), re-exported for the stages and the CLI.
+pub use align_dist as dist;
 pub use hf::config::ModelConfig;
 pub use model::decoder::CausalLm;
 pub use model::io::{load_causal_lm, LoadedModel};

@@ -583,6 +583,13 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     section.validate().map_err(|e| anyhow!("{origin}: [ppo] {e}"))?;
     let c = &cfg.config;
     let t = &c.train;
+    let world = align_core::dist::world();
+    if world.size() > 1 {
+        bail!(
+            "{origin}: PPO is not data-parallel yet: run it as one process (this job has {} ranks); PT, SFT, RM and DPO are",
+            world.size()
+        );
+    }
     if !c.val_data.is_empty() || t.val_ratio > 0.0 {
         tracing::warn!("{origin}: PPO does not evaluate on held-out prompts; val_data / train.val_ratio are ignored");
     }

@@ -2,18 +2,20 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
-/// Parses a device flag; `auto` picks CUDA when available.
+/// Parses a device flag; `auto` picks CUDA when available. In a data-parallel job `auto` and
+/// `cuda` mean this rank's GPU, `cuda:LOCAL_RANK` (torchrun's convention).
 pub fn parse_device(s: &str) -> Result<Device> {
+    let local = align_dist::world().local_rank();
     Ok(match s {
         "auto" => {
             if tch::Cuda::is_available() {
-                Device::Cuda(0)
+                cuda(local)?
             } else {
                 Device::Cpu
             }
         }
         "cpu" => Device::Cpu,
-        "cuda" | "gpu" => cuda(0)?,
+        "cuda" | "gpu" => cuda(local)?,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda(i)?,
             _ => bail!("device '{other}': expected auto, cpu, cuda or cuda:N"),

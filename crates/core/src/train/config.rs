@@ -166,6 +166,11 @@ pub struct TrainSection {
     /// 256); needs `quantize`. Default false, as transformers' `BitsAndBytesConfig`.
     #[serde(default)]
     pub double_quant: Option<bool>,
+    /// Data-parallel runs (torchrun): 0 = every rank keeps the whole optimizer state; 1 = AdamW's
+    /// moments and f32 masters partitioned over the ranks (ZeRO-1); 2 = and each gradient reduced
+    /// to its owner only (ZeRO-2). The same weights either way; no effect in one process.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 impl Default for TrainSection {
@@ -247,7 +252,7 @@ pub struct TrainConfig {
 /// `[train]` keys that change how much memory a run takes but not one bit of what it computes:
 /// left out of the config's hash, so turning them on resumes the run (e.g. after running out of
 /// memory) and leaves a finished pipeline stage done.
-pub const RESULT_NEUTRAL_TRAIN_KEYS: &[&str] = &["gradient_checkpointing", "gradient_checkpointing_every"];
+pub const RESULT_NEUTRAL_TRAIN_KEYS: &[&str] = &["gradient_checkpointing", "gradient_checkpointing_every", "zero"];
 
 /// A parsed config plus the stage's own section and where it came from.
 #[derive(Debug, Clone)]
@@ -541,6 +546,9 @@ fn validate(c: &TrainConfig) -> Result<()> {
     }
     if t.max_length < 2 {
         bail!("key 'train.max_length': expected at least 2 tokens");
+    }
+    if t.zero > 2 {
+        bail!("key 'train.zero': expected 0, 1 or 2 (ZeRO stage), found {}", t.zero);
     }
     match t.gradient_checkpointing_every {
         Some(0) => bail!("key 'train.gradient_checkpointing_every': expected an integer ≥ 1 (every k-th layer)"),

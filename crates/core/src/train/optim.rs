@@ -1,8 +1,11 @@
 //! AdamW with saveable state (f32 moments, or bitsandbytes-style 8-bit block-wise moments; f32
 //! master weights for bf16/f16 parameters), learning-rate schedules as pure functions of the
-//! step, and global-norm gradient clipping.
+//! step, and global-norm gradient clipping. Under data parallelism ([`AdamW::shard`]) the
+//! gradients are reduced over the ranks here, and with ZeRO-1/2 each rank keeps the moments and
+//! master weights of its share of the parameters only.
 use std::collections::BTreeMap;
 
+use align_dist::{ProcessGroup, ReduceOp};
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -111,6 +114,8 @@ impl Default for AdamWConfig {
 
 /// A parameter's two moments.
 enum Moments {
+    /// Kept by another rank (ZeRO-1/2).
+    None,
     /// f32, the parameter's shape.
     Full { exp_avg: Tensor, exp_avg_sq: Tensor },
     /// 8-bit codes (uint8, the parameter's shape) of the signed (`exp_avg`) and unsigned
@@ -121,10 +126,21 @@ enum Moments {
 struct ParamState {
     name: String,
     param: Tensor,
-    /// f32 copy the update is applied to when the parameter itself is bf16/f16.
+    /// f32 copy the update is applied to when the parameter itself is bf16/f16 (on its owner).
     master: Option<Tensor>,
+    /// [`Moments::None`] on the ranks that do not own the parameter (ZeRO-1/2).
     moments: Moments,
     decay: bool,
+    /// The rank that updates this parameter (0 when not sharded).
+    owner: usize,
+}
+
+/// How the optimizer's work is split over the ranks of a data-parallel job.
+struct Sharding {
+    group: &'static ProcessGroup,
+    /// 0: every rank keeps all state; 1: moments and masters partitioned; 2: and gradients
+    /// reduced to their owner only.
+    zero: u8,
 }
 
 /// The two dynamic maps of the 8-bit moments, on one device.
@@ -143,6 +159,44 @@ pub struct AdamW {
     maps: Vec<DeviceMaps>,
     /// Updates applied so far (Adam's bias-correction step count).
     pub steps: u64,
+    sharding: Option<Sharding>,
+}
+
+/// A parameter's state tensors by their checkpoint names (none where another rank keeps it).
+fn param_state(p: &ParamState) -> BTreeMap<String, Tensor> {
+    let mut out = BTreeMap::new();
+    match &p.moments {
+        Moments::None => {}
+        Moments::Full { exp_avg, exp_avg_sq } => {
+            out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
+            out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
+        }
+        Moments::Blockwise { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
+            out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
+            out.insert(format!("exp_avg_absmax.{}", p.name), exp_avg_absmax.shallow_clone());
+            out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
+            out.insert(format!("exp_avg_sq_absmax.{}", p.name), exp_avg_sq_absmax.shallow_clone());
+        }
+    }
+    if let Some(m) = &p.master {
+        out.insert(format!("master.{}", p.name), m.shallow_clone());
+    }
+    out
+}
+
+/// The owner rank of each of parameters of `numels` elements: largest first, each to the rank
+/// with the fewest elements so far (lowest rank on ties), as PyTorch's `ZeroRedundancyOptimizer`.
+pub fn partition(numels: &[usize], ranks: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..numels.len()).collect();
+    order.sort_by(|&a, &b| numels[b].cmp(&numels[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; ranks.max(1)];
+    let mut owner = vec![0; numels.len()];
+    for i in order {
+        let r = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("at least one rank");
+        owner[i] = r;
+        load[r] += numels[i];
+    }
+    owner
 }
 
 /// Whether a parameter gets weight decay by default: not norms, not biases (1-D tensors).
@@ -182,10 +236,67 @@ impl AdamW {
                     let zeros = || Tensor::f_zeros_like(&param)?.f_to_kind(Kind::Float);
                     Moments::Full { exp_avg: zeros()?, exp_avg_sq: zeros()? }
                 };
-                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param })
+                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param, owner: 0 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, params, maps, steps: 0 })
+        Ok(AdamW { cfg, params, maps, steps: 0, sharding: None })
+    }
+
+    /// Makes this optimizer one rank's part of a data-parallel job over `group`: gradients are
+    /// summed over the ranks before the norm and the update ([`AdamW::reduce_grads`]). With
+    /// `zero` 1 or 2, the parameters are partitioned over the ranks as PyTorch's
+    /// `ZeroRedundancyOptimizer` does (largest first, each to the rank with the fewest elements
+    /// so far); a rank keeps the moments and f32 masters of its own parameters only, updates
+    /// them, and sends them to the others after each step. With 2, each gradient is reduced to
+    /// its owner only and released on the other ranks.
+    pub fn shard(&mut self, group: &'static ProcessGroup, zero: u8) -> Result<()> {
+        if zero > 2 {
+            bail!("train.zero = {zero}: expected 0, 1 or 2");
+        }
+        if zero > 0 {
+            let owners = partition(&self.params.iter().map(|p| p.param.numel()).collect::<Vec<_>>(), group.size());
+            for (p, owner) in self.params.iter_mut().zip(owners) {
+                p.owner = owner;
+                if owner != group.rank() {
+                    p.moments = Moments::None;
+                    p.master = None;
+                }
+            }
+        }
+        self.sharding = Some(Sharding { group, zero });
+        Ok(())
+    }
+
+    /// Sums the gradients over the ranks (a no-op in a world of one), in flattened buckets of
+    /// [`align_dist::BUCKET_BYTES`]: to every rank (ZeRO-0/1) or to each parameter's owner
+    /// (ZeRO-2, the others' copies released). A parameter with a gradient on some rank only gets
+    /// a zero gradient on the others first, so every rank updates the same parameters.
+    pub fn reduce_grads(&mut self) -> Result<()> {
+        let Some(sh) = &self.sharding else { return Ok(()) };
+        let g = sh.group;
+        let mut defined: Vec<f64> = self.params.iter().map(|p| p.param.grad().defined() as u8 as f64).collect();
+        g.all_reduce_f64(&mut defined, ReduceOp::Max)?;
+        for (p, d) in self.params.iter().zip(&defined) {
+            if *d > 0.0 && !p.param.grad().defined() {
+                align_dist::set_grad(&p.param, &Tensor::f_zeros_like(&p.param)?)?;
+            }
+        }
+        let with_grad: Vec<usize> = (0..self.params.len()).filter(|&i| defined[i] > 0.0).collect();
+        if sh.zero < 2 {
+            let grads: Vec<Tensor> = with_grad.iter().map(|&i| self.params[i].param.grad()).collect();
+            return align_dist::bucketed(&grads, align_dist::BUCKET_BYTES, |flat, _| g.all_reduce(flat, ReduceOp::Sum));
+        }
+        for owner in 0..g.size() {
+            let mine: Vec<usize> = with_grad.iter().copied().filter(|&i| self.params[i].owner == owner).collect();
+            let grads: Vec<Tensor> = mine.iter().map(|&i| self.params[i].param.grad()).collect();
+            align_dist::bucketed(&grads, align_dist::BUCKET_BYTES, |flat, _| g.reduce(flat, owner, ReduceOp::Sum))?;
+            if owner != g.rank() {
+                for &i in &mine {
+                    align_dist::release_grad(&self.params[i].param)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// f32 or 8-bit moments.
@@ -204,16 +315,24 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of all gradients (f32), before any clipping.
+    /// Global L2 norm of all gradients (f32), before any clipping. Under ZeRO-2, where each rank
+    /// holds its own parameters' gradients only, the squares are gathered per parameter and
+    /// summed in the same order, so the norm is the one a single process computes.
     pub fn grad_norm(&self) -> Result<f64> {
-        let mut total = 0f64;
+        let mut squares = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let g = p.param.grad();
-            if g.defined() {
-                total += g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
-            }
+            squares.push(if g.defined() {
+                g.f_to_kind(Kind::Float)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?
+            } else {
+                0.0
+            });
         }
-        Ok(total.sqrt())
+        if let Some(sh) = self.sharding.as_ref().filter(|s| s.zero == 2) {
+            // only the owner holds a gradient: a sum of one value and zeros is that value
+            sh.group.all_reduce_f64(&mut squares, ReduceOp::Sum)?;
+        }
+        Ok(squares.iter().sum::<f64>().sqrt())
     }
 
     /// Scales all gradients by `factor` (used for clipping).
@@ -242,7 +361,7 @@ impl AdamW {
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
                 let g = p.param.grad();
-                if !g.defined() {
+                if !g.defined() || matches!(p.moments, Moments::None) {
                     continue;
                 }
                 let g = g.f_to_kind(Kind::Float)?;
@@ -251,6 +370,7 @@ impl AdamW {
                     None => p.param.shallow_clone(),
                 };
                 match &mut p.moments {
+                    Moments::None => {}
                     Moments::Full { exp_avg, exp_avg_sq } => {
                         if p.decay && c.weight_decay != 0.0 {
                             let _ = target.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
@@ -280,30 +400,82 @@ impl AdamW {
                 }
             }
             Ok(())
-        })
+        })?;
+        self.share_updates()
+    }
+
+    /// ZeRO-1/2: every owner sends its updated parameters to the other ranks (bucketed
+    /// broadcasts), so all ranks hold the same weights again.
+    fn share_updates(&self) -> Result<()> {
+        let Some(sh) = self.sharding.as_ref().filter(|s| s.zero > 0) else { return Ok(()) };
+        let g = sh.group;
+        let updated: Vec<f64> = self.params.iter().map(|p| p.param.grad().defined() as u8 as f64).collect();
+        for owner in 0..g.size() {
+            // an owner updated a parameter when its gradient was defined there (ZeRO-2 releases
+            // the others' copies): the owner's view decides, sent along first
+            let mut mask: Vec<f64> =
+                self.params.iter().enumerate().map(|(i, p)| if p.owner == owner { updated[i] } else { 0.0 }).collect();
+            g.all_reduce_f64(&mut mask, ReduceOp::Max)?;
+            let params: Vec<Tensor> = self
+                .params
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| p.owner == owner && mask[*i] > 0.0)
+                .map(|(_, p)| p.param.detach())
+                .collect();
+            align_dist::bucketed(&params, align_dist::BUCKET_BYTES, |flat, _| g.broadcast(flat, owner))?;
+        }
+        Ok(())
     }
 
     /// Optimizer state as named tensors: `exp_avg.NAME`, `exp_avg_sq.NAME` (f32, or the uint8
     /// codes of 8-bit moments, then with `exp_avg_absmax.NAME`, `exp_avg_sq_absmax.NAME`) and
     /// `master.NAME` for bf16/f16 parameters.
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().filter(|p| !matches!(p.moments, Moments::None)).flat_map(param_state).collect()
+    }
+
+    /// The whole optimizer state as [`AdamW::state_tensors`] gives it in one process: under
+    /// ZeRO-1/2 each parameter's state is sent by its owner (one broadcast per tensor), so a
+    /// checkpoint holds all of it and resumes in any number of ranks. Every rank must call it.
+    pub fn gathered_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let Some(sh) = self.sharding.as_ref().filter(|s| s.zero > 0) else { return Ok(self.state_tensors()) };
+        let g = sh.group;
         let mut out = BTreeMap::new();
         for p in &self.params {
-            match &p.moments {
-                Moments::Full { exp_avg, exp_avg_sq } => {
-                    out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
-                    out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
-                }
-                Moments::Blockwise { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
-                    out.insert(format!("exp_avg.{}", p.name), exp_avg.shallow_clone());
-                    out.insert(format!("exp_avg_absmax.{}", p.name), exp_avg_absmax.shallow_clone());
-                    out.insert(format!("exp_avg_sq.{}", p.name), exp_avg_sq.shallow_clone());
-                    out.insert(format!("exp_avg_sq_absmax.{}", p.name), exp_avg_sq_absmax.shallow_clone());
-                }
+            let own = if p.owner == g.rank() { param_state(p) } else { BTreeMap::new() };
+            for (key, shape, kind) in self.state_layout(p) {
+                let mut t = match own.get(&key) {
+                    Some(t) => t.f_contiguous()?,
+                    None => Tensor::f_empty(shape.as_slice(), (kind, p.param.device()))?,
+                };
+                g.broadcast(&mut t, p.owner)?;
+                out.insert(key, t);
             }
-            if let Some(m) = &p.master {
-                out.insert(format!("master.{}", p.name), m.shallow_clone());
-            }
+        }
+        Ok(out)
+    }
+
+    /// The names, shapes and dtypes of a parameter's state (known on every rank).
+    fn state_layout(&self, p: &ParamState) -> Vec<(String, Vec<i64>, Kind)> {
+        let shape = p.param.size();
+        let n = &p.name;
+        let mut out = if is_8bit(self.cfg.kind, &p.param) {
+            let blocks = vec![block_count(p.param.numel() as i64, BLOCK_SIZE)];
+            vec![
+                (format!("exp_avg.{n}"), shape.clone(), Kind::Uint8),
+                (format!("exp_avg_absmax.{n}"), blocks.clone(), Kind::Float),
+                (format!("exp_avg_sq.{n}"), shape.clone(), Kind::Uint8),
+                (format!("exp_avg_sq_absmax.{n}"), blocks, Kind::Float),
+            ]
+        } else {
+            vec![
+                (format!("exp_avg.{n}"), shape.clone(), Kind::Float),
+                (format!("exp_avg_sq.{n}"), shape.clone(), Kind::Float),
+            ]
+        };
+        if p.param.kind() != Kind::Float {
+            out.push((format!("master.{n}"), shape, Kind::Float));
         }
         out
     }
@@ -338,6 +510,7 @@ impl AdamW {
                 };
                 let name = &p.name;
                 match &mut p.moments {
+                    Moments::None => {}
                     Moments::Full { exp_avg, exp_avg_sq } => {
                         let _ = exp_avg.f_copy_(get(format!("exp_avg.{name}"), exp_avg)?)?;
                         let _ = exp_avg_sq.f_copy_(get(format!("exp_avg_sq.{name}"), exp_avg_sq)?)?;
@@ -361,17 +534,22 @@ impl AdamW {
         Ok(())
     }
 
-    /// True when every parameter (and master copy) is finite.
+    /// True when every parameter (and master copy) is finite (on every rank).
     pub fn all_finite(&self) -> Result<bool> {
         // an f16/bf16 parameter can overflow to inf while its f32 master is finite: check both
-        for p in &self.params {
+        let mut bad = [0.0];
+        'params: for p in &self.params {
             for t in std::iter::once(&p.param).chain(p.master.as_ref()) {
                 if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
-                    return Ok(false);
+                    bad[0] = 1.0;
+                    break 'params;
                 }
             }
         }
-        Ok(true)
+        if let Some(sh) = &self.sharding {
+            sh.group.all_reduce_f64(&mut bad, ReduceOp::Max)?;
+        }
+        Ok(bad[0] == 0.0)
     }
 }
 
@@ -448,6 +626,17 @@ mod tests {
         assert!((lr(100, Schedule::Cosine) - 0.1).abs() < 1e-12);
         assert!((lr(55, Schedule::Linear) - 0.55).abs() < 1e-12);
         assert_eq!(lr(70, Schedule::Constant), 1.0);
+    }
+
+    #[test]
+    fn partition_gives_the_largest_first_to_the_least_loaded_rank() {
+        // sizes 10, 7, 5, 3, 3 over 2 ranks: 10→0, 7→1, 5→1 (7 < 10), 3→0 (10 < 12), 3→1 (12 < 13)
+        assert_eq!(partition(&[3, 10, 5, 7, 3], 2), vec![0, 0, 1, 1, 1]);
+        assert_eq!(partition(&[4, 4, 4], 1), vec![0, 0, 0]);
+        let owners = partition(&[8, 8, 8, 8], 4);
+        let mut sorted = owners.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3]);
     }
 
     #[test]

@@ -314,7 +314,8 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// `metrics.jsonl`, one JSON object per line, flushed after every line.
 pub struct MetricsLog {
-    file: std::fs::File,
+    /// None on the ranks of a data-parallel job other than rank 0 (which writes the log).
+    file: Option<std::fs::File>,
 }
 
 impl MetricsLog {
@@ -324,11 +325,17 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(MetricsLog { file })
+        Ok(MetricsLog { file: Some(file) })
+    }
+    /// A log that writes nothing (the other ranks of a data-parallel job).
+    pub fn discard() -> Self {
+        MetricsLog { file: None }
     }
     pub fn write(&mut self, v: &Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        self.file.flush()?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{v}")?;
+            file.flush()?;
+        }
         Ok(())
     }
 }
@@ -567,13 +574,13 @@ fn write_checkpoint(
 
 /// Writes `train_state/` into a checkpoint folder: each optimizer's state as
 /// `<name>.safetensors` and the loop's `state.json`.
-fn write_train_state(dir: &Path, optimizers: &[(&str, &AdamW)], state: &LoopState) -> Result<()> {
+fn write_train_state(dir: &Path, optimizers: &[(&str, BTreeMap<String, Tensor>)], state: &LoopState) -> Result<()> {
     let st = dir.join(TRAIN_STATE);
     std::fs::create_dir_all(&st)?;
-    for (name, opt) in optimizers {
+    for (name, tensors) in optimizers {
         let sub = st.join(format!(".{name}"));
         std::fs::create_dir_all(&sub)?;
-        save_tensors(&opt.state_tensors(), &sub, None, usize::MAX)?;
+        save_tensors(tensors, &sub, None, usize::MAX)?;
         std::fs::rename(sub.join(crate::hf::checkpoint::SINGLE_FILE), st.join(format!("{name}.safetensors")))?;
         std::fs::remove_dir(&sub)?;
     }
@@ -680,15 +687,29 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let s = run.settings;
     let out = run.output_dir;
     let unit = step.unit();
-    let _lock = FolderLock::acquire(out, LOCK)?;
-    let mut ledger = prepare_output_dir(out, run.restart)?;
+    // a data-parallel job: rank 0 writes the output folder, every rank reads its checkpoints
+    let world = align_dist::world();
+    let main = world.is_main();
+    let _lock = if main { Some(FolderLock::acquire(out, LOCK)?) } else { None };
+    let mut ledger = if main { Some(prepare_output_dir(out, run.restart)?) } else { None };
+    world.barrier()?;
     let n_train = step.examples();
     if n_train == 0 {
         bail!("no training examples");
     }
     let per_step = step.examples_per_step();
     let plan = step.memory_plan()?;
-    if let Some(p) = &plan {
+    if world.size() > 1 {
+        let state: usize = step.optimizers().iter().map(|(_, o)| o.state_bytes()).sum();
+        tracing::info!(
+            "rank {} of {}: optimizer state held on this rank {} (train.zero = {})",
+            world.rank(),
+            world.size(),
+            human_bytes(state as u64),
+            s.zero
+        );
+    }
+    if let Some(p) = plan.as_ref().filter(|_| main) {
         tracing::info!(
             "memory plan: weights {}, gradients {}, optimizer {}, activations {}, logits {}, step scratch {}, runtime {}; total {}",
             human_bytes(p.weights),
@@ -705,14 +726,18 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
     let warmup = (s.warmup_ratio * total as f64).round() as u64;
     let mut state = LoopState { total_steps: total, fingerprint: run.fingerprint.clone(), ..Default::default() };
     for name in RUN_OUTPUTS {
-        ledger.add(name)?;
+        if let Some(ledger) = &mut ledger {
+            ledger.add(name)?;
+        }
     }
 
     let mut saved_at = None;
-    if let Some(saved) = resume(out, &run, step)? {
+    let resumed = resume(out, &run, step)?;
+    world.agree("the checkpoint to resume from", resumed.as_ref().map_or(0, |r| r.step))?;
+    if let Some(saved) = resumed {
         let at = saved.step;
         state = LoopState { total_steps: total, fingerprint: run.fingerprint.clone(), ..saved };
-        for log in [METRICS, SAMPLES] {
+        for log in [METRICS, SAMPLES].into_iter().filter(|_| main) {
             truncate_metrics(&out.join(log), at)?;
         }
         saved_at = Some(at);
@@ -721,13 +746,13 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             out.join(format!("{CHECKPOINT_PREFIX}{at}")).display()
         );
     } else {
-        for log in [METRICS, SAMPLES] {
+        for log in [METRICS, SAMPLES].into_iter().filter(|_| main) {
             truncate_metrics(&out.join(log), 0)?;
         }
     }
-    let mut metrics = MetricsLog::open(&out.join(METRICS))?;
+    let mut metrics = if main { MetricsLog::open(&out.join(METRICS))? } else { MetricsLog::discard() };
 
-    let bar = progress_bar(total, state.step, unit);
+    let bar = progress_bar(total, state.step, unit).filter(|_| main);
     let started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let mut last_loss = None;
@@ -778,7 +803,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         if let Some(b) = &bar {
             b.set_position(state.step);
             b.set_message(report.progress.clone());
-        } else if state.step % s.log_every.max(1) == 0 || state.step == total {
+        } else if main && (state.step % s.log_every.max(1) == 0 || state.step == total) {
             tracing::info!(
                 "{unit} {}/{total} {} lr {lr:.3e} · {:.0} tok/s",
                 state.step,
@@ -806,7 +831,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
                 state.best_eval_loss = Some(e.0);
                 state.best_step = Some(state.step);
                 state.evals_without_improvement = 0;
-                if keeps_best {
+                if keeps_best && main {
                     write_folder(&out.join(BEST), |tmp| step.save(tmp))?;
                 }
             } else {
@@ -820,7 +845,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total || early_stopped;
         if save_now {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &mut ledger, &mut state, step, s.save_total_limit)?;
+            save_checkpoint(out, ledger.as_mut(), &mut state, step, s.save_total_limit)?;
             saved_at = Some(state.step);
         }
         if early_stopped {
@@ -846,10 +871,12 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         }
         if saved_at != Some(state.step) {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(out, &mut ledger, &mut state, step, s.save_total_limit)?;
+            save_checkpoint(out, ledger.as_mut(), &mut state, step, s.save_total_limit)?;
         }
         let dir = out.join(FINAL);
-        write_folder(&dir, |tmp| step.save(tmp))?;
+        if main {
+            write_folder(&dir, |tmp| step.save(tmp))?;
+        }
         final_dir = Some(dir);
     }
     let best_dir = Some(out.join(BEST)).filter(|d| keeps_best && d.is_dir());
@@ -870,7 +897,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         peak_rss_bytes: peak_rss_bytes(),
         planned_peak_bytes: plan.as_ref().map(|p| p.total),
     };
-    if let Some(peak) = summary.peak_rss_bytes {
+    if let Some(peak) = summary.peak_rss_bytes.filter(|_| main) {
         match summary.planned_peak_bytes {
             Some(planned) => tracing::info!(
                 "peak memory (resident): {} (planned {}, {:+.1} %)",
@@ -881,7 +908,11 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             None => tracing::info!("peak memory (resident): {}", human_bytes(peak)),
         }
     }
-    write_file_atomic(&out.join(SUMMARY), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
+    if main {
+        write_file_atomic(&out.join(SUMMARY), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
+    }
+    // the other ranks return once rank 0 has written final/ and the summary
+    world.barrier()?;
     if let Some(stop) = stop_request.filter(|s| s.fail) {
         bail!("stopped after {unit} {}: {} (the last checkpoint is kept)", state.step, stop.reason);
     }
@@ -920,9 +951,11 @@ pub fn improves(loss: f64, best: Option<f64>) -> bool {
     loss.is_finite() && best.is_none_or(|b| loss < b)
 }
 
+/// Writes a checkpoint (rank 0, which holds the ledger); every rank takes part in gathering
+/// the sharded optimizer state first.
 fn save_checkpoint(
     out: &Path,
-    ledger: &mut OutputLedger,
+    ledger: Option<&mut OutputLedger>,
     state: &mut LoopState,
     step: &dyn TrainStep,
     keep: usize,
@@ -934,9 +967,12 @@ fn save_checkpoint(
     }
     state.optimizer_steps = step.optimizers().into_iter().map(|(n, o)| (n.to_string(), o.steps)).collect();
     state.stage = step.state()?;
+    let optimizers =
+        step.optimizers().into_iter().map(|(n, o)| Ok((n, o.gathered_state()?))).collect::<Result<Vec<_>>>()?;
+    let Some(ledger) = ledger else { return Ok(()) };
     write_checkpoint(out, ledger, state.step, keep, |tmp| {
         step.save(tmp)?;
-        write_train_state(tmp, &step.optimizers(), state)
+        write_train_state(tmp, &optimizers, state)
     })
 }
 
@@ -961,8 +997,52 @@ impl<'a> SupervisedStep<'a> {
         params: Vec<(String, Tensor)>,
         settings: &'a TrainSection,
     ) -> Result<Self> {
-        Ok(SupervisedStep { objective, model, opt: AdamW::new(params, settings.adamw())?, settings })
+        let mut opt = AdamW::new(params, settings.adamw())?;
+        data_parallel(&mut opt, settings)?;
+        Ok(SupervisedStep { objective, model, opt, settings })
     }
+}
+
+/// Makes `opt` this rank's part of a data-parallel job when the process is one of several
+/// ranks ([`align_dist::world`]): gradients summed over the ranks, ZeRO-`train.zero` sharding.
+pub fn data_parallel(opt: &mut AdamW, s: &TrainSection) -> Result<()> {
+    let w = align_dist::world();
+    match w.group() {
+        Some(g) => opt.shard(g, s.zero),
+        None => {
+            if s.zero > 0 {
+                tracing::info!("train.zero = {}: one process, nothing to shard", s.zero);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// This rank's share of a step's examples: the global list split into equal contiguous parts
+/// in rank order.
+pub fn rank_share<T>(global: &[T]) -> &[T] {
+    let w = align_dist::world();
+    let per = global.len() / w.size();
+    &global[w.rank() * per..(w.rank() + 1) * per]
+}
+
+/// Sums a step's loss, token count and metric sums over the ranks (in key order; the ranks
+/// must have the same metrics).
+fn reduce_step_sums(loss: &mut f64, tokens: &mut usize, sums: &mut BTreeMap<String, f64>) -> Result<()> {
+    let w = align_dist::world();
+    if w.size() == 1 {
+        return Ok(());
+    }
+    w.agree("the number of metrics of a step", sums.len() as u64)?;
+    let mut xs = vec![*loss, *tokens as f64];
+    xs.extend(sums.values());
+    w.sum_f64(&mut xs)?;
+    *loss = xs[0];
+    *tokens = xs[1] as usize;
+    for (v, x) in sums.values_mut().zip(&xs[2..]) {
+        *v = *x;
+    }
+    Ok(())
 }
 
 impl TrainStep for SupervisedStep<'_> {
@@ -970,16 +1050,20 @@ impl TrainStep for SupervisedStep<'_> {
         self.objective.len(Split::Train)
     }
 
+    /// The global batch: `batch_size · grad_accum` on each rank.
     fn examples_per_step(&self) -> usize {
-        self.settings.batch_size * self.settings.grad_accum
+        self.settings.batch_size * self.settings.grad_accum * align_dist::world().size()
     }
 
     fn step(&mut self, at: &StepContext) -> Result<StepReport> {
         let s = self.settings;
         let n = self.objective.len(Split::Train);
         let per_step = self.examples_per_step();
-        let examples = stream_indices(n, s.seed, at.examples_consumed, per_step);
-        let units: f64 = examples.iter().map(|&e| self.objective.units(Split::Train, e)).sum::<f64>().max(1.0);
+        let global = stream_indices(n, s.seed, at.examples_consumed, per_step);
+        // every rank knows the units of the whole global batch: the loss is normalised by them,
+        // so the summed gradients are the single-process gradient of the global batch
+        let units: f64 = global.iter().map(|&e| self.objective.units(Split::Train, e)).sum::<f64>().max(1.0);
+        let examples = rank_share(&global);
         self.model.set_training(true);
         recompute::discard();
         let mut loss_value = 0f64;
@@ -995,6 +1079,8 @@ impl TrainStep for SupervisedStep<'_> {
                 *sums.entry(k).or_default() += v;
             }
         }
+        self.opt.reduce_grads()?;
+        reduce_step_sums(&mut loss_value, &mut tokens, &mut sums)?;
         let grad_norm = self.opt.grad_norm()?;
         let applied = loss_value.is_finite() && grad_norm.is_finite();
         if applied {
@@ -1068,12 +1154,23 @@ pub fn evaluate(objective: &mut dyn Objective, model: &dyn ModelState, batch_siz
     let mut loss = 0f64;
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let _guard = tch::no_grad_guard();
-    for chunk in all.chunks(batch_size.max(1)) {
+    // ranks evaluate every world-th chunk and sum (all of them when there are fewer chunks)
+    let w = align_dist::world();
+    let chunks: Vec<&[usize]> = all.chunks(batch_size.max(1)).collect();
+    let sharded = w.size() > 1 && chunks.len() >= w.size();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        if sharded && i % w.size() != w.rank() {
+            continue;
+        }
         let mb = objective.forward(Split::Validation, chunk)?;
         loss += mb.loss_sum.f_double_value(&[])?;
         for (k, v) in mb.metrics {
             *sums.entry(k).or_default() += v;
         }
+    }
+    if sharded {
+        let mut tokens = 0;
+        reduce_step_sums(&mut loss, &mut tokens, &mut sums)?;
     }
     model.set_training(true);
     Ok((loss / units, sums.into_iter().map(|(k, v)| (k, v / units)).collect()))
