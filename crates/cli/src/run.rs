@@ -37,6 +37,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let outcomes = run_pipeline(&p, &RunOptions { from: args.from, only: args.only, restart: args.restart, command })?;
+    if !align_core::dist::world().is_main() {
+        return Ok(()); // rank 0 reports the run
+    }
     for (name, o) in outcomes {
         let what = match o {
             StageOutcome::Ran => "ran",

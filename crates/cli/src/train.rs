@@ -56,6 +56,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let section = kind.as_str();
     let cfg = LoadedConfig::load(&args.config, &args.overrides, section)?;
     let summary = train_stage(kind, &cfg, args.restart, args.stop_after)?;
+    if !align_core::dist::world().is_main() {
+        return Ok(()); // rank 0 reports the job
+    }
     eprintln!(
         "{section}: {} ({} of {} steps, last loss {}, eval loss {}){}",
         summary.stop_reason,

@@ -81,7 +81,7 @@ fn write_config(dir: &Path, name: &str, stage: &str, batch: usize, extra: &str) 
         &cfg,
         format!(
             "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\nmethod = \"lora\"\n[lora]\nr = 4\ndropout = 0.0\n[train]\nmax_steps = 4\n\
-             batch_size = {batch}\nlr = 1e-2\nmax_length = 96\nthreads = 1\nsave_every = 1\n{extra}\n{section}",
+             batch_size = {batch}\nlr = 2e-3\nmax_length = 96\nthreads = 1\nsave_every = 1\n{extra}\n{section}",
             repo().join("tests/fixtures/models").join(model),
             repo().join(data),
             out
@@ -231,4 +231,101 @@ fn commands_that_are_not_data_parallel_refuse_a_world() {
         .unwrap();
     assert!(!o.status.success());
     assert!(log(&o).contains("only `align train` and `align run` are data-parallel"), "{}", log(&o));
+}
+
+/// SFT → RM → DPO (LoRA, the SFT adapter merged once for the RM) → a perplexity evaluation.
+fn write_pipeline(dir: &Path, name: &str, batch: usize) -> (PathBuf, PathBuf) {
+    let run = dir.join(name);
+    let file = dir.join(format!("{name}.toml"));
+    let r = repo();
+    std::fs::write(
+        &file,
+        format!(
+            r#"[pipeline]
+name = "dp"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = {batch}
+lr = 1e-2
+max_steps = 3
+max_length = 96
+threads = 1
+[[stage]]
+name = "sft"
+kind = "sft"
+method = "lora"
+data = [{sft:?}]
+[stage.lora]
+r = 4
+dropout = 0.0
+[[stage]]
+name = "rm"
+kind = "reward"
+from = "sft"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+dropout = 0.0
+[[stage]]
+name = "dpo"
+kind = "dpo"
+from = "sft"
+reference = "sft"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+dropout = 0.0
+[[stage]]
+name = "ppl"
+kind = "eval"
+eval = "perplexity"
+from = "dpo"
+data = [{ppl:?}]
+"#,
+            model = r.join("tests/fixtures/models/tiny-llama"),
+            sft = r.join("data/sft/medical_sharegpt.jsonl"),
+            pairs = r.join("data/preference/medical_pairs.jsonl"),
+            ppl = r.join("tests/fixtures/perplexity.txt"),
+        ),
+    )
+    .unwrap();
+    (file, run)
+}
+
+fn record(run: &Path, stage: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join(stage).join("stage.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_pipeline_runs_every_stage_on_two_ranks_and_skips_when_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one_file, one) = write_pipeline(tmp.path(), "one", 4);
+    launch(1, &["run", one_file.to_str().unwrap()]);
+    let (two_file, two) = write_pipeline(tmp.path(), "two", 2);
+    launch(2, &["run", two_file.to_str().unwrap()]);
+    for stage in ["sft", "rm", "dpo", "ppl"] {
+        assert_eq!(record(&two, stage)["status"], "done", "{stage}");
+    }
+    assert!(two.join("sft/merged/model.safetensors").is_file());
+    // the same training per stage (the weights are compared by the tests above; here the losses)
+    for stage in ["sft", "rm", "dpo"] {
+        let (a, b) = (losses(&two.join(stage)), losses(&one.join(stage)));
+        assert_eq!(a.len(), 3, "{stage}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "{stage}: loss {x} vs {y}");
+        }
+    }
+    let ppl = |run: &Path| record(run, "ppl")["eval"]["perplexity"].as_f64().unwrap();
+    assert!((ppl(&two) - ppl(&one)).abs() <= 1e-4 * ppl(&one), "{} vs {}", ppl(&two), ppl(&one));
+    // run again: every rank finds every stage done
+    let outputs = finish(spawn(2, &["run", two_file.to_str().unwrap()], &[]));
+    for o in &outputs {
+        assert!(o.status.success(), "{}", log(o));
+    }
+    assert_eq!(log(&outputs[0]).matches("up to date (skipped)").count(), 4, "{}", log(&outputs[0]));
 }

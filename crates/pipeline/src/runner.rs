@@ -43,21 +43,27 @@ pub(crate) struct Produced {
 
 /// Runs the pipeline; returns each stage's outcome in order.
 pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)>> {
+    // under torchrun every rank walks the pipeline: rank 0 writes the run folder (records, the
+    // lock), training stages run on all ranks, the other stages on rank 0 while the rest wait
+    let world = align_core::dist::world();
+    let main = world.is_main();
     // one runner per run folder: a second `align run` on it fails at once, naming the first one
-    let _lock = FolderLock::acquire(&p.run_dir, LOCK)?;
+    let _lock = if main { Some(FolderLock::acquire(&p.run_dir, LOCK)?) } else { None };
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
     for sel in opts.from.iter().chain(opts.only.iter()) {
         if !names.contains(&sel.as_str()) {
             bail!("no stage named '{sel}' (stages: {})", names.join(", "));
         }
     }
-    write_file_atomic(
-        &p.run_dir.join(PIPELINE_RECORD),
-        (serde_json::to_string_pretty(
-            &json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}),
-        )? + "\n")
-            .as_bytes(),
-    )?;
+    if main {
+        write_file_atomic(
+            &p.run_dir.join(PIPELINE_RECORD),
+            (serde_json::to_string_pretty(
+                &json!({"name": p.name, "stages": names, "file": p.file.display().to_string()}),
+            )? + "\n")
+                .as_bytes(),
+        )?;
+    }
     // the starting model: a given folder, one `align init` makes from a description, or none
     // (then every training stage starts from an earlier stage, e.g. an init stage)
     let base = match (&p.base_model, &p.init, &p.tokenizer) {
@@ -65,7 +71,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             let dir = align_core::hf::checkpoint::resolve_model_dir(m)?;
             Some(Produced { hash: content_hash(&dir)?, model: dir, adapter: None })
         }
-        (None, Some(init), Some(TokenizerSource::Folder(tok))) => Some(init_model(p, init, tok)?),
+        (None, Some(init), Some(TokenizerSource::Folder(tok))) => Some(main_first(|| init_model(p, init, tok))?),
         (None, Some(_), _) => bail!("defaults.init: needs defaults.tokenizer to be a tokenizer folder"),
         (None, None, _) => None,
     };
@@ -82,6 +88,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
     let mut upstream_reran: Option<String> = None;
     let from_index = opts.from.as_ref().and_then(|f| names.iter().position(|n| n == f)).unwrap_or(0);
     for s in &p.stages {
+        // every rank reads the records rank 0 wrote before this point
+        world.barrier()?;
         let dir = p.stage_dir(s);
         let previous = read_record(&dir.join(STAGE_RECORD));
         let selected = s.index >= from_index && opts.only.as_ref().is_none_or(|o| o == &s.name);
@@ -161,6 +169,8 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             _ => "first run".to_string(),
         };
         tracing::info!("stage {} ({}): running — {reason}", s.name, s.kind);
+        // all ranks have decided from the same records before rank 0 changes them
+        world.barrier()?;
         let mut rec = StageRecord {
             status: StageStatus::Running,
             config_hash: plan.config_hash.clone(),
@@ -174,10 +184,16 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             version: env!("CARGO_PKG_VERSION").to_string(),
             ..StageRecord::new(&s.name, s.kind)
         };
-        write_record(&dir, &rec)?;
-        mark_downstream_stale(p, s)?;
+        if main {
+            write_record(&dir, &rec)?;
+            mark_downstream_stale(p, s)?;
+        }
         let started = Instant::now();
-        let result = run_stage(p, s, &plan, !resume);
+        let result = if main || s.kind.trains() { run_stage(p, s, &plan, !resume) } else { Ok((None, None)) };
+        if !s.kind.trains() {
+            // the others wait for what rank 0 made
+            world.barrier()?;
+        }
         rec.duration_seconds = Some(started.elapsed().as_secs_f64());
         rec.finished_at = Some(now());
         match result {
@@ -187,7 +203,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
                 rec.eval = eval;
                 let out = stage_output(p, s, plan.input.as_ref(), &rec);
                 rec.output_hash = out.as_ref().map(|o| o.hash.clone());
-                write_record(&dir, &rec)?;
+                if main {
+                    write_record(&dir, &rec)?;
+                }
                 if let Some(o) = out {
                     note_tokenizer(p, s, &o, &mut pipeline_tokenizer)?;
                     produced.insert(s.name.clone(), o);
@@ -198,12 +216,32 @@ pub fn run(p: &Pipeline, opts: &RunOptions) -> Result<Vec<(String, StageOutcome)
             Err(e) => {
                 rec.status = StageStatus::Failed;
                 rec.error = Some(format!("{e:#}"));
-                write_record(&dir, &rec)?;
+                if main {
+                    write_record(&dir, &rec)?;
+                }
                 return Err(e.context(format!("stage '{}' ({}) failed", s.name, s.kind)));
             }
         }
     }
     Ok(outcomes)
+}
+
+/// Runs `f` on rank 0 first and on the other ranks once it is done: for steps that make a folder
+/// once and reuse it after (the starting model, a merged adapter), so one rank writes it. In one
+/// process, just `f`.
+pub(crate) fn main_first<T>(f: impl Fn() -> Result<T>) -> Result<T> {
+    let world = align_core::dist::world();
+    if world.size() == 1 {
+        return f();
+    }
+    if world.is_main() {
+        let out = f()?;
+        world.barrier()?;
+        Ok(out)
+    } else {
+        world.barrier()?;
+        f()
+    }
 }
 
 /// What a stage runs on and what decides whether it is up to date.
@@ -298,7 +336,7 @@ pub(crate) fn plan_model_stage(
     };
     let mut extra_inputs = Vec::new();
     if let Some(reference) = reference {
-        let r = if reference.adapter.is_some() { merged(&reference)? } else { reference };
+        let r = if reference.adapter.is_some() { main_first(|| merged(&reference))? } else { reference };
         set_path(
             &mut spec.table,
             &[s.kind.to_string(), "reference".to_string()],
@@ -310,7 +348,7 @@ pub(crate) fn plan_model_stage(
         let rm = produced.get(rm_stage).cloned().ok_or_else(|| {
             anyhow!("stage '{}' needs '{rm_stage}' as its reward model, which has not produced a model", s.name)
         })?;
-        let rm = if rm.adapter.is_some() { merged(&rm)? } else { rm };
+        let rm = if rm.adapter.is_some() { main_first(|| merged(&rm))? } else { rm };
         set_path(
             &mut spec.table,
             &[s.kind.to_string(), "reward_model".to_string()],
@@ -349,7 +387,7 @@ pub(crate) fn plan_model_stage(
 /// causal LM, gets a LoRA input merged (cached next to the adapter).
 pub(crate) fn trained_from(s: &StageSpec, input: Produced) -> Result<Produced> {
     if s.kind == StageKind::Reward && input.adapter.is_some() {
-        merged(&input)
+        main_first(|| merged(&input))
     } else {
         Ok(input)
     }
