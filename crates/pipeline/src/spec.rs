@@ -599,7 +599,10 @@ pub(crate) fn check_stage_section(cfg: &LoadedConfig) -> Result<()> {
             k.params().validate().map_err(|e| anyhow!("[kto] {e}"))
         }
         "distill" => {
-            let d: align_rlhf::DistillSection = cfg.stage_section()?;
+            // a teacher named as a stage is filled in at run time
+            let mut c = cfg.clone();
+            c.stage.entry("teacher").or_insert(toml::Value::String("TEACHER".into()));
+            let d: align_rlhf::DistillSection = c.stage_section()?;
             d.validate().map_err(|e| anyhow!("[distill] {e}"))
         }
         "ppo" => {
