@@ -3,8 +3,8 @@
 //! models and optimizers it owns and what state it adds to `train_state/` — and the loop owns
 //! the rest: the step count and LR schedule, seeding, the data cursor, the non-finite guard,
 //! evaluation, early stopping (with `best/`), metrics, and checkpoints with exact resume,
-//! `final/` and `train_summary.json`. The supervised stages (PT, SFT, RM, DPO) are one
-//! [`SupervisedStep`] over their [`Objective`].
+//! `final/` and `train_summary.json`. The supervised stages (PT, SFT, RM, DPO, KTO,
+//! distillation) are one [`SupervisedStep`] over their [`Objective`].
 //! Exactness relies on libtorch's process-global random generator, reseeded every step: run one
 //! training per process (or serialise runs that draw random numbers).
 use std::collections::BTreeMap;
