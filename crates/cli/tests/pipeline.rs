@@ -435,37 +435,12 @@ fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     let run = tmp.path().join("rl");
     let r = repo();
     let body = |kind: &str, data: &Path, section: &str| {
-        format!(
-            r#"[pipeline]
-name = "rl"
-run_dir = {run:?}
-[defaults]
-model = {model:?}
-device = "cpu"
-[defaults.train]
-batch_size = 4
-lr = 1e-3
-max_steps = 3
-max_length = 256
-[[stage]]
-name = "sft"
-kind = "sft"
-data = [{sft:?}]
-[[stage]]
-name = "rm"
-kind = "reward"
-from = "sft"
-data = [{pairs:?}]
-[[stage]]
-name = "rlhf"
-kind = "{kind}"
-from = "sft"
-data = [{data:?}]
-{section}
-"#,
-            model = r.join("tests/fixtures/models/tiny-qwen2"),
-            sft = r.join("data/sft/medical_sharegpt.jsonl"),
-            pairs = r.join("data/preference/medical_pairs.jsonl"),
+        let pairs = r.join("data/preference/medical_pairs.jsonl");
+        rl_pipeline(
+            &run,
+            &format!(
+                "[[stage]]\nname = \"rm\"\nkind = \"reward\"\nfrom = \"sft\"\ndata = [{pairs:?}]\n[[stage]]\nname = \"rlhf\"\nkind = \"{kind}\"\nfrom = \"sft\"\ndata = [{data:?}]\n{section}\n"
+            ),
         )
     };
     let ppo = tmp.path().join("ppo.toml");
@@ -498,17 +473,11 @@ data = [{data:?}]
     assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
 }
 
-/// A KTO stage runs on the pairs an SFT stage's model starts from, and swapping it for a
-/// distillation stage whose teacher is that SFT stage re-runs only that stage; the teacher is
-/// recorded as an input.
-#[test]
-fn kto_and_distill_stages_run_in_a_pipeline() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("rl");
+/// A small pipeline on the tiny model in `run`: a 3-step SFT stage "sft", then `stages`.
+fn rl_pipeline(run: &Path, stages: &str) -> String {
     let r = repo();
-    let body = |stage: &str| {
-        format!(
-            r#"[pipeline]
+    format!(
+        r#"[pipeline]
 name = "rl"
 run_dir = {run:?}
 [defaults]
@@ -517,20 +486,27 @@ device = "cpu"
 [defaults.train]
 batch_size = 4
 lr = 1e-3
-max_steps = 2
+max_steps = 3
 max_length = 256
 [[stage]]
 name = "sft"
 kind = "sft"
 data = [{sft:?}]
-[[stage]]
-name = "rlhf"
-{stage}
-"#,
-            model = r.join("tests/fixtures/models/tiny-qwen2"),
-            sft = r.join("data/sft/medical_sharegpt.jsonl"),
-        )
-    };
+{stages}"#,
+        model = r.join("tests/fixtures/models/tiny-qwen2"),
+        sft = r.join("data/sft/medical_sharegpt.jsonl"),
+    )
+}
+
+/// A KTO stage runs on the pairs an SFT stage's model starts from, and swapping it for a
+/// distillation stage whose teacher is that SFT stage re-runs only that stage; the teacher is
+/// recorded as an input.
+#[test]
+fn kto_and_distill_stages_run_in_a_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("rl");
+    let r = repo();
+    let body = |stage: &str| rl_pipeline(&run, &format!("[[stage]]\nname = \"rlhf\"\n{stage}\n"));
     let kto = tmp.path().join("kto.toml");
     let pairs = r.join("data/preference/medical_pairs.jsonl");
     std::fs::write(&kto, body(&format!("kind = \"kto\"\nfrom = \"sft\"\ndata = [{pairs:?}]"))).unwrap();
@@ -538,7 +514,7 @@ name = "rlhf"
     assert_eq!(outcomes(&first), vec!["sft: ran", "rlhf: ran"]);
     let rec = record(&run, "rlhf");
     assert_eq!((rec["kind"].as_str(), rec["status"].as_str()), (Some("kto"), Some("done")));
-    assert_eq!(rec["summary"]["steps"], 2);
+    assert_eq!(rec["summary"]["steps"], 3);
 
     let distill = tmp.path().join("distill.toml");
     let sft = r.join("data/sft/medical_sharegpt.jsonl");

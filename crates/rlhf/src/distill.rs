@@ -19,7 +19,7 @@ use align_core::train::config::LoadedConfig;
 use align_core::train::lm_objective::{chunked_head_loss, pad_batch, predicted_labels, SequenceSplits};
 use align_core::train::preference_batch::read_splits;
 use align_core::train::setup::{training_device, TrainingModel};
-use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::train::trainer::{MicroBatch, Objective, Split, TrainSummary};
 
 use crate::distill_loss::{generalized_jsd, validate_jsd};
 use crate::reference::load_reference_model;
@@ -291,7 +291,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         top_p: None,
         repetition_penalty: None,
     });
-    let params = tm.trainable_params();
     let mut objective = DistillObjective {
         student: &tm.loaded.lm,
         teacher: &teacher.lm,
@@ -305,14 +304,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         stop_ids: stop_token_ids(&tm.tokenizer, &tm.loaded.lm.config.eos_token_ids),
         chunk_tokens: c.train.loss_chunk_tokens,
     };
-    let run = TrainRun {
-        settings: &c.train,
-        output_dir: &c.output_dir,
-        fingerprint: &cfg.fingerprint()?,
-        restart,
-        stop_after,
-    };
-    train_supervised(run, &mut objective, &tm, params)
+    tm.train_on(cfg, &mut objective, restart, stop_after)
 }
 
 #[cfg(test)]

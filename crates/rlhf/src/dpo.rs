@@ -9,7 +9,7 @@ use align_core::model::decoder::CausalLm;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
 use align_core::train::setup::{training_spec, TrainingModel};
-use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::train::trainer::{MicroBatch, Objective, Split, TrainSummary};
 
 use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
 use crate::reference::{pair_logps, pair_reference, Reference};
@@ -166,7 +166,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     };
 
     let tm = TrainingModel::load(cfg)?;
-    let params_list = tm.trainable_params();
     let mut objective = DpoObjective {
         policy: &tm.loaded.lm,
         reference: &reference,
@@ -175,12 +174,5 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         pad_id,
         chunk_tokens: c.train.loss_chunk_tokens,
     };
-    let run = TrainRun {
-        settings: &c.train,
-        output_dir: &c.output_dir,
-        fingerprint: &cfg.fingerprint()?,
-        restart,
-        stop_after,
-    };
-    train_supervised(run, &mut objective, &tm, params_list)
+    tm.train_on(cfg, &mut objective, restart, stop_after)
 }

@@ -11,7 +11,7 @@ use align_core::model::decoder::CausalLm;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::{encode_pairs, read_splits, EncodedPair, PairSplits};
 use align_core::train::setup::{training_spec, TrainingModel};
-use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::train::trainer::{MicroBatch, Objective, Split, TrainSummary};
 
 use crate::kto_loss::{kto_loss, KtoLogps, KtoLossParams};
 use crate::reference::{pair_logps, pair_reference, Reference};
@@ -238,7 +238,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         pair_reference(cfg, "kto", section.reference.as_deref(), section.precompute_ref, &data.sequences, &options)?;
 
     let tm = TrainingModel::load(cfg)?;
-    let params_list = tm.trainable_params();
     let mut objective = KtoObjective {
         policy: &tm.loaded.lm,
         reference: &reference,
@@ -247,14 +246,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         pad_id,
         chunk_tokens: c.train.loss_chunk_tokens,
     };
-    let run = TrainRun {
-        settings: &c.train,
-        output_dir: &c.output_dir,
-        fingerprint: &cfg.fingerprint()?,
-        restart,
-        stop_after,
-    };
-    train_supervised(run, &mut objective, &tm, params_list)
+    tm.train_on(cfg, &mut objective, restart, stop_after)
 }
 
 #[cfg(test)]

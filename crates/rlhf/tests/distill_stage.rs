@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use align_core::train::config::LoadedConfig;
-use align_testkit::{metric_lines, rng_lock, sample_data, stage_config, tiny_model};
+use align_testkit::{metric_lines, rng_lock, sample_data, stage_config, tiny_model, train_series};
 use serde_json::Value;
 
 fn config_with(out: &Path, teacher: &Path, extra: &[&str]) -> LoadedConfig {
@@ -28,7 +28,7 @@ fn train_lines(out: &Path) -> Vec<Value> {
 }
 
 fn series(out: &Path, key: &str) -> Vec<f64> {
-    train_lines(out).iter().map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))).collect()
+    train_series(out, key)
 }
 
 /// β = 0 makes the divergence the forward KL(teacher ‖ student) per completion token. Step 1's

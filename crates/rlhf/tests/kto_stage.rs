@@ -7,7 +7,7 @@ use std::path::Path;
 
 use align_core::data::{read_unpaired, DataOptions};
 use align_core::train::config::LoadedConfig;
-use align_testkit::{metric_lines, sample_data, stage_config, tiny_model};
+use align_testkit::{metric_lines, sample_data, stage_config, tiny_model, train_series};
 use serde_json::Value;
 
 fn config_with(out: &Path, data: &Path, val: Option<&Path>, extra: &[&str]) -> LoadedConfig {
@@ -30,7 +30,7 @@ fn train_lines(out: &Path) -> Vec<Value> {
 }
 
 fn series(out: &Path, key: &str) -> Vec<f64> {
-    train_lines(out).iter().map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))).collect()
+    train_series(out, key)
 }
 
 #[test]
