@@ -23,10 +23,6 @@ fn config(out: &Path, extra: &[&str]) -> LoadedConfig {
     config_with(out, &tiny_model("tiny-qwen3"), extra)
 }
 
-fn train_lines(out: &Path) -> Vec<Value> {
-    metric_lines(out).into_iter().filter(|v| v.get("loss").is_some()).collect()
-}
-
 fn series(out: &Path, key: &str) -> Vec<f64> {
     train_series(out, key)
 }
