@@ -109,6 +109,25 @@ fn a_lora_student_trains_with_chunked_heads_like_the_whole_heads() {
     assert!(chunked.join("final/adapter_model.safetensors").is_file());
 }
 
+/// The teacher held in 4 bits (NF4, the QLoRA layout) scores the student's batches: the
+/// divergence differs from the full-precision teacher's, but only by the quantisation error.
+#[test]
+fn a_4bit_teacher_teaches() {
+    let _rng = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, more: &[&str]| {
+        let out = tmp.path().join(name);
+        let sets: Vec<&str> =
+            ["train.max_steps=1", "train.save_every=0", "val_data=[]"].iter().chain(more).copied().collect();
+        align_rlhf::run_distill(&config(&out, &sets), false, None).unwrap();
+        series(&out, "divergence")[0]
+    };
+    let (full, nf4) = (run("full", &[]), run("nf4", &["distill.teacher_quantize=nf4"]));
+    eprintln!("step-1 divergence: full-precision teacher {full:.6}, NF4 teacher {nf4:.6}");
+    assert!(nf4.is_finite() && nf4 > 0.0 && nf4 != full, "{full} vs {nf4}");
+    assert!((nf4 - full).abs() < 0.5 * full, "{full} vs {nf4}");
+}
+
 #[test]
 fn a_teacher_with_another_vocabulary_and_misused_keys_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
