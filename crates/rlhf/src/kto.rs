@@ -8,13 +8,15 @@ use tch::{Kind, Tensor};
 
 use align_core::data::{read_unpaired, DataOptions, LengthBudget, PreferencePair, UnpairedExample};
 use align_core::model::decoder::CausalLm;
+use align_core::text::conversation::LabeledTokens;
 use align_core::train::config::LoadedConfig;
+use align_core::train::lm_objective::pad_batch;
 use align_core::train::preference_batch::{encode_pairs, read_splits, EncodedPair, PairSplits};
 use align_core::train::setup::{training_spec, TrainingModel};
 use align_core::train::trainer::{MicroBatch, Objective, Split, TrainSummary};
 
 use crate::kto_loss::{kto_loss, KtoLogps, KtoLossParams};
-use crate::reference::{pair_logps, pair_reference, Reference};
+use crate::reference::{pair_reference, sequence_logps, Reference};
 
 fn d_beta() -> f64 {
     0.1
@@ -137,16 +139,26 @@ impl Objective for KtoObjective<'_> {
         1.0
     }
 
+    /// The policy scores the completions with gradients and the KL completions without (z0 is
+    /// detached), as TRL does; the reference scores both alike.
     fn forward(&mut self, split: Split, examples: &[usize]) -> Result<MicroBatch> {
         let device = self.policy.device();
-        let batch = self.data.sequences.batch(split, examples, self.pad_id, device)?;
+        let pairs: Vec<&EncodedPair> = examples.iter().map(|&e| &self.data.sequences.get(split)[e]).collect();
+        let tokens = pairs.iter().map(|p| p.tokens()).sum();
+        let completions: Vec<&LabeledTokens> = pairs.iter().map(|p| &p.chosen).collect();
+        let kl_completions: Vec<&LabeledTokens> = pairs.iter().map(|p| &p.rejected).collect();
+        let (ids, labels) = pad_batch(&completions, self.pad_id, device)?;
+        let (kl_ids, kl_labels) = pad_batch(&kl_completions, self.pad_id, device)?;
         let chunk = self.chunk_tokens;
-        let (policy_logps, policy_kl_logps, _, _) = pair_logps(self.policy, &batch, chunk)?;
+        let score = |lm: &CausalLm, ids: &Tensor, labels: &Tensor| -> Result<Tensor> {
+            Ok(sequence_logps(lm, ids, labels, chunk)?.0)
+        };
+        let policy_logps = score(self.policy, &ids, &labels)?;
+        let policy_kl_logps = tch::no_grad(|| score(self.policy, &kl_ids, &kl_labels))?;
         let (ref_logps, ref_kl_logps) = match self.reference {
             Reference::Cached(r) => r.select(split, examples, device)?,
             other => other
-                .run(self.policy, |lm| pair_logps(lm, &batch, chunk))?
-                .map(|(r, k, _, _)| (r, k))
+                .run(self.policy, |lm| Ok((score(lm, &ids, &labels)?, score(lm, &kl_ids, &kl_labels)?)))?
                 .ok_or_else(|| anyhow!("KTO needs a reference"))?,
         };
         let labels: Vec<bool> = examples.iter().map(|&e| self.data.desirable(split)[e]).collect();
@@ -187,7 +199,7 @@ impl Objective for KtoObjective<'_> {
             ("logps/rejected".to_string(), n_rejected),
             ("kl".to_string(), 1.0),
         ];
-        Ok(MicroBatch { loss_sum: out.loss.f_sum(Kind::Float)?, tokens: batch.tokens, metrics, metric_counts })
+        Ok(MicroBatch { loss_sum: out.loss.f_sum(Kind::Float)?, tokens, metrics, metric_counts })
     }
 }
 

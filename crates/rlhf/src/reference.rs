@@ -34,12 +34,22 @@ pub fn pair_logps(
     batch: &PreferenceBatch,
     chunk_tokens: usize,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let hidden = lm.model.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
-    let scores = head_logprobs(lm, &hidden, &batch.labels, HeadOptions { chunk_tokens, ..Default::default() })?;
-    let (sums, counts) = scores.sequence_sums()?;
+    let (sums, counts) = sequence_logps(lm, &batch.input_ids, &batch.labels, chunk_tokens)?;
     let (pc, pr) = batch.split(&sums)?;
     let (nc, nr) = batch.split(&counts)?;
     Ok((pc, pr, nc, nr))
+}
+
+/// Summed label log-probs and label counts of each row of right-padded `[B, T]` ids and labels,
+/// both `[B]` f32; the LM head runs in chunks of `chunk_tokens` (0 = at once).
+pub fn sequence_logps(
+    lm: &CausalLm,
+    input_ids: &Tensor,
+    labels: &Tensor,
+    chunk_tokens: usize,
+) -> Result<(Tensor, Tensor)> {
+    let hidden = lm.model.forward(input_ids, &ForwardOptions::default(), None)?;
+    head_logprobs(lm, &hidden, labels, HeadOptions { chunk_tokens, ..Default::default() })?.sequence_sums()
 }
 
 /// Precomputed reference log-probs, `[N]` f32 on the CPU, per split: (chosen, rejected).
