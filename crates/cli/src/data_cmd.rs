@@ -24,6 +24,7 @@ pub enum KindArg {
     Sft,
     Preference,
     Prompt,
+    Unpaired,
 }
 
 impl From<KindArg> for DataKind {
@@ -33,6 +34,7 @@ impl From<KindArg> for DataKind {
             KindArg::Sft => DataKind::Sft,
             KindArg::Preference => DataKind::Preference,
             KindArg::Prompt => DataKind::Prompt,
+            KindArg::Unpaired => DataKind::Unpaired,
         }
     }
 }

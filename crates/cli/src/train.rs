@@ -1,4 +1,4 @@
-//! `align train pretrain|sft|reward|dpo|ppo --config FILE.toml [--set key=value …] [--restart]`.
+//! `align train pretrain|sft|reward|dpo|ppo|kto|distill --config FILE.toml [--set key=value …] [--restart]`.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -17,6 +17,10 @@ pub enum Stage {
     Dpo,
     /// PPO on prompts with a reward model (`[ppo]`).
     Ppo,
+    /// KTO on unpaired desirable/undesirable completions or split preference pairs (`[kto]`).
+    Kto,
+    /// Knowledge distillation from a teacher model on SFT data, optionally on-policy (`[distill]`).
+    Distill,
 }
 
 #[derive(Args)]
@@ -46,6 +50,8 @@ impl Stage {
             Stage::Reward => StageKind::Reward,
             Stage::Dpo => StageKind::Dpo,
             Stage::Ppo => StageKind::Ppo,
+            Stage::Kto => StageKind::Kto,
+            Stage::Distill => StageKind::Distill,
         }
     }
 }

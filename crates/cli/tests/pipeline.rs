@@ -435,37 +435,12 @@ fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     let run = tmp.path().join("rl");
     let r = repo();
     let body = |kind: &str, data: &Path, section: &str| {
-        format!(
-            r#"[pipeline]
-name = "rl"
-run_dir = {run:?}
-[defaults]
-model = {model:?}
-device = "cpu"
-[defaults.train]
-batch_size = 4
-lr = 1e-3
-max_steps = 3
-max_length = 256
-[[stage]]
-name = "sft"
-kind = "sft"
-data = [{sft:?}]
-[[stage]]
-name = "rm"
-kind = "reward"
-from = "sft"
-data = [{pairs:?}]
-[[stage]]
-name = "rlhf"
-kind = "{kind}"
-from = "sft"
-data = [{data:?}]
-{section}
-"#,
-            model = r.join("tests/fixtures/models/tiny-qwen2"),
-            sft = r.join("data/sft/medical_sharegpt.jsonl"),
-            pairs = r.join("data/preference/medical_pairs.jsonl"),
+        let pairs = r.join("data/preference/medical_pairs.jsonl");
+        rl_pipeline(
+            &run,
+            &format!(
+                "[[stage]]\nname = \"rm\"\nkind = \"reward\"\nfrom = \"sft\"\ndata = [{pairs:?}]\n[[stage]]\nname = \"rlhf\"\nkind = \"{kind}\"\nfrom = \"sft\"\ndata = [{data:?}]\n{section}\n"
+            ),
         )
     };
     let ppo = tmp.path().join("ppo.toml");
@@ -498,13 +473,79 @@ data = [{data:?}]
     assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
 }
 
-/// The shipped demo and its DPO twin validate, and differ only in the "rlhf" stage.
+/// A small pipeline on the tiny model in `run`: a 3-step SFT stage "sft", then `stages`.
+fn rl_pipeline(run: &Path, stages: &str) -> String {
+    let r = repo();
+    format!(
+        r#"[pipeline]
+name = "rl"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = 4
+lr = 1e-3
+max_steps = 3
+max_length = 256
+[[stage]]
+name = "sft"
+kind = "sft"
+data = [{sft:?}]
+{stages}"#,
+        model = r.join("tests/fixtures/models/tiny-qwen2"),
+        sft = r.join("data/sft/medical_sharegpt.jsonl"),
+    )
+}
+
+/// A KTO stage runs on the pairs an SFT stage's model starts from, and swapping it for a
+/// distillation stage whose teacher is that SFT stage re-runs only that stage; the teacher is
+/// recorded as an input.
+#[test]
+fn kto_and_distill_stages_run_in_a_pipeline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("rl");
+    let r = repo();
+    let body = |stage: &str| rl_pipeline(&run, &format!("[[stage]]\nname = \"rlhf\"\n{stage}\n"));
+    let kto = tmp.path().join("kto.toml");
+    let pairs = r.join("data/preference/medical_pairs.jsonl");
+    std::fs::write(&kto, body(&format!("kind = \"kto\"\nfrom = \"sft\"\ndata = [{pairs:?}]"))).unwrap();
+    let first = ok(align().args(["run", kto.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&first), vec!["sft: ran", "rlhf: ran"]);
+    let rec = record(&run, "rlhf");
+    assert_eq!((rec["kind"].as_str(), rec["status"].as_str()), (Some("kto"), Some("done")));
+    assert_eq!(rec["summary"]["steps"], 3);
+
+    let distill = tmp.path().join("distill.toml");
+    let sft = r.join("data/sft/medical_sharegpt.jsonl");
+    let stage = format!(
+        "kind = \"distill\"\nteacher = \"sft\"\ndata = [{sft:?}]\n[stage.distill]\nlmbda = 0.5\nmax_new_tokens = 8"
+    );
+    std::fs::write(&distill, body(&stage)).unwrap();
+    let swapped = ok(align().args(["run", distill.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rlhf: ran"]);
+    let rec = record(&run, "rlhf");
+    assert_eq!(rec["kind"], "distill");
+    let inputs: Vec<(&str, &str)> = rec["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["role"].as_str().unwrap(), i["path"].as_str().unwrap()))
+        .collect();
+    assert_eq!(inputs.len(), 2, "{inputs:?}");
+    assert_eq!(inputs[1], ("teacher", run.join("sft/final").to_str().unwrap()));
+    assert!(run.join("rlhf/final/model.safetensors").is_file());
+}
+
+/// The shipped demo and its DPO, KTO and distillation twins validate, and differ only in the
+/// "rlhf" stage.
 #[test]
 fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let r = repo();
     let mut stages = Vec::new();
-    for name in ["medical-demo", "medical-demo-dpo"] {
+    let twins = ["medical-demo", "medical-demo-dpo", "medical-demo-kto", "medical-demo-distill"];
+    for name in twins {
         let text = std::fs::read_to_string(r.join(format!("pipelines/{name}.toml"))).unwrap();
         let text = text.replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
         let file = tmp.path().join(format!("{name}.toml"));
@@ -515,12 +556,14 @@ fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
         stages.push(doc["stage"].as_array().unwrap().clone());
     }
     let names = |s: &[toml::Value]| s.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
-    assert_eq!(names(&stages[0]), names(&stages[1]));
-    for (a, b) in stages[0].iter().zip(&stages[1]) {
-        if a["name"].as_str() == Some("rlhf") {
-            assert_eq!((a["kind"].as_str(), b["kind"].as_str()), (Some("ppo"), Some("dpo")));
-        } else {
-            assert_eq!(a, b, "stage {} differs between the twins", a["name"]);
+    for (twin, kind) in [(1, "dpo"), (2, "kto"), (3, "distill")] {
+        assert_eq!(names(&stages[0]), names(&stages[twin]), "{}", twins[twin]);
+        for (a, b) in stages[0].iter().zip(&stages[twin]) {
+            if a["name"].as_str() == Some("rlhf") {
+                assert_eq!((a["kind"].as_str(), b["kind"].as_str()), (Some("ppo"), Some(kind)));
+            } else {
+                assert_eq!(a, b, "stage {} differs between {} and {}", a["name"], twins[0], twins[twin]);
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use align_core::data::{
-    check_files, read_preference, read_pretrain, read_prompts, read_sft, reports_table, DataKind, DataOptions,
+    check_files, read_preference, read_pretrain, read_prompts, read_sft, read_unpaired, reports_table, DataKind,
+    DataOptions,
 };
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -25,6 +26,7 @@ fn error_of(kind: DataKind, first: &str, record: &str) -> String {
         DataKind::Sft => read_sft(&[&f], &o).map(|_| ()),
         DataKind::Preference => read_preference(&[&f], &o).map(|_| ()),
         DataKind::Prompt => read_prompts(&[&f], &o).map(|_| ()),
+        DataKind::Unpaired => read_unpaired(&[&f], &o).map(|_| ()),
     }
     .expect_err("the record is invalid")
     .to_string();
@@ -159,6 +161,23 @@ fn preference_prompt_and_pretrain_errors() {
     assert_eq!(
         error_of(DataKind::Pretrain, r#"{"text":"t"}"#, r#"{"text":null}"#),
         "x.jsonl:2: field 'text': expected a string, found null"
+    );
+    let unpaired = r#"{"prompt":"q","completion":"a","label":true}"#;
+    assert_eq!(
+        error_of(DataKind::Unpaired, unpaired, r#"{"prompt":"q","completion":"a","label":1}"#),
+        "x.jsonl:2: field 'label': expected a boolean (true = desirable, false = undesirable), found a number"
+    );
+    assert_eq!(
+        error_of(DataKind::Unpaired, unpaired, r#"{"prompt":"q","label":false}"#),
+        "x.jsonl:2: field 'completion': missing"
+    );
+    assert_eq!(
+        error_of(
+            DataKind::Unpaired,
+            unpaired,
+            r#"{"prompt":"q","completion":[{"role":"user","content":"a"}],"label":false}"#
+        ),
+        "x.jsonl:2: field 'completion[0].role': expected 'assistant' (the completion is the answer), found 'user'"
     );
 }
 

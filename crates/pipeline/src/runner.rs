@@ -344,6 +344,18 @@ pub(crate) fn plan_model_stage(
         )?;
         extra_inputs.push(json!({"role": "reference", "path": r.model.display().to_string(), "hash": r.hash}));
     }
+    if let Some(t_stage) = &s.teacher {
+        let t = produced.get(t_stage).cloned().ok_or_else(|| {
+            anyhow!("stage '{}' needs '{t_stage}' as its teacher, which has not produced a model", s.name)
+        })?;
+        let t = if t.adapter.is_some() { merged(&t)? } else { t };
+        set_path(
+            &mut spec.table,
+            &[s.kind.to_string(), "teacher".to_string()],
+            toml::Value::String(t.model.display().to_string()),
+        )?;
+        extra_inputs.push(json!({"role": "teacher", "path": t.model.display().to_string(), "hash": t.hash}));
+    }
     if let Some(rm_stage) = &s.reward_model {
         let rm = produced.get(rm_stage).cloned().ok_or_else(|| {
             anyhow!("stage '{}' needs '{rm_stage}' as its reward model, which has not produced a model", s.name)

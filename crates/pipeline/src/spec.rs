@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use align_core::data::{expand_data_paths, read_preference, read_prompts, read_sft, read_text_records, DataOptions};
+use align_core::data::{
+    expand_data_paths, read_preference, read_prompts, read_sft, read_text_records, read_unpaired, DataOptions,
+};
 use align_core::train::config::{parse_override, set_path, LoadedConfig};
 use align_runs::StageKind;
 
@@ -14,8 +16,17 @@ use align_runs::StageKind;
 pub(crate) const TOKENIZER_STAGE_KEYS: &[&str] = &["name", "kind", "data", "vocab_size", "min_frequency"];
 /// Keys of an `init` stage (it random-initialises a model as `align init` does).
 pub(crate) const INIT_STAGE_KEYS: &[&str] = &["name", "kind", "config", "tokenizer"];
-pub(crate) const STAGE_KEYS: &[&str] =
-    &["name", "kind", "from", "reward_model", "reference", "eval", "allow_tokenizer_mismatch", "max_new_tokens"];
+pub(crate) const STAGE_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "from",
+    "reward_model",
+    "reference",
+    "teacher",
+    "eval",
+    "allow_tokenizer_mismatch",
+    "max_new_tokens",
+];
 pub(crate) const DEFAULT_ONLY_KEYS: &[&str] = &["init", "tokenizer", "device", "dtype", "seed", "threads"];
 
 fn d_max_new_tokens() -> usize {
@@ -108,6 +119,8 @@ pub struct StageSpec {
     pub from: Option<String>,
     pub reward_model: Option<String>,
     pub reference: Option<String>,
+    /// `distill` stages: the earlier stage whose model is the teacher (`distill.teacher`).
+    pub teacher: Option<String>,
     /// `eval` stages: which evaluation (`perplexity`).
     pub eval: Option<String>,
     /// `eval` stages: what the evaluation reads.
@@ -223,6 +236,7 @@ pub(crate) fn made_stage_spec(
         from: None,
         reward_model: None,
         reference: None,
+        teacher: None,
         eval: None,
         eval_settings: None,
         allow_tokenizer_mismatch: false,
@@ -378,6 +392,19 @@ impl Pipeline {
             let from = refer("from")?;
             let reward_model = refer("reward_model")?;
             let reference = refer("reference")?;
+            let teacher = refer("teacher")?;
+            let external_teacher = t.get("distill").and_then(|d| d.get("teacher")).is_some();
+            if teacher.is_some() && kind != StageKind::Distill {
+                bail!("{sat}.teacher: only a distill stage has a teacher");
+            }
+            if kind == StageKind::Distill && teacher.is_none() && !external_teacher {
+                bail!("{sat}.teacher: a distill stage needs a teacher (the name of an earlier stage, or a folder as distill.teacher)");
+            }
+            if teacher.is_some() && external_teacher {
+                bail!(
+                    "{sat}.distill.teacher: give the teacher once (stage teacher = STAGE, or distill.teacher = FOLDER)"
+                );
+            }
             let external_rm = t.get("ppo").and_then(|p| p.get("reward_model")).is_some();
             if kind == StageKind::Ppo && reward_model.is_none() && !external_rm {
                 bail!("{sat}.reward_model: a ppo stage needs a reward model (the name of an earlier reward stage, or a folder as ppo.reward_model)");
@@ -460,6 +487,14 @@ impl Pipeline {
                 read_preference(&data, &options)
                     .map_err(|e| anyhow!("{sat}.data: a {kind} stage needs preference data: {e}"))?;
             }
+            if kind == StageKind::Kto {
+                read_unpaired(&data, &options).map_err(|e| {
+                    anyhow!("{sat}.data: a kto stage needs unpaired (prompt/completion/label) or preference data: {e}")
+                })?;
+            }
+            if kind == StageKind::Distill {
+                read_sft(&data, &options).map_err(|e| anyhow!("{sat}.data: a distill stage needs SFT data: {e}"))?;
+            }
             if kind == StageKind::Ppo {
                 read_prompts(&data, &options).map_err(|e| anyhow!("{sat}.data: a ppo stage needs prompt data: {e}"))?;
             }
@@ -483,6 +518,7 @@ impl Pipeline {
                 from,
                 reward_model,
                 reference,
+                teacher,
                 eval,
                 eval_settings,
                 allow_tokenizer_mismatch,
@@ -557,6 +593,17 @@ pub(crate) fn check_stage_section(cfg: &LoadedConfig) -> Result<()> {
         "dpo" => {
             let d: align_rlhf::DpoSection = cfg.stage_section()?;
             d.params().validate().map_err(|e| anyhow!("[dpo] {e}"))
+        }
+        "kto" => {
+            let k: align_rlhf::KtoSection = cfg.stage_section()?;
+            k.params().validate().map_err(|e| anyhow!("[kto] {e}"))
+        }
+        "distill" => {
+            // a teacher named as a stage is filled in at run time
+            let mut c = cfg.clone();
+            c.stage.entry("teacher").or_insert(toml::Value::String("TEACHER".into()));
+            let d: align_rlhf::DistillSection = c.stage_section()?;
+            d.validate().map_err(|e| anyhow!("[distill] {e}"))
         }
         "ppo" => {
             // the reward model is filled in at run time from the stage it names

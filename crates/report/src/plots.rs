@@ -137,6 +137,34 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
             grad,
         ],
         Some(StageKind::Eval) | Some(StageKind::Tokenizer) | Some(StageKind::Init) => Vec::new(),
+        Some(StageKind::Kto) => vec![
+            loss,
+            spec(
+                "margins",
+                "implicit rewards of desirable and undesirable completions",
+                "reward",
+                &[
+                    ("desirable", Train("rewards/chosen")),
+                    ("undesirable", Train("rewards/rejected")),
+                    ("margin", Train(metrics::REWARDS_MARGINS)),
+                    ("eval margin", Eval("eval_rewards/margins")),
+                ],
+            ),
+            spec("kl", "KL reference point z0", "KL (nats)", &[("kl", Train("kl"))]),
+            lr,
+            grad,
+        ],
+        Some(StageKind::Distill) => vec![
+            loss,
+            spec(
+                "divergence",
+                "divergence to the teacher per completion token",
+                "divergence",
+                &[("train", Train("divergence")), ("eval", Eval("eval_divergence"))],
+            ),
+            lr,
+            grad,
+        ],
     }
 }
 

@@ -60,7 +60,7 @@ impl Objective for RewardObjective<'_> {
             ("chosen_reward".to_string(), sum(&rc)?),
             ("rejected_reward".to_string(), sum(&rr)?),
         ];
-        Ok(MicroBatch { loss_sum: loss.f_sum(Kind::Float)?, tokens: batch.tokens, metrics })
+        Ok(MicroBatch::new(loss.f_sum(Kind::Float)?, batch.tokens, metrics))
     }
 }
 

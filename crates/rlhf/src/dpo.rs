@@ -2,25 +2,17 @@
 //! (chosen and rejected rendered through the chat template) → a DPO-family loss.
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
-use serde_json::json;
 use tch::Kind;
 
-use align_core::data::{expand_data_paths, DataOptions, LengthBudget};
-use align_core::hf::checkpoint::resolve_model_dir;
-use align_core::hf::config::ModelConfig;
-use align_core::hf::folder::sha256_file;
+use align_core::data::{DataOptions, LengthBudget};
 use align_core::model::decoder::CausalLm;
-use align_core::model::quant::Quantization;
 use align_core::train::config::LoadedConfig;
 use align_core::train::preference_batch::{encode_pairs, read_pair_splits, PairSplits};
-use align_core::train::setup::{training_device, training_spec, TrainingModel};
-use align_core::train::trainer::{train_supervised, MicroBatch, Objective, Split, TrainRun, TrainSummary};
+use align_core::train::setup::{training_spec, TrainingModel};
+use align_core::train::trainer::{MicroBatch, Objective, Split, TrainSummary};
 
 use crate::dpo_loss::{dpo_loss, DpoLossParams, DpoLossType, PairLogps};
-use crate::reference::{
-    cached_reference_logps, compute_reference_logps, load_reference_model, pair_logps, policy_reference,
-    reference_cache_key, CacheInputs, Reference,
-};
+use crate::reference::{pair_logps, pair_reference, Reference};
 
 fn d_beta() -> f64 {
     0.1
@@ -125,17 +117,8 @@ impl Objective for DpoObjective<'_> {
             ("logps/chosen".to_string(), sum(&pc)?),
             ("logps/rejected".to_string(), sum(&pr)?),
         ];
-        Ok(MicroBatch { loss_sum: out.loss.f_sum(Kind::Float)?, tokens: batch.tokens, metrics })
+        Ok(MicroBatch::new(out.loss.f_sum(Kind::Float)?, batch.tokens, metrics))
     }
-}
-
-/// The cache settings, plus the base's quantisation when the run holds it quantised (QLoRA), so
-/// a cache made on a full-precision reference is not reused (keys of other runs are unchanged).
-fn with_quantization(mut settings: serde_json::Value, q: Option<Quantization>) -> serde_json::Value {
-    if let Some(q) = q {
-        settings["quantize"] = serde_json::Value::String(q.describe());
-    }
-    settings
 }
 
 /// Runs (or resumes) the DPO stage described by `cfg`. With `precompute_ref` the reference is
@@ -148,10 +131,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     params.validate().map_err(|e| anyhow!("{origin}: [dpo] {e}"))?;
     let options: DataOptions = cfg.data_options()?;
     let c = &cfg.config;
-    let (device, kind) = training_device(cfg)?;
-    let policy_dir = resolve_model_dir(&c.model)?;
     let tokenizer = training_spec(cfg)?.tokenizer()?;
-    let template = tokenizer.chat_template()?.source().to_string();
+    tokenizer.chat_template()?;
     let pad_id = tokenizer.padding_id();
 
     let budget = LengthBudget::new(c.train.max_length, options.length_policy);
@@ -172,12 +153,6 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let data = PairSplits { train: train_enc, validation: val_enc };
 
-    let ref_dir = resolve_model_dir(section.reference.as_deref().unwrap_or(&c.model))?;
-    // without an explicit reference, the reference is the initial policy: model + its adapter
-    let ref_adapter = match &section.reference {
-        None => c.adapter.as_deref().map(resolve_model_dir).transpose()?,
-        Some(_) => None,
-    };
     let reference = if !params.loss.needs_reference() {
         if section.precompute_ref || section.reference.is_some() {
             tracing::warn!(
@@ -187,63 +162,10 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         }
         Reference::Free
     } else {
-        let ref_config = ModelConfig::from_dir(&ref_dir)?;
-        let policy_config = ModelConfig::from_dir(&policy_dir)?;
-        if ref_config.vocab_size != policy_config.vocab_size {
-            bail!(
-                "{origin}: [dpo] reference: {} has vocab_size {} but the policy {} has {}; the reference must share the policy's tokenizer",
-                ref_dir.display(),
-                ref_config.vocab_size,
-                policy_dir.display(),
-                policy_config.vocab_size
-            );
-        }
-        if section.precompute_ref {
-            let inputs = CacheInputs {
-                reference_dir: &ref_dir,
-                data_files: &expand_data_paths(&c.data)?,
-                val_files: &if c.val_data.is_empty() { Vec::new() } else { expand_data_paths(&c.val_data)? },
-                chat_template: &template,
-                max_length: c.train.max_length,
-                settings: with_quantization(
-                    json!({
-                        "length_policy": options.length_policy,
-                        "val_ratio": c.train.val_ratio,
-                        "seed": c.train.seed,
-                        "dtype": format!("{kind:?}"),
-                        "device": if device.is_cuda() { "cuda" } else { "cpu" },
-                        "reference_adapter": match &ref_adapter {
-                            Some(a) => json!([
-                                sha256_file(&a.join("adapter_config.json"))?,
-                                sha256_file(&a.join("adapter_model.safetensors"))?
-                            ]),
-                            None => serde_json::Value::Null,
-                        },
-                    }),
-                    c.train.quantization()?,
-                ),
-                data: &data,
-            };
-            let key = reference_cache_key(&inputs)?;
-            let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, &data, || {
-                tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
-                let model =
-                    load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind, c.train.quantization()?)?;
-                compute_reference_logps(&model.lm, &data, c.train.batch_size, pad_id, c.train.loss_chunk_tokens)
-            })?;
-            tracing::info!(
-                "reference log-probs {} {}",
-                if reused { "reused from" } else { "cached in" },
-                path.display()
-            );
-            Reference::Cached(logps)
-        } else {
-            policy_reference(cfg, section.reference.as_deref(), device, kind)?
-        }
+        pair_reference(cfg, "dpo", section.reference.as_deref(), section.precompute_ref, &data, &options)?
     };
 
     let tm = TrainingModel::load(cfg)?;
-    let params_list = tm.trainable_params();
     let mut objective = DpoObjective {
         policy: &tm.loaded.lm,
         reference: &reference,
@@ -252,12 +174,5 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         pad_id,
         chunk_tokens: c.train.loss_chunk_tokens,
     };
-    let run = TrainRun {
-        settings: &c.train,
-        output_dir: &c.output_dir,
-        fingerprint: &cfg.fingerprint()?,
-        restart,
-        stop_after,
-    };
-    train_supervised(run, &mut objective, &tm, params_list)
+    tm.train_on(cfg, &mut objective, restart, stop_after)
 }

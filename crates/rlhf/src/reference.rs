@@ -1,6 +1,8 @@
-//! DPO's reference log-probs: each answer's summed log-prob under the frozen initial policy,
-//! computed live per batch by a second model (no gradients), or once before training and cached
-//! on disk under a key of everything they depend on, so no reference model is held in training.
+//! The reference log-probs of DPO and KTO: each answer's summed log-prob under the frozen initial
+//! policy, computed live per batch by a second model (no gradients), or once before training and
+//! cached on disk under a key of everything they depend on, so no reference model is held in
+//! training. Both stages score pairs of sequences (DPO: chosen and rejected; KTO: an example's
+//! completion and its mismatched KL completion) and share all of it.
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
@@ -8,7 +10,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use align_core::data::{expand_data_paths, DataOptions};
 use align_core::hf::checkpoint::{resolve_model_dir, weight_files};
+use align_core::hf::config::ModelConfig;
 use align_core::hf::folder::{sha256_file, sync_path};
 use align_core::infer::logprobs::{head_logprobs, HeadOptions};
 use align_core::load::spec::{AdapterMode, ModelSpec};
@@ -19,6 +23,7 @@ use align_core::peft::lora::without_adapters;
 use align_core::train::config::{canonical_json, sha256_hex};
 use align_core::train::config::{LoadedConfig, Method};
 use align_core::train::preference_batch::{PairSplits, PreferenceBatch};
+use align_core::train::setup::{training_device, training_spec};
 use align_core::train::trainer::Split;
 
 /// Summed answer log-probs and answer token counts of a batch's chosen and rejected rows,
@@ -29,12 +34,22 @@ pub fn pair_logps(
     batch: &PreferenceBatch,
     chunk_tokens: usize,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let hidden = lm.model.forward(&batch.input_ids, &ForwardOptions::default(), None)?;
-    let scores = head_logprobs(lm, &hidden, &batch.labels, HeadOptions { chunk_tokens, ..Default::default() })?;
-    let (sums, counts) = scores.sequence_sums()?;
+    let (sums, counts) = sequence_logps(lm, &batch.input_ids, &batch.labels, chunk_tokens)?;
     let (pc, pr) = batch.split(&sums)?;
     let (nc, nr) = batch.split(&counts)?;
     Ok((pc, pr, nc, nr))
+}
+
+/// Summed label log-probs and label counts of each row of right-padded `[B, T]` ids and labels,
+/// both `[B]` f32; the LM head runs in chunks of `chunk_tokens` (0 = at once).
+pub fn sequence_logps(
+    lm: &CausalLm,
+    input_ids: &Tensor,
+    labels: &Tensor,
+    chunk_tokens: usize,
+) -> Result<(Tensor, Tensor)> {
+    let hidden = lm.model.forward(input_ids, &ForwardOptions::default(), None)?;
+    head_logprobs(lm, &hidden, labels, HeadOptions { chunk_tokens, ..Default::default() })?.sequence_sums()
 }
 
 /// Precomputed reference log-probs, `[N]` f32 on the CPU, per split: (chosen, rejected).
@@ -127,6 +142,89 @@ pub fn policy_reference(cfg: &LoadedConfig, explicit: Option<&str>, device: Devi
         adapter.as_ref().map_or(String::new(), |a| format!(" + adapter {}", a.display()))
     );
     Ok(Reference::Live(load_reference_model(&dir, adapter.as_deref(), device, kind, quantize)?))
+}
+
+/// The cache settings, plus the base's quantisation when the run holds it quantised (QLoRA), so
+/// a cache made on a full-precision reference is not reused (keys of other runs are unchanged).
+fn with_quantization(mut settings: Value, q: Option<Quantization>) -> Value {
+    if let Some(q) = q {
+        settings["quantize"] = Value::String(q.describe());
+    }
+    settings
+}
+
+/// The reference of a stage that scores `data` (`[section]` names the stage in messages): a
+/// model (`explicit`, else the initial policy; see [`policy_reference`]) that must share the
+/// policy's vocabulary, or with `precompute` its log-probs of every pair, computed once (the
+/// reference loaded before the policy, used and dropped) and cached in
+/// `output_dir/ref_logps-<key>.safetensors`, reused when the key matches.
+pub fn pair_reference(
+    cfg: &LoadedConfig,
+    section: &str,
+    explicit: Option<&str>,
+    precompute: bool,
+    data: &PairSplits,
+    options: &DataOptions,
+) -> Result<Reference> {
+    let c = &cfg.config;
+    let (device, kind) = training_device(cfg)?;
+    let policy_dir = resolve_model_dir(&c.model)?;
+    let ref_dir = resolve_model_dir(explicit.unwrap_or(&c.model))?;
+    // without an explicit reference, the reference is the initial policy: model + its adapter
+    let ref_adapter = match explicit {
+        None => c.adapter.as_deref().map(resolve_model_dir).transpose()?,
+        Some(_) => None,
+    };
+    let ref_config = ModelConfig::from_dir(&ref_dir)?;
+    let policy_config = ModelConfig::from_dir(&policy_dir)?;
+    if ref_config.vocab_size != policy_config.vocab_size {
+        anyhow::bail!(
+            "{}: [{section}] reference: {} has vocab_size {} but the policy {} has {}; the reference must share the policy's tokenizer",
+            cfg.origin.display(),
+            ref_dir.display(),
+            ref_config.vocab_size,
+            policy_dir.display(),
+            policy_config.vocab_size
+        );
+    }
+    if !precompute {
+        return policy_reference(cfg, explicit, device, kind);
+    }
+    let tokenizer = training_spec(cfg)?.tokenizer()?;
+    let template = tokenizer.chat_template()?.source().to_string();
+    let inputs = CacheInputs {
+        reference_dir: &ref_dir,
+        data_files: &expand_data_paths(&c.data)?,
+        val_files: &if c.val_data.is_empty() { Vec::new() } else { expand_data_paths(&c.val_data)? },
+        chat_template: &template,
+        max_length: c.train.max_length,
+        settings: with_quantization(
+            json!({
+                "length_policy": options.length_policy,
+                "val_ratio": c.train.val_ratio,
+                "seed": c.train.seed,
+                "dtype": format!("{kind:?}"),
+                "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                "reference_adapter": match &ref_adapter {
+                    Some(a) => json!([
+                        sha256_file(&a.join("adapter_config.json"))?,
+                        sha256_file(&a.join("adapter_model.safetensors"))?
+                    ]),
+                    None => Value::Null,
+                },
+            }),
+            c.train.quantization()?,
+        ),
+        data,
+    };
+    let key = reference_cache_key(&inputs)?;
+    let (logps, path, reused) = cached_reference_logps(&c.output_dir, &key, data, || {
+        tracing::info!("computing reference log-probs with {} (once)", ref_dir.display());
+        let model = load_reference_model(&ref_dir, ref_adapter.as_deref(), device, kind, c.train.quantization()?)?;
+        compute_reference_logps(&model.lm, data, c.train.batch_size, tokenizer.padding_id(), c.train.loss_chunk_tokens)
+    })?;
+    tracing::info!("reference log-probs {} {}", if reused { "reused from" } else { "cached in" }, path.display());
+    Ok(Reference::Cached(logps))
 }
 
 /// Reference log-probs of every pair of both splits, in micro-batches of `batch_size` pairs.

@@ -80,10 +80,12 @@ pub enum StageKind {
     Dpo,
     Ppo,
     Eval,
+    Kto,
+    Distill,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 10] = [
         StageKind::Tokenizer,
         StageKind::Init,
         StageKind::Pretrain,
@@ -92,6 +94,8 @@ impl StageKind {
         StageKind::Dpo,
         StageKind::Ppo,
         StageKind::Eval,
+        StageKind::Kto,
+        StageKind::Distill,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +108,8 @@ impl StageKind {
             StageKind::Dpo => "dpo",
             StageKind::Ppo => "ppo",
             StageKind::Eval => "eval",
+            StageKind::Kto => "kto",
+            StageKind::Distill => "distill",
         }
     }
 
@@ -113,7 +119,16 @@ impl StageKind {
 
     /// The kinds `align train KIND` runs (a training loop with checkpoints and metrics).
     pub fn trains(self) -> bool {
-        matches!(self, StageKind::Pretrain | StageKind::Sft | StageKind::Reward | StageKind::Dpo | StageKind::Ppo)
+        matches!(
+            self,
+            StageKind::Pretrain
+                | StageKind::Sft
+                | StageKind::Reward
+                | StageKind::Dpo
+                | StageKind::Ppo
+                | StageKind::Kto
+                | StageKind::Distill
+        )
     }
 
     /// Stages that make their output from files and record results rather than training
@@ -290,7 +305,7 @@ mod tests {
             assert_eq!(StageStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(StageKind::parse("grpo"), None);
-        assert_eq!(StageKind::list(&StageKind::training_kinds()), "pretrain, sft, reward, dpo, ppo");
+        assert_eq!(StageKind::list(&StageKind::training_kinds()), "pretrain, sft, reward, dpo, ppo, kto, distill");
     }
 
     #[test]

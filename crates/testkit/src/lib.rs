@@ -44,6 +44,15 @@ pub fn metric_lines(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The values of `key` on every training line (one with a `loss`) of `OUT/metrics.jsonl`.
+pub fn train_series(out: &Path, key: &str) -> Vec<f64> {
+    metric_lines(out)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}")))
+        .collect()
+}
+
 /// `(step, loss)` of every training line of `OUT/metrics.jsonl`.
 pub fn losses(out: &Path) -> Vec<(u64, f64)> {
     metric_lines(out)

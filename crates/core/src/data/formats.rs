@@ -40,6 +40,9 @@ pub enum DataFormat {
     Prompt,
     /// `{"question", "answer"?}` (MedicalGPT GRPO).
     QuestionAnswer,
+    /// `{"prompt", "completion", "label": bool}`, prompt and completion strings or message lists
+    /// (TRL's unpaired preference format, KTO).
+    TrlUnpaired,
 }
 
 impl DataFormat {
@@ -61,6 +64,7 @@ impl DataFormat {
             DataFormat::QuestionResponsePairs => "question_response_pairs",
             DataFormat::Prompt => "prompt",
             DataFormat::QuestionAnswer => "question_answer",
+            DataFormat::TrlUnpaired => "trl_unpaired",
         }
     }
 
@@ -82,6 +86,7 @@ impl DataFormat {
             DataFormat::QuestionResponsePairs => "question/response pairs",
             DataFormat::Prompt => "prompt",
             DataFormat::QuestionAnswer => "question/answer",
+            DataFormat::TrlUnpaired => "TRL unpaired",
         }
     }
 
@@ -90,6 +95,8 @@ impl DataFormat {
         let has = |k: &str| record.contains_key(k);
         match kind {
             DataKind::Pretrain => has("text").then_some(DataFormat::JsonText),
+            DataKind::Unpaired if has("label") => Some(DataFormat::TrlUnpaired),
+            DataKind::Unpaired => DataFormat::detect(DataKind::Preference, record),
             DataKind::Sft => {
                 if has("conversations") {
                     Some(DataFormat::ShareGpt)
@@ -152,6 +159,9 @@ impl DataFormat {
             }
             DataKind::Prompt => {
                 "'prompt', 'question' (+ 'answer'), 'conversations' (ShareGPT), 'messages' (OpenAI) or 'instruction' (Alpaca)"
+            }
+            DataKind::Unpaired => {
+                "'prompt' + 'completion' + 'label' (TRL unpaired), or any preference format (its pairs split into a desirable and an undesirable example)"
             }
         }
     }

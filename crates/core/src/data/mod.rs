@@ -3,8 +3,8 @@
 //! …), turns records into conversations, preference pairs, prompts or documents, and reports per
 //! file what was read. Every error names the file, the line, the field and what was expected.
 //!
-//! Entry points: [`read_pretrain`], [`read_sft`], [`read_preference`], [`read_prompts`] (load for
-//! training), [`check_files`] (what `align data check` prints), [`split_by_ratio`] /
+//! Entry points: [`read_pretrain`], [`read_sft`], [`read_preference`], [`read_prompts`],
+//! [`read_unpaired`] (load for training), [`check_files`] (what `align data check` prints), [`split_by_ratio`] /
 //! [`split_records`] (train/validation split) and [`LengthBudget`] (token-length policy).
 //! The formats are documented in `docs/data-formats.md`.
 use std::fmt;
@@ -25,17 +25,19 @@ mod report;
 mod sft;
 mod source;
 mod split;
+mod unpaired;
 
 pub use budget::{LengthBudget, LengthBudgetCounts, LengthDecision, LengthPolicy};
 pub use formats::DataFormat;
 pub use preference::PreferencePair;
 pub use pretrain::Document;
 pub use prompt::PromptRecord;
-pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, LoadedData};
+pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, read_unpaired, LoadedData};
 pub use report::{check_files, reports_table, DataReport, InvalidRecord, LengthStats};
 pub use sft::Conversation;
 pub use source::expand_data_paths;
 pub use split::{shuffle_in_place, split_by_ratio, split_records, SplitMix64};
+pub use unpaired::UnpairedExample;
 
 /// What a data file holds, i.e. which stage reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,6 +51,8 @@ pub enum DataKind {
     Preference,
     /// Prompts (with optional reference answers) for PPO/GRPO rollouts.
     Prompt,
+    /// Unpaired desirable/undesirable completions for KTO (or preference pairs split into both).
+    Unpaired,
 }
 
 impl DataKind {
@@ -58,6 +62,7 @@ impl DataKind {
             DataKind::Sft => "sft",
             DataKind::Preference => "preference",
             DataKind::Prompt => "prompt",
+            DataKind::Unpaired => "unpaired",
         }
     }
 }
@@ -76,7 +81,8 @@ impl FromStr for DataKind {
             "sft" => Ok(DataKind::Sft),
             "preference" => Ok(DataKind::Preference),
             "prompt" => Ok(DataKind::Prompt),
-            other => bail!("data kind: expected one of pretrain, sft, preference, prompt, found '{other}'"),
+            "unpaired" => Ok(DataKind::Unpaired),
+            other => bail!("data kind: expected one of pretrain, sft, preference, prompt, unpaired, found '{other}'"),
         }
     }
 }

@@ -8,9 +8,10 @@ use serde_json::{Map, Value};
 use super::fields::{FieldError, FieldResult};
 use super::source::{expand_data_paths, raw_records, FileLayout, RawContent};
 use super::{
-    kind_name, preference, pretrain, prompt, sft, Conversation, DataFormat, DataKind, DataOptions, DataReport,
-    Document, Origin, PreferencePair, PromptRecord, TextMode,
+    kind_name, preference, pretrain, prompt, sft, unpaired, Conversation, DataFormat, DataKind, DataOptions,
+    DataReport, Document, Origin, PreferencePair, PromptRecord, TextMode, UnpairedExample,
 };
+use unpaired::UnpairedRecord;
 
 /// The records of all files, in file order, and one report per file.
 #[derive(Debug, Clone)]
@@ -76,6 +77,19 @@ impl DataRecord for PromptRecord {
     }
     fn origin(&self) -> &Origin {
         &self.origin
+    }
+}
+
+impl DataRecord for UnpairedRecord {
+    const KIND: DataKind = DataKind::Unpaired;
+    fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
+        unpaired::parse(format, obj, origin)
+    }
+    fn origin(&self) -> &Origin {
+        UnpairedRecord::origin(self)
+    }
+    fn is_identical_pair(&self) -> bool {
+        UnpairedRecord::is_identical_pair(self)
     }
 }
 
@@ -244,6 +258,17 @@ pub fn read_preference<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Re
 /// Reads rollout prompts (prompt, question/answer, ShareGPT, OpenAI messages, Alpaca).
 pub fn read_prompts<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<PromptRecord>> {
     read_all(paths, options)
+}
+
+/// Reads unpaired examples for KTO: TRL's `{"prompt", "completion", "label"}` records, and
+/// preference pairs of any format, each split into its chosen answer (desirable) and its
+/// rejected one (undesirable), in that order. `label` must be a boolean.
+pub fn read_unpaired<P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<UnpairedExample>> {
+    let data: LoadedData<UnpairedRecord> = read_all(paths, options)?;
+    Ok(LoadedData {
+        records: data.records.into_iter().flat_map(UnpairedRecord::into_examples).collect(),
+        reports: data.reports,
+    })
 }
 
 /// The documents of one file, `.jsonl` / `.json` by their `text` field and any other extension

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::reader::{read_file, DataRecord, ReadMode};
 use super::source::{expand_data_paths, FileLayout};
+use super::unpaired::UnpairedRecord;
 use super::{
     Conversation, DataFormat, DataKind, DataOptions, Document, LengthBudgetCounts, Origin, PreferencePair, PromptRecord,
 };
@@ -159,7 +160,7 @@ pub fn reports_table(reports: &[DataReport]) -> String {
     let with_lengths = reports.iter().any(|r| r.lengths.is_some());
     let max_length = reports.iter().find_map(|r| r.lengths.and_then(|l| l.max_length));
     let with_skipped = reports.iter().any(|r| r.skipped > 0);
-    let with_identical = reports.iter().any(|r| r.kind == DataKind::Preference);
+    let with_identical = reports.iter().any(|r| matches!(r.kind, DataKind::Preference | DataKind::Unpaired));
     let total = |f: &dyn Fn(&DataReport) -> usize| reports.iter().map(f).sum::<usize>().to_string();
     // (header, cell of a report, cell of the total row)
     type Column<'a> = (String, Box<dyn Fn(&DataReport) -> String + 'a>, String);
@@ -272,6 +273,16 @@ impl MeasuredRecord for PreferencePair {
     }
 }
 
+impl MeasuredRecord for UnpairedRecord {
+    /// The prompt with its completion (a pair: the longer of its two sides).
+    fn token_length(&self, tokenizer: &ModelTokenizer) -> Result<usize> {
+        match self {
+            UnpairedRecord::One(e) => rendered_length(tokenizer, &e.messages(), false),
+            UnpairedRecord::Pair(p) => p.token_length(tokenizer),
+        }
+    }
+}
+
 impl MeasuredRecord for PromptRecord {
     /// The prompt rendered with the generation prompt.
     fn token_length(&self, tokenizer: &ModelTokenizer) -> Result<usize> {
@@ -332,6 +343,7 @@ pub fn check_files<P: AsRef<Path>>(
             DataKind::Sft => check_file::<Conversation>(file, options, tokenizer, max_length),
             DataKind::Preference => check_file::<PreferencePair>(file, options, tokenizer, max_length),
             DataKind::Prompt => check_file::<PromptRecord>(file, options, tokenizer, max_length),
+            DataKind::Unpaired => check_file::<UnpairedRecord>(file, options, tokenizer, max_length),
         })
         .collect()
 }

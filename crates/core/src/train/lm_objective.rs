@@ -60,12 +60,9 @@ fn summed_nll_with(
 }
 
 /// Summed NLL of the (causally shifted) labels of hidden states `[B, T, H]`, the LM head and the
-/// loss run over chunks of about `chunk_tokens` positions so that the `[B, T, vocab]` logits never
-/// exist at once — neither in the forward pass nor in the backward. When the hidden states or the
-/// head take part in a graph (training), each chunk's gradients with respect to its hidden states
-/// and the head weight are taken at once and its logits freed; the returned loss hands them on
-/// when it is backpropagated, scaled like any loss: its value is the summed NLL and its gradient
-/// is that of the summed NLL. Equal to the unchunked loss up to f32 summation order.
+/// loss run over chunks of about `chunk_tokens` positions ([`chunked_head_loss`]) so that the
+/// `[B, T, vocab]` logits never exist at once — neither in the forward pass nor in the backward.
+/// Equal to the unchunked loss up to f32 summation order.
 pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk_tokens: usize) -> Result<Tensor> {
     let size = hidden.size();
     anyhow::ensure!(
@@ -73,31 +70,52 @@ pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk
         "hidden {size:?} and labels {:?} do not match",
         labels.size()
     );
+    let shifted = shifted_labels(labels)?;
+    chunked_head_loss(lm, hidden, chunk_tokens, |start, logits| {
+        let (len, v) = (logits.size()[1], logits.size()[2]);
+        let y = shifted.f_narrow(1, start, len)?.f_reshape([-1])?;
+        Ok(logits.f_to_kind(Kind::Float)?.f_reshape([-1, v])?.f_cross_entropy_loss::<Tensor>(
+            &y,
+            None,
+            tch::Reduction::Sum,
+            IGNORE_INDEX,
+            0.0,
+        )?)
+    })
+}
+
+/// A scalar loss summed over the positions of hidden states `[B, T, H]`, computed from their
+/// logits chunk by chunk: `chunk_loss(start, logits)` gets the `[B, len, vocab]` logits of
+/// positions `start..start+len` (about `chunk_tokens` positions per chunk; 0 = all at once) and
+/// returns that chunk's loss. When the hidden states or the head take part in a graph
+/// (training), each chunk's gradients with respect to its hidden states and the head weight are
+/// taken at once and its logits freed; the returned loss hands them on when it is
+/// backpropagated, scaled like any loss: its value is the sum of the chunks' losses and its
+/// gradient is theirs. At most one chunk's logits (and what `chunk_loss` makes of them) exist at
+/// a time.
+pub fn chunked_head_loss(
+    lm: &CausalLm,
+    hidden: &Tensor,
+    chunk_tokens: usize,
+    mut chunk_loss: impl FnMut(i64, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let size = hidden.size();
+    anyhow::ensure!(size.len() == 3, "chunked_head_loss: hidden states {size:?}, expected [B, T, H]");
     let (b, t) = (size[0], size[1]);
     let device = hidden.device();
-    let shifted = shifted_labels(labels)?;
     let w = lm.lm_head_weight();
     let (hidden_grad, head_grad) = (hidden.requires_grad(), w.requires_grad());
-    let span = (chunk_tokens as i64 / b.max(1)).max(1);
+    let span = if chunk_tokens == 0 { t.max(1) } else { (chunk_tokens as i64 / b.max(1)).max(1) };
     let mut total = Tensor::f_zeros([], (Kind::Float, device))?;
     let mut hidden_grads = Vec::new();
     let mut w_grad: Option<Tensor> = None;
     let mut start = 0;
     while start < t {
         let len = span.min(t - start);
-        let y = shifted.f_narrow(1, start, len)?.f_reshape([-1])?;
         let piece = hidden.f_narrow(1, start, len)?;
         let h = if hidden_grad { piece.f_detach()?.set_requires_grad(true) } else { piece };
-        let logits = lm.lm_logits(&h)?;
-        let v = logits.size()[2];
-        let nll = logits.f_to_kind(Kind::Float)?.f_reshape([-1, v])?.f_cross_entropy_loss::<Tensor>(
-            &y,
-            None,
-            tch::Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        )?;
-        if hidden_grad || head_grad {
+        let loss = chunk_loss(start, &lm.lm_logits(&h)?)?;
+        if (hidden_grad || head_grad) && loss.requires_grad() {
             let mut inputs = Vec::new();
             if hidden_grad {
                 inputs.push(&h);
@@ -105,7 +123,7 @@ pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk
             if head_grad {
                 inputs.push(w);
             }
-            let mut grads = Tensor::f_run_backward(&[&nll], &inputs, false, false)?.into_iter();
+            let mut grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?.into_iter();
             if hidden_grad {
                 hidden_grads.push(grads.next().ok_or_else(|| anyhow::anyhow!("no gradient for the hidden states"))?);
             }
@@ -116,8 +134,10 @@ pub fn chunked_summed_nll(lm: &CausalLm, hidden: &Tensor, labels: &Tensor, chunk
                     None => g,
                 });
             }
+        } else if hidden_grad {
+            hidden_grads.push(h.f_zeros_like()?);
         }
-        total = total.f_add(&nll.f_detach()?)?;
+        total = total.f_add(&loss.f_detach()?.f_to_kind(Kind::Float)?)?;
         start += len;
     }
     if !(hidden_grad || head_grad) {
@@ -166,7 +186,7 @@ impl Objective for NextTokenObjective<'_> {
         let tokens = seqs.iter().map(|s| s.input_ids.len()).sum();
         let (ids, labels) = pad_batch(&seqs, self.pad_id, self.lm.device())?;
         let loss_sum = summed_nll(self.lm, &ids, &labels, self.chunk_tokens)?;
-        Ok(MicroBatch { loss_sum, tokens, metrics: Vec::new() })
+        Ok(MicroBatch::new(loss_sum, tokens, Vec::new()))
     }
 }
 
@@ -254,7 +274,7 @@ impl Objective for PackedObjective<'_> {
         let opts =
             ForwardOptions { attention_mask: None, position_ids: Some(&positions), segment_ids: Some(&segments) };
         let loss_sum = summed_nll_with(self.lm, &ids, &labels, &opts, self.chunk_tokens)?;
-        Ok(MicroBatch { loss_sum, tokens, metrics: Vec::new() })
+        Ok(MicroBatch::new(loss_sum, tokens, Vec::new()))
     }
 }
 

@@ -5,7 +5,9 @@
 use anyhow::{anyhow, Result};
 use tch::{Device, Tensor};
 
-use crate::data::{read_preference, split_by_ratio, DataOptions, LengthBudget, LengthDecision, PreferencePair};
+use crate::data::{
+    read_preference, split_by_ratio, DataOptions, LengthBudget, LengthDecision, LoadedData, PreferencePair,
+};
 use crate::text::conversation::{encode_final_answer, LabeledTokens};
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::LoadedConfig;
@@ -18,10 +20,20 @@ pub fn read_pair_splits(
     cfg: &LoadedConfig,
     options: &DataOptions,
 ) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
+    read_splits(cfg, options, |paths, o| read_preference(paths, o))
+}
+
+/// The training and validation records of a run as `read` reads them from files: `val_data`
+/// when given, else `train.val_ratio` of `data` held out by a seeded split.
+pub fn read_splits<T: Clone>(
+    cfg: &LoadedConfig,
+    options: &DataOptions,
+    read: impl Fn(&[String], &DataOptions) -> Result<LoadedData<T>>,
+) -> Result<(Vec<T>, Vec<T>)> {
     let c = &cfg.config;
-    let data = read_preference(&c.data, options)?;
+    let data = read(&c.data, options)?;
     if !c.val_data.is_empty() {
-        return Ok((data.records, read_preference(&c.val_data, options)?.records));
+        return Ok((data.records, read(&c.val_data, options)?.records));
     }
     let (train, val) = split_by_ratio(data.records.len(), c.train.val_ratio, c.train.seed);
     Ok((

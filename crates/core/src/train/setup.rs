@@ -17,7 +17,7 @@ use crate::peft::lora::{
 };
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::{LoadedConfig, Method};
-use crate::train::trainer::ModelState;
+use crate::train::trainer::{train_supervised, ModelState, Objective, TrainRun, TrainSummary};
 
 /// The policy model of a training run and its tokenizer.
 pub struct TrainingModel {
@@ -72,6 +72,23 @@ impl TrainingModel {
     /// Parameters that receive gradients, by HF name, sorted.
     pub fn trainable_params(&self) -> Vec<(String, Tensor)> {
         trainable_parameters(&self.loaded.vs)
+    }
+
+    /// Trains this model's trainable parameters on `objective` through the one supervised loop
+    /// ([`train_supervised`]), as the run `cfg` describes it (`[train]`, `output_dir`, the
+    /// config and data fingerprint).
+    pub fn train_on(
+        &self,
+        cfg: &LoadedConfig,
+        objective: &mut dyn Objective,
+        restart: bool,
+        stop_after: Option<u64>,
+    ) -> Result<TrainSummary> {
+        let c = &cfg.config;
+        let fingerprint = cfg.fingerprint()?;
+        let run =
+            TrainRun { settings: &c.train, output_dir: &c.output_dir, fingerprint: &fingerprint, restart, stop_after };
+        train_supervised(run, objective, self, self.trainable_params())
     }
 }
 

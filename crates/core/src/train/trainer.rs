@@ -3,8 +3,8 @@
 //! models and optimizers it owns and what state it adds to `train_state/` — and the loop owns
 //! the rest: the step count and LR schedule, seeding, the data cursor, the non-finite guard,
 //! evaluation, early stopping (with `best/`), metrics, and checkpoints with exact resume,
-//! `final/` and `train_summary.json`. The supervised stages (PT, SFT, RM, DPO) are one
-//! [`SupervisedStep`] over their [`Objective`].
+//! `final/` and `train_summary.json`. The supervised stages (PT, SFT, RM, DPO, KTO,
+//! distillation) are one [`SupervisedStep`] over their [`Objective`].
 //! Exactness relies on libtorch's process-global random generator, reseeded every step: run one
 //! training per process (or serialise runs that draw random numbers).
 use std::collections::BTreeMap;
@@ -44,6 +44,45 @@ pub struct MicroBatch {
     pub tokens: usize,
     /// Extra metrics, each summed over units (the loop divides by the units).
     pub metrics: Vec<(String, f64)>,
+    /// Metrics of `metrics` that are means over some other count (KTO's `rewards/chosen` over
+    /// the desirable examples only): the count in this micro-batch. The loop divides their sums
+    /// by these counts, summed like the metrics, and leaves out a metric whose count is 0.
+    pub metric_counts: Vec<(String, f64)>,
+}
+
+impl MicroBatch {
+    /// A micro-batch whose metrics are all means over the units.
+    pub fn new(loss_sum: Tensor, tokens: usize, metrics: Vec<(String, f64)>) -> Self {
+        MicroBatch { loss_sum, tokens, metrics, metric_counts: Vec::new() }
+    }
+}
+
+/// Metric sums and counts of micro-batches.
+#[derive(Default)]
+struct MetricSums {
+    sums: BTreeMap<String, f64>,
+    counts: BTreeMap<String, f64>,
+}
+
+impl MetricSums {
+    fn add(&mut self, mb: MicroBatch) {
+        for (k, v) in mb.metrics {
+            *self.sums.entry(k).or_default() += v;
+        }
+        for (k, v) in mb.metric_counts {
+            *self.counts.entry(k).or_default() += v;
+        }
+    }
+
+    /// Each metric's mean: over its own count when it has one, else over `units`.
+    fn means(self, units: f64) -> impl Iterator<Item = (String, f64)> {
+        let counts = self.counts;
+        self.sums.into_iter().filter_map(move |(k, v)| match counts.get(&k) {
+            Some(&n) if n > 0.0 => Some((k, v / n)),
+            Some(_) => None,
+            None => Some((k, v / units)),
+        })
+    }
 }
 
 /// A supervised stage's data and objective.
@@ -1068,16 +1107,14 @@ impl TrainStep for SupervisedStep<'_> {
         recompute::discard();
         let mut loss_value = 0f64;
         let mut tokens = 0usize;
-        let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut sums = MetricSums::default();
         for micro in examples.chunks(s.batch_size) {
             let mb = self.objective.forward(Split::Train, micro)?;
             let loss = mb.loss_sum.f_div_scalar(units)?;
             loss_value += loss.f_double_value(&[])?;
             recompute::backward(&loss)?;
             tokens += mb.tokens;
-            for (k, v) in mb.metrics {
-                *sums.entry(k).or_default() += v;
-            }
+            sums.add(mb);
         }
         self.opt.reduce_grads()?;
         reduce_step_sums(&mut loss_value, &mut tokens, &mut sums)?;
@@ -1093,7 +1130,7 @@ impl TrainStep for SupervisedStep<'_> {
         }
         self.opt.zero_grad();
         let mut metrics = vec![(metrics::GRAD_NORM.to_string(), grad_norm)];
-        metrics.extend(sums.into_iter().map(|(k, v)| (k, v / units)));
+        metrics.extend(sums.means(units));
         Ok(StepReport {
             loss: Some(loss_value),
             metrics,
@@ -1152,7 +1189,7 @@ pub fn evaluate(objective: &mut dyn Objective, model: &dyn ModelState, batch_siz
     let all: Vec<usize> = (0..n).collect();
     let units: f64 = all.iter().map(|&e| objective.units(Split::Validation, e)).sum::<f64>().max(1.0);
     let mut loss = 0f64;
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let mut sums = MetricSums::default();
     let _guard = tch::no_grad_guard();
     // ranks evaluate every world-th chunk and sum (all of them when there are fewer chunks)
     let w = align_dist::world();
@@ -1164,16 +1201,14 @@ pub fn evaluate(objective: &mut dyn Objective, model: &dyn ModelState, batch_siz
         }
         let mb = objective.forward(Split::Validation, chunk)?;
         loss += mb.loss_sum.f_double_value(&[])?;
-        for (k, v) in mb.metrics {
-            *sums.entry(k).or_default() += v;
-        }
+        sums.add(mb);
     }
     if sharded {
         let mut tokens = 0;
         reduce_step_sums(&mut loss, &mut tokens, &mut sums)?;
     }
     model.set_training(true);
-    Ok((loss / units, sums.into_iter().map(|(k, v)| (k, v / units)).collect()))
+    Ok((loss / units, sums.means(units).collect()))
 }
 
 /// A progress bar over `total` steps when stderr is a terminal (None otherwise: log lines instead).
