@@ -1065,21 +1065,24 @@ pub fn rank_share<T>(global: &[T]) -> &[T] {
     &global[w.rank() * per..(w.rank() + 1) * per]
 }
 
-/// Sums a step's loss, token count and metric sums over the ranks (in key order; the ranks
-/// must have the same metrics).
-fn reduce_step_sums(loss: &mut f64, tokens: &mut usize, sums: &mut BTreeMap<String, f64>) -> Result<()> {
+/// Sums a step's loss, token count and metric sums and counts over the ranks (in key order;
+/// the ranks must have the same metrics).
+fn reduce_step_sums(loss: &mut f64, tokens: &mut usize, sums: &mut MetricSums) -> Result<()> {
     let w = align_dist::world();
     if w.size() == 1 {
         return Ok(());
     }
-    w.agree("the number of metrics of a step", sums.len() as u64)?;
+    w.agree("the number of metrics of a step", sums.sums.len() as u64)?;
+    w.agree("the number of counted metrics of a step", sums.counts.len() as u64)?;
     let mut xs = vec![*loss, *tokens as f64];
-    xs.extend(sums.values());
+    xs.extend(sums.sums.values());
+    xs.extend(sums.counts.values());
     w.sum_f64(&mut xs)?;
     *loss = xs[0];
     *tokens = xs[1] as usize;
-    for (v, x) in sums.values_mut().zip(&xs[2..]) {
-        *v = *x;
+    let mut rest = xs[2..].iter();
+    for v in sums.sums.values_mut().chain(sums.counts.values_mut()) {
+        *v = *rest.next().expect("one value per metric");
     }
     Ok(())
 }
