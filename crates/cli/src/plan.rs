@@ -35,10 +35,11 @@ pub struct PlanArgs {
     /// Keep only each layer's input and recompute its activations in backward.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// ZeRO stage (0–3): shards the optimizer state (1), + gradients (2), + weights (3) over --world.
+    /// ZeRO stage (0–2, `train.zero`): the optimizer state partitioned over --world ranks (1, 2;
+    /// ZeRO-2's gradients are freed only after the backward, so its peak is ZeRO-1's).
     #[arg(long, default_value_t = 0)]
     zero: u8,
-    /// Devices the ZeRO shards are spread over.
+    /// Ranks of the data-parallel job (torchrun's WORLD_SIZE).
     #[arg(long, default_value_t = 1)]
     world: i64,
     /// adamw or adamw8bit, as `[train] optimizer`.

@@ -54,7 +54,7 @@ pub struct PlanSettings {
     pub dtype: Kind,
     pub method: PlanMethod,
     pub optimizer: OptimizerKind,
-    /// ZeRO stage 0–3 over `world` devices (the plan for the distributed trainer).
+    /// ZeRO stage 0–2 (`train.zero`) over `world` ranks (docs/distributed.md).
     pub zero_stage: u8,
     pub world: i64,
     /// Tokens per sequence and sequences per micro-batch.
@@ -123,8 +123,9 @@ impl PlanSettings {
             dtype,
             method,
             optimizer: t.optimizer,
-            zero_stage: 0,
-            world: 1,
+            // a data-parallel run plans for its own world and ZeRO level
+            zero_stage: if align_dist::world().size() > 1 { t.zero } else { 0 },
+            world: align_dist::world().size() as i64,
             seq: t.max_length as i64,
             batch: t.batch_size as i64,
             checkpoint_every: t.checkpoint_every(),
@@ -226,7 +227,11 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
     let w = bytes_of(s.dtype)?;
     let half = w != 4;
     ensure!(s.seq > 0 && s.batch > 0, "seq and batch must be positive (got {} and {})", s.seq, s.batch);
-    ensure!(s.zero_stage <= 3, "ZeRO stage is 0, 1, 2 or 3, not {}", s.zero_stage);
+    ensure!(
+        s.zero_stage <= 2,
+        "ZeRO stage is 0, 1 or 2, not {} (ZeRO-3, sharded weights, is not implemented)",
+        s.zero_stage
+    );
     ensure!(s.world >= 1, "world size must be at least 1, got {}", s.world);
     let shapes = parameter_shapes(c);
     let numel = |shape: &[i64]| shape.iter().product::<i64>() as u64;
@@ -280,14 +285,10 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
     let mut gradients = trainable_parameters * w;
     let mut optimizer: u64 = trainable.iter().map(|&n| optimizer_bytes(s.optimizer, n, half)).sum();
     let world = s.world as u64;
+    // ZeRO-1 and 2 partition the optimizer state; ZeRO-2 frees the other ranks' gradients only
+    // after the backward pass, so its peak holds them all (docs/distributed.md)
     if s.zero_stage >= 1 {
         optimizer = optimizer.div_ceil(world);
-    }
-    if s.zero_stage >= 2 {
-        gradients = gradients.div_ceil(world);
-    }
-    if s.zero_stage >= 3 {
-        weights = weights.div_ceil(world);
     }
 
     // activations saved per token of one layer
@@ -455,7 +456,7 @@ impl MemoryPlan {
         out.push(format!("  {:<13} {:>12}", "total", human_bytes(self.total)));
         if s.zero_stage > 0 {
             out.push(format!(
-                "  (ZeRO stage {} over {} devices: the plan for the distributed trainer, which align does not have yet)",
+                "  (ZeRO stage {} over {} ranks: optimizer state partitioned; ZeRO-2's gradients are freed after the backward, so its peak holds them all)",
                 s.zero_stage, s.world
             ));
         }
