@@ -382,6 +382,15 @@ impl World {
         self.group.as_ref().map_or(Ok(()), |g| g.all_reduce_f64(xs, ReduceOp::Sum))
     }
 
+    /// The values of every rank (the same count on each), concatenated in rank order (the
+    /// values themselves in a world of one).
+    pub fn gather_f64(&self, xs: &[f64]) -> Result<Vec<f64>> {
+        let Some(g) = &self.group else { return Ok(xs.to_vec()) };
+        self.agree("the number of values gathered", xs.len() as u64)?;
+        let all = g.all_gather(&Tensor::from_slice(xs))?;
+        Ok(Vec::<f64>::try_from(all.f_reshape([-1])?)?)
+    }
+
     /// Fails unless every rank holds the same `value` (e.g. the checkpoint each resumes from).
     pub fn agree(&self, what: &str, value: u64) -> Result<()> {
         let Some(g) = &self.group else { return Ok(()) };

@@ -27,15 +27,15 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, StopRequest,
-    TrainRun, TrainStep, TrainSummary, SAMPLES,
+    clip_and_step, epoch_order, rank_optimizer, rank_share, stream_indices, train, MetricsLog, ModelState, StepContext,
+    StepReport, StopRequest, TrainRun, TrainStep, TrainSummary, SAMPLES,
 };
 use align_core::ModelTokenizer;
 
 use crate::ppo_config::{check_guardrails, GuardInputs, Guards, PpoSection};
 use crate::ppo_loss::{
-    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, token_rewards, AdaptiveKl,
-    RunningMoments,
+    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, token_rewards, whiten_with,
+    AdaptiveKl, RunningMoments,
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rollout::RolloutBatch;
@@ -137,6 +137,26 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.f_to_kind(Kind::Double)?.f_double_value(&[])?)
 }
 
+/// [`masked_whiten`] over the rollouts of every rank: the masked mean and (unbiased) variance
+/// summed over the ranks first. In one process, `masked_whiten` itself.
+fn whiten(x: &Tensor, mask: &Tensor, shift_mean: bool) -> Result<Tensor> {
+    let world = align_core::dist::world();
+    if world.size() == 1 {
+        return masked_whiten(x, mask, shift_mean);
+    }
+    let m = mask.f_to_kind(x.kind())?;
+    let mut first = [scalar(&x.f_mul(&m)?.f_sum(Kind::Double)?)?, scalar(&m.f_sum(Kind::Double)?)?];
+    world.sum_f64(&mut first)?;
+    let [sum, n] = first;
+    if n < 2.0 {
+        bail!("whitening needs at least two response tokens over all ranks, got {n}");
+    }
+    let mean = sum / n;
+    let mut second = [scalar(&x.f_sub_scalar(mean)?.f_square()?.f_mul(&m)?.f_sum(Kind::Double)?)?];
+    world.sum_f64(&mut second)?;
+    whiten_with(x, mean, second[0] / (n - 1.0), shift_mean)
+}
+
 impl Ppo<'_> {
     fn sampling(&self) -> SamplingConfig {
         SamplingConfig {
@@ -171,10 +191,17 @@ impl Ppo<'_> {
     }
 
     /// Shapes raw RM scores: normalisation (running statistics), clipping, missing-eos penalty.
-    fn shape_scores(&self, raw: &[f64], generations: &[Generation], moments: &mut RunningMoments) -> Vec<f64> {
+    /// `raw`: this rank's scores; `all`: every rank's (the running statistics see them all).
+    fn shape_scores(
+        &self,
+        raw: &[f64],
+        all: &[f64],
+        generations: &[Generation],
+        moments: &mut RunningMoments,
+    ) -> Vec<f64> {
         let s = self.section;
         if s.normalize_reward {
-            moments.update(raw);
+            moments.update(all);
         }
         raw.iter()
             .zip(generations)
@@ -206,7 +233,10 @@ impl Ppo<'_> {
         let critic = &self.value.loaded.rm;
         let device = lm.device();
         let started = Instant::now();
-        let picked = stream_indices(self.prompts.len(), self.train.seed, at.examples_consumed, s.rollout_batch_size);
+        // every rank draws the same prompts and rolls out its share of them
+        let world = align_core::dist::world();
+        let global = stream_indices(self.prompts.len(), self.train.seed, at.examples_consumed, s.rollout_batch_size);
+        let picked = rank_share(&global).to_vec();
         let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
 
         // 1. rollouts (dropout off, adapters on)
@@ -229,7 +259,8 @@ impl Ppo<'_> {
         let rm = &self.reward.rm;
         let max_rm = rm.config.max_position_embeddings.max(1) as usize;
         let raw = score_answers(rm, self.reward_tokenizer, &conversations, &answers, max_rm, self.train.batch_size)?;
-        let shaped = self.shape_scores(&raw, &generations, &mut state.reward_moments);
+        let raw_all = world.gather_f64(&raw)?;
+        let shaped = self.shape_scores(&raw, &raw_all, &generations, &mut state.reward_moments);
         let scoring_seconds = t.elapsed().as_secs_f64();
 
         // 3. old log-probs, reference log-probs and values (no gradients)
@@ -259,10 +290,10 @@ impl Ppo<'_> {
         let kl = kl_per_token(&old_logprobs, &ref_logprobs, mask, s.kl_estimator)?;
         let (mut rewards, non_score) = token_rewards(&kl, mask, &scores, state.kl_coef)?;
         if s.whiten_rewards {
-            rewards = masked_whiten(&rewards, mask, false)?.f_mul(mask)?;
+            rewards = whiten(&rewards, mask, false)?.f_mul(mask)?;
         }
         let (advantages, returns) = gae_advantages(&rewards, &old_values, mask, s.gamma, s.lam)?;
-        let advantages = masked_whiten(&advantages, mask, true)?.f_mul(mask)?;
+        let advantages = whiten(&advantages, mask, true)?.f_mul(mask)?;
 
         // 5. PPO epochs over minibatches
         let t = Instant::now();
@@ -278,28 +309,46 @@ impl Ppo<'_> {
         )?;
         let optimisation_seconds = t.elapsed().as_secs_f64();
 
-        // metrics (TRL / OpenRLHF names)
-        let rows = n as f64;
-        let seq_sum = |x: &Tensor| -> Result<f64> { Ok(scalar(&x.f_sum(Kind::Double)?)? / rows) };
-        let kl_mean = seq_sum(&kl)?;
-        let non_score_mean = seq_sum(&non_score)?;
-        let score_mean = shaped.iter().sum::<f64>() / rows;
+        // metrics (TRL / OpenRLHF names), over the rollouts of every rank
+        let seq_sum = |x: &Tensor| -> Result<f64> { scalar(&x.f_sum(Kind::Double)?) };
         let lengths: Vec<usize> = generations.iter().map(|g| g.tokens.len()).collect();
-        let mean_length = lengths.iter().sum::<usize>() as f64 / rows;
-        let eos_rate = generations.iter().filter(|g| g.stopped_on_eos).count() as f64 / rows;
-        let all_at_max = generations.iter().all(|g| !g.stopped_on_eos && g.tokens.len() >= s.max_new_tokens);
-        let tokens = scalar(&mask.f_sum(Kind::Double)?)?.max(1.0);
+        let mut sums = [
+            picked.len() as f64,
+            seq_sum(&kl)?,
+            seq_sum(&non_score)?,
+            shaped.iter().sum::<f64>(),
+            raw.iter().sum::<f64>(),
+            seq_sum(&old_logprobs.f_mul(mask)?)?,
+            scalar(&entropy.f_mul(mask)?.f_sum(Kind::Double)?)?,
+            seq_sum(&old_values)?,
+            scalar(&mask.f_sum(Kind::Double)?)?,
+            lengths.iter().sum::<usize>() as f64,
+            generations.iter().filter(|g| g.stopped_on_eos).count() as f64,
+            generations.iter().filter(|g| g.stopped_on_eos || g.tokens.len() < s.max_new_tokens).count() as f64,
+            new_tokens as f64,
+        ];
+        world.sum_f64(&mut sums)?;
+        let [rows, kl_sum, non_score_sum, shaped_sum, raw_sum, logprob_sum, entropy_sum, value_sum, tokens, length_sum, eos, not_at_max, all_new_tokens] =
+            sums;
+        let kl_mean = kl_sum / rows;
+        let non_score_mean = non_score_sum / rows;
+        let score_mean = shaped_sum / rows;
+        let mean_length = length_sum / rows;
+        let eos_rate = eos / rows;
+        let all_at_max = not_at_max == 0.0;
+        let tokens = tokens.max(1.0);
+        let new_tokens = all_new_tokens as usize;
         let total_seconds = started.elapsed().as_secs_f64();
         let mut line = json!({
             "kl_coef": state.kl_coef,
             "objective/kl": kl_mean,
-            "objective/entropy": -seq_sum(&old_logprobs.f_mul(mask)?)?,
-            "policy/entropy_avg": scalar(&entropy.f_mul(mask)?.f_sum(Kind::Double)?)? / tokens,
+            "objective/entropy": -logprob_sum / rows,
+            "policy/entropy_avg": entropy_sum / tokens,
             "objective/non_score_reward": non_score_mean,
             "objective/rlhf_reward": score_mean + non_score_mean,
             "objective/scores": score_mean,
-            "rm/score": raw.iter().sum::<f64>() / rows,
-            "val/mean": scalar(&old_values.f_sum(Kind::Double)?)? / tokens,
+            "rm/score": raw_sum / rows,
+            "val/mean": value_sum / tokens,
             "response_length_mean": mean_length,
             "eos_rate": eos_rate,
             "time/generation": generation_seconds,
@@ -313,7 +362,8 @@ impl Ppo<'_> {
         for (k, v) in opt_stats.metrics {
             line[k] = json!(v);
         }
-        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && at.step % s.sample_every == 0) {
+        let sample_now = world.is_main() && s.sample_every > 0 && at.step % s.sample_every == 0;
+        if let Some(log) = samples.as_mut().filter(|_| sample_now) {
             for (k, &i) in picked.iter().enumerate().take(s.num_samples) {
                 log.write(&json!({
                     "step": at.step + 1,
@@ -327,7 +377,7 @@ impl Ppo<'_> {
         Ok(IterationReport {
             line,
             guard: GuardInputs { kl: kl_mean, mean_length, all_at_max },
-            any_skipped: opt_stats.skipped > 0 || !raw.iter().all(|x| x.is_finite()),
+            any_skipped: opt_stats.skipped > 0 || !raw_all.iter().all(|x| x.is_finite()),
             new_tokens,
         })
     }
@@ -352,19 +402,25 @@ impl Ppo<'_> {
         let mut sums = std::collections::BTreeMap::<&str, f64>::new();
         let mut updates = 0f64;
         let mut skipped = 0u64;
+        let world = align_core::dist::world();
         let all_finite = |t: &Tensor| -> Result<bool> { Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0) };
-        if !all_finite(advantages)? || !all_finite(returns)? {
+        let mut poisoned = [(!all_finite(advantages)? || !all_finite(returns)?) as u8 as f64];
+        world.sum_f64(&mut poisoned)?;
+        if poisoned[0] > 0.0 {
             // a non-finite score or value poisons every update of the iteration
             return Ok(OptimiseStats { metrics: Vec::new(), skipped: 1 });
         }
         let order_seed = self.train.seed ^ (iteration.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         for epoch in 0..s.ppo_epochs as u64 {
             let order = epoch_order(n, order_seed, epoch);
-            for mb in order.chunks(self.mini_batch) {
+            // each rank takes its share of every minibatch; the loss is a token mean over the
+            // minibatch of all ranks
+            for mb in order.chunks(self.mini_batch / world.size()) {
                 let mb_index =
                     Tensor::from_slice(&mb.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?;
-                let mb_tokens =
-                    scalar(&batch.response_mask.f_index_select(0, &mb_index)?.f_sum(Kind::Double)?)?.max(1.0);
+                let mut mb_tokens = [scalar(&batch.response_mask.f_index_select(0, &mb_index)?.f_sum(Kind::Double)?)?];
+                world.sum_f64(&mut mb_tokens)?;
+                let mb_tokens = mb_tokens[0].max(1.0);
                 let mut mb_sums = [0f64; 7];
                 for micro in mb.chunks(self.train.batch_size.max(1)) {
                     let sub = batch.rows(micro)?;
@@ -397,6 +453,9 @@ impl Ppo<'_> {
                         mb_sums[k] += x;
                     }
                 }
+                policy_opt.reduce_grads()?;
+                value_opt.reduce_grads()?;
+                world.sum_f64(&mut mb_sums)?;
                 let policy_norm = policy_opt.grad_norm()?;
                 let value_norm = value_opt.grad_norm()?;
                 let finite = mb_sums.iter().all(|x| x.is_finite()) && policy_norm.is_finite() && value_norm.is_finite();
@@ -584,11 +643,14 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let c = &cfg.config;
     let t = &c.train;
     let world = align_core::dist::world();
-    if world.size() > 1 {
-        bail!(
-            "{origin}: PPO is not data-parallel yet: run it as one process (this job has {} ranks); PT, SFT, RM and DPO are",
-            world.size()
-        );
+    let mini_batch = section.mini_batch_size.unwrap_or(section.rollout_batch_size).min(section.rollout_batch_size);
+    for (key, n) in [("rollout_batch_size", section.rollout_batch_size), ("mini_batch_size", mini_batch)] {
+        if n % world.size() != 0 {
+            bail!(
+                "{origin}: [ppo] {key} = {n}: must be a multiple of the {} ranks (each rank rolls out and updates on its share)",
+                world.size()
+            );
+        }
     }
     if !c.val_data.is_empty() || t.val_ratio > 0.0 {
         tracing::warn!("{origin}: PPO does not evaluate on held-out prompts; val_data / train.val_ratio are ignored");
@@ -637,7 +699,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         prompts: &prompts,
         stops: stop_token_ids(&policy.tokenizer, &policy.loaded.lm.config.eos_token_ids),
         pad_id: policy.tokenizer.padding_id(),
-        mini_batch: section.mini_batch_size.unwrap_or(section.rollout_batch_size).min(section.rollout_batch_size),
+        mini_batch,
     };
     tracing::info!(
         "PPO: {} prompts × {} per iteration, {} epochs of minibatches of {}, max_new_tokens {}, kl_coef {}{}",
@@ -651,8 +713,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let mut step = PpoStep {
         ppo,
-        policy_opt: AdamW::new(policy.trainable_params(), t.adamw())?,
-        value_opt: AdamW::new(value.trainable_params(), t.adamw())?,
+        policy_opt: rank_optimizer(policy.trainable_params(), t)?,
+        value_opt: rank_optimizer(value.trainable_params(), t)?,
         state: PpoState { kl_coef: section.kl_coef, ..Default::default() },
         controller: section.target_kl.map(|target| AdaptiveKl {
             coef: section.kl_coef,

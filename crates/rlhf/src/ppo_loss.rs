@@ -54,6 +54,16 @@ pub fn masked_whiten(x: &Tensor, mask: &Tensor, shift_mean: bool) -> Result<Tens
     Ok(w)
 }
 
+/// `(x − mean) / sqrt(var + 1e-8)` with given statistics (those of several ranks' batches), and
+/// `mean` added back when `shift_mean = false`: [`masked_whiten`] once the statistics are known.
+pub fn whiten_with(x: &Tensor, mean: f64, var: f64, shift_mean: bool) -> Result<Tensor> {
+    let mut w = x.f_sub_scalar(mean)?.f_mul_scalar(1.0 / (var + 1e-8).sqrt())?;
+    if !shift_mean {
+        w = w.f_add_scalar(mean)?;
+    }
+    Ok(w)
+}
+
 /// Per-token KL estimate between the policy and the reference, `[B, R]`, zero outside `mask`.
 pub fn kl_per_token(logprobs: &Tensor, ref_logprobs: &Tensor, mask: &Tensor, estimator: KlEstimator) -> Result<Tensor> {
     let log_ratio = logprobs.f_sub(ref_logprobs)?;

@@ -207,10 +207,47 @@ pub fn decays_by_default(name: &str, t: &Tensor) -> bool {
 impl AdamW {
     /// `params`: (HF name, parameter) pairs to train, in a fixed order.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<Self> {
+        Self::build(params, cfg, None)
+    }
+
+    /// This rank's optimizer in a data-parallel job over `group`: gradients are summed over
+    /// the ranks before the norm and the update ([`AdamW::reduce_grads`]). With `zero` 1 or 2,
+    /// the parameters are partitioned over the ranks as PyTorch's `ZeroRedundancyOptimizer`
+    /// does (largest first, each to the rank with the fewest elements so far); a rank allocates
+    /// and keeps the moments and f32 masters of its own parameters only, updates them, and
+    /// sends them to the others after each step. With 2, each gradient is reduced to its owner
+    /// only and released on the other ranks.
+    pub fn sharded(
+        params: Vec<(String, Tensor)>,
+        cfg: AdamWConfig,
+        group: &'static ProcessGroup,
+        zero: u8,
+    ) -> Result<Self> {
+        if zero > 2 {
+            bail!("train.zero = {zero}: expected 0, 1 or 2");
+        }
+        let owners = if zero > 0 {
+            partition(&params.iter().map(|(_, p)| p.numel()).collect::<Vec<_>>(), group.size())
+        } else {
+            vec![group.rank(); params.len()]
+        };
+        let mut opt = Self::build(params, cfg, Some((&owners, group.rank())))?;
+        opt.sharding = Some(Sharding { group, zero });
+        Ok(opt)
+    }
+
+    /// `owners`: each parameter's owner rank and this rank; state is allocated for its own only.
+    fn build(params: Vec<(String, Tensor)>, cfg: AdamWConfig, owners: Option<(&[usize], usize)>) -> Result<Self> {
         let mut maps: Vec<DeviceMaps> = Vec::new();
         let params = params
             .into_iter()
-            .map(|(name, param)| {
+            .enumerate()
+            .map(|(i, (name, param))| {
+                let owner = owners.map_or(0, |(o, _)| o[i]);
+                if owners.is_some_and(|(_, rank)| owner != rank) {
+                    let decay = decays_by_default(&name, &param);
+                    return Ok(ParamState { decay, moments: Moments::None, master: None, name, param, owner });
+                }
                 let master =
                     if param.kind() == Kind::Float { None } else { Some(param.f_detach()?.f_to_kind(Kind::Float)?) };
                 let moments = if is_8bit(cfg.kind, &param) {
@@ -236,35 +273,10 @@ impl AdamW {
                     let zeros = || Tensor::f_zeros_like(&param)?.f_to_kind(Kind::Float);
                     Moments::Full { exp_avg: zeros()?, exp_avg_sq: zeros()? }
                 };
-                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param, owner: 0 })
+                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param, owner })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, params, maps, steps: 0, sharding: None })
-    }
-
-    /// Makes this optimizer one rank's part of a data-parallel job over `group`: gradients are
-    /// summed over the ranks before the norm and the update ([`AdamW::reduce_grads`]). With
-    /// `zero` 1 or 2, the parameters are partitioned over the ranks as PyTorch's
-    /// `ZeroRedundancyOptimizer` does (largest first, each to the rank with the fewest elements
-    /// so far); a rank keeps the moments and f32 masters of its own parameters only, updates
-    /// them, and sends them to the others after each step. With 2, each gradient is reduced to
-    /// its owner only and released on the other ranks.
-    pub fn shard(&mut self, group: &'static ProcessGroup, zero: u8) -> Result<()> {
-        if zero > 2 {
-            bail!("train.zero = {zero}: expected 0, 1 or 2");
-        }
-        if zero > 0 {
-            let owners = partition(&self.params.iter().map(|p| p.param.numel()).collect::<Vec<_>>(), group.size());
-            for (p, owner) in self.params.iter_mut().zip(owners) {
-                p.owner = owner;
-                if owner != group.rank() {
-                    p.moments = Moments::None;
-                    p.master = None;
-                }
-            }
-        }
-        self.sharding = Some(Sharding { group, zero });
-        Ok(())
     }
 
     /// Sums the gradients over the ranks (a no-op in a world of one), in flattened buckets of

@@ -282,7 +282,7 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
         }
     }
     let trainable_parameters: u64 = trainable.iter().sum();
-    let mut gradients = trainable_parameters * w;
+    let gradients = trainable_parameters * w;
     let mut optimizer: u64 = trainable.iter().map(|&n| optimizer_bytes(s.optimizer, n, half)).sum();
     let world = s.world as u64;
     // ZeRO-1 and 2 partition the optimizer state; ZeRO-2 frees the other ranks' gradients only

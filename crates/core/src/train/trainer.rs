@@ -1036,23 +1036,20 @@ impl<'a> SupervisedStep<'a> {
         params: Vec<(String, Tensor)>,
         settings: &'a TrainSection,
     ) -> Result<Self> {
-        let mut opt = AdamW::new(params, settings.adamw())?;
-        data_parallel(&mut opt, settings)?;
-        Ok(SupervisedStep { objective, model, opt, settings })
+        Ok(SupervisedStep { objective, model, opt: rank_optimizer(params, settings)?, settings })
     }
 }
 
-/// Makes `opt` this rank's part of a data-parallel job when the process is one of several
-/// ranks ([`align_dist::world`]): gradients summed over the ranks, ZeRO-`train.zero` sharding.
-pub fn data_parallel(opt: &mut AdamW, s: &TrainSection) -> Result<()> {
-    let w = align_dist::world();
-    match w.group() {
-        Some(g) => opt.shard(g, s.zero),
+/// The AdamW of this rank: in a data-parallel job ([`align_dist::world`]) one whose gradients
+/// are summed over the ranks, its state sharded under ZeRO-`train.zero`; else a plain one.
+pub fn rank_optimizer(params: Vec<(String, Tensor)>, s: &TrainSection) -> Result<AdamW> {
+    match align_dist::world().group() {
+        Some(g) => AdamW::sharded(params, s.adamw(), g, s.zero),
         None => {
             if s.zero > 0 {
                 tracing::info!("train.zero = {}: one process, nothing to shard", s.zero);
             }
-            Ok(())
+            AdamW::new(params, s.adamw())
         }
     }
 }
