@@ -23,10 +23,25 @@ const CHUNK_ELEMENTS: i64 = 1 << 22;
 /// bitsandbytes' `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`: 256 sorted
 /// float32 values in [-1, 1] (signed) or [0, 1] (unsigned), on the CPU. Built with the same
 /// float32 tensor operations as bitsandbytes, so the values are its values bit for bit.
+/// `torch.linspace(start, end, n)` in float32 as its vectorised CPU kernels compute it, which
+/// bitsandbytes' maps come from: `start + step·i` for the first half and `end − step·(n−1−i)`
+/// for the rest, each a fused multiply-add with `step = (end − start) / (n − 1)`. Computed here
+/// rather than by `Tensor::linspace`, whose portable (non-vectorised) kernel rounds the product
+/// and the sum separately and so differs from bitsandbytes' values in the last bit.
+pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+        .collect()
+}
+
 pub fn dynamic_map(signed: bool) -> Result<Tensor> {
     const MAX_EXPONENT_BITS: i64 = 7;
     const NON_SIGN_BITS: i64 = 7;
-    let opts = (Kind::Float, Device::Cpu);
     let mut parts = Vec::new();
     for i in 0..MAX_EXPONENT_BITS {
         let fraction_items = if signed {
@@ -34,7 +49,7 @@ pub fn dynamic_map(signed: bool) -> Result<Tensor> {
         } else {
             (1i64 << (i + NON_SIGN_BITS - MAX_EXPONENT_BITS + 1)) + 1
         };
-        let boundaries = Tensor::f_linspace(0.1, 1.0, fraction_items, opts)?;
+        let boundaries = Tensor::f_from_slice(&linspace_f32(0.1, 1.0, fraction_items as usize))?;
         let means = boundaries
             .f_narrow(0, 0, fraction_items - 1)?
             .f_add(&boundaries.f_narrow(0, 1, fraction_items - 1)?)?
