@@ -202,7 +202,9 @@ impl ProcessGroup {
             bail!("RANK {} is not below WORLD_SIZE {}", cfg.rank, cfg.world_size);
         }
         let host = CString::new(cfg.master_addr.clone()).context("MASTER_ADDR")?;
-        let prefix = CString::new("align").expect("no NUL");
+        // keys of an earlier attempt under torchrun's restarts (--max-restarts) stay apart
+        let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|_| "0".into());
+        let prefix = CString::new(format!("align/attempt_{attempt}")).context("TORCHELASTIC_RESTART_COUNT")?;
         let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
         // a loopback master means every rank is on this machine: bind Gloo there too
         let loopback = cfg.master_addr == "localhost" || cfg.master_addr.starts_with("127.");

@@ -449,7 +449,9 @@ impl AdamW {
 
     /// The whole optimizer state as [`AdamW::state_tensors`] gives it in one process: under
     /// ZeRO-1/2 each parameter's state is sent by its owner (one broadcast per tensor), so a
-    /// checkpoint holds all of it and resumes in any number of ranks. Every rank must call it.
+    /// checkpoint holds all of it and resumes in any number of ranks. Every rank must call it;
+    /// rank 0, which writes checkpoints, gets the whole state (so it holds all of it while a
+    /// checkpoint is written), the others an empty map.
     pub fn gathered_state(&self) -> Result<BTreeMap<String, Tensor>> {
         let Some(sh) = self.sharding.as_ref().filter(|s| s.zero > 0) else { return Ok(self.state_tensors()) };
         let g = sh.group;
@@ -462,7 +464,10 @@ impl AdamW {
                     None => Tensor::f_empty(shape.as_slice(), (kind, p.param.device()))?,
                 };
                 g.broadcast(&mut t, p.owner)?;
-                out.insert(key, t);
+                // rank 0 writes the checkpoint: only it keeps what it received
+                if g.rank() == 0 {
+                    out.insert(key, t);
+                }
             }
         }
         Ok(out)

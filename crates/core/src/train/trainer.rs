@@ -936,6 +936,9 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         peak_rss_bytes: peak_rss_bytes(),
         planned_peak_bytes: plan.as_ref().map(|p| p.total),
     };
+    if let Some(peak) = summary.peak_rss_bytes.filter(|_| !main) {
+        tracing::info!("rank {} of {}: peak memory (resident): {}", world.rank(), world.size(), human_bytes(peak));
+    }
     if let Some(peak) = summary.peak_rss_bytes.filter(|_| main) {
         match summary.planned_peak_bytes {
             Some(planned) => tracing::info!(
