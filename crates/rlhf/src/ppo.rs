@@ -12,14 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use align_core::data::read_prompts;
 use align_core::eval::answers::stop_token_ids;
 use align_core::eval::winrate::score_answers;
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
-use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
+use align_core::infer::generate::{Generation, SamplingConfig};
 use align_core::infer::logprobs::HeadOptions;
-use align_core::load::spec::ModelSpec;
 use align_core::model::recompute;
 use align_core::model::scalar::{LoadedScalarModel, ScoreInit};
 use align_core::text::chat::ChatMessage;
@@ -38,7 +36,8 @@ use crate::ppo_loss::{
     RunningMoments,
 };
 use crate::reference::{policy_reference, Reference};
-use crate::rollout::RolloutBatch;
+use crate::rewards::load_reward_model;
+use crate::rollout::{load_prompts, sample_responses, Prompt, RolloutBatch};
 
 /// PPO's own part of every checkpoint's state (the loop keeps the iteration count, the prompt
 /// cursor, the optimizers' step counts and the non-finite counters).
@@ -47,40 +46,6 @@ struct PpoState {
     kl_coef: f64,
     reward_moments: RunningMoments,
     guards: Guards,
-}
-
-/// A prompt ready for rollouts.
-struct Prompt {
-    messages: Vec<ChatMessage>,
-    /// The rendered prompt (chat template with the generation prompt).
-    text: String,
-    ids: Vec<i64>,
-}
-
-/// Renders and encodes the prompts; drops (and counts) those over `max_len` tokens.
-fn load_prompts(cfg: &LoadedConfig, tok: &ModelTokenizer, max_len: usize) -> Result<Vec<Prompt>> {
-    let options = cfg.data_options()?;
-    let data = read_prompts(&cfg.config.data, &options)?;
-    let total = data.records.len();
-    let mut out = Vec::with_capacity(total);
-    for rec in data.records {
-        let text = tok.apply_chat_template(&rec.messages, true).with_context(|| format!("{}", rec.origin))?;
-        let ids = tok.encode(&text, false)?;
-        if ids.is_empty() || ids.len() > max_len {
-            continue;
-        }
-        out.push(Prompt { messages: rec.messages, text, ids });
-    }
-    let dropped = total - out.len();
-    tracing::info!("PPO prompts: {} of {total} kept ({dropped} longer than {max_len} tokens dropped)", out.len());
-    if out.len() < 2 {
-        bail!(
-            "{}: only {} prompt(s) fit [ppo] max_prompt_length = {max_len} ({dropped} dropped); PPO needs at least 2",
-            cfg.origin.display(),
-            out.len()
-        );
-    }
-    Ok(out)
 }
 
 /// The critic: from the reward model (default), from the policy with a fresh head, or a folder.
@@ -148,8 +113,6 @@ impl Ppo<'_> {
         }
     }
 
-    /// Runs forward passes over the rollout in micro-batches of `train.batch_size` rows and
-    /// concatenates the `[b, R]` results.
     /// How the policy's LM head scores response tokens: at the sampling temperature, in chunks
     /// of `train.loss_chunk_tokens`.
     fn head(&self) -> HeadOptions {
@@ -158,16 +121,6 @@ impl Ppo<'_> {
             chunk_tokens: self.train.loss_chunk_tokens,
             entropy: false,
         }
-    }
-
-    fn per_row(&self, batch: &RolloutBatch, mut f: impl FnMut(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
-        let n = batch.input_ids.size()[0] as usize;
-        let rows: Vec<usize> = (0..n).collect();
-        let mut parts = Vec::new();
-        for chunk in rows.chunks(self.train.batch_size.max(1)) {
-            parts.push(f(&batch.rows(chunk)?)?);
-        }
-        Ok(Tensor::f_cat(&parts, 0)?)
     }
 
     /// Shapes raw RM scores: normalisation (running statistics), clipping, missing-eos penalty.
@@ -210,14 +163,9 @@ impl Ppo<'_> {
         let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
 
         // 1. rollouts (dropout off, adapters on)
-        lm.set_training(false);
-        let t = Instant::now();
-        let mut generations = Vec::with_capacity(picked.len());
-        let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size).max(1);
-        for chunk in prompt_ids.chunks(gen_batch) {
-            generations.extend(generate_with_stats(lm, chunk, &self.sampling(), &self.stops, self.pad_id)?.0);
-        }
-        let generation_seconds = t.elapsed().as_secs_f64();
+        let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size);
+        let (generations, generation_seconds) =
+            sample_responses(lm, &prompt_ids, &self.sampling(), &self.stops, self.pad_id, gen_batch)?;
         let new_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
 
         // 2. reward-model scores of prompt + response (rendered with the RM's chat template)
@@ -239,17 +187,17 @@ impl Ppo<'_> {
         let head = self.head();
         let (old_logprobs, entropy, ref_logprobs, old_values) = tch::no_grad(|| -> Result<_> {
             let mut entropies = Vec::new();
-            let old = self.per_row(&batch, |b| {
+            let old = batch.per_pass(self.train.batch_size, |b| {
                 let scores = b.response_scores(lm, HeadOptions { entropy: true, ..head })?;
                 entropies.extend(scores.entropy);
                 Ok(scores.logprobs)
             })?;
-            let reference = self.per_row(&batch, |b| {
+            let reference = batch.per_pass(self.train.batch_size, |b| {
                 self.reference
                     .run(lm, |r| b.response_logprobs(r, head))?
                     .ok_or_else(|| anyhow!("PPO needs a reference model"))
             })?;
-            let values = self.per_row(&batch, |b| b.response_values(critic))?;
+            let values = batch.per_pass(self.train.batch_size, |b| b.response_values(critic))?;
             Ok((old, Tensor::f_cat(&entropies, 0)?, reference, values))
         })?;
         let forward_seconds = t.elapsed().as_secs_f64();
@@ -602,10 +550,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let reward_dir = resolve_model_dir(&section.reward_model)?;
     let reference = policy_reference(cfg, section.reference.as_deref(), device, kind)?;
     // a reward-model folder, or a LoRA reward model's adapter folder (merged into its base)
-    let (mut reward, reward_tokenizer) = ModelSpec::at(&reward_dir, None, device, kind)
-        .scalar_model()
-        .with_context(|| format!("{origin}: [ppo] reward_model"))?;
-    reward.vs.freeze();
+    let (reward, reward_tokenizer) = load_reward_model(cfg, &reward_dir, device, kind)?;
     let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
     value.loaded.rm.model.set_gradient_checkpointing(t.checkpoint_every());
     let policy = TrainingModel::load(cfg)?;

@@ -79,11 +79,15 @@ pub enum StageKind {
     Reward,
     Dpo,
     Ppo,
+    Grpo,
+    Rloo,
+    #[serde(rename = "reinforce_pp")]
+    ReinforcePp,
     Eval,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 8] = [
+    pub const ALL: [StageKind; 11] = [
         StageKind::Tokenizer,
         StageKind::Init,
         StageKind::Pretrain,
@@ -91,6 +95,9 @@ impl StageKind {
         StageKind::Reward,
         StageKind::Dpo,
         StageKind::Ppo,
+        StageKind::Grpo,
+        StageKind::Rloo,
+        StageKind::ReinforcePp,
         StageKind::Eval,
     ];
 
@@ -103,6 +110,9 @@ impl StageKind {
             StageKind::Reward => "reward",
             StageKind::Dpo => "dpo",
             StageKind::Ppo => "ppo",
+            StageKind::Grpo => "grpo",
+            StageKind::Rloo => "rloo",
+            StageKind::ReinforcePp => "reinforce_pp",
             StageKind::Eval => "eval",
         }
     }
@@ -114,6 +124,13 @@ impl StageKind {
     /// The kinds `align train KIND` runs (a training loop with checkpoints and metrics).
     pub fn trains(self) -> bool {
         matches!(self, StageKind::Pretrain | StageKind::Sft | StageKind::Reward | StageKind::Dpo | StageKind::Ppo)
+            || self.samples_groups()
+    }
+
+    /// GRPO, RLOO and REINFORCE++: one step that samples groups of completions per prompt and
+    /// scores them with reward models, rules or a command.
+    pub fn samples_groups(self) -> bool {
+        matches!(self, StageKind::Grpo | StageKind::Rloo | StageKind::ReinforcePp)
     }
 
     /// Stages that make their output from files and record results rather than training
@@ -290,7 +307,10 @@ mod tests {
             assert_eq!(StageStatus::parse(s.as_str()), Some(s));
         }
         assert_eq!(StageKind::parse("grpo"), None);
-        assert_eq!(StageKind::list(&StageKind::training_kinds()), "pretrain, sft, reward, dpo, ppo");
+        assert_eq!(
+            StageKind::list(&StageKind::training_kinds()),
+            "pretrain, sft, reward, dpo, ppo, grpo, rloo, reinforce_pp"
+        );
     }
 
     #[test]
