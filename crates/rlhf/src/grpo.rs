@@ -322,7 +322,9 @@ impl Grpo<'_> {
                 log.write(&line)?;
             }
         }
-        let applied = adv.is_some() && sums.skipped == 0 && sums.updates > 0.0;
+        // an iteration whose groups dynamic sampling all dropped has nothing to learn, which is
+        // not a failed update
+        let applied = adv.is_some() && sums.skipped == 0;
         Ok(IterationReport { line, applied, new_tokens, reward: reward_mean })
     }
 
