@@ -498,13 +498,14 @@ data = [{data:?}]
     assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
 }
 
-/// The shipped demo and its DPO twin validate, and differ only in the "rlhf" stage.
+/// The shipped demo and its DPO and GRPO twins validate, and differ only in the "rlhf" stage.
 #[test]
 fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let r = repo();
     let mut stages = Vec::new();
-    for name in ["medical-demo", "medical-demo-dpo"] {
+    let twins = ["medical-demo", "medical-demo-dpo", "medical-demo-grpo"];
+    for name in twins {
         let text = std::fs::read_to_string(r.join(format!("pipelines/{name}.toml"))).unwrap();
         let text = text.replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
         let file = tmp.path().join(format!("{name}.toml"));
@@ -515,12 +516,14 @@ fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
         stages.push(doc["stage"].as_array().unwrap().clone());
     }
     let names = |s: &[toml::Value]| s.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
-    assert_eq!(names(&stages[0]), names(&stages[1]));
-    for (a, b) in stages[0].iter().zip(&stages[1]) {
-        if a["name"].as_str() == Some("rlhf") {
-            assert_eq!((a["kind"].as_str(), b["kind"].as_str()), (Some("ppo"), Some("dpo")));
-        } else {
-            assert_eq!(a, b, "stage {} differs between the twins", a["name"]);
+    for (twin, kind) in [(1, "dpo"), (2, "grpo")] {
+        assert_eq!(names(&stages[0]), names(&stages[twin]), "{}", twins[twin]);
+        for (a, b) in stages[0].iter().zip(&stages[twin]) {
+            if a["name"].as_str() == Some("rlhf") {
+                assert_eq!((a["kind"].as_str(), b["kind"].as_str()), (Some("ppo"), Some(kind)));
+            } else {
+                assert_eq!(a, b, "stage {} differs between {} and {}", a["name"], twins[0], twins[twin]);
+            }
         }
     }
 }
