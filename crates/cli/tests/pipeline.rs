@@ -428,7 +428,7 @@ data = [{ppl:?}]
 }
 
 /// PT-less chain SFT → RM → PPO, then the same file with the "rlhf" stage switched to DPO (kind
-/// and data): SFT and RM are skipped, only "rlhf" re-runs.
+/// and data) and to GRPO (kind and section): SFT and RM are skipped, only "rlhf" re-runs.
 #[test]
 fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     let tmp = tempfile::tempdir().unwrap();
@@ -496,6 +496,20 @@ data = [{data:?}]
     assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rm: up to date (skipped)", "rlhf: ran"]);
     assert_eq!(record(&run, "rlhf")["kind"], "dpo");
     assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
+
+    // and to GRPO, scored by the same reward stage plus a rule
+    let grpo = tmp.path().join("grpo.toml");
+    let section = "reward_model = \"rm\"\n[stage.grpo]\nnum_generations = 2\ngeneration_batch_size = 4\nmax_completion_length = 8\n[[stage.grpo.rewards]]\ntype = \"length\"\nmin = 4";
+    std::fs::write(&grpo, body("grpo", &prompts, section)).unwrap();
+    let swapped = ok(align().args(["run", grpo.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rm: up to date (skipped)", "rlhf: ran"]);
+    let rec = record(&run, "rlhf");
+    assert_eq!((rec["kind"].as_str(), rec["status"].as_str()), (Some("grpo"), Some("done")));
+    let roles: Vec<&str> = rec["inputs"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, vec!["model", "reward_model"]);
+    let metrics = std::fs::read_to_string(run.join("rlhf/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(metrics.contains("\"rewards/reward_model/mean\"") && metrics.contains("\"rewards/length/mean\""));
 }
 
 /// The shipped demo and its DPO and GRPO twins validate, and differ only in the "rlhf" stage.
