@@ -306,7 +306,8 @@ mod tests {
         for s in StageStatus::ALL {
             assert_eq!(StageStatus::parse(s.as_str()), Some(s));
         }
-        assert_eq!(StageKind::parse("grpo"), None);
+        assert_eq!(StageKind::parse("reinforce_pp"), Some(StageKind::ReinforcePp));
+        assert_eq!(StageKind::parse("reinforcepp"), None);
         assert_eq!(
             StageKind::list(&StageKind::training_kinds()),
             "pretrain, sft, reward, dpo, ppo, grpo, rloo, reinforce_pp"
