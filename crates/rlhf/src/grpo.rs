@@ -5,7 +5,7 @@
 //! objective (no critic), the rollout log-probs as the old policy. One iteration is one step of
 //! the core's training loop ([`GrpoStep`]), which owns checkpoints, exact resume, metrics and
 //! the summary.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,8 +22,8 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, TrainRun,
-    TrainStep, TrainSummary, SAMPLES,
+    clip_and_step, epoch_order, stream_indices, train, ModelState, StepContext, StepReport, TrainRun, TrainStep,
+    TrainSummary,
 };
 
 use crate::grpo_config::GrpoSection;
@@ -33,7 +33,7 @@ use crate::grpo_loss::{
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rewards::{load_reward_model, weighted_sum, Completion, RewardCommand, RewardFunctions};
-use crate::rollout::{load_prompts, sample_responses, Prompt, RolloutBatch};
+use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, Prompt, RolloutBatch, SamplesLog};
 
 /// The stage's own part of every checkpoint's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -109,7 +109,7 @@ impl Grpo<'_> {
         at: &StepContext,
         state: &mut GrpoState,
         opt: &mut AdamW,
-        samples: &mut Option<MetricsLog>,
+        samples: &mut SamplesLog,
     ) -> Result<IterationReport> {
         let s = self.section;
         let g = s.num_generations;
@@ -304,7 +304,7 @@ impl Grpo<'_> {
         put("time/iteration", total);
         put("rollout_tokens_per_second", new_tokens as f64 / generation_seconds.max(1e-9));
 
-        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && at.step % s.sample_every == 0) {
+        if let Some(log) = samples.due(at.step, s.sample_every)? {
             for k in 0..s.num_samples.min(n) {
                 let p = &self.prompts[rows[k]];
                 let mut line = json!({
@@ -451,8 +451,7 @@ struct GrpoStep<'a> {
     grpo: Grpo<'a>,
     opt: AdamW,
     state: GrpoState,
-    samples: Option<MetricsLog>,
-    samples_path: Option<PathBuf>,
+    samples: SamplesLog,
 }
 
 impl TrainStep for GrpoStep<'_> {
@@ -469,11 +468,6 @@ impl TrainStep for GrpoStep<'_> {
     }
 
     fn step(&mut self, at: &StepContext) -> Result<StepReport> {
-        if self.samples.is_none() {
-            if let Some(path) = &self.samples_path {
-                self.samples = Some(MetricsLog::open(path)?);
-            }
-        }
         let r = self.grpo.iteration(at, &mut self.state, &mut self.opt, &mut self.samples)?;
         let get = |k: &str| r.line.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let progress = format!(
@@ -486,13 +480,7 @@ impl TrainStep for GrpoStep<'_> {
             get("time/scoring"),
             get("time/optimisation"),
         );
-        let loss = r.line.get("loss").and_then(Value::as_f64);
-        let metrics = r
-            .line
-            .iter()
-            .filter(|(k, _)| k.as_str() != "loss")
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
-            .collect();
+        let (loss, metrics) = loss_and_metrics(&r.line);
         Ok(StepReport {
             loss,
             metrics,
@@ -650,8 +638,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         grpo,
         opt: AdamW::new(policy.trainable_params(), t.adamw())?,
         state: GrpoState::default(),
-        samples: None,
-        samples_path: (section.sample_every > 0).then(|| c.output_dir.join(SAMPLES)),
+        samples: SamplesLog::new(&c.output_dir, section.sample_every),
     };
     let run =
         TrainRun { settings: t, output_dir: &c.output_dir, fingerprint: &cfg.fingerprint()?, restart, stop_after };

@@ -25,8 +25,8 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, stream_indices, train, MetricsLog, ModelState, StepContext, StepReport, StopRequest,
-    TrainRun, TrainStep, TrainSummary, SAMPLES,
+    clip_and_step, epoch_order, stream_indices, train, ModelState, StepContext, StepReport, StopRequest, TrainRun,
+    TrainStep, TrainSummary,
 };
 use align_core::ModelTokenizer;
 
@@ -37,7 +37,7 @@ use crate::ppo_loss::{
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rewards::load_reward_model;
-use crate::rollout::{load_prompts, sample_responses, Prompt, RolloutBatch};
+use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, Prompt, RolloutBatch, SamplesLog};
 
 /// PPO's own part of every checkpoint's state (the loop keeps the iteration count, the prompt
 /// cursor, the optimizers' step counts and the non-finite counters).
@@ -152,7 +152,7 @@ impl Ppo<'_> {
         policy_opt: &mut AdamW,
         value_opt: &mut AdamW,
         value_lr: f64,
-        samples: &mut Option<MetricsLog>,
+        samples: &mut SamplesLog,
     ) -> Result<IterationReport> {
         let s = self.section;
         let lm = &self.policy.loaded.lm;
@@ -261,7 +261,7 @@ impl Ppo<'_> {
         for (k, v) in opt_stats.metrics {
             line[k] = json!(v);
         }
-        if let Some(log) = samples.as_mut().filter(|_| s.sample_every > 0 && at.step % s.sample_every == 0) {
+        if let Some(log) = samples.due(at.step, s.sample_every)? {
             for (k, &i) in picked.iter().enumerate().take(s.num_samples) {
                 log.write(&json!({
                     "step": at.step + 1,
@@ -411,9 +411,7 @@ struct PpoStep<'a> {
     value_opt: AdamW,
     state: PpoState,
     controller: Option<AdaptiveKl>,
-    /// `samples.jsonl`, opened at the first write (after the loop has prepared the folder).
-    samples: Option<MetricsLog>,
-    samples_path: Option<std::path::PathBuf>,
+    samples: SamplesLog,
     value_lr_base: f64,
 }
 
@@ -434,11 +432,6 @@ impl TrainStep for PpoStep<'_> {
         let section = self.ppo.section;
         let t = self.ppo.train;
         let value_lr = if t.lr > 0.0 { self.value_lr_base * at.lr / t.lr } else { self.value_lr_base };
-        if self.samples.is_none() {
-            if let Some(path) = &self.samples_path {
-                self.samples = Some(MetricsLog::open(path)?);
-            }
-        }
         let report = self.ppo.iteration(
             at,
             &mut self.state,
@@ -465,12 +458,7 @@ impl TrainStep for PpoStep<'_> {
             get("time/optimisation"),
             get("rollout_tokens_per_second")
         );
-        let loss = line.get("loss").and_then(Value::as_f64);
-        let metrics = line
-            .iter()
-            .filter(|(k, _)| k.as_str() != "loss")
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
-            .collect();
+        let (loss, metrics) = loss_and_metrics(&line);
         let mut stop = None;
         if let Some(g) = check_guardrails(section, &mut self.state.guards, &report.guard) {
             if section.stop_on_guardrail {
@@ -597,8 +585,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             target,
             horizon: section.kl_horizon,
         }),
-        samples: None,
-        samples_path: (section.sample_every > 0).then(|| c.output_dir.join(SAMPLES)),
+        samples: SamplesLog::new(&c.output_dir, section.sample_every),
         value_lr_base: section.value_lr.unwrap_or(t.lr),
     };
     let run =

@@ -14,6 +14,7 @@ use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::scalar::ScalarModel;
 use align_core::text::chat::ChatMessage;
 use align_core::train::config::LoadedConfig;
+use align_core::train::trainer::{MetricsLog, SAMPLES};
 use align_core::ModelTokenizer;
 
 /// A prompt ready for rollouts.
@@ -75,6 +76,43 @@ pub fn sample_responses(
         generations.extend(generate_with_stats(lm, chunk, sampling, stops, pad_id)?.0);
     }
     Ok((generations, t.elapsed().as_secs_f64()))
+}
+
+/// `OUTPUT/samples.jsonl` of a rollout stage, opened at the first write (after the loop has
+/// prepared the output folder).
+pub struct SamplesLog {
+    path: Option<std::path::PathBuf>,
+    log: Option<MetricsLog>,
+}
+
+impl SamplesLog {
+    /// Samples every `every` iterations into `output_dir/samples.jsonl` (0 = never).
+    pub fn new(output_dir: &std::path::Path, every: u64) -> Self {
+        SamplesLog { path: (every > 0).then(|| output_dir.join(SAMPLES)), log: None }
+    }
+
+    /// The log when samples are due at (0-based) iteration `step`.
+    pub fn due(&mut self, step: u64, every: u64) -> Result<Option<&mut MetricsLog>> {
+        if every == 0 || step % every != 0 {
+            return Ok(None);
+        }
+        let Some(path) = &self.path else { return Ok(None) };
+        if self.log.is_none() {
+            self.log = Some(MetricsLog::open(path)?);
+        }
+        Ok(self.log.as_mut())
+    }
+}
+
+/// An iteration's metrics line split into the loop's `loss` and the other metrics, in order.
+pub fn loss_and_metrics(line: &serde_json::Map<String, serde_json::Value>) -> (Option<f64>, Vec<(String, f64)>) {
+    let loss = line.get("loss").and_then(serde_json::Value::as_f64);
+    let metrics = line
+        .iter()
+        .filter(|(k, _)| k.as_str() != "loss")
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    (loss, metrics)
 }
 
 /// One iteration's prompts and responses, laid out for forward passes.

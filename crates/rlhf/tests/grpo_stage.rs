@@ -4,21 +4,14 @@
 //! REINFORCE++'s advantages have their estimators' shape; a LoRA policy's reference is its base;
 //! a reward model, a command and rules are weighted and summed; config errors name the key.
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use align_core::train::config::LoadedConfig;
+use align_testkit::{metric_lines, rng_lock, same_bytes, stage_config, tiny_model};
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
-
-/// libtorch's random generator is process-global: runs that sample take turns.
-static RNG: Mutex<()> = Mutex::new(());
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tch::{Device, Kind};
 
 fn policy_dir() -> PathBuf {
-    repo().join("tests/fixtures/models/tiny-qwen2")
+    tiny_model("tiny-qwen2")
 }
 
 /// Question/answer records (MedicalGPT's grpo layout) whose reference answer is "7".
@@ -47,9 +40,7 @@ fn config(stage: &str, out: &Path, data: &Path, body: &str, extra: &[&str]) -> L
         data,
         out,
     );
-    let table: toml::Table = toml::from_str(&text).unwrap();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    LoadedConfig::from_table(table, Path::new("grpo.toml"), &extra, stage).unwrap()
+    stage_config(&text, stage, extra)
 }
 
 const ACCURACY: &str = "[[grpo.rewards]]\ntype = \"accuracy\"\nmode = \"contains\"\n";
@@ -68,12 +59,16 @@ fn rules(stage: &str) -> String {
     rules_weighted(stage, 0.5)
 }
 
-fn lines(out: &Path, file: &str) -> Vec<Value> {
-    std::fs::read_to_string(out.join(file)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+fn samples(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn series(out: &Path, key: &str) -> Vec<f64> {
-    lines(out, "metrics.jsonl").iter().map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))).collect()
+    metric_lines(out).iter().map(|v| v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {v}"))).collect()
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -82,7 +77,7 @@ fn mean(xs: &[f64]) -> f64 {
 
 #[test]
 fn reward_rises_on_a_verifiable_toy_task_and_metrics_have_trl_names() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = toy_prompts(tmp.path());
     let out = tmp.path().join("grpo");
@@ -114,7 +109,7 @@ fn reward_rises_on_a_verifiable_toy_task_and_metrics_have_trl_names() {
         assert!(v.iter().all(|x| x.is_finite()), "{key}: {v:?}");
     }
     // the reward is the weighted sum of its functions
-    for l in lines(&out, "metrics.jsonl") {
+    for l in metric_lines(&out) {
         let want = l["rewards/accuracy/mean"].as_f64().unwrap() + l["rewards/digits/mean"].as_f64().unwrap();
         assert!((l["reward"].as_f64().unwrap() - want).abs() < 1e-9, "{l}");
     }
@@ -122,32 +117,18 @@ fn reward_rises_on_a_verifiable_toy_task_and_metrics_have_trl_names() {
     let (first, last) = (mean(&acc[..5]), mean(&acc[acc.len() - 5..]));
     eprintln!("accuracy first 5 iterations {first:.3}, last 5 {last:.3}: {acc:?}");
     assert!(last > first + 0.4, "the accuracy reward did not rise: {first:.3} → {last:.3} ({acc:?})");
-    let samples = lines(&out, "samples.jsonl");
+    let samples = samples(&out);
     assert_eq!(samples.len(), 4 * 4);
     assert_eq!(samples[0]["reference"], "7");
     assert!(samples[0]["completion"].is_string() && samples[0]["rewards/accuracy"].is_number());
     align_core::load_causal_lm(&out.join("final"), Device::Cpu, Kind::Float).unwrap();
 }
 
-fn tensors(dir: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn assert_same_weights(a: &Path, b: &Path) {
-    let (x, y) = (tensors(a), tensors(b));
-    assert_eq!(x.len(), y.len());
-    for ((n, s), (_, t)) in x.iter().zip(&y) {
-        assert!(s.equal(t), "{n} differs between {} and {}", a.display(), b.display());
-    }
-}
-
 /// μ = 2 passes in two minibatches, a KL term (reference model), dynamic sampling and a command
 /// reward: 2 iterations + stop + resume + 2 equal 4 straight iterations to the bit.
 #[test]
 fn stop_and_resume_equals_one_run_bitwise() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = toy_prompts(tmp.path());
     let body = format!(
@@ -163,8 +144,8 @@ fn stop_and_resume_equals_one_run_bitwise() {
     assert!(resumed.join("checkpoint-2/train_state/policy_optimizer.safetensors").is_file());
     let s = align_rlhf::run_grpo(&config("grpo", &resumed, &data, &body, &extra), false, None).unwrap();
     assert!(s.completed && s.steps == 4, "{s:?}");
-    assert_same_weights(&straight.join("final"), &resumed.join("final"));
-    let (a, b) = (lines(&straight, "metrics.jsonl"), lines(&resumed, "metrics.jsonl"));
+    assert!(same_bytes(&straight.join("final/model.safetensors"), &resumed.join("final/model.safetensors")));
+    let (a, b) = (metric_lines(&straight), metric_lines(&resumed));
     assert_eq!((a.len(), b.len()), (4, 4));
     for (x, y) in a.iter().zip(&b) {
         for key in [
@@ -188,7 +169,7 @@ fn stop_and_resume_equals_one_run_bitwise() {
 /// 0.05) and share GRPO's loss (CISPO and GSPO here).
 #[test]
 fn rloo_and_reinforce_pp_advantages_have_their_estimators_shape() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = toy_prompts(tmp.path());
     let extra = ["train.max_steps=2", "train.save_every=0"];
@@ -200,9 +181,9 @@ fn rloo_and_reinforce_pp_advantages_have_their_estimators_shape() {
         let body = format!("num_samples = 16\n{more}{}", rules(stage));
         let s = align_rlhf::run_grpo(&config(stage, &out, &data, &body, &extra), false, None).unwrap();
         assert!(s.completed, "{stage}: {s:?}");
-        let metrics = lines(&out, "metrics.jsonl");
+        let metrics = metric_lines(&out);
         assert!(metrics.iter().all(|m| m["kl"].as_f64().is_some_and(f64::is_finite)), "{stage}: {metrics:?}");
-        let samples = lines(&out, "samples.jsonl");
+        let samples = samples(&out);
         assert_eq!(samples.len(), 2 * 16);
         for step in samples.chunks(16) {
             let adv: Vec<f64> = step.iter().map(|s| s["advantage"].as_f64().unwrap()).collect();
@@ -223,7 +204,7 @@ fn rloo_and_reinforce_pp_advantages_have_their_estimators_shape() {
 /// iteration's KL is exactly 0.
 #[test]
 fn lora_policy_uses_its_base_as_reference() {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = toy_prompts(tmp.path());
     let out = tmp.path().join("lora");
@@ -239,7 +220,7 @@ fn lora_policy_uses_its_base_as_reference() {
 #[test]
 fn a_reward_model_and_rules_are_weighted_and_summed() {
     use align_core::model::scalar::{scalar_model_from_causal_lm, write_scalar_model, ScoreInit};
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let data = toy_prompts(tmp.path());
     let rm_dir = tmp.path().join("rm");
@@ -251,7 +232,7 @@ fn a_reward_model_and_rules_are_weighted_and_summed() {
     let body = format!("reward_model = {:?}\nreward_model_weight = 0.5\n{ACCURACY}", rm_dir.display().to_string());
     let extra = ["train.max_steps=1"];
     align_rlhf::run_grpo(&config("grpo", &out, &data, &body, &extra), false, None).unwrap();
-    let m = &lines(&out, "metrics.jsonl")[0];
+    let m = &metric_lines(&out)[0];
     let rm_mean = m["rewards/reward_model/mean"].as_f64().unwrap();
     assert!(rm_mean != 0.0 && m["rewards/reward_model/std"].as_f64().unwrap() > 0.0, "{m}");
     let want = 0.5 * rm_mean + m["rewards/accuracy/mean"].as_f64().unwrap();
