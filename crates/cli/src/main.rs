@@ -33,7 +33,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run a pipeline file: its stages in order, skipping what is up to date, resuming what was interrupted.
     Run(run::RunArgs),
-    /// Train one stage (pretrain, sft, reward, dpo, ppo, kto, distill) from a TOML config; resumes from the newest checkpoint.
+    /// Train one stage (pretrain, sft, reward, dpo, ppo, grpo, rloo, reinforce-pp, kto, distill) from a TOML config; resumes from the newest checkpoint.
     Train(train::TrainArgs),
     /// Evaluate a model.
     #[command(subcommand)]

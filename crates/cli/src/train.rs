@@ -1,4 +1,4 @@
-//! `align train pretrain|sft|reward|dpo|ppo|kto|distill --config FILE.toml [--set key=value …] [--restart]`.
+//! `align train pretrain|sft|reward|dpo|ppo|grpo|rloo|reinforce-pp|kto|distill --config FILE.toml [--set key=value …] [--restart]`.
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -17,6 +17,13 @@ pub enum Stage {
     Dpo,
     /// PPO on prompts with a reward model (`[ppo]`).
     Ppo,
+    /// GRPO on prompts: groups of completions, rewards from a reward model, rules or a command (`[grpo]`).
+    Grpo,
+    /// RLOO: GRPO's step with the leave-one-out baseline (`[rloo]`).
+    Rloo,
+    /// REINFORCE++: GRPO's step with global-batch normalised advantages (`[reinforce_pp]`).
+    #[value(name = "reinforce-pp", alias = "reinforce_pp")]
+    ReinforcePp,
     /// KTO on unpaired desirable/undesirable completions or split preference pairs (`[kto]`).
     Kto,
     /// Knowledge distillation from a teacher model on SFT data, optionally on-policy (`[distill]`).
@@ -50,6 +57,9 @@ impl Stage {
             Stage::Reward => StageKind::Reward,
             Stage::Dpo => StageKind::Dpo,
             Stage::Ppo => StageKind::Ppo,
+            Stage::Grpo => StageKind::Grpo,
+            Stage::Rloo => StageKind::Rloo,
+            Stage::ReinforcePp => StageKind::ReinforcePp,
             Stage::Kto => StageKind::Kto,
             Stage::Distill => StageKind::Distill,
         }

@@ -428,7 +428,7 @@ data = [{ppl:?}]
 }
 
 /// PT-less chain SFT → RM → PPO, then the same file with the "rlhf" stage switched to DPO (kind
-/// and data): SFT and RM are skipped, only "rlhf" re-runs.
+/// and data) and to GRPO (kind and section): SFT and RM are skipped, only "rlhf" re-runs.
 #[test]
 fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     let tmp = tempfile::tempdir().unwrap();
@@ -471,6 +471,20 @@ fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rm: up to date (skipped)", "rlhf: ran"]);
     assert_eq!(record(&run, "rlhf")["kind"], "dpo");
     assert!(!run.join("rlhf/samples.jsonl").exists(), "the PPO run's files were cleared");
+
+    // and to GRPO, scored by the same reward stage plus a rule
+    let grpo = tmp.path().join("grpo.toml");
+    let section = "reward_model = \"rm\"\n[stage.grpo]\nnum_generations = 2\ngeneration_batch_size = 4\nmax_completion_length = 8\n[[stage.grpo.rewards]]\ntype = \"length\"\nmin = 4";
+    std::fs::write(&grpo, body("grpo", &prompts, section)).unwrap();
+    let swapped = ok(align().args(["run", grpo.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&swapped), vec!["sft: up to date (skipped)", "rm: up to date (skipped)", "rlhf: ran"]);
+    let rec = record(&run, "rlhf");
+    assert_eq!((rec["kind"].as_str(), rec["status"].as_str()), (Some("grpo"), Some("done")));
+    let roles: Vec<&str> = rec["inputs"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, vec!["model", "reward_model"]);
+    let metrics = std::fs::read_to_string(run.join("rlhf/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(metrics.contains("\"rewards/reward_model/mean\"") && metrics.contains("\"rewards/length/mean\""));
 }
 
 /// A small pipeline on the tiny model in `run`: a 3-step SFT stage "sft", then `stages`.
@@ -537,14 +551,14 @@ fn kto_and_distill_stages_run_in_a_pipeline() {
     assert!(run.join("rlhf/final/model.safetensors").is_file());
 }
 
-/// The shipped demo and its DPO, KTO and distillation twins validate, and differ only in the
+/// The shipped demo and its DPO, KTO, distillation and GRPO twins validate, and differ only in the
 /// "rlhf" stage.
 #[test]
 fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
     let tmp = tempfile::tempdir().unwrap();
     let r = repo();
     let mut stages = Vec::new();
-    let twins = ["medical-demo", "medical-demo-dpo", "medical-demo-kto", "medical-demo-distill"];
+    let twins = ["medical-demo", "medical-demo-dpo", "medical-demo-kto", "medical-demo-distill", "medical-demo-grpo"];
     for name in twins {
         let text = std::fs::read_to_string(r.join(format!("pipelines/{name}.toml"))).unwrap();
         let text = text.replace("\"runs/demo\"", &format!("{:?}", tmp.path().join(name)));
@@ -556,7 +570,7 @@ fn demo_pipelines_validate_and_differ_only_in_the_rlhf_stage() {
         stages.push(doc["stage"].as_array().unwrap().clone());
     }
     let names = |s: &[toml::Value]| s.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
-    for (twin, kind) in [(1, "dpo"), (2, "kto"), (3, "distill")] {
+    for (twin, kind) in [(1, "dpo"), (2, "kto"), (3, "distill"), (4, "grpo")] {
         assert_eq!(names(&stages[0]), names(&stages[twin]), "{}", twins[twin]);
         for (a, b) in stages[0].iter().zip(&stages[twin]) {
             if a["name"].as_str() == Some("rlhf") {

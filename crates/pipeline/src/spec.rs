@@ -405,12 +405,12 @@ impl Pipeline {
                     "{sat}.distill.teacher: give the teacher once (stage teacher = STAGE, or distill.teacher = FOLDER)"
                 );
             }
-            let external_rm = t.get("ppo").and_then(|p| p.get("reward_model")).is_some();
+            let external_rm = t.get(kind.as_str()).and_then(|p| p.get("reward_model")).is_some();
             if kind == StageKind::Ppo && reward_model.is_none() && !external_rm {
                 bail!("{sat}.reward_model: a ppo stage needs a reward model (the name of an earlier reward stage, or a folder as ppo.reward_model)");
             }
-            if kind == StageKind::Ppo && reward_model.is_some() && external_rm {
-                bail!("{sat}.ppo.reward_model: give the reward model once (stage reward_model = STAGE, or ppo.reward_model = FOLDER)");
+            if (kind == StageKind::Ppo || kind.samples_groups()) && reward_model.is_some() && external_rm {
+                bail!("{sat}.{kind}.reward_model: give the reward model once (stage reward_model = STAGE, or {kind}.reward_model = FOLDER)");
             }
             if let Some(rm) = &reward_model {
                 if stages.iter().any(|s| &s.name == rm && s.kind != StageKind::Reward) {
@@ -495,8 +495,9 @@ impl Pipeline {
             if kind == StageKind::Distill {
                 read_sft(&data, &options).map_err(|e| anyhow!("{sat}.data: a distill stage needs SFT data: {e}"))?;
             }
-            if kind == StageKind::Ppo {
-                read_prompts(&data, &options).map_err(|e| anyhow!("{sat}.data: a ppo stage needs prompt data: {e}"))?;
+            if kind == StageKind::Ppo || kind.samples_groups() {
+                read_prompts(&data, &options)
+                    .map_err(|e| anyhow!("{sat}.data: a {kind} stage needs prompt data: {e}"))?;
             }
             if kind == StageKind::Eval && eval.as_deref() == Some("perplexity") {
                 for f in expand_data_paths(&data)? {
@@ -560,7 +561,7 @@ impl Pipeline {
         for s in p.stages.iter().filter(|s| !s.makes_from_files()) {
             if s.kind != StageKind::Eval {
                 let cfg = p.stage_config(s, Path::new("MODEL"), None);
-                cfg.and_then(|c| check_stage_section(&c))
+                cfg.and_then(|c| check_stage_section(&c, s.reward_model.is_some()))
                     .map_err(|e| anyhow!("{at}stage[{}] ({}): {e}", s.index, s.name))?;
             }
         }
@@ -584,8 +585,9 @@ impl Pipeline {
 }
 
 /// Deserialises (and where the stage has checks, validates) a stage's own section, so unknown
-/// keys and bad values are reported before anything trains.
-pub(crate) fn check_stage_section(cfg: &LoadedConfig) -> Result<()> {
+/// keys and bad values are reported before anything trains. `reward_stage`: the stage names an
+/// earlier reward stage, whose model is filled in as `<kind>.reward_model` at run time.
+pub(crate) fn check_stage_section(cfg: &LoadedConfig, reward_stage: bool) -> Result<()> {
     match cfg.stage_name.as_str() {
         "pretrain" => cfg.stage_section::<align_pretrain::PretrainSection>().map(|_| ()),
         "sft" => cfg.stage_section::<align_sft::SftSection>().map(|_| ()),
@@ -611,6 +613,13 @@ pub(crate) fn check_stage_section(cfg: &LoadedConfig) -> Result<()> {
             c.stage.entry("reward_model").or_insert(toml::Value::String("REWARD_MODEL".into()));
             let section: align_rlhf::PpoSection = c.stage_section()?;
             section.validate().map_err(|e| anyhow!("[ppo] {e}"))
+        }
+        "grpo" | "rloo" | "reinforce_pp" => {
+            let mut c = cfg.clone();
+            if reward_stage {
+                c.stage.entry("reward_model").or_insert(toml::Value::String("REWARD_MODEL".into()));
+            }
+            align_rlhf::grpo::section_of(&c).map(|_| ())
         }
         _ => Ok(()),
     }

@@ -28,6 +28,7 @@ pub fn train_stage(
         StageKind::Reward => align_reward::run(cfg, restart, stop_after),
         StageKind::Dpo => align_rlhf::run_dpo(cfg, restart, stop_after),
         StageKind::Ppo => align_rlhf::run_ppo(cfg, restart, stop_after),
+        StageKind::Grpo | StageKind::Rloo | StageKind::ReinforcePp => align_rlhf::run_grpo(cfg, restart, stop_after),
         StageKind::Kto => align_rlhf::run_kto(cfg, restart, stop_after),
         StageKind::Distill => align_rlhf::run_distill(cfg, restart, stop_after),
         StageKind::Tokenizer | StageKind::Init | StageKind::Eval => {

@@ -136,6 +136,35 @@ pub fn plot_specs(kind: Option<StageKind>) -> Vec<PlotSpec> {
             lr,
             grad,
         ],
+        Some(StageKind::Grpo) | Some(StageKind::Rloo) | Some(StageKind::ReinforcePp) => vec![
+            spec(
+                "reward",
+                "reward (weighted sum of the reward functions)",
+                "reward",
+                &[("reward", Train("reward")), ("reward std", Train("reward_std"))],
+            ),
+            spec("kl", "KL to the reference policy", "KL (nats)", &[("kl", Train("kl"))]),
+            spec(
+                "completion_length",
+                "completion length",
+                "tokens",
+                &[("mean", Train("completions/mean_length")), ("max", Train("completions/max_length"))],
+            ),
+            spec(
+                "clip_ratio",
+                "clipped tokens",
+                "fraction",
+                &[
+                    ("region", Train("clip_ratio/region_mean")),
+                    ("zero-std groups", Train("frac_reward_zero_std")),
+                    ("truncated", Train("completions/clipped_ratio")),
+                ],
+            ),
+            spec("entropy", "policy entropy", "entropy", &[("entropy", Train("entropy"))]),
+            loss,
+            lr,
+            grad,
+        ],
         Some(StageKind::Eval) | Some(StageKind::Tokenizer) | Some(StageKind::Init) => Vec::new(),
         Some(StageKind::Kto) => vec![
             loss,

@@ -74,6 +74,7 @@ pub fn headline_metric(stage: &Stage) -> Option<(String, f64)> {
         Some(StageKind::Ppo) => {
             last(metrics::RLHF_REWARD).or_else(|| last(metrics::SCORES)).or_else(|| last(metrics::LOSS))
         }
+        Some(k) if k.samples_groups() => last("reward").or_else(|| last(metrics::LOSS)),
         _ => stage
             .summary()
             .and_then(|s| s.last_loss)

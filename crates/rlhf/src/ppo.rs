@@ -12,14 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use align_core::data::read_prompts;
 use align_core::eval::answers::stop_token_ids;
 use align_core::eval::winrate::score_answers;
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
-use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
+use align_core::infer::generate::{Generation, SamplingConfig};
 use align_core::infer::logprobs::HeadOptions;
-use align_core::load::spec::ModelSpec;
 use align_core::model::recompute;
 use align_core::model::scalar::{LoadedScalarModel, ScoreInit};
 use align_core::text::chat::ChatMessage;
@@ -27,8 +25,8 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, rank_optimizer, rank_share, stream_indices, train, MetricsLog, ModelState, StepContext,
-    StepReport, StopRequest, TrainRun, TrainStep, TrainSummary, SAMPLES,
+    clip_and_step, epoch_order, rank_optimizer, rank_share, stream_indices, train, ModelState, StepContext, StepReport,
+    StopRequest, TrainRun, TrainStep, TrainSummary,
 };
 use align_core::ModelTokenizer;
 
@@ -38,7 +36,8 @@ use crate::ppo_loss::{
     AdaptiveKl, RunningMoments,
 };
 use crate::reference::{policy_reference, Reference};
-use crate::rollout::RolloutBatch;
+use crate::rewards::load_reward_model;
+use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, Prompt, RolloutBatch, SamplesLog};
 
 /// PPO's own part of every checkpoint's state (the loop keeps the iteration count, the prompt
 /// cursor, the optimizers' step counts and the non-finite counters).
@@ -47,40 +46,6 @@ struct PpoState {
     kl_coef: f64,
     reward_moments: RunningMoments,
     guards: Guards,
-}
-
-/// A prompt ready for rollouts.
-struct Prompt {
-    messages: Vec<ChatMessage>,
-    /// The rendered prompt (chat template with the generation prompt).
-    text: String,
-    ids: Vec<i64>,
-}
-
-/// Renders and encodes the prompts; drops (and counts) those over `max_len` tokens.
-fn load_prompts(cfg: &LoadedConfig, tok: &ModelTokenizer, max_len: usize) -> Result<Vec<Prompt>> {
-    let options = cfg.data_options()?;
-    let data = read_prompts(&cfg.config.data, &options)?;
-    let total = data.records.len();
-    let mut out = Vec::with_capacity(total);
-    for rec in data.records {
-        let text = tok.apply_chat_template(&rec.messages, true).with_context(|| format!("{}", rec.origin))?;
-        let ids = tok.encode(&text, false)?;
-        if ids.is_empty() || ids.len() > max_len {
-            continue;
-        }
-        out.push(Prompt { messages: rec.messages, text, ids });
-    }
-    let dropped = total - out.len();
-    tracing::info!("PPO prompts: {} of {total} kept ({dropped} longer than {max_len} tokens dropped)", out.len());
-    if out.len() < 2 {
-        bail!(
-            "{}: only {} prompt(s) fit [ppo] max_prompt_length = {max_len} ({dropped} dropped); PPO needs at least 2",
-            cfg.origin.display(),
-            out.len()
-        );
-    }
-    Ok(out)
 }
 
 /// The critic: from the reward model (default), from the policy with a fresh head, or a folder.
@@ -168,8 +133,6 @@ impl Ppo<'_> {
         }
     }
 
-    /// Runs forward passes over the rollout in micro-batches of `train.batch_size` rows and
-    /// concatenates the `[b, R]` results.
     /// How the policy's LM head scores response tokens: at the sampling temperature, in chunks
     /// of `train.loss_chunk_tokens`.
     fn head(&self) -> HeadOptions {
@@ -178,16 +141,6 @@ impl Ppo<'_> {
             chunk_tokens: self.train.loss_chunk_tokens,
             entropy: false,
         }
-    }
-
-    fn per_row(&self, batch: &RolloutBatch, mut f: impl FnMut(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
-        let n = batch.input_ids.size()[0] as usize;
-        let rows: Vec<usize> = (0..n).collect();
-        let mut parts = Vec::new();
-        for chunk in rows.chunks(self.train.batch_size.max(1)) {
-            parts.push(f(&batch.rows(chunk)?)?);
-        }
-        Ok(Tensor::f_cat(&parts, 0)?)
     }
 
     /// Shapes raw RM scores: normalisation (running statistics), clipping, missing-eos penalty.
@@ -226,7 +179,7 @@ impl Ppo<'_> {
         policy_opt: &mut AdamW,
         value_opt: &mut AdamW,
         value_lr: f64,
-        samples: &mut Option<MetricsLog>,
+        samples: &mut SamplesLog,
     ) -> Result<IterationReport> {
         let s = self.section;
         let lm = &self.policy.loaded.lm;
@@ -240,14 +193,9 @@ impl Ppo<'_> {
         let prompt_ids: Vec<Vec<i64>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
 
         // 1. rollouts (dropout off, adapters on)
-        lm.set_training(false);
-        let t = Instant::now();
-        let mut generations = Vec::with_capacity(picked.len());
-        let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size).max(1);
-        for chunk in prompt_ids.chunks(gen_batch) {
-            generations.extend(generate_with_stats(lm, chunk, &self.sampling(), &self.stops, self.pad_id)?.0);
-        }
-        let generation_seconds = t.elapsed().as_secs_f64();
+        let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size);
+        let (generations, generation_seconds) =
+            sample_responses(lm, &prompt_ids, &self.sampling(), &self.stops, self.pad_id, gen_batch)?;
         let new_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
 
         // 2. reward-model scores of prompt + response (rendered with the RM's chat template)
@@ -270,17 +218,17 @@ impl Ppo<'_> {
         let head = self.head();
         let (old_logprobs, entropy, ref_logprobs, old_values) = tch::no_grad(|| -> Result<_> {
             let mut entropies = Vec::new();
-            let old = self.per_row(&batch, |b| {
+            let old = batch.per_pass(self.train.batch_size, |b| {
                 let scores = b.response_scores(lm, HeadOptions { entropy: true, ..head })?;
                 entropies.extend(scores.entropy);
                 Ok(scores.logprobs)
             })?;
-            let reference = self.per_row(&batch, |b| {
+            let reference = batch.per_pass(self.train.batch_size, |b| {
                 self.reference
                     .run(lm, |r| b.response_logprobs(r, head))?
                     .ok_or_else(|| anyhow!("PPO needs a reference model"))
             })?;
-            let values = self.per_row(&batch, |b| b.response_values(critic))?;
+            let values = batch.per_pass(self.train.batch_size, |b| b.response_values(critic))?;
             Ok((old, Tensor::f_cat(&entropies, 0)?, reference, values))
         })?;
         let forward_seconds = t.elapsed().as_secs_f64();
@@ -362,8 +310,8 @@ impl Ppo<'_> {
         for (k, v) in opt_stats.metrics {
             line[k] = json!(v);
         }
-        let sample_now = world.is_main() && s.sample_every > 0 && at.step % s.sample_every == 0;
-        if let Some(log) = samples.as_mut().filter(|_| sample_now) {
+        let due = if world.is_main() { samples.due(at.step, s.sample_every)? } else { None };
+        if let Some(log) = due {
             for (k, &i) in picked.iter().enumerate().take(s.num_samples) {
                 log.write(&json!({
                     "step": at.step + 1,
@@ -522,9 +470,7 @@ struct PpoStep<'a> {
     value_opt: AdamW,
     state: PpoState,
     controller: Option<AdaptiveKl>,
-    /// `samples.jsonl`, opened at the first write (after the loop has prepared the folder).
-    samples: Option<MetricsLog>,
-    samples_path: Option<std::path::PathBuf>,
+    samples: SamplesLog,
     value_lr_base: f64,
 }
 
@@ -545,11 +491,6 @@ impl TrainStep for PpoStep<'_> {
         let section = self.ppo.section;
         let t = self.ppo.train;
         let value_lr = if t.lr > 0.0 { self.value_lr_base * at.lr / t.lr } else { self.value_lr_base };
-        if self.samples.is_none() {
-            if let Some(path) = &self.samples_path {
-                self.samples = Some(MetricsLog::open(path)?);
-            }
-        }
         let report = self.ppo.iteration(
             at,
             &mut self.state,
@@ -576,12 +517,7 @@ impl TrainStep for PpoStep<'_> {
             get("time/optimisation"),
             get("rollout_tokens_per_second")
         );
-        let loss = line.get("loss").and_then(Value::as_f64);
-        let metrics = line
-            .iter()
-            .filter(|(k, _)| k.as_str() != "loss")
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
-            .collect();
+        let (loss, metrics) = loss_and_metrics(&line);
         let mut stop = None;
         if let Some(g) = check_guardrails(section, &mut self.state.guards, &report.guard) {
             if section.stop_on_guardrail {
@@ -671,10 +607,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let reward_dir = resolve_model_dir(&section.reward_model)?;
     let reference = policy_reference(cfg, section.reference.as_deref(), device, kind)?;
     // a reward-model folder, or a LoRA reward model's adapter folder (merged into its base)
-    let (mut reward, reward_tokenizer) = ModelSpec::at(&reward_dir, None, device, kind)
-        .scalar_model()
-        .with_context(|| format!("{origin}: [ppo] reward_model"))?;
-    reward.vs.freeze();
+    let (reward, reward_tokenizer) = load_reward_model(cfg, &reward_dir, device, kind)?;
     let value = load_value_model(&section, &reward_dir, &policy_dir, t.seed, device, kind)?;
     value.loaded.rm.model.set_gradient_checkpointing(t.checkpoint_every());
     let policy = TrainingModel::load(cfg)?;
@@ -721,8 +654,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
             target,
             horizon: section.kl_horizon,
         }),
-        samples: None,
-        samples_path: (section.sample_every > 0).then(|| c.output_dir.join(SAMPLES)),
+        samples: SamplesLog::new(&c.output_dir, section.sample_every),
         value_lr_base: section.value_lr.unwrap_or(t.lr),
     };
     let run =

@@ -1,14 +1,119 @@
-//! PPO rollouts as tensors: prompts (left-padded) followed by the sampled responses
-//! (right-padded) in one `[B, P + R]` batch, and the per-response-token log-probs and values the
-//! policy, reference and critic assign to them. Row `i`, column `j` of every `[B, R]` tensor is
-//! response token `j` of rollout `i`.
-use anyhow::{ensure, Result};
+//! Rollouts of the policy-optimisation stages (PPO, GRPO, RLOO, REINFORCE++): the prompts they
+//! sample from (rendered, encoded, with their reference answers), batched sampling through the
+//! core's KV-cache engine, and the rollouts as tensors — prompts (left-padded) followed by the
+//! sampled responses (right-padded) in one `[B, P + R]` batch — with the per-response-token
+//! log-probs and values the policy, reference and critic assign to them. Row `i`, column `j` of
+//! every `[B, R]` tensor is response token `j` of rollout `i`.
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use align_core::infer::generate::Generation;
+use align_core::data::read_prompts;
+use align_core::infer::generate::{generate_with_stats, Generation, SamplingConfig};
 use align_core::infer::logprobs::{head_logprobs, HeadOptions, HeadScores, IGNORE_INDEX};
 use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::scalar::ScalarModel;
+use align_core::text::chat::ChatMessage;
+use align_core::train::config::LoadedConfig;
+use align_core::train::trainer::{MetricsLog, SAMPLES};
+use align_core::ModelTokenizer;
+
+/// A prompt ready for rollouts.
+pub struct Prompt {
+    pub messages: Vec<ChatMessage>,
+    /// The rendered prompt (chat template with the generation prompt).
+    pub text: String,
+    pub ids: Vec<i64>,
+    /// The record's reference answer, when it has one.
+    pub reference: Option<String>,
+    /// `file:line` of the record.
+    pub origin: String,
+}
+
+/// Reads the stage's prompt data, renders each prompt with the policy's chat template and a
+/// generation prompt and encodes it; drops (and counts) those over `max_len` tokens. The stage's
+/// section (`[ppo]`, `[grpo]` …) names `max_prompt_length` in the error when fewer than two fit.
+pub fn load_prompts(cfg: &LoadedConfig, tok: &ModelTokenizer, max_len: usize) -> Result<Vec<Prompt>> {
+    let options = cfg.data_options()?;
+    let data = read_prompts(&cfg.config.data, &options)?;
+    let total = data.records.len();
+    let mut out = Vec::with_capacity(total);
+    for rec in data.records {
+        let origin = rec.origin.to_string();
+        let text = tok.apply_chat_template(&rec.messages, true).with_context(|| origin.clone())?;
+        let ids = tok.encode(&text, false)?;
+        if ids.is_empty() || ids.len() > max_len {
+            continue;
+        }
+        out.push(Prompt { messages: rec.messages, text, ids, reference: rec.reference, origin });
+    }
+    let dropped = total - out.len();
+    let stage = &cfg.stage_name;
+    tracing::info!("{stage} prompts: {} of {total} kept ({dropped} longer than {max_len} tokens dropped)", out.len());
+    if out.len() < 2 {
+        bail!(
+            "{}: only {} prompt(s) fit [{stage}] max_prompt_length = {max_len} ({dropped} dropped); {stage} needs at least 2",
+            cfg.origin.display(),
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+/// Samples one response to each of `prompts` with the policy (dropout off), `batch` prompts per
+/// call of the generation engine. Returns the responses and the seconds it took.
+pub fn sample_responses(
+    lm: &CausalLm,
+    prompts: &[Vec<i64>],
+    sampling: &SamplingConfig,
+    stops: &[i64],
+    pad_id: i64,
+    batch: usize,
+) -> Result<(Vec<Generation>, f64)> {
+    lm.set_training(false);
+    let t = std::time::Instant::now();
+    let mut generations = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        generations.extend(generate_with_stats(lm, chunk, sampling, stops, pad_id)?.0);
+    }
+    Ok((generations, t.elapsed().as_secs_f64()))
+}
+
+/// `OUTPUT/samples.jsonl` of a rollout stage, opened at the first write (after the loop has
+/// prepared the output folder).
+pub struct SamplesLog {
+    path: Option<std::path::PathBuf>,
+    log: Option<MetricsLog>,
+}
+
+impl SamplesLog {
+    /// Samples every `every` iterations into `output_dir/samples.jsonl` (0 = never).
+    pub fn new(output_dir: &std::path::Path, every: u64) -> Self {
+        SamplesLog { path: (every > 0).then(|| output_dir.join(SAMPLES)), log: None }
+    }
+
+    /// The log when samples are due at (0-based) iteration `step`.
+    pub fn due(&mut self, step: u64, every: u64) -> Result<Option<&mut MetricsLog>> {
+        if every == 0 || step % every != 0 {
+            return Ok(None);
+        }
+        let Some(path) = &self.path else { return Ok(None) };
+        if self.log.is_none() {
+            self.log = Some(MetricsLog::open(path)?);
+        }
+        Ok(self.log.as_mut())
+    }
+}
+
+/// An iteration's metrics line split into the loop's `loss` and the other metrics, in order.
+pub fn loss_and_metrics(line: &serde_json::Map<String, serde_json::Value>) -> (Option<f64>, Vec<(String, f64)>) {
+    let loss = line.get("loss").and_then(serde_json::Value::as_f64);
+    let metrics = line
+        .iter()
+        .filter(|(k, _)| k.as_str() != "loss")
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    (loss, metrics)
+}
 
 /// One iteration's prompts and responses, laid out for forward passes.
 pub struct RolloutBatch {
@@ -65,6 +170,18 @@ impl RolloutBatch {
             prompt_width: self.prompt_width,
             response_width: self.response_width,
         })
+    }
+
+    /// Runs `f` over the batch in forward passes of `rows_per_pass` rows and concatenates the
+    /// `[b, R]` results.
+    pub fn per_pass(&self, rows_per_pass: usize, mut f: impl FnMut(&RolloutBatch) -> Result<Tensor>) -> Result<Tensor> {
+        let n = self.input_ids.size()[0] as usize;
+        let rows: Vec<usize> = (0..n).collect();
+        let mut parts = Vec::new();
+        for chunk in rows.chunks(rows_per_pass.max(1)) {
+            parts.push(f(&self.rows(chunk)?)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
     }
 
     fn options(&self) -> ForwardOptions<'_> {

@@ -79,13 +79,17 @@ pub enum StageKind {
     Reward,
     Dpo,
     Ppo,
+    Grpo,
+    Rloo,
+    #[serde(rename = "reinforce_pp")]
+    ReinforcePp,
     Eval,
     Kto,
     Distill,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 10] = [
+    pub const ALL: [StageKind; 13] = [
         StageKind::Tokenizer,
         StageKind::Init,
         StageKind::Pretrain,
@@ -93,6 +97,9 @@ impl StageKind {
         StageKind::Reward,
         StageKind::Dpo,
         StageKind::Ppo,
+        StageKind::Grpo,
+        StageKind::Rloo,
+        StageKind::ReinforcePp,
         StageKind::Eval,
         StageKind::Kto,
         StageKind::Distill,
@@ -107,6 +114,9 @@ impl StageKind {
             StageKind::Reward => "reward",
             StageKind::Dpo => "dpo",
             StageKind::Ppo => "ppo",
+            StageKind::Grpo => "grpo",
+            StageKind::Rloo => "rloo",
+            StageKind::ReinforcePp => "reinforce_pp",
             StageKind::Eval => "eval",
             StageKind::Kto => "kto",
             StageKind::Distill => "distill",
@@ -128,7 +138,13 @@ impl StageKind {
                 | StageKind::Ppo
                 | StageKind::Kto
                 | StageKind::Distill
-        )
+        ) || self.samples_groups()
+    }
+
+    /// GRPO, RLOO and REINFORCE++: one step that samples groups of completions per prompt and
+    /// scores them with reward models, rules or a command.
+    pub fn samples_groups(self) -> bool {
+        matches!(self, StageKind::Grpo | StageKind::Rloo | StageKind::ReinforcePp)
     }
 
     /// Stages that make their output from files and record results rather than training
@@ -304,8 +320,12 @@ mod tests {
         for s in StageStatus::ALL {
             assert_eq!(StageStatus::parse(s.as_str()), Some(s));
         }
-        assert_eq!(StageKind::parse("grpo"), None);
-        assert_eq!(StageKind::list(&StageKind::training_kinds()), "pretrain, sft, reward, dpo, ppo, kto, distill");
+        assert_eq!(StageKind::parse("reinforce_pp"), Some(StageKind::ReinforcePp));
+        assert_eq!(StageKind::parse("reinforcepp"), None);
+        assert_eq!(
+            StageKind::list(&StageKind::training_kinds()),
+            "pretrain, sft, reward, dpo, ppo, grpo, rloo, reinforce_pp, kto, distill"
+        );
     }
 
     #[test]
