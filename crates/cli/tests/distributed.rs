@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tch::Tensor;
 
+mod support;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -233,67 +235,12 @@ fn commands_that_are_not_data_parallel_refuse_a_world() {
     assert!(log(&o).contains("only `align train` and `align run` are data-parallel"), "{}", log(&o));
 }
 
-/// SFT → RM → DPO (LoRA, the SFT adapter merged once for the RM) → a perplexity evaluation.
+/// The LoRA chain of the pipeline tests (SFT → RM on the merged SFT adapter → DPO → perplexity)
+/// in `dir/name`, one thread a rank, no LoRA dropout.
 fn write_pipeline(dir: &Path, name: &str, batch: usize) -> (PathBuf, PathBuf) {
     let run = dir.join(name);
     let file = dir.join(format!("{name}.toml"));
-    let r = repo();
-    std::fs::write(
-        &file,
-        format!(
-            r#"[pipeline]
-name = "dp"
-run_dir = {run:?}
-[defaults]
-model = {model:?}
-device = "cpu"
-[defaults.train]
-batch_size = {batch}
-lr = 1e-2
-max_steps = 3
-max_length = 96
-threads = 1
-[[stage]]
-name = "sft"
-kind = "sft"
-method = "lora"
-data = [{sft:?}]
-[stage.lora]
-r = 4
-dropout = 0.0
-[[stage]]
-name = "rm"
-kind = "reward"
-from = "sft"
-method = "lora"
-data = [{pairs:?}]
-[stage.lora]
-r = 4
-dropout = 0.0
-[[stage]]
-name = "dpo"
-kind = "dpo"
-from = "sft"
-reference = "sft"
-method = "lora"
-data = [{pairs:?}]
-[stage.lora]
-r = 4
-dropout = 0.0
-[[stage]]
-name = "ppl"
-kind = "eval"
-eval = "perplexity"
-from = "dpo"
-data = [{ppl:?}]
-"#,
-            model = r.join("tests/fixtures/models/tiny-llama"),
-            sft = r.join("data/sft/medical_sharegpt.jsonl"),
-            pairs = r.join("data/preference/medical_pairs.jsonl"),
-            ppl = r.join("tests/fixtures/perplexity.txt"),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, support::lora_chain_pipeline(&run, batch, "threads = 1\n", "dropout = 0.0\n")).unwrap();
     (file, run)
 }
 

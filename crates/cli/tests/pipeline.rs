@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
+mod support;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -346,59 +348,7 @@ fn lora_stages_chain_and_full_models_are_merged_where_needed() {
     let run = tmp.path().join("lora");
     let r = repo();
     let file = tmp.path().join("lora.toml");
-    std::fs::write(
-        &file,
-        format!(
-            r#"[pipeline]
-name = "lora-chain"
-run_dir = {run:?}
-[defaults]
-model = {model:?}
-device = "cpu"
-[defaults.train]
-batch_size = 4
-lr = 1e-2
-max_steps = 3
-max_length = 96
-[[stage]]
-name = "sft"
-kind = "sft"
-method = "lora"
-data = [{sft:?}]
-[stage.lora]
-r = 4
-[[stage]]
-name = "rm"
-kind = "reward"
-from = "sft"
-method = "lora"
-data = [{pairs:?}]
-[stage.lora]
-r = 4
-[[stage]]
-name = "dpo"
-kind = "dpo"
-from = "sft"
-reference = "sft"
-method = "lora"
-data = [{pairs:?}]
-[stage.lora]
-r = 4
-[[stage]]
-name = "ppl"
-kind = "eval"
-eval = "perplexity"
-from = "dpo"
-data = [{ppl:?}]
-"#,
-            run = run,
-            model = r.join("tests/fixtures/models/tiny-llama"),
-            sft = r.join("data/sft/medical_sharegpt.jsonl"),
-            pairs = r.join("data/preference/medical_pairs.jsonl"),
-            ppl = r.join("tests/fixtures/perplexity.txt"),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, support::lora_chain_pipeline(&run, 4, "", "")).unwrap();
     let out = ok(align().args(["run", file.to_str().unwrap(), "--check"]).output().unwrap());
     let _ = out;
     ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());

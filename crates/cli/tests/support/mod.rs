@@ -41,3 +41,59 @@ pub fn fixtures() -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// A pipeline in `run` on the tiny Llama: LoRA SFT "sft" → LoRA reward model "rm" (on the SFT
+/// adapter merged) → LoRA DPO "dpo" (the SFT model as reference) → perplexity "ppl", 3 steps of
+/// `batch` each; `train_extra` and `lora_extra` are added to `[defaults.train]` and each
+/// `[stage.lora]`.
+pub fn lora_chain_pipeline(run: &Path, batch: usize, train_extra: &str, lora_extra: &str) -> String {
+    let r = repo();
+    format!(
+        r#"[pipeline]
+name = "lora-chain"
+run_dir = {run:?}
+[defaults]
+model = {model:?}
+device = "cpu"
+[defaults.train]
+batch_size = {batch}
+lr = 1e-2
+max_steps = 3
+max_length = 96
+{train_extra}[[stage]]
+name = "sft"
+kind = "sft"
+method = "lora"
+data = [{sft:?}]
+[stage.lora]
+r = 4
+{lora_extra}[[stage]]
+name = "rm"
+kind = "reward"
+from = "sft"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+{lora_extra}[[stage]]
+name = "dpo"
+kind = "dpo"
+from = "sft"
+reference = "sft"
+method = "lora"
+data = [{pairs:?}]
+[stage.lora]
+r = 4
+{lora_extra}[[stage]]
+name = "ppl"
+kind = "eval"
+eval = "perplexity"
+from = "dpo"
+data = [{ppl:?}]
+"#,
+        model = r.join("tests/fixtures/models/tiny-llama"),
+        sft = r.join("data/sft/medical_sharegpt.jsonl"),
+        pairs = r.join("data/preference/medical_pairs.jsonl"),
+        ppl = r.join("tests/fixtures/perplexity.txt"),
+    )
+}
