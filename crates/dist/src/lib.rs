@@ -54,14 +54,18 @@ extern "C" {
     fn align_dist_release_grad(param: *mut C_tensor, err: *mut c_char, len: usize) -> i32;
 }
 
-fn local_call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
-    let mut err = [0 as c_char; 1024];
+/// Runs a shim function with an error buffer: its message when it fails.
+fn shim(f: impl FnOnce(*mut c_char, usize) -> i32) -> std::result::Result<(), String> {
+    let mut err = [0 as c_char; 2048];
     if f(err.as_mut_ptr(), err.len()) != 0 {
         // SAFETY: the shim always NUL-terminates the buffer
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        bail!("{what}: {msg}");
+        return Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned());
     }
     Ok(())
+}
+
+fn local_call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<()> {
+    shim(f).map_err(|msg| anyhow!("{what}: {msg}"))
 }
 
 /// Sets the gradient of the leaf `param` to `grad` (tch has no setter).
@@ -163,18 +167,13 @@ fn call(
     timeout: Duration,
     f: impl FnOnce(*mut c_char, usize) -> i32,
 ) -> Result<()> {
-    let mut err = [0 as c_char; 2048];
-    let rc = f(err.as_mut_ptr(), err.len());
-    if rc != 0 {
-        // SAFETY: the shim always NUL-terminates the buffer
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        let msg = msg.lines().next().unwrap_or("").to_string();
-        bail!(
-            "rank {rank} of {size}: {what} failed: {msg} (another rank exited or stopped answering within {}s; see its log)",
+    shim(f).map_err(|msg| {
+        anyhow!(
+            "rank {rank} of {size}: {what} failed: {} (another rank exited or stopped answering within {}s; see its log)",
+            msg.lines().next().unwrap_or(""),
             timeout.as_secs()
-        );
-    }
-    Ok(())
+        )
+    })
 }
 
 /// The `at::Tensor*` of a tensor, for the shim (which works on the tensor's storage in place).
@@ -396,17 +395,15 @@ impl World {
     /// Fails unless every rank holds the same `value` (e.g. the checkpoint each resumes from).
     pub fn agree(&self, what: &str, value: u64) -> Result<()> {
         let Some(g) = &self.group else { return Ok(()) };
-        let mut hi = [value as f64];
-        let mut lo = [value as f64];
-        g.all_reduce_f64(&mut hi, ReduceOp::Max)?;
-        g.all_reduce_f64(&mut lo, ReduceOp::Min)?;
-        if hi[0] != lo[0] {
+        // the largest value and the largest negated value (the smallest) in one reduction
+        let mut range = [value as f64, -(value as f64)];
+        g.all_reduce_f64(&mut range, ReduceOp::Max)?;
+        let (hi, lo) = (range[0], -range[1]);
+        if hi != lo {
             bail!(
-                "rank {} of {}: the ranks disagree on {what} (from {} to {}; this rank has {value})",
+                "rank {} of {}: the ranks disagree on {what} (from {lo} to {hi}; this rank has {value})",
                 self.rank,
-                self.size,
-                lo[0],
-                hi[0]
+                self.size
             );
         }
         Ok(())

@@ -141,6 +141,9 @@ struct Sharding {
     /// 0: every rank keeps all state; 1: moments and masters partitioned; 2: and gradients
     /// reduced to their owner only.
     zero: u8,
+    /// Which parameters got a gradient on some rank, from the last [`AdamW::reduce_grads`]: the
+    /// ones their owners update and send after the step.
+    reduced: Option<Vec<bool>>,
 }
 
 /// The two dynamic maps of the 8-bit moments, on one device.
@@ -232,7 +235,7 @@ impl AdamW {
             vec![group.rank(); params.len()]
         };
         let mut opt = Self::build(params, cfg, Some((&owners, group.rank())))?;
-        opt.sharding = Some(Sharding { group, zero });
+        opt.sharding = Some(Sharding { group, zero, reduced: None });
         Ok(opt)
     }
 
@@ -284,7 +287,7 @@ impl AdamW {
     /// (ZeRO-2, the others' copies released). A parameter with a gradient on some rank only gets
     /// a zero gradient on the others first, so every rank updates the same parameters.
     pub fn reduce_grads(&mut self) -> Result<()> {
-        let Some(sh) = &self.sharding else { return Ok(()) };
+        let Some(sh) = &mut self.sharding else { return Ok(()) };
         let g = sh.group;
         let mut defined: Vec<f64> = self.params.iter().map(|p| p.param.grad().defined() as u8 as f64).collect();
         g.all_reduce_f64(&mut defined, ReduceOp::Max)?;
@@ -294,6 +297,8 @@ impl AdamW {
             }
         }
         let with_grad: Vec<usize> = (0..self.params.len()).filter(|&i| defined[i] > 0.0).collect();
+        sh.reduced = Some(defined.iter().map(|&d| d > 0.0).collect());
+        let sh = &*sh;
         if sh.zero < 2 {
             let grads: Vec<Tensor> = with_grad.iter().map(|&i| self.params[i].param.grad()).collect();
             return align_dist::bucketed(&grads, align_dist::BUCKET_BYTES, |flat, _| g.all_reduce(flat, ReduceOp::Sum));
@@ -418,22 +423,22 @@ impl AdamW {
 
     /// ZeRO-1/2: every owner sends its updated parameters to the other ranks (bucketed
     /// broadcasts), so all ranks hold the same weights again.
-    fn share_updates(&self) -> Result<()> {
-        let Some(sh) = self.sharding.as_ref().filter(|s| s.zero > 0) else { return Ok(()) };
+    fn share_updates(&mut self) -> Result<()> {
+        let Some(sh) = self.sharding.as_mut() else { return Ok(()) };
+        // an owner updated the parameters that got a gradient on some rank (agreed by
+        // reduce_grads, which every step of a sharded optimizer follows)
+        let reduced = sh.reduced.take().ok_or_else(|| anyhow!("a sharded AdamW stepped without reduce_grads"))?;
+        if sh.zero == 0 {
+            return Ok(());
+        }
         let g = sh.group;
-        let updated: Vec<f64> = self.params.iter().map(|p| p.param.grad().defined() as u8 as f64).collect();
         for owner in 0..g.size() {
-            // an owner updated a parameter when its gradient was defined there (ZeRO-2 releases
-            // the others' copies): the owner's view decides, sent along first
-            let mut mask: Vec<f64> =
-                self.params.iter().enumerate().map(|(i, p)| if p.owner == owner { updated[i] } else { 0.0 }).collect();
-            g.all_reduce_f64(&mut mask, ReduceOp::Max)?;
             let params: Vec<Tensor> = self
                 .params
                 .iter()
-                .enumerate()
-                .filter(|(i, p)| p.owner == owner && mask[*i] > 0.0)
-                .map(|(_, p)| p.param.detach())
+                .zip(&reduced)
+                .filter(|(p, &r)| p.owner == owner && r)
+                .map(|(p, _)| p.param.detach())
                 .collect();
             align_dist::bucketed(&params, align_dist::BUCKET_BYTES, |flat, _| g.broadcast(flat, owner))?;
         }
