@@ -9,7 +9,7 @@ use align_core::model::decoder::ForwardOptions;
 use align_core::model::io::{load_causal_lm, LoadedModel};
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_config, save_adapter, trainable_parameters,
-    without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
+    without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraInit, LoraTargets,
 };
 use align_core::CausalLm;
 use align_testkit::python_with;
@@ -44,8 +44,16 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// (adapter fixture, base model)
-const PEFT_ADAPTERS: &[(&str, &str)] =
-    &[("llama-qv", "tiny-llama"), ("llama-all", "tiny-llama"), ("qwen2-all-rslora", "tiny-qwen2")];
+const PEFT_ADAPTERS: &[(&str, &str)] = &[
+    ("llama-qv", "tiny-llama"),
+    ("llama-all", "tiny-llama"),
+    ("qwen2-all-rslora", "tiny-qwen2"),
+    ("llama-dora", "tiny-llama"),
+    ("qwen2-dora-qv", "tiny-qwen2"),
+    ("llama-pissa", "tiny-llama"),
+    ("llama-olora", "tiny-llama"),
+    ("llama-patterns", "tiny-llama"),
+];
 
 #[test]
 fn peft_adapters_reproduce_peft_logits() {
@@ -370,7 +378,15 @@ fn bad_adapters_fail_with_one_clear_line() {
 
     type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
-        ("dora", Box::new(|c| c["use_dora"] = true.into()), "field 'use_dora'"),
+        // a DoRA config over plain LoRA weights: the magnitude vectors are missing
+        ("dora", Box::new(|c| c["use_dora"] = true.into()), "q_proj.lora_magnitude_vector'"),
+        ("dora-type", Box::new(|c| c["use_dora"] = "yes".into()), "field 'use_dora'"),
+        ("pissa-niter", Box::new(|c| c["init_lora_weights"] = "pissa_niter_4".into()), "randomised SVD"),
+        ("loftq", Box::new(|c| c["init_lora_weights"] = "loftq".into()), "field 'init_lora_weights'"),
+        ("fan-in-fan-out", Box::new(|c| c["fan_in_fan_out"] = true.into()), "field 'fan_in_fan_out'"),
+        ("layers-pattern", Box::new(|c| c["layers_pattern"] = "h".into()), "field 'layers_pattern'"),
+        ("rank-pattern", Box::new(|c| c["rank_pattern"] = serde_json::json!({"q_proj": 0})), "'q_proj'"),
+        ("layer-range", Box::new(|c| c["layers_to_transform"] = serde_json::json!([0, 7])), "layer 7 does not exist"),
         ("bias", Box::new(|c| c["bias"] = "all".into()), "field 'bias'"),
         ("prompt", Box::new(|c| c["peft_type"] = "PROMPT_TUNING".into()), "field 'peft_type'"),
         ("regex", Box::new(|c| c["target_modules"] = "(q_proj".into()), "not a valid regular expression"),
@@ -430,4 +446,246 @@ fn bad_adapters_fail_with_one_clear_line() {
         .unwrap_err()
         .to_string()
         .contains("already attached"));
+}
+
+/// Runs `make_peft_fixtures.py check` on our adapter folder; skipped without PEFT.
+fn peft_check(name: &str, adapter: &Path, golden: &Path) {
+    let Some(python) = python_with(&["transformers", "peft"]) else {
+        eprintln!("skipping the PEFT check of '{name}': no python with transformers and peft");
+        return;
+    };
+    let out = Command::new(python)
+        .arg(fixtures().join("make_peft_fixtures.py"))
+        .args(["check", adapter.to_str().unwrap(), golden.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name}: PEFT does not reproduce our logits:\n{text}");
+}
+
+#[test]
+fn lora_variants_attach_round_trip_merge_and_load_in_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = model_dir("tiny-llama");
+    let ids = tensor(&base_dir.join("golden.safetensors"), "input_ids");
+    let base = tensor(&base_dir.join("golden.safetensors"), "logits");
+    let lora = |f: &dyn Fn(&mut LoraConfig)| {
+        let mut c = LoraConfig { r: 4, alpha: 8.0, ..Default::default() };
+        f(&mut c);
+        c
+    };
+    let cases: Vec<(&str, LoraConfig, usize)> = vec![
+        ("dora", lora(&|c| c.use_dora = true), 14 * 3),
+        (
+            "dora-qv-rslora",
+            lora(&|c| {
+                c.use_dora = true;
+                c.use_rslora = true;
+                c.targets = LoraTargets::names(&["q_proj", "v_proj"]);
+            }),
+            4 * 3,
+        ),
+        ("gaussian", lora(&|c| c.init_lora_weights = LoraInit::Gaussian), 14 * 2),
+        ("pissa", lora(&|c| c.init_lora_weights = LoraInit::Pissa), 14 * 2),
+        (
+            "olora",
+            lora(&|c| {
+                c.init_lora_weights = LoraInit::Olora;
+                c.targets = LoraTargets::names(&["q_proj", "down_proj"]);
+            }),
+            4 * 2,
+        ),
+        (
+            "patterns",
+            lora(&|c| {
+                c.rank_pattern = [("q_proj".to_string(), 2), (r"mlp\.(up|down)_proj".to_string(), 6)].into();
+                c.alpha_pattern = [("v_proj".to_string(), 32.0)].into();
+                c.layers_to_transform = Some(vec![1]);
+            }),
+            7 * 2,
+        ),
+    ];
+    for (name, cfg, keys) in cases {
+        let mut m = load("tiny-llama");
+        tch::manual_seed(3);
+        attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
+        // every initialisation starts from the base model's function
+        let d = max_rel_diff(&logits(&m.lm, &ids), &base);
+        assert!(d < 1e-4, "{name}: a fresh adapter changes the logits by {d}");
+        if cfg.init_lora_weights.mutates_base() {
+            // the base holds residuals; with the adapters disabled the layer adds the initial
+            // adapter back: the reference of DPO/PPO is the model as loaded
+            let changed = m.lm.linears().iter().filter(|(_, l)| l.lora.is_some()).all(|(_, l)| {
+                let a = l.lora.as_ref().unwrap();
+                a.initial.is_some() && a.lora_b.abs().sum(Kind::Float).double_value(&[]) > 0.0
+            });
+            assert!(changed, "{name}: PiSSA/OLoRA start with B ≠ 0 and remember the initial adapter");
+            let off = without_adapters(&m.lm, |lm| Ok(logits(lm, &ids))).unwrap();
+            assert!(max_rel_diff(&off, &base) < 1e-4, "{name}: disabled adapters are not the base as loaded");
+        }
+        if name == "patterns" {
+            let r_of = |p: &str| {
+                m.lm.linears()
+                    .into_iter()
+                    .find(|(n, _)| n == p)
+                    .unwrap()
+                    .1
+                    .lora
+                    .as_ref()
+                    .map(|l| (l.lora_a.size()[0], l.scaling))
+            };
+            assert_eq!(r_of("model.layers.1.self_attn.q_proj"), Some((2, 4.0)));
+            assert_eq!(r_of("model.layers.1.self_attn.v_proj"), Some((4, 8.0)));
+            assert_eq!(r_of("model.layers.1.mlp.down_proj"), Some((6, 8.0 / 6.0)));
+            assert_eq!(r_of("model.layers.0.self_attn.q_proj"), None, "layer 0 is not transformed");
+        }
+        randomise_adapters(&m.lm, 5);
+        tch::no_grad(|| {
+            for (_, lin) in m.lm.linears() {
+                if let Some(mag) = lin.lora.as_ref().and_then(|l| l.magnitude.as_ref()) {
+                    let _ = mag.shallow_clone().f_mul_(&(mag.randn_like() * 0.1 + 1.0)).unwrap();
+                }
+            }
+        });
+        let ours = logits(&m.lm, &ids);
+        assert!(max_rel_diff(&ours, &base) > 0.1, "{name}: the adapter should matter");
+
+        let out = tmp.path().join(name);
+        let opts = AdapterSaveOptions {
+            base_model_name_or_path: Some(base_dir.to_string_lossy().into_owned()),
+            companions_from: Some(&base_dir),
+        };
+        save_adapter(&m.lm, &out, &opts).unwrap();
+        let saved = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(saved.len(), keys, "{name}: {:?}", saved.iter().map(|(n, _)| n).collect::<Vec<_>>());
+        // the config reads back ("all-linear" is written as the names it selected, as PEFT does)
+        let read = read_adapter_config(&out).unwrap();
+        assert_eq!(read, LoraConfig { targets: read.targets.clone(), ..cfg.clone() }, "{name}");
+        // loaded into a fresh base (PiSSA / OLoRA: the initialisation is repeated on it) …
+        let mut fresh = load("tiny-llama");
+        load_adapter(&fresh.vs, &mut fresh.lm, &out).unwrap();
+        assert!(max_rel_diff(&logits(&fresh.lm, &ids), &ours) < 1e-6, "{name}: reload differs");
+        // … into adapters attached from the same config (resume) …
+        let mut resumed = load("tiny-llama");
+        attach_lora(&resumed.vs, &mut resumed.lm, &cfg).unwrap();
+        load_adapter(&resumed.vs, &mut resumed.lm, &out).unwrap();
+        assert!(max_rel_diff(&logits(&resumed.lm, &ids), &ours) < 1e-6, "{name}: resume differs");
+        // … and in PEFT
+        let golden = tmp.path().join(format!("{name}-golden.safetensors"));
+        Tensor::write_safetensors(&[("input_ids", &ids), ("logits", &ours)], &golden).unwrap();
+        peft_check(name, &out, &golden);
+
+        // merging (DoRA exactly: m / ‖W + ΔW‖ · (W + ΔW)) gives the same function
+        merge_lora(&fresh.vs, &mut fresh.lm).unwrap();
+        let d = max_rel_diff(&logits(&fresh.lm, &ids), &ours);
+        assert!(d < 1e-4, "{name}: merged differs from unmerged by {d}");
+        assert!(fresh.vs.variables().keys().all(|k| !k.contains("lora_")), "{name}: merge leaves adapter variables");
+    }
+}
+
+#[test]
+fn dora_merges_into_a_folder_transformers_loads_with_equal_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = adapter_dir("qwen2-dora-qv");
+    let mut m = load("tiny-qwen2");
+    load_adapter(&m.vs, &mut m.lm, &adapter).unwrap();
+    merge_lora(&m.vs, &mut m.lm).unwrap();
+    let out = tmp.path().join("merged");
+    let base_dir = model_dir("tiny-qwen2");
+    let opts = align_core::hf::checkpoint::SaveOptions { companions_from: Some(&base_dir), ..Default::default() };
+    align_core::hf::checkpoint::save_pretrained(&m.vs, &m.lm.config, &out, &opts).unwrap();
+    // PEFT's own logits of the unmerged DoRA adapter
+    let golden = adapter.join("golden.safetensors");
+    let ids = tensor(&golden, "input_ids");
+    let d = max_rel_diff(&logits(&m.lm, &ids), &tensor(&golden, "logits"));
+    assert!(d <= 1e-4, "merged DoRA differs from PEFT's unmerged logits by {d}");
+    let Some(python) = python_with(&["transformers"]) else {
+        eprintln!("skipping the transformers check: no python with transformers");
+        return;
+    };
+    let out = Command::new(python)
+        .arg(fixtures().join("check_hf_load.py"))
+        .args([out.to_str().unwrap(), golden.to_str().unwrap(), "--atol", "1e-4", "--rtol", "1e-4"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "transformers does not reproduce PEFT's DoRA logits from our merged folder:\n{text}");
+}
+
+#[test]
+fn lora_variant_options_are_checked() {
+    let bad = |f: &dyn Fn(&mut LoraConfig)| {
+        let mut c = LoraConfig::default();
+        f(&mut c);
+        c.validate().unwrap_err().to_string()
+    };
+    let e = bad(&|c| {
+        c.use_dora = true;
+        c.init_lora_weights = LoraInit::Pissa;
+    });
+    assert!(e.contains("lora.use_dora") && e.contains("pissa"), "{e}");
+    let e = bad(&|c| c.loraplus_lr_ratio = Some(0.0));
+    assert!(e.contains("lora.loraplus_lr_ratio"), "{e}");
+    let e = bad(&|c| c.rank_pattern = [("q_proj".to_string(), 0)].into());
+    assert!(e.contains("lora.rank_pattern") && e.contains("'q_proj'"), "{e}");
+    let e = bad(&|c| c.alpha_pattern = [("(".to_string(), 1.0)].into());
+    assert!(e.contains("lora.alpha_pattern") && e.contains("regular expression"), "{e}");
+    let e = bad(&|c| {
+        c.targets = LoraTargets::Pattern(r".*\.q_proj".into());
+        c.layers_to_transform = Some(vec![0]);
+    });
+    assert!(e.contains("lora.layers_to_transform"), "{e}");
+    // two keys matching one module are ambiguous (PEFT would take the first in writing order)
+    let c = LoraConfig {
+        rank_pattern: [("q_proj".to_string(), 2), (r"self_attn\..*".to_string(), 3)].into(),
+        ..Default::default()
+    };
+    let e = c.rank_of("model.layers.0.self_attn.q_proj").unwrap_err().to_string();
+    assert!(e.contains("both"), "{e}");
+    assert_eq!(c.rank_of("model.layers.0.self_attn.k_proj").unwrap(), 3);
+    assert_eq!(c.rank_of("model.layers.0.mlp.up_proj").unwrap(), 8);
+    // a config reads PEFT's spellings
+    let c: LoraConfig =
+        toml::from_str("init_lora_weights = \"olora\"\nlayers_to_transform = 1\nuse_dora = false").unwrap();
+    assert_eq!((c.init_lora_weights, c.layers_to_transform), (LoraInit::Olora, Some(vec![1])));
+    let e = toml::from_str::<LoraConfig>("init_lora_weights = false").unwrap_err().to_string();
+    assert!(e.contains("init_lora_weights"), "{e}");
+    // PiSSA needs the full-precision base
+    let mut q = load("tiny-llama");
+    q.lm.model.quantize(&q.vs, align_core::model::quant::Quantization::from_flags("nf4", false).unwrap()).unwrap();
+    let e = attach_lora(&q.vs, &mut q.lm, &LoraConfig { init_lora_weights: LoraInit::Pissa, ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("init_lora_weights") && e.contains("quantised"), "{e}");
+}
+
+#[test]
+fn dora_trains_the_magnitudes_and_lora_plus_scales_b_and_magnitudes() {
+    use align_core::peft::lora::loraplus_lr_scale;
+    let mut m = load("tiny-llama");
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_dora: true,
+        loraplus_lr_ratio: Some(16.0),
+        ..Default::default()
+    };
+    attach_lora(&m.vs, &mut m.lm, &cfg).unwrap();
+    let trainable = trainable_parameters(&m.vs);
+    assert_eq!(trainable.len(), 14 * 3);
+    let scales: Vec<f64> = trainable.iter().map(|(n, t)| loraplus_lr_scale(&cfg, n, t)).collect();
+    for ((n, _), s) in trainable.iter().zip(&scales) {
+        let want = if n.ends_with("lora_A.weight") { 1.0 } else { 16.0 };
+        assert_eq!(*s, want, "{n}");
+    }
+    randomise_adapters(&m.lm, 9);
+    m.lm.set_training(true);
+    let ids = tensor(&model_dir("tiny-llama").join("golden.safetensors"), "input_ids");
+    let loss = m.lm.forward(&ids, &ForwardOptions::default(), None).unwrap().pow_tensor_scalar(2).mean(Kind::Float);
+    loss.backward();
+    for (n, t) in &trainable {
+        let g = t.grad();
+        assert!(g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{n} got no gradient");
+    }
 }

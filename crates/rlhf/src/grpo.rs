@@ -22,8 +22,8 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, stream_indices, train, ModelState, StepContext, StepReport, TrainRun, TrainStep,
-    TrainSummary,
+    clip_and_step, epoch_order, rank_optimizer, stream_indices, train, ModelState, StepContext, StepReport, TrainRun,
+    TrainStep, TrainSummary,
 };
 
 use crate::grpo_config::GrpoSection;
@@ -643,7 +643,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let mut step = GrpoStep {
         grpo,
-        opt: AdamW::new(policy.trainable_params(), t.adamw())?,
+        opt: rank_optimizer(policy.trainable_params(), t, policy.lora_config())?,
         state: GrpoState::default(),
         samples: SamplesLog::new(&c.output_dir, section.sample_every),
     };

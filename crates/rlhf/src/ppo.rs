@@ -646,8 +646,8 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     );
     let mut step = PpoStep {
         ppo,
-        policy_opt: rank_optimizer(policy.trainable_params(), t)?,
-        value_opt: rank_optimizer(value.trainable_params(), t)?,
+        policy_opt: rank_optimizer(policy.trainable_params(), t, policy.lora_config())?,
+        value_opt: rank_optimizer(value.trainable_params(), t, value.lora_config())?,
         state: PpoState { kl_coef: section.kl_coef, ..Default::default() },
         controller: section.target_kl.map(|target| AdaptiveKl {
             coef: section.kl_coef,

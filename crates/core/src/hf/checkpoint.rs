@@ -32,10 +32,10 @@ pub const COMPANION_FILES: &[&str] = &[
     "tokenizer.model",
 ];
 
-/// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`), which a base
-/// model folder does not hold.
+/// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`, DoRA's
+/// `….lora_magnitude_vector`), which a base model folder does not hold.
 pub fn is_adapter_variable(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.")
+    name.contains(".lora_A.") || name.contains(".lora_B.") || name.ends_with(".lora_magnitude_vector")
 }
 
 /// Resolves `--model`: a local folder, or a hub id (`org/name`) found in the local HF cache

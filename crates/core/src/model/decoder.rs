@@ -77,10 +77,21 @@ impl Linear {
                 }
             }
         };
-        match &self.lora {
-            Some(lora) if lora.is_enabled() => Ok(y.f_add(&lora.forward(x)?)?),
-            _ => Ok(y),
+        let Some(lora) = &self.lora else { return Ok(y) };
+        if !lora.is_enabled() {
+            return match lora.initial_update(x)? {
+                Some(back) => Ok(y.f_add(&back)?),
+                None => Ok(y),
+            };
         }
+        if lora.magnitude.is_some() {
+            let w = match &self.weight {
+                LinearWeight::Dense(w) => w.shallow_clone(),
+                LinearWeight::Quantized(q) => q.dequantize(lora.lora_a.kind())?,
+            };
+            return lora.dora_output(x, &y, &w, self.bias.as_ref());
+        }
+        Ok(y.f_add(&lora.forward(x)?)?)
     }
 
     pub fn in_features(&self) -> i64 {
@@ -430,7 +441,11 @@ impl DecoderLayer {
             || self.linears().iter().any(|l| {
                 l.weight.dense().is_some_and(Tensor::requires_grad)
                     || l.bias.as_ref().is_some_and(Tensor::requires_grad)
-                    || l.lora.as_ref().is_some_and(|a| a.lora_a.requires_grad() || a.lora_b.requires_grad())
+                    || l.lora.as_ref().is_some_and(|a| {
+                        a.lora_a.requires_grad()
+                            || a.lora_b.requires_grad()
+                            || a.magnitude.as_ref().is_some_and(Tensor::requires_grad)
+                    })
             })
     }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{copy_companions, for_each_tensor, resolve_model_dir, save_tensors, SINGLE_FILE};
 use crate::hf::folder::write_folder;
@@ -26,7 +26,10 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's prefix of every saved key of an adapter file (the adapter and the modules saved in full).
 const PEFT_PREFIX: &str = "base_model.model.";
-pub use crate::model::lora_layer::{LoraAdapter, LoraConfig, LoraTargets, ALL_LINEAR};
+/// DoRA's magnitude vector of a module: `<module>.lora_magnitude_vector` in the `VarStore` and,
+/// after PEFT's prefix, in adapter files.
+const MAGNITUDE: &str = "lora_magnitude_vector";
+pub use crate::model::lora_layer::{LoraAdapter, LoraConfig, LoraInit, LoraTargets, ALL_LINEAR};
 
 /// Adapter weights are kept in f32 (f64 for an f64 model) whatever the base dtype, as PEFT does
 /// by default (`autocast_adapter_dtype`), so small updates are not lost to bf16 rounding.
@@ -61,18 +64,77 @@ const PEFT_CLASSIFIER_NAMES: &[&str] = &["classifier", "score"];
 
 pub use crate::hf::checkpoint::is_adapter_variable;
 
-/// The module paths of `trunk`'s projections that `targets` selects (PEFT's rules, see
-/// [`LoraTargets`]).
-fn resolve_targets(trunk: &Trunk, targets: &LoraTargets) -> Result<Vec<String>> {
+/// The module paths of `trunk`'s projections that `config` adapts: those `targets` selects
+/// (PEFT's rules, see [`LoraTargets`]) in the layers `layers_to_transform` names.
+fn resolve_targets(trunk: &Trunk, config: &LoraConfig) -> Result<Vec<String>> {
     let names: Vec<String> = trunk.linears().into_iter().map(|(n, _)| n).collect();
-    targets.select(&names)
+    let selected = config.targets.select(&names)?;
+    if let Some(layers) = &config.layers_to_transform {
+        let n = trunk.layers.len() as i64;
+        if let Some(i) = layers.iter().find(|i| **i >= n) {
+            bail!("layers_to_transform: layer {i} does not exist (the model has decoder layers 0..{})", n - 1);
+        }
+    }
+    Ok(selected.into_iter().filter(|p| config.transforms_layer_of(p)).collect())
 }
 
-/// Attaches fresh adapters (A kaiming-uniform from libtorch's global generator, B zeros) to the
-/// projections `config.targets` selects, registers them in `vs` and freezes every other
-/// variable (`requires_grad = false`) except those of the model's `modules_to_save` (a reward
-/// model's head), which keep training in full. Attach after loading the base weights. Returns
-/// the adapted module paths.
+/// The starting `(A, B)` of an adapter of rank `r` on weight `w` (`[out, in]`), and for PiSSA /
+/// OLoRA the residual base weight `W − scaling · B A` (in `w`'s dtype). `random` false: zeros
+/// (the weights will be copied in from a file), unless the initialisation moves part of the
+/// base into the adapter, which loading must repeat.
+fn initial_adapter(
+    init: LoraInit,
+    w: Option<&Tensor>,
+    (r, fan_in, fan_out, scaling): (i64, i64, i64, f64),
+    (kind, device): (Kind, Device),
+    random: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    if init.mutates_base() {
+        let w = w.ok_or_else(|| {
+            anyhow!(
+                "init_lora_weights = {}: needs the full-precision base weight (not a quantised base)",
+                init.to_json()
+            )
+        })?;
+        let wf = w.f_to_kind(Kind::Float)?;
+        let (a, b) = match init {
+            LoraInit::Pissa => {
+                // W = U S Vᵀ: B = U_r √(S_r/scaling), A = √(S_r/scaling) V_rᵀ (PEFT's pissa_init)
+                // torch.svd's (U, S, V) come from the same decomposition as linalg.svd's Vh = Vᵀ
+                let (u, sv, v) = wf.f_svd(true, true)?;
+                let vh = v.f_transpose(0, 1)?;
+                let sr = sv.f_narrow(0, 0, r)?.f_div_scalar(scaling)?.f_sqrt()?.f_diag(0)?;
+                (sr.f_matmul(&vh.f_narrow(0, 0, r)?)?, u.f_narrow(1, 0, r)?.f_matmul(&sr)?)
+            }
+            _ => {
+                // W = Q R: B = Q[:, :r], A = R[:r] (PEFT's olora_init)
+                let (q, rr) = Tensor::f_linalg_qr(&wf, "reduced")?;
+                (rr.f_narrow(0, 0, r)?.f_contiguous()?, q.f_narrow(1, 0, r)?.f_contiguous()?)
+            }
+        };
+        // `W − scaling · B @ A` evaluated as PEFT does: (scaling · B) @ A
+        let residual = wf.f_sub(&b.f_mul_scalar(scaling)?.f_matmul(&a)?)?.f_to_kind(w.kind())?;
+        return Ok((a.f_to_kind(kind)?, b.f_to_kind(kind)?, Some(residual)));
+    }
+    let a = if !random {
+        Tensor::f_zeros([r, fan_in], (kind, device))?
+    } else if init == LoraInit::Gaussian {
+        Tensor::f_empty([r, fan_in], (kind, device))?.f_normal_(0.0, 1.0 / r as f64)?
+    } else {
+        // kaiming_uniform_(a=√5): gain √(2/(1+5)), bound gain·√(3/fan_in) = 1/√fan_in
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        Tensor::f_empty([r, fan_in], (kind, device))?.f_uniform_(-bound, bound)?
+    };
+    Ok((a, Tensor::f_zeros([fan_out, r], (kind, device))?, None))
+}
+
+/// Attaches fresh adapters (as `config.init_lora_weights` says, random numbers from libtorch's
+/// global generator) to the projections `config` selects, registers them in `vs` and freezes
+/// every other variable (`requires_grad = false`) except those of the model's
+/// `modules_to_save` (a reward model's head), which keep training in full. With DoRA each
+/// adapter gets its magnitude vector `‖W‖` per row; PiSSA / OLoRA replace the adapted base
+/// weights by their residuals. Attach after loading the base weights. Returns the adapted module
+/// paths.
 pub fn attach_lora<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig) -> Result<Vec<String>> {
     attach(vs, model, config, true)
 }
@@ -81,14 +143,20 @@ fn attach<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig, rando
     config.validate()?;
     let trunk = model.trunk();
     ensure!(trunk.lora_config().is_none(), "LoRA adapters are already attached to this model");
-    let modules = resolve_targets(trunk, &config.targets).context("lora.targets")?;
+    let modules = resolve_targets(trunk, config).context("lora.targets")?;
+    if config.init_lora_weights.mutates_base() {
+        refuse_quantized(
+            trunk,
+            &format!("initialise adapters with init_lora_weights = {} on", config.init_lora_weights.to_json()),
+        )?;
+    }
     let wanted: HashSet<&str> = modules.iter().map(String::as_str).collect();
     let vars = vs.variables();
     for name in vars.keys() {
         ensure!(!is_adapter_variable(name), "the model already holds LoRA variable '{name}'");
     }
     let kind = adapter_kind(trunk.embed_tokens.kind());
-    let (device, mode, r) = (trunk.embed_tokens.device(), trunk.run_mode(), config.r);
+    let (device, mode) = (trunk.embed_tokens.device(), trunk.run_mode());
     let full: Vec<Tensor> = model.modules_to_save().into_iter().map(|(_, t)| t).collect();
     tch::no_grad(|| -> Result<()> {
         for v in vars.values() {
@@ -101,25 +169,55 @@ fn attach<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig, rando
             if !wanted.contains(path.as_str()) {
                 continue;
             }
+            let (r, scaling) = (config.rank_of(&path)?, config.scaling_of(&path)?);
             let (fan_in, fan_out) = (lin.in_features(), lin.out_features());
-            let a = if random_a {
-                // kaiming_uniform_(a=√5): gain √(2/(1+5)), bound gain·√(3/fan_in) = 1/√fan_in
-                let bound = 1.0 / (fan_in as f64).sqrt();
-                Tensor::f_empty([r, fan_in], (kind, device))?.f_uniform_(-bound, bound)?
-            } else {
-                Tensor::f_zeros([r, fan_in], (kind, device))?
+            ensure!(
+                !config.init_lora_weights.mutates_base() || r <= fan_in.min(fan_out),
+                "{path}: rank {r} is larger than the weight's smaller side {} (init_lora_weights = {})",
+                fan_in.min(fan_out),
+                config.init_lora_weights.to_json()
+            );
+            let (a, b, residual) = initial_adapter(
+                config.init_lora_weights,
+                lin.weight.dense(),
+                (r, fan_in, fan_out, scaling),
+                (kind, device),
+                random_a,
+            )
+            .with_context(|| path.clone())?;
+            let initial = match residual {
+                Some(residual) => {
+                    if let LinearWeight::Dense(w) = &mut lin.weight {
+                        let _ = w.f_copy_(&residual)?;
+                    }
+                    Some((a.copy(), b.copy()))
+                }
+                None => None,
             };
-            let b = Tensor::f_zeros([fan_out, r], (kind, device))?;
             let mut p = vs.root();
             for seg in path.split('.') {
                 p = p.sub(seg);
             }
+            let magnitude = if config.use_dora {
+                let w = match &lin.weight {
+                    LinearWeight::Dense(w) => w.f_to_kind(kind)?,
+                    LinearWeight::Quantized(q) => q.dequantize(kind)?,
+                };
+                // ‖W + scaling·B A‖ per row, B A = 0 at the start (PEFT's dora_init)
+                let delta = b.f_matmul(&a)?.f_mul_scalar(scaling)?;
+                let norm = w.f_add(&delta)?.f_linalg_norm(2.0, &[1i64][..], false, None::<Kind>)?;
+                Some(p.add("lora_magnitude_vector", norm, true))
+            } else {
+                None
+            };
             let lora_a = p.sub("lora_A").add("weight", a, true);
             let lora_b = p.sub("lora_B").add("weight", b, true);
             lin.lora = Some(LoraAdapter {
                 lora_a,
                 lora_b,
-                scaling: config.scaling(),
+                magnitude,
+                initial,
+                scaling,
                 dropout: config.dropout,
                 mode: mode.clone(),
             });
@@ -154,7 +252,8 @@ pub fn refuse_quantized(trunk: &Trunk, what: &str) -> Result<()> {
     }
 }
 
-/// Folds every adapter into its base weight (`W += scaling · B A`, in W's dtype), then removes
+/// Folds every adapter into its base weight (`W += scaling · B A`, in W's dtype; with DoRA
+/// `W ← m / ‖W + scaling · B A‖ · (W + scaling · B A)` row by row), then removes
 /// the adapters from the model and their variables from `vs`, leaving a plain model (a reward
 /// model keeps its trained head). The `requires_grad` flags of the base weights are left as they
 /// are.
@@ -163,17 +262,19 @@ pub fn merge_lora<M: LoraModel>(vs: &VarStore, model: &mut M) -> Result<()> {
     refuse_quantized(model.trunk(), "merge LoRA adapters into")?;
     let mut removed = Vec::new();
     tch::no_grad(|| -> Result<()> {
-        let mut deltas = Vec::new();
+        let mut merged = Vec::new();
         for (path, lin) in model.trunk().linears() {
             if let (Some(lora), Some(w)) = (&lin.lora, lin.weight.dense()) {
-                deltas.push((path, lora.delta_weight()?.f_to_kind(w.kind())?));
+                merged.push((path, lora.merged_weight(w)?));
             }
         }
-        let mut deltas: HashMap<String, Tensor> = deltas.into_iter().collect();
+        let mut merged: HashMap<String, Tensor> = merged.into_iter().collect();
         for (path, lin) in model.trunk_mut().linears_mut() {
-            if let (Some(delta), LinearWeight::Dense(w)) = (deltas.remove(&path), &mut lin.weight) {
-                let _ = w.f_add_(&delta)?;
-                lin.lora = None;
+            if let (Some(new), LinearWeight::Dense(w)) = (merged.remove(&path), &mut lin.weight) {
+                let _ = w.f_copy_(&new)?;
+                if lin.lora.take().is_some_and(|l| l.magnitude.is_some()) {
+                    removed.push(format!("{path}.lora_magnitude_vector"));
+                }
                 removed.push(format!("{path}.lora_A.weight"));
                 removed.push(format!("{path}.lora_B.weight"));
             }
@@ -196,6 +297,9 @@ pub fn adapter_tensors<M: LoraModel>(model: &M) -> BTreeMap<String, Tensor> {
         if let Some(lora) = &lin.lora {
             out.insert(format!("{PEFT_PREFIX}{path}.lora_A.weight"), lora.lora_a.shallow_clone());
             out.insert(format!("{PEFT_PREFIX}{path}.lora_B.weight"), lora.lora_b.shallow_clone());
+            if let Some(m) = &lora.magnitude {
+                out.insert(format!("{PEFT_PREFIX}{path}.{MAGNITUDE}"), m.shallow_clone());
+            }
         }
     }
     for (name, t) in model.modules_to_save() {
@@ -213,7 +317,8 @@ pub struct AdapterSaveOptions<'a> {
     pub companions_from: Option<&'a Path>,
 }
 
-/// `adapter_config.json` as PEFT 0.21 writes it for a plain LoRA adapter on `model`.
+/// `adapter_config.json` as PEFT 0.21 writes it for a LoRA adapter on `model` (the training-only
+/// `loraplus_lr_ratio` is not part of it).
 /// `target_modules` is a list of names, or the regular expression given; `"all-linear"` is
 /// written as the short names it selected, as PEFT does.
 fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&str>) -> Value {
@@ -229,36 +334,36 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&
     } else {
         json!(config.targets)
     };
-    let alpha = if config.alpha.fract() == 0.0 && config.alpha.abs() < 1e15 {
-        json!(config.alpha as i64)
-    } else {
-        json!(config.alpha)
-    };
+    // an integral alpha is written as PEFT's int
+    let number = |a: f64| if a.fract() == 0.0 && a.abs() < 1e15 { json!(a as i64) } else { json!(a) };
+    let alpha = number(config.alpha);
+    let alpha_pattern: serde_json::Map<String, Value> =
+        config.alpha_pattern.iter().map(|(k, a)| (k.clone(), number(*a))).collect();
     let modules_to_save = if M::MODULES_TO_SAVE.is_empty() { Value::Null } else { json!(M::MODULES_TO_SAVE) };
     json!({
-        "alpha_pattern": {},
+        "alpha_pattern": alpha_pattern,
         "auto_mapping": null,
         "base_model_name_or_path": base,
         "bias": "none",
         "exclude_modules": null,
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "init_lora_weights": true,
+        "init_lora_weights": config.init_lora_weights.to_json(),
         "layer_replication": null,
         "layers_pattern": null,
-        "layers_to_transform": null,
+        "layers_to_transform": config.layers_to_transform,
         "lora_alpha": alpha,
         "lora_bias": false,
         "lora_dropout": config.dropout,
         "modules_to_save": modules_to_save,
         "peft_type": "LORA",
         "r": config.r,
-        "rank_pattern": {},
+        "rank_pattern": config.rank_pattern,
         "revision": null,
         "target_modules": targets,
         "target_parameters": null,
         "task_type": M::PEFT_TASK_TYPE,
-        "use_dora": false,
+        "use_dora": config.use_dora,
         "use_rslora": config.use_rslora,
     })
 }
@@ -336,8 +441,8 @@ impl AdapterFolderConfig {
 }
 
 /// Reads `adapter_config.json` of an adapter folder (ours or PEFT's) as a `LoraConfig`. Options
-/// this implementation does not have (DoRA, biases, per-layer ranks, …) are errors naming the
-/// field. See [`read_adapter_folder_config`] for the task type and the modules saved in full.
+/// this implementation does not have (LoRA biases, `fan_in_fan_out`, excluded modules, …) are
+/// errors naming the field. See [`read_adapter_folder_config`] for the task type and the modules saved in full.
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     Ok(read_adapter_folder_config(dir)?.lora)
 }
@@ -427,13 +532,66 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
     if let Some(b) = field("bias") {
         ensure!(b == "none", "{at}: field 'bias': only \"none\" is supported, found {b}");
     }
+    let use_dora = match field("use_dora") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => bail!("{at}: field 'use_dora': expected true or false, found {v}"),
+    };
+    let init_lora_weights = match field("init_lora_weights") {
+        None => LoraInit::Default,
+        Some(v) => LoraInit::from_json(v, true).map_err(|e| anyhow!("{at}: field 'init_lora_weights': {e}"))?,
+    };
+    let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
+        match field(k) {
+            None => Ok(Vec::new()),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(key, v)| {
+                    v.as_f64()
+                        .map(|n| (key.clone(), n))
+                        .ok_or_else(|| anyhow!("{at}: field '{k}': '{key}': expected a number, found {v}"))
+                })
+                .collect(),
+            Some(v) => bail!("{at}: field '{k}': expected an object of module patterns, found {v}"),
+        }
+    };
+    let mut rank_pattern = BTreeMap::new();
+    for (key, r) in pattern("rank_pattern")? {
+        ensure!(
+            r.fract() == 0.0 && r >= 1.0,
+            "{at}: field 'rank_pattern': '{key}': expected an integer ≥ 1, found {r}"
+        );
+        rank_pattern.insert(key, r as i64);
+    }
+    let alpha_pattern: BTreeMap<String, f64> = pattern("alpha_pattern")?.into_iter().collect();
+    let layers_to_transform = match field("layers_to_transform") {
+        None => None,
+        Some(Value::Array(items)) if items.is_empty() => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|v| {
+                    v.as_i64().ok_or_else(|| anyhow!("{at}: field 'layers_to_transform': expected integers, found {v}"))
+                })
+                .collect::<Result<Vec<i64>>>()?,
+        ),
+        Some(v) => match v.as_i64() {
+            Some(i) => Some(vec![i]),
+            None => bail!("{at}: field 'layers_to_transform': expected a layer index or a list of them, found {v}"),
+        },
+    };
+    // the decoder's layers are under `layers`: PEFT's default (no pattern) and "layers" find them
+    match field("layers_pattern") {
+        None => {}
+        Some(Value::String(p)) if p.is_empty() || p == "layers" => {}
+        Some(Value::Array(items)) if items.iter().all(|p| p == "layers") => {}
+        Some(v) => {
+            bail!("{at}: field 'layers_pattern': only \"layers\" (the decoder's layer list) is supported, found {v}")
+        }
+    }
     for key in [
-        "use_dora",
         "lora_bias",
         "fan_in_fan_out",
-        "layers_to_transform",
-        "rank_pattern",
-        "alpha_pattern",
         "exclude_modules",
         "layer_replication",
         "target_parameters",
@@ -442,10 +600,22 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
         "alora_invocation_tokens",
     ] {
         if !is_unset(obj.get(key)) {
-            bail!("{at}: field '{key}': {} is not supported (only plain LoRA on linear layers is)", obj[key]);
+            bail!("{at}: field '{key}': {} is not supported (only LoRA and DoRA on linear layers are)", obj[key]);
         }
     }
-    let lora = LoraConfig { r, alpha, dropout, targets, use_rslora };
+    let lora = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        targets,
+        use_rslora,
+        use_dora,
+        init_lora_weights,
+        rank_pattern,
+        alpha_pattern,
+        layers_to_transform,
+        loraplus_lr_ratio: None,
+    };
     lora.validate().with_context(|| format!("{at}"))?;
     Ok(AdapterFolderConfig { lora, task_type, modules_to_save, base_model_name_or_path })
 }
@@ -480,10 +650,17 @@ fn full_modules_of<M: LoraModel>(folder: &AdapterFolderConfig, at: &Path) -> Res
         .collect())
 }
 
-/// `base_model.model.<module>.lora_A[.<adapter name>].weight` → `<module>.lora_A.weight`.
+/// `base_model.model.<module>.lora_A[.<adapter name>].weight` → `<module>.lora_A.weight`;
+/// DoRA's `base_model.model.<module>.lora_magnitude_vector` (PEFT's saved name; with
+/// `[.<adapter name>][.weight]` as it is named in memory) → `<module>.lora_magnitude_vector`.
 fn variable_name_of(key: &str) -> Option<String> {
     let rest = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
     let parts: Vec<&str> = rest.split('.').collect();
+    if let Some(i) = parts.iter().position(|p| *p == MAGNITUDE) {
+        let tail = &parts[i + 1..];
+        let ok = tail.is_empty() || tail == ["weight"] || tail.len() == 1 || (tail.len() == 2 && tail[1] == "weight");
+        return (ok && i > 0).then(|| format!("{}.{MAGNITUDE}", parts[..i].join(".")));
+    }
     let i = parts.iter().position(|p| *p == "lora_A" || *p == "lora_B")?;
     let tail = &parts[i + 1..];
     let ok = tail == ["weight"] || (tail.len() == 2 && tail[1] == "weight");
@@ -492,8 +669,10 @@ fn variable_name_of(key: &str) -> Option<String> {
 
 /// Loads an adapter folder (written by `save_adapter` or by PEFT's `save_pretrained`) into
 /// `model`. Without attached adapters, attaches them as the folder's config says; with adapters
-/// attached (resuming a LoRA run), the folder must have the same r, alpha, rsLoRA flag and
-/// modules. The weights of modules saved in full (a reward model's `score`) are copied into the
+/// attached (resuming a LoRA run), the folder must have the same r, alpha, rsLoRA and DoRA
+/// flags, initialisation, patterns and modules. An adapter initialised with PiSSA / OLoRA
+/// (`init_lora_weights`) is relative to the residual base that initialisation leaves: loading it
+/// repeats the initialisation on the base (as PEFT does) before copying the weights. The weights of modules saved in full (a reward model's `score`) are copied into the
 /// model. A trunk-only adapter loads onto any model on that trunk; one with modules saved in full
 /// only onto a model that has them. Shapes are checked against the base model; errors name the
 /// file and the tensor. Returns the configuration in effect.
@@ -510,8 +689,8 @@ pub fn load_adapter<M: LoraModel>(vs: &VarStore, model: &mut M, dir: &Path) -> R
         bail!("{}: missing (the adapter weights)", weights.display());
     }
     let full = full_modules_of::<M>(&folder, &config_path)?;
-    let wanted = resolve_targets(model.trunk(), &file_config.targets)
-        .with_context(|| format!("{at}: field 'target_modules'"))?;
+    let wanted =
+        resolve_targets(model.trunk(), file_config).with_context(|| format!("{at}: field 'target_modules'"))?;
     match model.trunk().lora_config() {
         None => {
             attach(vs, model, file_config, false).with_context(|| format!("{at}"))?;
@@ -535,6 +714,14 @@ pub fn load_adapter<M: LoraModel>(vs: &VarStore, model: &mut M, dir: &Path) -> R
                 file_config.use_rslora,
                 have.use_rslora
             );
+            for (field, differs) in [
+                ("use_dora", have.use_dora != file_config.use_dora),
+                ("init_lora_weights", have.init_lora_weights != file_config.init_lora_weights),
+                ("rank_pattern", have.rank_pattern != file_config.rank_pattern),
+                ("alpha_pattern", have.alpha_pattern != file_config.alpha_pattern),
+            ] {
+                ensure!(!differs, "{at}: field '{field}': differs from the attached LoRA's");
+            }
             let attached: Vec<String> =
                 model.trunk().linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
             if attached != wanted {
@@ -558,6 +745,9 @@ fn copy_adapter_weights<M: LoraModel>(model: &M, full: &[&str], weights: &Path) 
         if let Some(l) = &lin.lora {
             vars.insert(format!("{path}.lora_A.weight"), l.lora_a.shallow_clone());
             vars.insert(format!("{path}.lora_B.weight"), l.lora_b.shallow_clone());
+            if let Some(m) = &l.magnitude {
+                vars.insert(format!("{path}.{MAGNITUDE}"), m.shallow_clone());
+            }
         }
     }
     for (name, t) in model.modules_to_save() {
@@ -572,7 +762,10 @@ fn copy_adapter_weights<M: LoraModel>(model: &M, full: &[&str], weights: &Path) 
             let at = file.display();
             let (var_name, module) = match variable_name_of(name) {
                 Some(v) => {
-                    let module = v.rsplitn(3, '.').nth(2).unwrap_or(&v).to_string();
+                    let module = match v.strip_suffix(&format!(".{MAGNITUDE}")) {
+                        Some(m) => m.to_string(),
+                        None => v.rsplitn(3, '.').nth(2).unwrap_or(&v).to_string(),
+                    };
                     (v, module)
                 }
                 None => {
@@ -651,6 +844,16 @@ pub fn restore_adapter_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     missing.sort();
     ensure!(missing.is_empty(), "{}: lacks tensors {missing:?}", file.display());
     Ok(())
+}
+
+/// LoRA+ (`[lora] loraplus_lr_ratio`): the factor of the learning rate of a trainable
+/// parameter — the ratio for `lora_B` and for the 1-D parameters (DoRA's magnitudes), as PEFT's
+/// `create_loraplus_optimizer` groups them, 1 for the rest (`lora_A`, modules trained in full).
+pub fn loraplus_lr_scale(config: &LoraConfig, name: &str, param: &Tensor) -> f64 {
+    match config.loraplus_lr_ratio {
+        Some(ratio) if name.contains(".lora_B.") || param.dim() == 1 => ratio,
+        _ => 1.0,
+    }
 }
 
 /// Which parameters a full (non-LoRA) fine-tune trains (the `[freeze]` table of a stage config).
@@ -732,7 +935,14 @@ mod tests {
         assert_eq!(variable_name_of("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"), want);
         assert_eq!(variable_name_of("model.layers.0.self_attn.q_proj.lora_A.weight"), want);
         assert_eq!(variable_name_of("base_model.model.model.layers.0.self_attn.q_proj.weight"), None);
-        assert_eq!(variable_name_of("base_model.model.model.layers.0.mlp.lora_magnitude_vector.default.weight"), None);
+        let magnitude = Some("model.layers.0.mlp.up_proj.lora_magnitude_vector".to_string());
+        for key in [
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.default.weight",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.weight",
+        ] {
+            assert_eq!(variable_name_of(key), magnitude, "{key}");
+        }
     }
 
     #[test]

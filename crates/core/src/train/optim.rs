@@ -133,6 +133,8 @@ struct ParamState {
     decay: bool,
     /// The rank that updates this parameter (0 when not sharded).
     owner: usize,
+    /// The factor of the learning rate for this parameter (1; LoRA+ raises it for `lora_B`).
+    lr_scale: f64,
 }
 
 /// How the optimizer's work is split over the ranks of a data-parallel job.
@@ -249,7 +251,15 @@ impl AdamW {
                 let owner = owners.map_or(0, |(o, _)| o[i]);
                 if owners.is_some_and(|(_, rank)| owner != rank) {
                     let decay = decays_by_default(&name, &param);
-                    return Ok(ParamState { decay, moments: Moments::None, master: None, name, param, owner });
+                    return Ok(ParamState {
+                        decay,
+                        moments: Moments::None,
+                        master: None,
+                        name,
+                        param,
+                        owner,
+                        lr_scale: 1.0,
+                    });
                 }
                 let master =
                     if param.kind() == Kind::Float { None } else { Some(param.f_detach()?.f_to_kind(Kind::Float)?) };
@@ -276,7 +286,8 @@ impl AdamW {
                     let zeros = || Tensor::f_zeros_like(&param)?.f_to_kind(Kind::Float);
                     Moments::Full { exp_avg: zeros()?, exp_avg_sq: zeros()? }
                 };
-                Ok(ParamState { decay: decays_by_default(&name, &param), moments, master, name, param, owner })
+                let decay = decays_by_default(&name, &param);
+                Ok(ParamState { decay, moments, master, name, param, owner, lr_scale: 1.0 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, params, maps, steps: 0, sharding: None })
@@ -365,14 +376,21 @@ impl AdamW {
         })
     }
 
-    /// One AdamW update with learning rate `lr`.
-    pub fn step(&mut self, lr: f64) -> Result<()> {
+    /// Sets the factor of the learning rate of each parameter (`scale(name, parameter)`; 1 for
+    /// all unless set): LoRA+ trains `lora_B` faster.
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str, &Tensor) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name, &p.param);
+        }
+    }
+
+    /// One AdamW update with learning rate `lr` (times each parameter's factor).
+    pub fn step(&mut self, base_lr: f64) -> Result<()> {
         self.steps += 1;
         let c = self.cfg;
         let t = self.steps as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2 = 1.0 - c.beta2.powi(t);
-        let step_size = lr / bias1;
         let bias2_sqrt = bias2.sqrt();
         let maps = &self.maps;
         tch::no_grad(|| -> Result<()> {
@@ -381,6 +399,8 @@ impl AdamW {
                 if !g.defined() || matches!(p.moments, Moments::None) {
                     continue;
                 }
+                let lr = if p.lr_scale == 1.0 { base_lr } else { base_lr * p.lr_scale };
+                let step_size = lr / bias1;
                 let g = g.f_to_kind(Kind::Float)?;
                 let mut target = match &p.master {
                     Some(m) => m.shallow_clone(),
@@ -677,6 +697,21 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
         }
+    }
+
+    #[test]
+    fn lr_scales_multiply_the_learning_rate_of_their_parameters() {
+        // the same gradient on two parameters; the second's learning rate is 16 times the first's
+        let a = Tensor::from_slice(&[1.0f32, -2.0]).view([1, 2]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[1.0f32, -2.0]).view([1, 2]).set_requires_grad(true);
+        let params = vec![("m.lora_A.weight".into(), a.shallow_clone()), ("m.lora_B.weight".into(), b.shallow_clone())];
+        let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
+        opt.set_lr_scales(|name, _| if name.contains("lora_B") { 16.0 } else { 1.0 });
+        ((&a * 0.5).sum(Kind::Float) + (&b * 0.5).sum(Kind::Float)).backward();
+        opt.step(1e-3).unwrap();
+        let moved = |t: &Tensor| (t - Tensor::from_slice(&[1.0f32, -2.0]).view([1, 2])).abs().max().double_value(&[]);
+        let ratio = moved(&b) / moved(&a);
+        assert!((ratio - 16.0).abs() < 1e-3, "{ratio}");
     }
 
     #[test]

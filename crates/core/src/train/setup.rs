@@ -111,6 +111,10 @@ impl ModelState for TrainingModel {
         Ok(Some(plan_memory(&self.loaded.lm.config, &s)?))
     }
 
+    fn lora_config(&self) -> Option<&LoraConfig> {
+        self.loaded.lm.lora_config().filter(|_| self.method == Method::Lora)
+    }
+
     fn save(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora {
             let opts = AdapterSaveOptions {
@@ -256,6 +260,10 @@ impl TrainingScalarModel {
 }
 
 impl ModelState for TrainingScalarModel {
+    fn lora_config(&self) -> Option<&LoraConfig> {
+        self.loaded.rm.lora_config().filter(|_| self.method == Method::Lora)
+    }
+
     fn save(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora {
             let opts = AdapterSaveOptions {

@@ -25,6 +25,7 @@ pub use align_runs::TrainSummary;
 use crate::hf::checkpoint::save_tensors;
 use crate::hf::folder::{folder_manifest, verify_manifest, write_file_atomic, write_folder, FolderLock, Manifest};
 use crate::model::recompute;
+use crate::peft::lora::{loraplus_lr_scale, LoraConfig};
 use crate::train::config::{RunFingerprint, TrainSection};
 use crate::train::optim::{learning_rate, AdamW};
 use crate::train::plan::{human_bytes, MemoryPlan};
@@ -107,6 +108,10 @@ pub trait ModelState {
     /// model can make one.
     fn memory_plan(&self, _settings: &TrainSection) -> Result<Option<MemoryPlan>> {
         Ok(None)
+    }
+    /// The LoRA the model trains, when it trains one.
+    fn lora_config(&self) -> Option<&LoraConfig> {
+        None
     }
 }
 
@@ -1039,22 +1044,29 @@ impl<'a> SupervisedStep<'a> {
         params: Vec<(String, Tensor)>,
         settings: &'a TrainSection,
     ) -> Result<Self> {
-        Ok(SupervisedStep { objective, model, opt: rank_optimizer(params, settings)?, settings })
+        let opt = rank_optimizer(params, settings, model.lora_config())?;
+        Ok(SupervisedStep { objective, model, opt, settings })
     }
 }
 
 /// The AdamW of this rank: in a data-parallel job ([`align_dist::world`]) one whose gradients
 /// are summed over the ranks, its state sharded under ZeRO-`train.zero`; else a plain one.
-pub fn rank_optimizer(params: Vec<(String, Tensor)>, s: &TrainSection) -> Result<AdamW> {
-    match align_dist::world().group() {
-        Some(g) => AdamW::sharded(params, s.adamw(), g, s.zero),
+/// `lora`: the trained model's LoRA, whose `loraplus_lr_ratio` (LoRA+) sets the learning rates
+/// of `lora_B`.
+pub fn rank_optimizer(params: Vec<(String, Tensor)>, s: &TrainSection, lora: Option<&LoraConfig>) -> Result<AdamW> {
+    let mut opt = match align_dist::world().group() {
+        Some(g) => AdamW::sharded(params, s.adamw(), g, s.zero)?,
         None => {
             if s.zero > 0 {
                 tracing::info!("train.zero = {}: one process, nothing to shard", s.zero);
             }
-            AdamW::new(params, s.adamw())
+            AdamW::new(params, s.adamw())?
         }
+    };
+    if let Some(config) = lora.filter(|c| c.loraplus_lr_ratio.is_some()) {
+        opt.set_lr_scales(|name, param| loraplus_lr_scale(config, name, param));
     }
+    Ok(opt)
 }
 
 /// This rank's share of a step's examples: the global list split into equal contiguous parts
