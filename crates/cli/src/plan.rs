@@ -7,7 +7,7 @@ use tch::Device;
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::hf::config::ModelConfig;
 use align_core::model::device::parse_dtype;
-use align_core::model::lora_layer::LoraTargets;
+use align_core::model::lora_layer::{LoraConfig, LoraTargets};
 use align_core::train::optim::OptimizerKind;
 use align_core::train::plan::{last_layers_parameters, plan_memory, PlanMethod, PlanSettings};
 
@@ -79,6 +79,11 @@ fn targets(spec: &str) -> LoraTargets {
     }
 }
 
+/// The LoRA of `--lora-r`, `--lora-targets` and `--lora-dropout`.
+fn lora_of(a: &PlanArgs) -> LoraConfig {
+    LoraConfig { r: a.lora_r, targets: targets(&a.lora_targets), dropout: a.lora_dropout, ..Default::default() }
+}
+
 pub fn run(a: PlanArgs) -> Result<()> {
     let dir = resolve_model_dir(&a.model)?;
     let config = ModelConfig::from_dir(&dir)?;
@@ -101,13 +106,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     }
     let method = match a.method {
         MethodArg::Full => PlanMethod::Full,
-        MethodArg::Lora => PlanMethod::Lora { r: a.lora_r, targets: targets(&a.lora_targets), dropout: a.lora_dropout },
-        MethodArg::Qlora => PlanMethod::Qlora {
-            r: a.lora_r,
-            targets: targets(&a.lora_targets),
-            dropout: a.lora_dropout,
-            double_quant: a.double_quant,
-        },
+        MethodArg::Lora => PlanMethod::Lora { lora: lora_of(&a) },
+        MethodArg::Qlora => PlanMethod::Qlora { lora: lora_of(&a), double_quant: a.double_quant },
         MethodArg::Freeze => {
             let n = a.freeze_last_layers.unwrap_or(1);
             if !(1..=config.num_hidden_layers).contains(&n) {

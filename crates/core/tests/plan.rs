@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use align_core::hf::config::ModelConfig;
-use align_core::model::lora_layer::LoraTargets;
+use align_core::model::lora_layer::{LoraConfig, LoraTargets};
 use align_core::train::optim::OptimizerKind;
 use align_core::train::plan::{last_layers_parameters, parameter_shapes, plan_memory, PlanMethod, PlanSettings};
 use tch::Kind;
@@ -31,7 +31,9 @@ fn settings(method: PlanMethod) -> PlanSettings {
 }
 
 fn lora() -> PlanMethod {
-    PlanMethod::Lora { r: 4, targets: LoraTargets::Pattern("all-linear".into()), dropout: 0.05 }
+    PlanMethod::Lora {
+        lora: LoraConfig { r: 4, targets: LoraTargets::Pattern("all-linear".into()), ..Default::default() },
+    }
 }
 
 #[test]
@@ -93,9 +95,7 @@ fn lora_freeze_checkpointing_chunking_8bit_and_zero_shrink_what_they_should() {
     let q = plan_memory(
         &c,
         &settings(PlanMethod::Qlora {
-            r: 4,
-            targets: LoraTargets::Pattern("all-linear".into()),
-            dropout: 0.05,
+            lora: LoraConfig { r: 4, targets: LoraTargets::Pattern("all-linear".into()), ..Default::default() },
             double_quant: true,
         }),
     )

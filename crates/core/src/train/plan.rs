@@ -18,7 +18,6 @@ use tch::Kind;
 
 use crate::hf::config::ModelConfig;
 use crate::model::lora_layer::LoraConfig;
-use crate::model::lora_layer::LoraTargets;
 use crate::train::config::TrainSection;
 use crate::train::optim::{OptimizerKind, BLOCK_SIZE, MIN_8BIT_SIZE};
 
@@ -26,19 +25,16 @@ use crate::train::optim::{OptimizerKind, BLOCK_SIZE, MIN_8BIT_SIZE};
 #[derive(Debug, Clone)]
 pub enum PlanMethod {
     Full,
-    /// LoRA adapters of rank `r` on the projections `targets` selects (dropout > 0 keeps a mask
-    /// and a dropped copy of each adapted input).
+    /// LoRA adapters as the config says (ranks per module, the projections `targets` and
+    /// `layers_to_transform` select, DoRA's magnitudes; dropout > 0 keeps a mask and a dropped
+    /// copy of each adapted input).
     Lora {
-        r: i64,
-        targets: LoraTargets,
-        dropout: f64,
+        lora: LoraConfig,
     },
     /// LoRA over a 4-bit (NF4) base: 0.5 byte per base weight of the projections plus an f32
     /// absmax per 64 (8-bit absmax + an f32 per 256 of them with double quantisation).
     Qlora {
-        r: i64,
-        targets: LoraTargets,
-        dropout: f64,
+        lora: LoraConfig,
         double_quant: bool,
     },
     /// Only the parameters named here train (the live run's names, or the last layers).
@@ -112,10 +108,8 @@ impl PlanSettings {
             _ => None,
         };
         let method = match (lora, four_bit) {
-            (Some(l), Some(double_quant)) => {
-                PlanMethod::Qlora { r: l.r, targets: l.targets.clone(), dropout: l.dropout, double_quant }
-            }
-            (Some(l), None) => PlanMethod::Lora { r: l.r, targets: l.targets.clone(), dropout: l.dropout },
+            (Some(l), Some(double_quant)) => PlanMethod::Qlora { lora: l.clone(), double_quant },
+            (Some(l), None) => PlanMethod::Lora { lora: l.clone() },
             (None, _) if full => PlanMethod::Full,
             (None, _) => PlanMethod::Freeze { trainable },
         };
@@ -237,17 +231,18 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
     let numel = |shape: &[i64]| shape.iter().product::<i64>() as u64;
     let parameters: u64 = shapes.iter().map(|(_, sh)| numel(sh)).sum();
 
-    // LoRA: the adapted projections and their (in, out)
-    let (lora, adapted): (Option<(i64, f64)>, Vec<(String, i64, i64)>) = match &s.method {
-        PlanMethod::Lora { r, targets, dropout } | PlanMethod::Qlora { r, targets, dropout, .. } => {
-            let paths = targets.select(&projection_paths(c))?;
-            let dims = paths
-                .into_iter()
-                .filter_map(|p| {
-                    shapes.iter().find(|(n, _)| *n == format!("{p}.weight")).map(|(_, sh)| (p, sh[1], sh[0]))
-                })
-                .collect();
-            (Some((*r, *dropout)), dims)
+    // LoRA: the adapted projections, their (in, out) and rank
+    let (lora, adapted): (Option<&LoraConfig>, Vec<(String, i64, i64, i64)>) = match &s.method {
+        PlanMethod::Lora { lora } | PlanMethod::Qlora { lora, .. } => {
+            let paths = lora.targets.select(&projection_paths(c))?;
+            let mut dims = Vec::new();
+            for p in paths.into_iter().filter(|p| lora.transforms_layer_of(p)) {
+                if let Some((_, sh)) = shapes.iter().find(|(n, _)| *n == format!("{p}.weight")) {
+                    let r = lora.rank_of(&p)?;
+                    dims.push((p, sh[1], sh[0], r));
+                }
+            }
+            (Some(lora), dims)
         }
         _ => (None, Vec::new()),
     };
@@ -274,11 +269,15 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
             trainable.push(n);
         }
     }
-    if let Some((r, _)) = lora {
-        for (_, input, output) in &adapted {
+    if let Some(l) = lora {
+        for (_, input, output, r) in &adapted {
             let (a, b) = ((r * input) as u64, (output * r) as u64);
             weights += (a + b) * w;
             trainable.extend([a, b]);
+            if l.use_dora {
+                weights += *output as u64 * w;
+                trainable.push(*output as u64);
+            }
         }
     }
     let trainable_parameters: u64 = trainable.iter().sum();
@@ -294,27 +293,32 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
     // activations saved per token of one layer
     let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
-    let lora_of = |l: i64, m: &str| adapted.iter().any(|(p, _, _)| p == &format!("model.layers.{l}.{m}"));
+    let adapter_of = |l: i64, m: &str| adapted.iter().find(|(p, ..)| p == &format!("model.layers.{l}.{m}"));
     // a projection's input is kept when the projection trains, or once for its LoRA path
     let input_kept = |l: i64, modules: &[&str], dim: u64| -> u64 {
         let mut bytes = 0;
         if modules.iter().any(|m| trains(&format!("model.layers.{l}.{m}.weight"))) {
             bytes += dim * w;
         }
-        if let Some((r, dropout)) = lora {
-            let with_lora = modules.iter().filter(|m| lora_of(l, m)).count() as u64;
+        if let Some(lora) = lora {
+            let adapters: Vec<_> = modules.iter().filter_map(|m| adapter_of(l, m)).collect();
+            let with_lora = adapters.len() as u64;
             if with_lora > 0 {
                 // with dropout: its float noise mask and the dropped input per adapter, plus one
                 // more input-sized tensor per adapter that measured peaks show resident (the
                 // gradient through each adapter's dropout in backward; calibrated on SmolLM2)
-                bytes += if dropout > 0.0 {
+                bytes += if lora.dropout > 0.0 {
                     with_lora * dim * 3 * w
                 } else if bytes == 0 {
                     dim * w
                 } else {
                     0
                 };
-                bytes += with_lora * r as u64 * w;
+                bytes += adapters.iter().map(|(_, _, _, r)| *r as u64).sum::<u64>() * w;
+                if lora.use_dora {
+                    // DoRA keeps the base and the adapter outputs for the magnitudes' gradient
+                    bytes += adapters.iter().map(|(_, _, out, _)| 2 * *out as u64 * 4).sum::<u64>();
+                }
             }
         }
         bytes
@@ -339,7 +343,7 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
             .find(|l| {
                 let prefix = format!("model.layers.{l}.");
                 shapes.iter().any(|(n, _)| n.starts_with(&prefix) && trains(n))
-                    || adapted.iter().any(|(p, _, _)| p.starts_with(&prefix))
+                    || adapted.iter().any(|(p, ..)| p.starts_with(&prefix))
             })
             .unwrap_or(c.num_hidden_layers)
     };
