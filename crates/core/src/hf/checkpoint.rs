@@ -32,10 +32,14 @@ pub const COMPANION_FILES: &[&str] = &[
     "tokenizer.model",
 ];
 
-/// True for the names of LoRA variables (`….lora_A.weight`, `….lora_B.weight`, DoRA's
-/// `….lora_magnitude_vector`), which a base model folder does not hold.
+/// True for the names of adapter variables — LoRA's (`….lora_A.weight`, `….lora_B.weight`, DoRA's
+/// `….lora_magnitude_vector`) and prompt learning's (`prompt_embeddings`, `prompt_encoder.…`) —
+/// which a base model folder does not hold.
 pub fn is_adapter_variable(name: &str) -> bool {
-    name.contains(".lora_A.") || name.contains(".lora_B.") || name.ends_with(".lora_magnitude_vector")
+    name.contains(".lora_A.")
+        || name.contains(".lora_B.")
+        || name.ends_with(".lora_magnitude_vector")
+        || crate::model::prompt_layer::is_prompt_variable(name)
 }
 
 /// Resolves `--model`: a local folder, or a hub id (`org/name`) found in the local HF cache

@@ -3,12 +3,13 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
 use crate::model::io::remove_variables;
 use crate::model::lora_layer::{LoraAdapter, LoraConfig};
+use crate::model::prompt_layer::{PromptLearningConfig, VirtualTokens};
 use crate::model::quant::{Quantization, QuantizedWeight};
 use crate::model::quant_linear::quantized_linear;
 use crate::model::recompute;
@@ -225,11 +226,17 @@ impl RopeTables {
     }
 }
 
-/// Keys and values of earlier positions, preallocated for `capacity` positions.
+/// Keys and values of earlier positions, preallocated for `capacity` positions. With prompt or
+/// prefix tuning the first `offset` stored positions are the virtual tokens' (added by the
+/// trunk's first forward pass); `len` and `capacity` as callers see them count real tokens only.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    /// Stored positions, virtual ones included.
     len: i64,
+    /// Allocated positions, virtual ones included.
     capacity: i64,
+    /// Virtual positions at the start.
+    offset: i64,
 }
 
 impl KvCache {
@@ -238,16 +245,36 @@ impl KvCache {
         let layers = (0..config.num_hidden_layers)
             .map(|_| Ok((Tensor::f_zeros(shape, (kind, device))?, Tensor::f_zeros(shape, (kind, device))?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers, len: 0, capacity })
+        Ok(KvCache { layers, len: 0, capacity, offset: 0 })
     }
 
-    /// Number of positions already stored.
+    /// Number of real-token positions already stored.
     pub fn len(&self) -> i64 {
-        self.len
+        // before prompt tuning's first pass the virtual positions are reserved, not yet stored
+        (self.len - self.offset).max(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Real-token positions the cache can hold.
+    pub fn capacity(&self) -> i64 {
+        self.capacity - self.offset
+    }
+
+    /// Makes room for `nv` virtual positions in front of the real ones (an empty cache only).
+    fn reserve_virtual(&mut self, nv: i64) -> Result<()> {
+        ensure!(self.len == 0 && self.offset == 0, "KV cache: virtual positions can only be added to an empty cache");
+        for (k, v) in self.layers.iter_mut() {
+            let mut shape = k.size();
+            shape[2] = nv + self.capacity;
+            *k = Tensor::f_zeros(shape.as_slice(), (k.kind(), k.device()))?;
+            *v = Tensor::f_zeros(shape.as_slice(), (v.kind(), v.device()))?;
+        }
+        self.capacity += nv;
+        self.offset = nv;
+        Ok(())
     }
 
     /// Keeps only the given batch rows (used to drop finished sequences during generation).
@@ -337,6 +364,7 @@ impl Attention {
         rope: &RopeTables,
         mask: &AttnMask,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let q = rope.apply(&self.heads(&self.q_proj, self.q_norm.as_ref(), x, self.num_heads)?)?;
@@ -348,7 +376,12 @@ impl Attention {
                 cv.f_narrow(2, past, t)?.f_copy_(&v)?;
                 (ck.f_narrow(2, 0, past + t)?, cv.f_narrow(2, 0, past + t)?)
             }
-            None => (k, v),
+            // prefix tuning without a cache: the prefix's keys and values come first, as
+            // transformers reads them from the cache PEFT builds (no RoPE on them)
+            None => match prefix {
+                Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
+                None => (k, v),
+            },
         };
         // grouped-query heads are matched inside the attention kernel (no copy of K/V)
         let gqa = self.num_heads != self.num_kv_heads;
@@ -413,9 +446,10 @@ impl DecoderLayer {
         rope: &RopeTables,
         mask: &AttnMask,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(h)?;
-        let h = h.f_add(&self.self_attn.forward(&normed, rope, mask, cache)?)?;
+        let h = h.f_add(&self.self_attn.forward(&normed, rope, mask, cache, prefix)?)?;
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
         Ok(h.f_add(&m)?)
     }
@@ -463,19 +497,24 @@ impl DecoderLayer {
         rope: &RopeTables,
         mask: &AttnMask,
         seed: Option<i64>,
+        prefix: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let out = tch::no_grad(|| self.forward(h, rope, mask, None))?;
-        if !(h.requires_grad() || self.has_trainable_parameters()) {
+        let out = tch::no_grad(|| self.forward(h, rope, mask, None, prefix))?;
+        let prefix_trains = prefix.is_some_and(|(k, v)| k.requires_grad() || v.requires_grad());
+        if !(h.requires_grad() || prefix_trains || self.has_trainable_parameters()) {
             return Ok(out); // nothing to differentiate: an ordinary pass keeps no graph either
         }
         let out = out.set_requires_grad(true);
         let (layer, input, rope, mask) =
             (self.shallow_clone(), h.shallow_clone(), rope.shallow_clone(), mask.shallow_clone());
+        // the recomputation back-propagates into the prefix's graph, which the loss's backward
+        // pass keeps (`recompute::backward`)
+        let prefix = prefix.map(|(k, v)| (k.shallow_clone(), v.shallow_clone()));
         recompute::defer(vec![out.shallow_clone()], move |grads| {
             if let Some(seed) = seed {
                 tch::manual_seed(seed);
             }
-            let again = layer.forward(&input, &rope, &mask, None)?;
+            let again = layer.forward(&input, &rope, &mask, None, prefix.as_ref())?;
             recompute::backprop(&[again], &grads)
         });
         Ok(out)
@@ -495,6 +534,10 @@ pub struct Trunk {
     prefix: String,
     mode: Arc<RunMode>,
     lora: Option<LoraConfig>,
+    /// Prompt or prefix tuning's virtual tokens and their configuration, when attached
+    /// (`peft::prompt`).
+    virtual_tokens: Option<VirtualTokens>,
+    prompt_learning: Option<PromptLearningConfig>,
     /// How the projections' weights are held, when quantised (`quantize`).
     quantization: Option<Quantization>,
 }
@@ -543,6 +586,8 @@ impl Trunk {
             prefix,
             mode: Arc::new(RunMode::new()),
             lora: None,
+            virtual_tokens: None,
+            prompt_learning: None,
             quantization: None,
         }
     }
@@ -638,6 +683,33 @@ impl Trunk {
         self.lora = config;
     }
 
+    /// The attached virtual tokens of prompt or prefix tuning, if any (enabled or not).
+    pub fn virtual_tokens(&self) -> Option<&VirtualTokens> {
+        self.virtual_tokens.as_ref()
+    }
+
+    /// Query heads, key/value heads and head width of the attention layers (None without layers).
+    pub fn attention_heads(&self) -> Option<(i64, i64, i64)> {
+        self.layers.first().map(|l| (l.self_attn.num_heads, l.self_attn.num_kv_heads, l.self_attn.head_dim))
+    }
+
+    /// The configuration of the attached prompt or prefix tuning, if any.
+    pub fn prompt_learning_config(&self) -> Option<&PromptLearningConfig> {
+        self.prompt_learning.as_ref()
+    }
+
+    pub(crate) fn set_virtual_tokens(&mut self, tokens: Option<(VirtualTokens, PromptLearningConfig)>) {
+        (self.virtual_tokens, self.prompt_learning) = match tokens {
+            Some((t, c)) => (Some(t), Some(c)),
+            None => (None, None),
+        };
+    }
+
+    /// The virtual tokens that take part in a forward pass now (none with adapters disabled).
+    fn active_virtual_tokens(&self) -> Option<&VirtualTokens> {
+        self.virtual_tokens.as_ref().filter(|_| self.adapters_enabled())
+    }
+
     /// The projections of the decoder layers by HF module path (`model.layers.0.self_attn.q_proj`),
     /// layer by layer in the order q, k, v, o, gate, up, down. Heads are not among them.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
@@ -686,6 +758,15 @@ impl Trunk {
     }
 
     /// Hidden states after the final norm for every position, `[B, T, hidden]`.
+    ///
+    /// With prompt or prefix tuning attached and adapters enabled, `nv` virtual tokens come
+    /// before every row, as PEFT's `PeftModelForCausalLM` puts them: prompt tuning prepends its
+    /// embeddings (their positions are stripped from the result), prefix tuning gives every
+    /// layer `nv` extra keys and values (no RoPE on them). Real tokens' positions start at `nv`
+    /// (`position_ids` given are shifted by `nv`); `attention_mask` (in real tokens) gets `nv`
+    /// leading ones; packed segments all see the virtual tokens. A KV cache takes the virtual
+    /// positions in front of the real ones on its first pass (its `len` and `capacity` stay in
+    /// real tokens).
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -695,50 +776,143 @@ impl Trunk {
         let size = input_ids.size();
         ensure!(size.len() == 2, "input_ids must be [batch, seq], got {size:?}");
         let (b, t) = (size[0], size[1]);
-        let past = cache.as_ref().map_or(0, |c| c.len);
+        let device = input_ids.device();
+        let kind = self.embed_tokens.kind();
+        let vt = self.active_virtual_tokens();
+        let nv = vt.map_or(0, VirtualTokens::num_virtual_tokens);
+        let is_prefix = vt.is_some_and(VirtualTokens::is_prefix);
+        // the prefix's keys and values are needed without a cache and to fill an empty one
+        let need_prefix = is_prefix && cache.as_ref().map_or(true, |c| c.offset == 0 && c.len == 0);
+        let prefix_kv = match (vt, self.layers.first()) {
+            (Some(v), Some(l)) if need_prefix => {
+                let (heads, dim) = (l.self_attn.num_kv_heads, l.self_attn.head_dim);
+                // under checkpointing a training projection's table is a leaf whose gradient,
+                // summed over the layers' recomputations, goes through the MLP once afterwards
+                // (as an ordinary backward pass sums it), so both give the same gradients
+                let every = self.gradient_checkpointing();
+                let table = if every > 0 && cache.is_none() && recompute::grad_enabled() && v.projection_trains() {
+                    let table = v.prefix_table()?.ok_or_else(|| anyhow!("no prefix table"))?;
+                    let leaf = table.f_detach()?.set_requires_grad(true);
+                    recompute::defer(vec![leaf.shallow_clone()], move |grads| recompute::backprop(&[table], &grads));
+                    Some(leaf)
+                } else {
+                    None
+                };
+                v.prefix_key_values(table.as_ref(), b, self.layers.len() as i64, heads, dim, kind)?
+            }
+            _ => None,
+        };
+        // the cache takes the virtual positions on its first pass
+        if let Some(c) = cache.as_deref_mut() {
+            if nv > 0 && c.offset == 0 && c.len == 0 {
+                c.reserve_virtual(nv)?;
+                if let Some(kv) = &prefix_kv {
+                    for ((ck, cv), (pk, pv)) in c.layers.iter_mut().zip(kv) {
+                        ensure!(ck.size()[0] == b, "KV cache is for {} rows, input_ids has {b}", ck.size()[0]);
+                        ck.f_narrow(2, 0, nv)?.f_copy_(pk)?;
+                        cv.f_narrow(2, 0, nv)?.f_copy_(pv)?;
+                    }
+                    c.len = nv;
+                }
+            }
+            ensure!(
+                c.offset == nv,
+                "KV cache holds {} virtual positions but the model now has {nv} (adapters enabled or disabled while the cache was in use)",
+                c.offset
+            );
+        }
+        let past = cache.as_ref().map_or(0, |c| c.len()); // real tokens already stored
         if let Some(c) = cache.as_ref() {
-            ensure!(past + t <= c.capacity, "KV cache holds {} positions, {} needed", c.capacity, past + t);
+            ensure!(past + t <= c.capacity(), "KV cache holds {} positions, {} needed", c.capacity(), past + t);
         }
         if let Some(m) = opts.attention_mask {
             ensure!(m.size() == [b, past + t], "attention_mask must be [{b}, {}], got {:?}", past + t, m.size());
         }
-        let device = input_ids.device();
-        let kind = self.embed_tokens.kind();
-        let position_ids = match (opts.position_ids, opts.attention_mask) {
-            (Some(p), _) => p.shallow_clone(),
-            (None, Some(m)) => positions_from_mask(m)?.f_narrow(1, past, t)?,
-            (None, None) => Tensor::f_arange_start(past, past + t, (Kind::Int64, device))?
+        // prompt tuning runs its virtual tokens through the layers with the first pass
+        let prepend = vt.is_some() && !is_prefix && cache.as_ref().map_or(true, |c| c.len == 0);
+        let q_len = if prepend { nv + t } else { t };
+        // key positions before the queries: the cache's (virtual ones included), or the prefix
+        let kv_past = match cache.as_ref() {
+            Some(c) => c.len,
+            None if is_prefix => nv,
+            None => 0,
+        };
+        let mask_full = match opts.attention_mask {
+            Some(m) if nv > 0 => {
+                let ones = Tensor::f_ones([b, nv], (m.kind(), device))?;
+                Some(Tensor::f_cat(&[&ones, m], 1)?)
+            }
+            Some(m) => Some(m.shallow_clone()),
+            None => None,
+        };
+        let position_ids = match (opts.position_ids, mask_full.as_ref()) {
+            (Some(p), _) => {
+                let real = if nv > 0 { p.f_add_scalar(nv)? } else { p.shallow_clone() };
+                if prepend {
+                    let virt = Tensor::f_arange(nv, (real.kind(), device))?.f_unsqueeze(0)?.f_expand([b, nv], false)?;
+                    Tensor::f_cat(&[&virt, &real], 1)?
+                } else {
+                    real
+                }
+            }
+            (None, Some(m)) => positions_from_mask(m)?.f_narrow(1, kv_past, q_len)?,
+            (None, None) => Tensor::f_arange_start(kv_past, kv_past + q_len, (Kind::Int64, device))?
                 .f_unsqueeze(0)?
-                .f_expand([b, t], false)?,
+                .f_expand([b, q_len], false)?,
         };
         let rope = self.rope(&position_ids, kind)?;
-        let mask = match (opts.segment_ids, opts.attention_mask) {
+        let mask = match (opts.segment_ids, mask_full.as_ref()) {
             (Some(seg), _) => {
                 ensure!(past == 0 && seg.size() == [b, t], "segment_ids must be [{b}, {t}] and used without a cache");
-                let same = seg.f_unsqueeze(2)?.f_eq_tensor(&seg.f_unsqueeze(1)?)?.f_unsqueeze(1)?;
-                AttnMask::Explicit(attention_bias_mask(None, b, 0, t, device)?.f_logical_and(&same)?)
+                // the virtual tokens are visible to every segment (as if each sequence had them)
+                let seg_q = if prepend {
+                    Tensor::f_cat(&[&Tensor::f_zeros([b, nv], (seg.kind(), device))?, seg], 1)?
+                } else {
+                    seg.shallow_clone()
+                };
+                let seg_k = if is_prefix {
+                    Tensor::f_cat(&[&Tensor::f_zeros([b, nv], (seg.kind(), device))?, seg], 1)?
+                } else {
+                    seg_q.shallow_clone()
+                };
+                let same = seg_q.f_unsqueeze(2)?.f_eq_tensor(&seg_k.f_unsqueeze(1)?)?.f_unsqueeze(1)?;
+                let virtual_key = Tensor::f_arange(kv_past + q_len, (Kind::Int64, device))?.f_lt(nv)?.f_view([
+                    1,
+                    1,
+                    1,
+                    kv_past + q_len,
+                ])?;
+                let causal = attention_bias_mask(None, b, kv_past, q_len, device)?;
+                AttnMask::Explicit(causal.f_logical_and(&same.f_logical_or(&virtual_key)?)?)
             }
-            (None, None) if past == 0 => AttnMask::Causal,
-            (None, m) => AttnMask::Explicit(attention_bias_mask(m, b, past, t, device)?),
+            (None, None) if kv_past == 0 => AttnMask::Causal,
+            (None, m) => AttnMask::Explicit(attention_bias_mask(m, b, kv_past, q_len, device)?),
         };
         let every = self.gradient_checkpointing();
         let checkpointed = every > 0 && cache.is_none() && recompute::grad_enabled();
         let mut h = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        if prepend {
+            if let Some(e) = vt.map(|v| v.prompt_embeddings(b, kind)).transpose()?.flatten() {
+                h = Tensor::f_cat(&[&e, &h], 1)?;
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             // a layer that draws random numbers runs from its own seed, checkpointed or not, so
             // that its recomputation draws the same ones
             let seed =
                 if layer.linears().iter().any(|l| l.draws_random()) { Some(recompute::fork_rng()?) } else { None };
+            let prefix = prefix_kv.as_ref().filter(|_| cache.is_none()).map(|kv| &kv[i]);
             h = if checkpointed && i % every == 0 {
-                layer.forward_checkpointed(&h, &rope, &mask, seed)?
+                layer.forward_checkpointed(&h, &rope, &mask, seed, prefix)?
             } else {
-                let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], past));
-                layer.forward(&h, &rope, &mask, kv)?
+                let kv = cache.as_deref_mut().map(|c| (&mut c.layers[i], kv_past));
+                layer.forward(&h, &rope, &mask, kv, prefix)?
             };
         }
         if let Some(c) = cache {
-            c.len += t;
+            c.len += q_len;
         }
+        let h = if prepend { h.f_narrow(1, nv, t)? } else { h };
         self.norm.forward(&h)
     }
 }

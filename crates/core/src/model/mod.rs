@@ -9,6 +9,7 @@ pub mod device;
 pub mod init;
 pub mod io;
 pub mod lora_layer;
+pub mod prompt_layer;
 pub mod quant;
 pub mod quant_linear;
 pub mod recompute;

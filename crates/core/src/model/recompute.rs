@@ -80,7 +80,9 @@ pub fn fork_rng() -> Result<i64> {
 
 /// Back-propagates `grads` through `outputs` (computed with a graph): `Σ (outputᵢ · gradᵢ)`,
 /// whose gradient with respect to each output is exactly its `grad`. Outputs that need no
-/// gradient are skipped.
+/// gradient are skipped. The graph is kept (it is freed with its tensors): the inputs of several
+/// parts may share one graph, as prefix tuning's keys and values of every layer come from one
+/// table.
 pub fn backprop(outputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
     let mut total: Option<Tensor> = None;
     for (o, g) in outputs.iter().zip(grads) {
@@ -95,7 +97,7 @@ pub fn backprop(outputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
         });
     }
     if let Some(t) = total {
-        t.f_backward()?;
+        backward_keeping_graph(&t)?;
     }
     Ok(())
 }

@@ -143,6 +143,10 @@ fn attach<M: LoraModel>(vs: &VarStore, model: &mut M, config: &LoraConfig, rando
     config.validate()?;
     let trunk = model.trunk();
     ensure!(trunk.lora_config().is_none(), "LoRA adapters are already attached to this model");
+    ensure!(
+        trunk.virtual_tokens().is_none(),
+        "prompt learning is attached to this model: LoRA adapters cannot join it"
+    );
     let modules = resolve_targets(trunk, config).context("lora.targets")?;
     if config.init_lora_weights.mutates_base() {
         refuse_quantized(

@@ -1,0 +1,589 @@
+//! Prompt learning in PEFT's format: prompt tuning (`PROMPT_TUNING`: learned embeddings before
+//! every sequence) and prefix tuning / P-tuning v2 (`PREFIX_TUNING`: learned keys and values of
+//! virtual positions in every layer, optionally produced during training by PEFT's
+//! reparameterisation MLP). The base model stays frozen; the virtual tokens are the trunk's
+//! (`model::prompt_layer`), so every forward pass — training, scoring, cached generation — sees
+//! them while adapters are enabled, and none does with adapters disabled (the DPO/PPO reference).
+//!
+//! The variables live at the root of the model's `VarStore`: `prompt_embeddings` (prompt tuning's
+//! `[nv, hidden]`, or prefix tuning's table `[nv, layers·2·kv_dim]`), or PEFT's
+//! `prompt_encoder.embedding.weight` / `prompt_encoder.transform.{0,2}.{weight,bias}` while
+//! the projection trains. An adapter folder holds what `PeftModel.save_pretrained` writes:
+//! `adapter_config.json` and `adapter_model.safetensors` with the one tensor `prompt_embeddings`
+//! (the projection's output, as PEFT saves it). With a projection the MLP's weights are also
+//! written to `prompt_encoder.safetensors` (PEFT ignores the file), so that a checkpoint resumes
+//! training the MLP exactly.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::{json, Map, Value};
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::hf::checkpoint::{copy_companions, for_each_tensor, save_tensors, SINGLE_FILE};
+use crate::hf::folder::write_folder;
+use crate::model::decoder::Trunk;
+pub use crate::model::prompt_layer::is_prompt_variable;
+pub use crate::model::prompt_layer::{
+    PrefixProjection, PrefixSource, PrefixTuningConfig, PromptInit, PromptLearningConfig, PromptTuningConfig,
+    VirtualTokens, PROMPT_EMBEDDINGS,
+};
+use crate::model::prompt_layer::{
+    ENCODER_EMBEDDING, ENCODER_IN_BIAS, ENCODER_IN_WEIGHT, ENCODER_OUT_BIAS, ENCODER_OUT_WEIGHT,
+};
+use crate::peft::lora::{AdapterSaveOptions, LoraModel, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::text::tokenizer::ModelTokenizer;
+
+/// The weights of prefix tuning's reparameterisation MLP, beside the PEFT files of a folder.
+pub const PROMPT_ENCODER_FILE: &str = "prompt_encoder.safetensors";
+
+/// The trunk's shape as prompt learning sees it: `(layers, hidden, query heads, kv heads, head_dim)`.
+fn shape_of(trunk: &Trunk) -> Result<(i64, i64, i64, i64, i64)> {
+    let (heads, kv_heads, head_dim) =
+        trunk.attention_heads().ok_or_else(|| anyhow!("the model has no decoder layers"))?;
+    let hidden = trunk.embed_tokens.size()[1];
+    Ok((trunk.layers.len() as i64, hidden, heads, kv_heads, head_dim))
+}
+
+/// PEFT's `token_dim` and `num_attention_heads` for the trunk: the hidden width and the query heads
+/// (prompt tuning), the key/value width and heads (prefix tuning: PEFT narrows both to the
+/// key/value heads of a grouped-query model).
+fn peft_dims(trunk: &Trunk, config: &PromptLearningConfig) -> Result<(i64, i64)> {
+    let (_, hidden, heads, kv_heads, head_dim) = shape_of(trunk)?;
+    Ok(match config {
+        PromptLearningConfig::PromptTuning(_) => (hidden, heads),
+        PromptLearningConfig::PrefixTuning(_) => (kv_heads * head_dim, kv_heads),
+    })
+}
+
+/// Registers `t` (f32, its own storage) as the trainable-or-not variable `name` (dots allowed)
+/// at the root of `vs`.
+fn add_variable(vs: &VarStore, name: &str, t: Tensor, trainable: bool) -> Tensor {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.pop().unwrap_or(name);
+    let mut p = vs.root();
+    for seg in parts {
+        p = p.sub(seg);
+    }
+    p.add(leaf, t, trainable)
+}
+
+/// `[out, in]` weight and `[out]` bias initialised as `torch.nn.Linear` does (uniform in
+/// ±1/√in).
+fn linear_init(out: i64, inp: i64, device: tch::Device) -> Result<(Tensor, Tensor)> {
+    let bound = 1.0 / (inp as f64).sqrt();
+    let u = |shape: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::f_rand(shape, (Kind::Float, device))?.f_mul_scalar(2.0 * bound)?.f_sub_scalar(bound)?)
+    };
+    Ok((u(&[out, inp])?, u(&[out])?))
+}
+
+/// The starting embeddings of prompt tuning `[nv, hidden]` (f32).
+fn initial_prompt(trunk: &Trunk, c: &PromptTuningConfig, tokenizer: Option<&ModelTokenizer>) -> Result<Tensor> {
+    let nv = c.num_virtual_tokens;
+    let emb = &trunk.embed_tokens;
+    let (vocab, hidden) = (emb.size()[0], emb.size()[1]);
+    let device = emb.device();
+    let rows = |ids: Vec<i64>| -> Result<Tensor> {
+        let ids = Tensor::from_slice(&ids).to_device(device);
+        Ok(emb.f_index_select(0, &ids)?.f_to_kind(Kind::Float)?.f_detach()?.f_contiguous()?)
+    };
+    match c.prompt_tuning_init {
+        PromptInit::Random => Ok(Tensor::f_randn([nv, hidden], (Kind::Float, device))?),
+        PromptInit::SampleVocab => {
+            rows(Vec::<i64>::try_from(&Tensor::f_randint(vocab, [nv], (Kind::Int64, tch::Device::Cpu))?)?)
+        }
+        PromptInit::Text => {
+            let text = c.prompt_tuning_init_text.as_deref().unwrap_or_default();
+            let tok = tokenizer.ok_or_else(|| anyhow!("prompt_tuning_init = \"text\" needs the model's tokenizer"))?;
+            let ids = tok.encode(text, true).context("prompt_tuning_init_text")?;
+            ensure!(!ids.is_empty(), "prompt_tuning_init_text: {text:?} has no tokens");
+            if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                bail!("prompt_tuning_init_text: token id {bad} is outside the model's {vocab} embeddings");
+            }
+            // repeated, then cut to nv, as PEFT does
+            Ok(rows(ids.iter().copied().cycle().take(nv as usize).collect())?)
+        }
+    }
+}
+
+/// Attaches new prompt learning to `model` (seeded by the caller's `tch::manual_seed`): every
+/// variable of the model is frozen except the modules it trains in full (`LoraModel`), and the
+/// virtual tokens' variables are added, trainable. `tokenizer` is needed for
+/// `prompt_tuning_init = "text"`.
+pub fn attach_prompt_learning<M: LoraModel>(
+    vs: &VarStore,
+    model: &mut M,
+    config: &PromptLearningConfig,
+    tokenizer: Option<&ModelTokenizer>,
+) -> Result<()> {
+    config.validate()?;
+    let trunk = model.trunk();
+    let (layers, _, _, _, _) = shape_of(trunk)?;
+    let (token_dim, _) = peft_dims(trunk, config)?;
+    let device = trunk.embed_tokens.device();
+    let nv = config.num_virtual_tokens();
+    let tokens = tch::no_grad(|| -> Result<VirtualTokens> {
+        Ok(match config {
+            PromptLearningConfig::PromptTuning(c) => VirtualTokens::Prompt(initial_prompt(trunk, c, tokenizer)?),
+            PromptLearningConfig::PrefixTuning(c) if c.prefix_projection => {
+                let h = c.encoder_hidden_size.unwrap_or(token_dim);
+                let embedding = Tensor::f_randn([nv, token_dim], (Kind::Float, device))?;
+                let (in_weight, in_bias) = linear_init(h, token_dim, device)?;
+                let (out_weight, out_bias) = linear_init(layers * 2 * token_dim, h, device)?;
+                VirtualTokens::Prefix {
+                    num_virtual_tokens: nv,
+                    source: PrefixSource::Projection(PrefixProjection {
+                        embedding,
+                        in_weight,
+                        in_bias,
+                        out_weight,
+                        out_bias,
+                    }),
+                }
+            }
+            PromptLearningConfig::PrefixTuning(_) => VirtualTokens::Prefix {
+                num_virtual_tokens: nv,
+                source: PrefixSource::Table(Tensor::f_randn([nv, layers * 2 * token_dim], (Kind::Float, device))?),
+            },
+        })
+    })?;
+    install(vs, model, config, tokens, true)
+}
+
+/// Registers the virtual tokens' tensors as variables of `vs` (trainable or frozen), freezes the
+/// rest of the model (but the modules it trains in full, when `trainable`) and attaches them.
+fn install<M: LoraModel>(
+    vs: &VarStore,
+    model: &mut M,
+    config: &PromptLearningConfig,
+    tokens: VirtualTokens,
+    trainable: bool,
+) -> Result<()> {
+    let trunk = model.trunk();
+    ensure!(
+        trunk.lora_config().is_none(),
+        "LoRA adapters are attached to this model: prompt learning cannot join them"
+    );
+    ensure!(trunk.virtual_tokens().is_none(), "prompt learning is already attached to this model");
+    let vars = vs.variables();
+    if let Some(name) = vars.keys().find(|n| is_prompt_variable(n)) {
+        bail!("the model already holds the prompt-learning variable '{name}'");
+    }
+    let full: Vec<Tensor> = model.modules_to_save().into_iter().map(|(_, t)| t).collect();
+    tch::no_grad(|| -> Result<()> {
+        for v in vars.values() {
+            let _ = v.shallow_clone().f_requires_grad_(false)?;
+        }
+        for t in &full {
+            let _ = t.shallow_clone().f_requires_grad_(trainable)?;
+        }
+        Ok(())
+    })?;
+    let tokens = match tokens {
+        VirtualTokens::Prompt(e) => VirtualTokens::Prompt(add_variable(vs, PROMPT_EMBEDDINGS, e, trainable)),
+        VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t) } => VirtualTokens::Prefix {
+            num_virtual_tokens,
+            source: PrefixSource::Table(add_variable(vs, PROMPT_EMBEDDINGS, t, trainable)),
+        },
+        VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Projection(p) } => {
+            let var = |name: &str, t: Tensor| add_variable(vs, name, t, trainable);
+            VirtualTokens::Prefix {
+                num_virtual_tokens,
+                source: PrefixSource::Projection(PrefixProjection {
+                    embedding: var(ENCODER_EMBEDDING, p.embedding),
+                    in_weight: var(ENCODER_IN_WEIGHT, p.in_weight),
+                    in_bias: var(ENCODER_IN_BIAS, p.in_bias),
+                    out_weight: var(ENCODER_OUT_WEIGHT, p.out_weight),
+                    out_bias: var(ENCODER_OUT_BIAS, p.out_bias),
+                }),
+            }
+        }
+    };
+    model.trunk_mut().set_virtual_tokens(Some((tokens, config.clone())));
+    Ok(())
+}
+
+/// What `adapter_model.safetensors` holds: `prompt_embeddings` (prompt tuning's embeddings, or
+/// prefix tuning's table — the projection's output while it trains), f32.
+fn saved_tensors(trunk: &Trunk) -> Result<BTreeMap<String, Tensor>> {
+    let vt = trunk.virtual_tokens().ok_or_else(|| anyhow!("no prompt learning is attached: nothing to save"))?;
+    let t = tch::no_grad(|| -> Result<Tensor> {
+        let t = match vt {
+            VirtualTokens::Prompt(e) => e.shallow_clone(),
+            VirtualTokens::Prefix { .. } => vt.prefix_table()?.ok_or_else(|| anyhow!("no prefix table"))?,
+        };
+        Ok(t.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?)
+    })?;
+    Ok(BTreeMap::from([(PROMPT_EMBEDDINGS.to_string(), t)]))
+}
+
+/// `adapter_config.json` as PEFT 0.21 writes it for prompt or prefix tuning on `model`.
+fn peft_config_json<M: LoraModel>(model: &M, config: &PromptLearningConfig, base: Option<&str>) -> Result<Value> {
+    let trunk = model.trunk();
+    let (layers, ..) = shape_of(trunk)?;
+    let (token_dim, heads) = peft_dims(trunk, config)?;
+    let mut v = json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": base,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": config.num_virtual_tokens(),
+        "peft_type": config.peft_type(),
+        "revision": null,
+        "task_type": M::PEFT_TASK_TYPE,
+        "token_dim": token_dim,
+    });
+    let obj = v.as_object_mut().expect("an object");
+    match config {
+        PromptLearningConfig::PromptTuning(c) => {
+            let text = c.prompt_tuning_init == PromptInit::Text;
+            obj.insert("prompt_tuning_init".into(), json!(c.prompt_tuning_init.peft_name()));
+            obj.insert("prompt_tuning_init_text".into(), json!(c.prompt_tuning_init_text));
+            obj.insert("tokenizer_kwargs".into(), Value::Null);
+            obj.insert("tokenizer_name_or_path".into(), if text { json!(base) } else { Value::Null });
+        }
+        PromptLearningConfig::PrefixTuning(c) => {
+            obj.insert("encoder_hidden_size".into(), json!(c.encoder_hidden_size.unwrap_or(token_dim)));
+            obj.insert("prefix_projection".into(), json!(c.prefix_projection));
+        }
+    }
+    Ok(v)
+}
+
+/// Writes the attached prompt learning as a PEFT adapter folder into the existing folder `dir`
+/// (`adapter_config.json`, `adapter_model.safetensors`, with a projection also
+/// `prompt_encoder.safetensors`, and the companion files).
+pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
+    let trunk = model.trunk();
+    let config =
+        trunk.prompt_learning_config().ok_or_else(|| anyhow!("no prompt learning is attached: nothing to save"))?;
+    ensure!(
+        M::MODULES_TO_SAVE.is_empty(),
+        "prompt learning is saved for causal language models only (this model trains modules in full)"
+    );
+    let write = |tensors: &BTreeMap<String, Tensor>, name: &str| -> Result<()> {
+        // the one safetensors writer (checkpoint::save_tensors) names its file model.safetensors
+        let staging = dir.join(".adapter-weights");
+        std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+        save_tensors(tensors, &staging, None, usize::MAX)?;
+        let target = dir.join(name);
+        std::fs::rename(staging.join(SINGLE_FILE), &target)
+            .with_context(|| format!("{}: cannot move into place", target.display()))?;
+        std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))
+    };
+    write(&saved_tensors(trunk)?, ADAPTER_WEIGHTS_FILE)?;
+    if let Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) = trunk.virtual_tokens() {
+        let tensors: BTreeMap<String, Tensor> =
+            p.named().iter().map(|(n, t)| Ok((n.to_string(), t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
+        write(&tensors, PROMPT_ENCODER_FILE)?;
+    }
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let cfg = peft_config_json(model, config, opts.base_model_name_or_path.as_deref())?;
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    if let Some(from) = opts.companions_from {
+        copy_companions(from, dir)?;
+    }
+    Ok(())
+}
+
+/// Saves the attached prompt learning as a PEFT adapter folder, written to a temporary sibling
+/// folder and renamed into place when complete.
+pub fn save_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
+    write_folder(dir, |tmp| write_prompt_adapter(model, tmp, opts))
+}
+
+/// `peft_type` of an adapter folder's `adapter_config.json` (`LORA`, `PROMPT_TUNING`, …).
+pub fn adapter_peft_type(dir: &Path) -> Result<String> {
+    let obj = read_json(dir)?;
+    let at = dir.join(ADAPTER_CONFIG_FILE);
+    match obj.get("peft_type") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => bail!("{}: field 'peft_type': expected a string, found {other}", at.display()),
+        None => bail!("{}: field 'peft_type': missing", at.display()),
+    }
+}
+
+/// True when `dir` is a prompt- or prefix-tuning adapter folder.
+pub fn is_prompt_adapter(dir: &Path) -> Result<bool> {
+    Ok(matches!(adapter_peft_type(dir)?.as_str(), "PROMPT_TUNING" | "PREFIX_TUNING"))
+}
+
+fn read_json(dir: &Path) -> Result<Map<String, Value>> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    if !path.is_file() {
+        bail!("{}: no {ADAPTER_CONFIG_FILE} (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as PEFT writes them)", dir.display());
+    }
+    let at = path.display();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{at}: cannot read"))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{at}:{}: invalid JSON: {e}", e.line()))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => bail!("{at}: expected a JSON object"),
+    }
+}
+
+/// A prompt- or prefix-tuning folder's configuration with PEFT's shape fields
+/// (`token_dim`, `num_layers`, `num_attention_heads`, when given).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptFolderConfig {
+    pub config: PromptLearningConfig,
+    pub token_dim: Option<i64>,
+    pub num_layers: Option<i64>,
+    pub num_attention_heads: Option<i64>,
+    pub base_model_name_or_path: Option<String>,
+}
+
+/// Reads `adapter_config.json` of a PEFT `PROMPT_TUNING` or `PREFIX_TUNING` folder. Options this
+/// implementation does not have (another task type, several transformer submodules, modules
+/// trained in full) are errors naming the field.
+pub fn read_prompt_folder_config(dir: &Path) -> Result<PromptFolderConfig> {
+    let obj = read_json(dir)?;
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let at = path.display();
+    let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let int = |k: &str| -> Result<Option<i64>> {
+        field(k)
+            .map(|v| {
+                v.as_i64()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| anyhow!("{at}: field '{k}': expected an integer ≥ 1, found {v}"))
+            })
+            .transpose()
+    };
+    let peft_type = adapter_peft_type(dir)?;
+    if let Some(t) = field("task_type") {
+        ensure!(
+            t.as_str() == Some("CAUSAL_LM"),
+            "{at}: field 'task_type': prompt learning is read for causal language models (\"CAUSAL_LM\"), found {t}"
+        );
+    }
+    if let Some(n) = int("num_transformer_submodules")? {
+        ensure!(n == 1, "{at}: field 'num_transformer_submodules': a decoder-only model has 1, found {n}");
+    }
+    if let Some(m) = field("modules_to_save") {
+        ensure!(
+            m.as_array().is_some_and(|a| a.is_empty()),
+            "{at}: field 'modules_to_save': modules trained in full beside prompt learning are not supported, found {m}"
+        );
+    }
+    let nv = int("num_virtual_tokens")?.ok_or_else(|| anyhow!("{at}: field 'num_virtual_tokens': missing"))?;
+    let config = match peft_type.as_str() {
+        "PROMPT_TUNING" => {
+            let init = match field("prompt_tuning_init") {
+                None => PromptInit::Random,
+                Some(Value::String(s)) => PromptInit::from_peft_name(s).ok_or_else(|| {
+                    anyhow!("{at}: field 'prompt_tuning_init': expected \"RANDOM\", \"TEXT\" or \"SAMPLE_VOCAB\", found {s:?}")
+                })?,
+                Some(v) => bail!("{at}: field 'prompt_tuning_init': expected a string, found {v}"),
+            };
+            let text = match field("prompt_tuning_init_text") {
+                None => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v) => bail!("{at}: field 'prompt_tuning_init_text': expected a string, found {v}"),
+            };
+            // the text only matters when the embeddings are made; a folder keeps it as written
+            let text = if init == PromptInit::Text { text } else { None };
+            PromptLearningConfig::PromptTuning(PromptTuningConfig {
+                num_virtual_tokens: nv,
+                prompt_tuning_init: init,
+                prompt_tuning_init_text: text,
+            })
+        }
+        "PREFIX_TUNING" => {
+            let projection = match field("prefix_projection") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => bail!("{at}: field 'prefix_projection': expected true or false, found {v}"),
+            };
+            PromptLearningConfig::PrefixTuning(PrefixTuningConfig {
+                num_virtual_tokens: nv,
+                prefix_projection: projection,
+                encoder_hidden_size: if projection { int("encoder_hidden_size")? } else { None },
+            })
+        }
+        other => bail!("{at}: field 'peft_type': expected \"PROMPT_TUNING\" or \"PREFIX_TUNING\", found \"{other}\""),
+    };
+    Ok(PromptFolderConfig {
+        config,
+        token_dim: int("token_dim")?,
+        num_layers: int("num_layers")?,
+        num_attention_heads: int("num_attention_heads")?,
+        base_model_name_or_path: field("base_model_name_or_path").and_then(|v| v.as_str()).map(str::to_string),
+    })
+}
+
+/// Reads the tensors of `file` into a map by name.
+fn read_tensors(file: &Path) -> Result<HashMap<String, Tensor>> {
+    if !file.is_file() {
+        if file.with_extension("bin").is_file() {
+            bail!(
+                "{}: only {} found; only safetensors adapters are read",
+                file.display(),
+                file.with_extension("bin").display()
+            );
+        }
+        bail!("{}: missing (the adapter weights)", file.display());
+    }
+    let mut out = HashMap::new();
+    for_each_tensor(&[file.to_path_buf()], |_, name, t| {
+        out.insert(name.to_string(), t.f_to_kind(Kind::Float)?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Loads a PEFT prompt- or prefix-tuning folder onto `model` (no prompt learning or LoRA
+/// attached): the virtual tokens as saved (prefix tuning's table, or — when the folder holds
+/// `prompt_encoder.safetensors`, as our checkpoints do — the projection MLP itself), trainable or
+/// frozen; the rest of the model frozen. Shapes are checked against the model; errors name the
+/// file and the field or tensor. Returns the configuration.
+pub fn load_prompt_adapter<M: LoraModel>(
+    vs: &VarStore,
+    model: &mut M,
+    dir: &Path,
+    trainable: bool,
+) -> Result<PromptLearningConfig> {
+    let folder = read_prompt_folder_config(dir)?;
+    let config = folder.config.clone();
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let at = path.display();
+    let trunk = model.trunk();
+    let (layers, ..) = shape_of(trunk)?;
+    let (token_dim, heads) = peft_dims(trunk, &config)?;
+    for (field, have, want) in [
+        ("token_dim", folder.token_dim, token_dim),
+        ("num_layers", folder.num_layers, layers),
+        ("num_attention_heads", folder.num_attention_heads, heads),
+    ] {
+        if let Some(have) = have {
+            ensure!(
+                have == want,
+                "{at}: field '{field}': the adapter has {have} but this base model needs {want}: the adapter was made for a different base model"
+            );
+        }
+    }
+    let nv = config.num_virtual_tokens();
+    let weights = dir.join(ADAPTER_WEIGHTS_FILE);
+    let encoder_file = dir.join(PROMPT_ENCODER_FILE);
+    let projection =
+        matches!(&config, PromptLearningConfig::PrefixTuning(c) if c.prefix_projection) && encoder_file.is_file();
+    let take = |tensors: &mut HashMap<String, Tensor>, file: &Path, name: &str, shape: &[i64]| -> Result<Tensor> {
+        let t = tensors.remove(name).ok_or_else(|| anyhow!("{}: lacks the tensor '{name}'", file.display()))?;
+        ensure!(
+            t.size() == shape,
+            "{}: tensor '{name}' has shape {:?} but this base model needs {shape:?} ({nv} virtual tokens): the adapter was made for a different base model",
+            file.display(),
+            t.size()
+        );
+        Ok(t)
+    };
+    let refuse_rest = |tensors: &HashMap<String, Tensor>, file: &Path| -> Result<()> {
+        if let Some(name) = tensors.keys().next() {
+            bail!(
+                "{}: tensor '{name}': not a weight of {} (expected '{PROMPT_EMBEDDINGS}')",
+                file.display(),
+                config.peft_type()
+            );
+        }
+        Ok(())
+    };
+    let tokens = if projection {
+        let mut t = read_tensors(&encoder_file)?;
+        let f = encoder_file.as_path();
+        let embedding = take(&mut t, f, ENCODER_EMBEDDING, &[nv, token_dim])?;
+        let h = t.get(ENCODER_IN_WEIGHT).map_or(token_dim, |w| w.size()[0]);
+        let p = PrefixProjection {
+            embedding,
+            in_weight: take(&mut t, f, ENCODER_IN_WEIGHT, &[h, token_dim])?,
+            in_bias: take(&mut t, f, ENCODER_IN_BIAS, &[h])?,
+            out_weight: take(&mut t, f, ENCODER_OUT_WEIGHT, &[layers * 2 * token_dim, h])?,
+            out_bias: take(&mut t, f, ENCODER_OUT_BIAS, &[layers * 2 * token_dim])?,
+        };
+        refuse_rest(&t, f)?;
+        VirtualTokens::Prefix { num_virtual_tokens: nv, source: PrefixSource::Projection(p) }
+    } else {
+        let mut t = read_tensors(&weights)?;
+        let tokens = match &config {
+            PromptLearningConfig::PromptTuning(_) => {
+                VirtualTokens::Prompt(take(&mut t, &weights, PROMPT_EMBEDDINGS, &[nv, token_dim])?)
+            }
+            PromptLearningConfig::PrefixTuning(_) => VirtualTokens::Prefix {
+                num_virtual_tokens: nv,
+                source: PrefixSource::Table(take(&mut t, &weights, PROMPT_EMBEDDINGS, &[nv, layers * 2 * token_dim])?),
+            },
+        };
+        refuse_rest(&t, &weights)?;
+        tokens
+    };
+    let device = model.trunk().embed_tokens.device();
+    let tokens = match tokens {
+        VirtualTokens::Prompt(e) => VirtualTokens::Prompt(e.f_to_device(device)?),
+        VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t) } => {
+            VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t.f_to_device(device)?) }
+        }
+        VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Projection(p) } => VirtualTokens::Prefix {
+            num_virtual_tokens,
+            source: PrefixSource::Projection(PrefixProjection {
+                embedding: p.embedding.f_to_device(device)?,
+                in_weight: p.in_weight.f_to_device(device)?,
+                in_bias: p.in_bias.f_to_device(device)?,
+                out_weight: p.out_weight.f_to_device(device)?,
+                out_bias: p.out_bias.f_to_device(device)?,
+            }),
+        },
+    };
+    install(vs, model, &config, tokens, trainable).with_context(|| format!("{at}"))?;
+    Ok(config)
+}
+
+/// Copies the prompt-learning tensors of a folder our checkpoints wrote into the variables
+/// already attached (resume of the same run): `prompt_embeddings` from `adapter_model.safetensors`
+/// when the model holds it as a variable, the projection's weights from
+/// `prompt_encoder.safetensors` when it holds those. Every trainable variable must be restored.
+pub fn restore_prompt_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    let vars = vs.variables();
+    let mut seen = HashSet::new();
+    for file in [dir.join(ADAPTER_WEIGHTS_FILE), dir.join(PROMPT_ENCODER_FILE)] {
+        if !file.is_file() {
+            continue;
+        }
+        for (name, t) in read_tensors(&file)? {
+            // prefix tuning's saved table is the projection's output, not a variable then
+            let Some(var) = vars.get(&name).filter(|_| is_prompt_variable(&name)) else { continue };
+            ensure!(
+                var.size() == t.size(),
+                "{}: '{name}' has shape {:?}, the model's variable {:?}",
+                file.display(),
+                t.size(),
+                var.size()
+            );
+            tch::no_grad(|| var.shallow_clone().f_copy_(&t))?;
+            seen.insert(name);
+        }
+    }
+    let mut missing: Vec<&String> = vars
+        .iter()
+        .filter(|(k, v)| (is_prompt_variable(k) || v.requires_grad()) && !seen.contains(*k))
+        .map(|(k, _)| k)
+        .collect();
+    missing.sort();
+    ensure!(missing.is_empty(), "{}: lacks tensors {missing:?}", dir.display());
+    Ok(())
+}
+
+/// Number of values of the attached virtual tokens' variables (0 without prompt learning).
+pub fn prompt_parameter_count(trunk: &Trunk) -> i64 {
+    match trunk.virtual_tokens() {
+        None => 0,
+        Some(VirtualTokens::Prompt(e)) => e.numel() as i64,
+        Some(VirtualTokens::Prefix { source: PrefixSource::Table(t), .. }) => t.numel() as i64,
+        Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) => {
+            p.named().iter().map(|(_, t)| t.numel() as i64).sum()
+        }
+    }
+}
