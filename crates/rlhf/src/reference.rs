@@ -20,8 +20,8 @@ use align_core::model::decoder::{CausalLm, ForwardOptions};
 use align_core::model::io::LoadedModel;
 use align_core::model::quant::Quantization;
 use align_core::peft::lora::without_adapters;
+use align_core::train::config::LoadedConfig;
 use align_core::train::config::{canonical_json, sha256_hex};
-use align_core::train::config::{LoadedConfig, Method};
 use align_core::train::preference_batch::{PairSplits, PreferenceBatch};
 use align_core::train::setup::{training_device, training_spec};
 use align_core::train::trainer::Split;
@@ -130,8 +130,11 @@ pub fn policy_reference(cfg: &LoadedConfig, explicit: Option<&str>, device: Devi
         tracing::info!("reference: {} (frozen)", dir.display());
         return Ok(Reference::Live(load_reference_model(&dir, None, device, kind, quantize)?));
     }
-    if c.method == Method::Lora && c.adapter.is_none() {
-        tracing::info!("reference: the policy's base model with its LoRA adapters disabled (one copy of the weights)");
+    if c.method.is_adapter() && c.adapter.is_none() {
+        tracing::info!(
+            "reference: the policy's base model with its {} adapter disabled (one copy of the weights)",
+            c.method.as_str()
+        );
         return Ok(Reference::BaseOfPolicy);
     }
     let dir = resolve_model_dir(&c.model)?;

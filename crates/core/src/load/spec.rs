@@ -18,6 +18,7 @@ use crate::model::scalar::{
 };
 use crate::peft::lora::{is_adapter_variable, load_adapter, merge_lora, LoraConfig};
 use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
+use crate::peft::prompt::{is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// The adapter folder when it holds tokenizer files, else the model folder.
@@ -81,8 +82,16 @@ pub struct ModelSpec {
 pub enum AdapterMode {
     /// Merged into the weights (inference, references, export): no adapter remains.
     Merge,
-    /// Attached as trainable LoRA layers (continuing a LoRA run).
+    /// Attached as trainable LoRA layers or virtual tokens (continuing an adapter run).
     Attach,
+}
+
+/// The adapter a [`ModelSpec`] applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadedAdapter {
+    Lora(LoraConfig),
+    /// Prompt or prefix tuning: always attached (virtual tokens have no weights to merge into).
+    Prompt(PromptLearningConfig),
 }
 
 /// A causal LM loaded by a [`ModelSpec`].
@@ -90,7 +99,7 @@ pub struct LoadedCausalLm {
     pub model: LoadedModel,
     pub tokenizer: ModelTokenizer,
     /// The adapter folder that was applied, and its configuration.
-    pub adapter: Option<(PathBuf, LoraConfig)>,
+    pub adapter: Option<(PathBuf, LoadedAdapter)>,
     pub device: Device,
     pub kind: Kind,
 }
@@ -193,6 +202,23 @@ impl ModelSpec {
             );
         }
         let mut adapter = None;
+        if let Some(a) = adapter_dir.clone().filter(|a| is_prompt_adapter(a).unwrap_or(false)) {
+            // virtual tokens are attached, trainable only to continue training them
+            let cfg = load_prompt_adapter(&model.vs, &mut model.lm, &a, mode == AdapterMode::Attach)?;
+            tracing::info!(
+                "attached {} adapter {} ({} virtual tokens)",
+                cfg.peft_type(),
+                a.display(),
+                cfg.num_virtual_tokens()
+            );
+            return Ok(LoadedCausalLm {
+                model,
+                tokenizer,
+                adapter: Some((a, LoadedAdapter::Prompt(cfg))),
+                device: self.device,
+                kind: self.dtype,
+            });
+        }
         if let Some(a) = adapter_dir {
             let lora = load_adapter(&model.vs, &mut model.lm, &a)?;
             if mode == AdapterMode::Merge && self.quantize.is_some() {
@@ -212,7 +238,7 @@ impl ModelSpec {
                 merge_lora(&model.vs, &mut model.lm)?;
                 tracing::info!("merged LoRA adapter {} (r {}, alpha {})", a.display(), lora.r, lora.alpha);
             }
-            adapter = Some((a, lora));
+            adapter = Some((a, LoadedAdapter::Lora(lora)));
         }
         Ok(LoadedCausalLm { model, tokenizer, adapter, device: self.device, kind: self.dtype })
     }

@@ -11,7 +11,7 @@ use crate::train::optim::{OptimizerKind, Schedule};
 
 /// How the model's weights are tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Every weight is trained.
     #[default]
@@ -20,16 +20,36 @@ pub enum Method {
     Lora,
     /// Only the parts named in `[freeze]` are trained.
     Freeze,
+    /// Learned virtual-token embeddings before every sequence (`[prompt_tuning]`); the base stays
+    /// frozen.
+    PromptTuning,
+    /// Learned key/value prefixes in every layer (`[prefix_tuning]`, P-tuning v2); the base
+    /// stays frozen.
+    PrefixTuning,
 }
 
 impl Method {
-    /// The value as written in a config (`"full"`, `"lora"`, `"freeze"`).
+    /// The value as written in a config (`"full"`, `"lora"`, `"freeze"`, `"prompt_tuning"`,
+    /// `"prefix_tuning"`), also the name of its section.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Full => "full",
             Method::Lora => "lora",
             Method::Freeze => "freeze",
+            Method::PromptTuning => "prompt_tuning",
+            Method::PrefixTuning => "prefix_tuning",
         }
+    }
+
+    /// True for the methods that train an adapter on a frozen base (saved as a PEFT adapter
+    /// folder, disabled for the reference of DPO / PPO).
+    pub fn is_adapter(self) -> bool {
+        matches!(self, Method::Lora | Method::PromptTuning | Method::PrefixTuning)
+    }
+
+    /// True for prompt and prefix tuning.
+    pub fn is_prompt_learning(self) -> bool {
+        matches!(self, Method::PromptTuning | Method::PrefixTuning)
     }
 }
 
@@ -246,6 +266,10 @@ pub struct TrainConfig {
     #[serde(default)]
     pub freeze: Option<toml::Table>,
     #[serde(default)]
+    pub prompt_tuning: Option<toml::Table>,
+    #[serde(default)]
+    pub prefix_tuning: Option<toml::Table>,
+    #[serde(default)]
     pub data_options: Option<toml::Table>,
 }
 
@@ -445,9 +469,12 @@ impl LoadedConfig {
     fn check_method_sections(&self) -> Result<()> {
         let c = &self.config;
         let at = self.origin.display();
-        for (section, present, wants) in
-            [("lora", c.lora.is_some(), Method::Lora), ("freeze", c.freeze.is_some(), Method::Freeze)]
-        {
+        for (section, present, wants) in [
+            ("lora", c.lora.is_some(), Method::Lora),
+            ("freeze", c.freeze.is_some(), Method::Freeze),
+            ("prompt_tuning", c.prompt_tuning.is_some(), Method::PromptTuning),
+            ("prefix_tuning", c.prefix_tuning.is_some(), Method::PrefixTuning),
+        ] {
             if present && c.method != wants {
                 let method = c.method.as_str();
                 let wanted = wants.as_str();
@@ -460,8 +487,40 @@ impl LoadedConfig {
                 lora.validate().map_err(|e| anyhow!("{at}: [lora] {e}"))
             }
             Method::Freeze => self.section::<crate::peft::lora::FreezeConfig>("freeze", c.freeze.as_ref()).map(|_| ()),
+            Method::PromptTuning | Method::PrefixTuning => self.prompt_learning().map(|_| ()),
             Method::Full => Ok(()),
         }
+    }
+
+    /// The prompt learning of `method = "prompt_tuning"` / `"prefix_tuning"`, from its section
+    /// (which must be present: `num_virtual_tokens` has no default), checked. None for the other
+    /// methods.
+    pub fn prompt_learning(&self) -> Result<Option<crate::peft::prompt::PromptLearningConfig>> {
+        use crate::peft::prompt::PromptLearningConfig;
+        let c = &self.config;
+        let at = self.origin.display();
+        let (name, table) = match c.method {
+            Method::PromptTuning => ("prompt_tuning", c.prompt_tuning.as_ref()),
+            Method::PrefixTuning => ("prefix_tuning", c.prefix_tuning.as_ref()),
+            _ => return Ok(None),
+        };
+        let Some(table) = table else {
+            if c.adapter.is_some() {
+                return Ok(None); // the starting adapter's configuration holds
+            }
+            bail!("{at}: method = \"{name}\" needs a [{name}] section (at least num_virtual_tokens)");
+        };
+        if c.adapter.is_some() {
+            bail!("{at}: [{name}] is set together with key 'adapter', whose adapter_config.json configures the virtual tokens; remove [{name}]");
+        }
+        let parse = |e: toml::de::Error| anyhow!("{at}: [{name}]: {}", e.message().trim());
+        let value = toml::Value::Table(table.clone());
+        let config = match c.method {
+            Method::PromptTuning => PromptLearningConfig::PromptTuning(value.try_into().map_err(parse)?),
+            _ => PromptLearningConfig::PrefixTuning(value.try_into().map_err(parse)?),
+        };
+        config.validate().map_err(|e| anyhow!("{at}: [{name}] {e}"))?;
+        Ok(Some(config))
     }
 
     /// The run's fingerprint: the config and the SHA-256 of every data file it names.

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
-use crate::load::spec::{tokenizer_for, AdapterMode, LoadedCausalLm, ModelSpec};
+use crate::load::spec::{tokenizer_for, AdapterMode, LoadedAdapter, LoadedCausalLm, ModelSpec};
 use crate::model::io::LoadedModel;
 use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::lora::{
@@ -15,6 +15,7 @@ use crate::peft::lora::{
     restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
     ADAPTER_CONFIG_FILE,
 };
+use crate::peft::prompt::{attach_prompt_learning, restore_prompt_weights, write_prompt_adapter};
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::{LoadedConfig, Method};
 use crate::train::trainer::{train_supervised, ModelState, Objective, TrainRun, TrainSummary};
@@ -40,15 +41,42 @@ impl TrainingModel {
         let t = &c.train;
         let spec = training_spec(cfg)?;
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
-        // [lora] and [freeze] were parsed and checked when the config loaded
-        let mode = if c.method == Method::Lora { AdapterMode::Attach } else { AdapterMode::Merge };
+        // the method's section was parsed and checked when the config loaded
+        let mode = if c.method.is_adapter() { AdapterMode::Attach } else { AdapterMode::Merge };
         let LoadedCausalLm { model: mut loaded, tokenizer, adapter, device, kind } = spec.causal_lm(mode)?;
+        let method = c.method.as_str();
+        match (&adapter, c.method) {
+            (Some((a, LoadedAdapter::Prompt(p))), m) if !m.is_prompt_learning() || p.peft_type() != peft_type_of(m) => {
+                bail!(
+                    "{}: {} is a {} adapter: its virtual tokens cannot be merged into weights or trained as method = \"{method}\"; train it further with method = \"{}\"",
+                    at("key 'adapter'"),
+                    a.display(),
+                    p.peft_type(),
+                    if p.peft_type() == "PROMPT_TUNING" { "prompt_tuning" } else { "prefix_tuning" }
+                );
+            }
+            (Some((a, LoadedAdapter::Lora(_))), m) if m.is_prompt_learning() => {
+                bail!(
+                    "{}: {} is a LoRA adapter, which method = \"{method}\" does not train; merge it into the model first (align export) and give the merged folder as model",
+                    at("key 'adapter'"),
+                    a.display()
+                );
+            }
+            _ => {}
+        }
         match c.method {
             Method::Lora => {
                 if adapter.is_none() {
                     let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
                     tch::manual_seed(t.seed as i64);
                     attach_lora(&loaded.vs, &mut loaded.lm, &lora).with_context(|| at("[lora]"))?;
+                }
+            }
+            Method::PromptTuning | Method::PrefixTuning => {
+                if let Some(p) = cfg.prompt_learning()? {
+                    tch::manual_seed(t.seed as i64);
+                    attach_prompt_learning(&loaded.vs, &mut loaded.lm, &p, Some(&tokenizer))
+                        .with_context(|| at(&format!("[{method}]")))?;
                 }
             }
             Method::Full | Method::Freeze => {
@@ -64,9 +92,28 @@ impl TrainingModel {
                 }
             }
         }
+        if let Some(p) = loaded.lm.model.prompt_learning_config() {
+            // train.max_length counts real tokens; the model also sees the virtual ones
+            let (nv, max) = (p.num_virtual_tokens(), loaded.lm.config.max_position_embeddings);
+            if t.max_length as i64 + nv > max {
+                bail!(
+                    "{}: train.max_length = {} plus {nv} virtual tokens exceeds the model's max_position_embeddings ({max})",
+                    cfg.origin.display(),
+                    t.max_length
+                );
+            }
+        }
         loaded.lm.set_training(true);
         loaded.lm.model.set_gradient_checkpointing(t.checkpoint_every());
         Ok(TrainingModel { loaded, tokenizer, device, kind, method: c.method, base_name: c.model.clone() })
+    }
+
+    /// The adapter folder options of this run's saves.
+    fn adapter_options(&self) -> AdapterSaveOptions<'_> {
+        AdapterSaveOptions {
+            base_model_name_or_path: Some(self.base_name.clone()),
+            companions_from: Some(&self.loaded.dir),
+        }
     }
 
     /// Parameters that receive gradients, by HF name, sorted.
@@ -117,11 +164,10 @@ impl ModelState for TrainingModel {
 
     fn save(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora {
-            let opts = AdapterSaveOptions {
-                base_model_name_or_path: Some(self.base_name.clone()),
-                companions_from: Some(&self.loaded.dir),
-            };
-            return write_adapter(&self.loaded.lm, dir, &opts);
+            return write_adapter(&self.loaded.lm, dir, &self.adapter_options());
+        }
+        if self.method.is_prompt_learning() {
+            return write_prompt_adapter(&self.loaded.lm, dir, &self.adapter_options());
         }
         refuse_quantized(&self.loaded.lm.model, "save the full weights of")?;
         let opts = SaveOptions { companions_from: Some(&self.loaded.dir), ..Default::default() };
@@ -131,6 +177,9 @@ impl ModelState for TrainingModel {
     fn restore(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora {
             return restore_adapter_weights(&self.loaded.vs, dir);
+        }
+        if self.method.is_prompt_learning() {
+            return restore_prompt_weights(&self.loaded.vs, dir);
         }
         load_weights(&self.loaded.vs, dir, self.loaded.lm.config.tie_word_embeddings)
     }
@@ -147,6 +196,14 @@ pub fn training_spec(cfg: &LoadedConfig) -> Result<ModelSpec> {
     let t = &c.train;
     let spec = ModelSpec::from_flags(&c.model, c.adapter.as_deref(), &t.device, t.dtype.as_deref(), t.threads)?;
     Ok(spec.quantized(t.quantization()?))
+}
+
+/// PEFT's `peft_type` of a prompt-learning method.
+fn peft_type_of(m: Method) -> &'static str {
+    match m {
+        Method::PrefixTuning => "PREFIX_TUNING",
+        _ => "PROMPT_TUNING",
+    }
 }
 
 /// Device and dtype of a training run (`train.device`, `train.dtype`), with `train.threads` applied.
@@ -185,6 +242,13 @@ impl TrainingScalarModel {
                 "{}: key 'model': {} is an adapter folder; give its base model as model and the folder as adapter",
                 cfg.origin.display(),
                 dir.display()
+            );
+        }
+        if c.method.is_prompt_learning() {
+            bail!(
+                "{}: key 'method': \"{}\" trains virtual tokens of causal language models; a reward or value model takes method = \"full\", \"lora\" or \"freeze\"",
+                cfg.origin.display(),
+                c.method.as_str()
             );
         }
         let (loaded, tokenizer) = spec.scalar_model_to_train(init)?;
@@ -227,6 +291,7 @@ impl TrainingScalarModel {
                     apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
                 }
             }
+            Method::PromptTuning | Method::PrefixTuning => unreachable!("refused above"),
         }
         tm.method = c.method;
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
