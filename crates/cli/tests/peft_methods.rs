@@ -1,5 +1,6 @@
 //! The parameter-efficient methods as a user runs them: an SFT run under DoRA + LoRA+, PiSSA with
-//! per-module ranks, prompt tuning (text initialisation) and prefix tuning (projection MLP) each
+//! per-module ranks, prompt tuning (text initialisation), P-tuning (LSTM encoder) and prefix
+//! tuning (projection MLP) each
 //! trains (that they learn: the core tests), stops and resumes to bitwise the adapter and losses of a straight run, and its adapter
 //! folder is taken by `align generate --adapter`; DPO trains a prompt-tuning policy against its
 //! base; mistakes are one clear line.
@@ -67,6 +68,11 @@ const METHODS: &[(&str, &str, &str)] = &[
         "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"text\"\nprompt_tuning_init_text = \"You are a doctor.\"\n",
     ),
     ("prefix", "prefix_tuning", "[prefix_tuning]\nnum_virtual_tokens = 3\nprefix_projection = true\nencoder_hidden_size = 16\n"),
+    (
+        "ptuning",
+        "p_tuning",
+        "[p_tuning]\nnum_virtual_tokens = 3\nencoder_reparameterization_type = \"lstm\"\nencoder_hidden_size = 8\nencoder_num_layers = 1\n",
+    ),
 ];
 
 #[test]
@@ -91,6 +97,7 @@ fn every_method_trains_resumes_bitwise_and_generates_with_its_adapter() {
         let want = match *method {
             "lora" => "LORA",
             "prompt_tuning" => "PROMPT_TUNING",
+            "p_tuning" => "P_TUNING",
             _ => "PREFIX_TUNING",
         };
         assert_eq!(config["peft_type"], want, "{name}");

@@ -1,4 +1,4 @@
-//! Prompt tuning and prefix tuning: PEFT-written folders reproduce PEFT's logits, the folders we
+//! Prompt tuning, P-tuning and prefix tuning: PEFT-written folders reproduce PEFT's logits, the folders we
 //! write load in PEFT with equal logits, the virtual tokens go through the KV cache, left padding
 //! and gradient checkpointing as through a plain forward pass, only they train, and bad folders
 //! fail with one clear error. Fixtures: `tests/fixtures/make_prompt_fixtures.py`.
@@ -10,8 +10,9 @@ use align_core::model::decoder::{ForwardOptions, KvCache};
 use align_core::model::io::{load_causal_lm, LoadedModel};
 use align_core::peft::lora::{attach_lora, trainable_parameters, without_adapters, AdapterSaveOptions, LoraConfig};
 use align_core::peft::prompt::{
-    attach_prompt_learning, load_prompt_adapter, restore_prompt_weights, save_prompt_adapter, PrefixTuningConfig,
-    PromptInit, PromptLearningConfig, PromptTuningConfig, PROMPT_ENCODER_FILE,
+    attach_prompt_learning, load_prompt_adapter, restore_prompt_weights, save_prompt_adapter, EncoderType,
+    PTuningConfig, PrefixTuningConfig, PromptEncoder, PromptInit, PromptLearningConfig, PromptTuningConfig,
+    PROMPT_ENCODER_FILE,
 };
 use align_core::text::tokenizer::ModelTokenizer;
 use align_core::CausalLm;
@@ -46,26 +47,43 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     ((a - b).abs() / b.abs().clamp_min(1.0)).max().double_value(&[])
 }
 
-/// (PEFT fixture, base model)
-const PEFT_FOLDERS: &[(&str, &str)] =
-    &[("llama-prompt-text", "tiny-llama"), ("qwen2-prefix", "tiny-qwen2"), ("llama-prefix-proj", "tiny-llama")];
+/// (PEFT fixture, base model, virtual tokens)
+const PEFT_FOLDERS: &[(&str, &str, i64)] = &[
+    ("llama-prompt-text", "tiny-llama", 5),
+    ("qwen2-prefix", "tiny-qwen2", 3),
+    ("llama-prefix-proj", "tiny-llama", 3),
+    ("llama-ptuning-mlp", "tiny-llama", 4),
+    ("qwen2-ptuning-lstm", "tiny-qwen2", 3),
+];
 
 #[test]
-fn peft_prompt_and_prefix_folders_reproduce_peft_logits_and_disabled_gives_the_base() {
-    for (folder, base) in PEFT_FOLDERS {
+fn peft_prompt_learning_folders_reproduce_peft_logits_and_disabled_gives_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (folder, base, nv) in PEFT_FOLDERS {
         let golden = adapter_dir(folder).join("golden.safetensors");
         let ids = tensor(&golden, "input_ids");
-        let mut m = load(base);
-        let plain = logits(&m.lm, &ids);
-        let cfg = load_prompt_adapter(&m.vs, &mut m.lm, &adapter_dir(folder), false).unwrap();
-        assert_eq!(cfg.num_virtual_tokens(), if folder.contains("prompt") { 5 } else { 3 }, "{folder}");
-        let with = logits(&m.lm, &ids);
-        let d = max_rel_diff(&with, &tensor(&golden, "logits"));
-        assert!(d <= 1e-4, "{folder}: max relative logit difference to PEFT {d}");
-        assert!(max_rel_diff(&with, &plain) > 0.05, "{folder}: the virtual tokens should change the logits");
-        let off = without_adapters(&m.lm, |lm| Ok(logits(lm, &ids))).unwrap();
-        assert!(off.equal(&plain), "{folder}: with adapters disabled the base model's logits");
-        assert!(trainable_parameters(&m.vs).is_empty(), "{folder}: loaded frozen");
+        // the folder as PEFT wrote it (the table), and with the encoder's weights beside it
+        // (P-tuning's MLP / LSTM, prefix tuning's projection: our encoder against PEFT's)
+        let as_peft = tmp.path().join(folder);
+        std::fs::create_dir_all(&as_peft).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter_dir(folder).join(f), as_peft.join(f)).unwrap();
+        }
+        let with_encoder = adapter_dir(folder).join(PROMPT_ENCODER_FILE).is_file();
+        assert_eq!(with_encoder, folder.contains("proj") || folder.contains("ptuning"), "{folder}");
+        for dir in [as_peft, adapter_dir(folder)] {
+            let mut m = load(base);
+            let plain = logits(&m.lm, &ids);
+            let cfg = load_prompt_adapter(&m.vs, &mut m.lm, &dir, false).unwrap();
+            assert_eq!(cfg.num_virtual_tokens(), *nv, "{folder}");
+            let with = logits(&m.lm, &ids);
+            let d = max_rel_diff(&with, &tensor(&golden, "logits"));
+            assert!(d <= 1e-4, "{}: max relative logit difference to PEFT {d}", dir.display());
+            assert!(max_rel_diff(&with, &plain) > 0.05, "{folder}: the virtual tokens should change the logits");
+            let off = without_adapters(&m.lm, |lm| Ok(logits(lm, &ids))).unwrap();
+            assert!(off.equal(&plain), "{folder}: with adapters disabled the base model's logits");
+            assert!(trainable_parameters(&m.vs).is_empty(), "{folder}: loaded frozen");
+        }
     }
 }
 
@@ -103,6 +121,16 @@ fn prefix(projection: bool) -> PromptLearningConfig {
     })
 }
 
+fn p_tuning(encoder: EncoderType) -> PromptLearningConfig {
+    PromptLearningConfig::PTuning(PTuningConfig {
+        num_virtual_tokens: 3,
+        encoder_reparameterization_type: encoder,
+        encoder_hidden_size: Some(8),
+        encoder_num_layers: (encoder == EncoderType::Lstm).then_some(1),
+        encoder_dropout: None,
+    })
+}
+
 /// (name, base, configuration)
 fn variants() -> Vec<(&'static str, &'static str, PromptLearningConfig)> {
     vec![
@@ -110,6 +138,8 @@ fn variants() -> Vec<(&'static str, &'static str, PromptLearningConfig)> {
         ("qwen2-prompt-vocab", "tiny-qwen2", prompt(PromptInit::SampleVocab)),
         ("llama-prefix", "tiny-llama", prefix(false)),
         ("qwen2-prefix-proj", "tiny-qwen2", prefix(true)),
+        ("llama-ptuning-mlp", "tiny-llama", p_tuning(EncoderType::Mlp)),
+        ("qwen2-ptuning-lstm", "tiny-qwen2", p_tuning(EncoderType::Lstm)),
     ]
 }
 
@@ -147,7 +177,8 @@ fn our_prompt_and_prefix_adapters_round_trip_and_load_in_peft() {
             serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(json["peft_type"], cfg.peft_type(), "{name}");
         assert_eq!(json["num_virtual_tokens"], cfg.num_virtual_tokens(), "{name}");
-        let projection = matches!(&cfg, PromptLearningConfig::PrefixTuning(c) if c.prefix_projection);
+        let projection = matches!(&cfg, PromptLearningConfig::PrefixTuning(c) if c.prefix_projection)
+            || matches!(&cfg, PromptLearningConfig::PTuning(_));
         assert_eq!(out.join(PROMPT_ENCODER_FILE).is_file(), projection, "{name}");
         // back into a fresh model (trainable, as a run that starts from it): the same logits
         let mut again = load(base);
@@ -163,7 +194,7 @@ fn our_prompt_and_prefix_adapters_round_trip_and_load_in_peft() {
         restore_prompt_weights(&fresh.vs, &out).unwrap();
         assert!(logits(&fresh.lm, &ids).equal(&ours), "{name}: restored, the same logits");
         if projection {
-            // without the MLP's file the folder is PEFT's: the table, the same logits
+            // without the encoder's file the folder is PEFT's: the table, the same logits
             std::fs::remove_file(out.join(PROMPT_ENCODER_FILE)).unwrap();
             let mut table = load(base);
             load_prompt_adapter(&table.vs, &mut table.lm, &out, false).unwrap();
@@ -274,16 +305,20 @@ fn only_the_virtual_tokens_train_and_checkpointing_gives_the_same_gradients() {
         attach_prompt_learning(&m.vs, &mut m.lm, &cfg, None).unwrap();
         m.lm.set_training(true);
         let names: Vec<String> = trainable_parameters(&m.vs).into_iter().map(|(n, _)| n).collect();
-        let want: Vec<&str> = match &cfg {
+        let mut want: Vec<String> = match &cfg {
             PromptLearningConfig::PrefixTuning(c) if c.prefix_projection => vec![
-                "prompt_encoder.embedding.weight",
-                "prompt_encoder.transform.0.bias",
-                "prompt_encoder.transform.0.weight",
-                "prompt_encoder.transform.2.bias",
-                "prompt_encoder.transform.2.weight",
+                "prompt_encoder.embedding.weight".into(),
+                "prompt_encoder.transform.0.bias".into(),
+                "prompt_encoder.transform.0.weight".into(),
+                "prompt_encoder.transform.2.bias".into(),
+                "prompt_encoder.transform.2.weight".into(),
             ],
-            _ => vec!["prompt_embeddings"],
+            PromptLearningConfig::PTuning(c) => {
+                PromptEncoder::names(c.encoder_reparameterization_type, c.lstm_layers())
+            }
+            _ => vec!["prompt_embeddings".into()],
         };
+        want.sort();
         assert_eq!(names, want, "{name}");
         let plain = grads(&m, &ids);
         for (n, g) in &plain {
@@ -340,7 +375,13 @@ fn bad_prompt_folders_and_options_fail_with_one_clear_error() {
             Box::new(|v| v["num_virtual_tokens"] = 4.into()),
             "tensor 'prompt_embeddings' has shape [3, 64]",
         ),
-        ("llama-prompt-text", "ptuning", Box::new(|v| v["peft_type"] = "P_TUNING".into()), "field 'peft_type'"),
+        ("llama-prompt-text", "ia3", Box::new(|v| v["peft_type"] = "ADAPTION_PROMPT".into()), "field 'peft_type'"),
+        (
+            "llama-ptuning-mlp",
+            "encoder",
+            Box::new(|v| v["encoder_reparameterization_type"] = "GRU".into()),
+            "field 'encoder_reparameterization_type'",
+        ),
         ("llama-prompt-text", "seqcls", Box::new(|v| v["task_type"] = "SEQ_CLS".into()), "field 'task_type'"),
         (
             "llama-prompt-text",
@@ -396,6 +437,26 @@ fn bad_prompt_folders_and_options_fail_with_one_clear_error() {
                 encoder_hidden_size: Some(8),
             }),
             "encoder_hidden_size: read only with prefix_projection = true",
+        ),
+        (
+            PromptLearningConfig::PTuning(PTuningConfig {
+                num_virtual_tokens: 2,
+                encoder_reparameterization_type: EncoderType::Mlp,
+                encoder_hidden_size: None,
+                encoder_num_layers: Some(2),
+                encoder_dropout: None,
+            }),
+            "read only with encoder_reparameterization_type = \"lstm\"",
+        ),
+        (
+            PromptLearningConfig::PTuning(PTuningConfig {
+                num_virtual_tokens: 2,
+                encoder_reparameterization_type: EncoderType::Lstm,
+                encoder_hidden_size: None,
+                encoder_num_layers: None,
+                encoder_dropout: Some(0.1),
+            }),
+            "encoder_dropout: only 0",
         ),
     ] {
         let mut m = load("tiny-llama");

@@ -74,10 +74,59 @@ pub struct PrefixTuningConfig {
     pub encoder_hidden_size: Option<i64>,
 }
 
-/// Prompt learning attached to a trunk: prompt tuning or prefix tuning.
+/// P-tuning's prompt encoder (PEFT's `encoder_reparameterization_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderType {
+    /// `Linear → ReLU → Linear → ReLU → Linear` (PEFT's `MLP`).
+    #[default]
+    Mlp,
+    /// A bidirectional LSTM of `encoder_num_layers` layers, then `Linear → ReLU → Linear`
+    /// (PEFT's `LSTM`).
+    Lstm,
+}
+
+impl EncoderType {
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            EncoderType::Mlp => "MLP",
+            EncoderType::Lstm => "LSTM",
+        }
+    }
+}
+
+/// `[p_tuning]`: prompt tuning whose `num_virtual_tokens` embeddings are produced during training
+/// by a prompt encoder (PEFT's `PromptEncoderConfig`, `P_TUNING`) of width
+/// `encoder_hidden_size` (default the hidden size); saved, as PEFT saves it, as the encoder's
+/// output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PTuningConfig {
+    pub num_virtual_tokens: i64,
+    #[serde(default)]
+    pub encoder_reparameterization_type: EncoderType,
+    #[serde(default)]
+    pub encoder_hidden_size: Option<i64>,
+    /// LSTM layers (LSTM only; PEFT's default 2).
+    #[serde(default)]
+    pub encoder_num_layers: Option<i64>,
+    /// Dropout between LSTM layers (LSTM only; 0, PEFT's default, is what is implemented).
+    #[serde(default)]
+    pub encoder_dropout: Option<f64>,
+}
+
+impl PTuningConfig {
+    /// LSTM layers in effect.
+    pub fn lstm_layers(&self) -> i64 {
+        self.encoder_num_layers.unwrap_or(2)
+    }
+}
+
+/// Prompt learning attached to a trunk: prompt tuning, P-tuning or prefix tuning.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptLearningConfig {
     PromptTuning(PromptTuningConfig),
+    PTuning(PTuningConfig),
     PrefixTuning(PrefixTuningConfig),
 }
 
@@ -85,6 +134,7 @@ impl PromptLearningConfig {
     pub fn num_virtual_tokens(&self) -> i64 {
         match self {
             PromptLearningConfig::PromptTuning(c) => c.num_virtual_tokens,
+            PromptLearningConfig::PTuning(c) => c.num_virtual_tokens,
             PromptLearningConfig::PrefixTuning(c) => c.num_virtual_tokens,
         }
     }
@@ -93,7 +143,18 @@ impl PromptLearningConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             PromptLearningConfig::PromptTuning(_) => "PROMPT_TUNING",
+            PromptLearningConfig::PTuning(_) => "P_TUNING",
             PromptLearningConfig::PrefixTuning(_) => "PREFIX_TUNING",
+        }
+    }
+
+    /// The training method (and config section) of this kind: `prompt_tuning`, `p_tuning`,
+    /// `prefix_tuning`.
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            PromptLearningConfig::PromptTuning(_) => "prompt_tuning",
+            PromptLearningConfig::PTuning(_) => "p_tuning",
+            PromptLearningConfig::PrefixTuning(_) => "prefix_tuning",
         }
     }
 
@@ -113,6 +174,22 @@ impl PromptLearningConfig {
                 ),
                 _ => Ok(()),
             },
+            PromptLearningConfig::PTuning(c) => {
+                if let Some(h) = c.encoder_hidden_size {
+                    ensure!(h >= 1, "encoder_hidden_size: expected ≥ 1, found {h}");
+                }
+                let lstm = c.encoder_reparameterization_type == EncoderType::Lstm;
+                if !lstm && (c.encoder_num_layers.is_some() || c.encoder_dropout.is_some()) {
+                    bail!("encoder_num_layers / encoder_dropout: read only with encoder_reparameterization_type = \"lstm\" (the MLP has 3 layers, no dropout)");
+                }
+                if let Some(n) = c.encoder_num_layers {
+                    ensure!((1..=8).contains(&n), "encoder_num_layers: expected 1..=8, found {n}");
+                }
+                if let Some(d) = c.encoder_dropout.filter(|d| *d != 0.0) {
+                    bail!("encoder_dropout: only 0 (PEFT's default) is implemented, found {d}");
+                }
+                Ok(())
+            }
             PromptLearningConfig::PrefixTuning(c) => match c.encoder_hidden_size {
                 Some(_) if !c.prefix_projection => {
                     bail!("encoder_hidden_size: read only with prefix_projection = true")
@@ -172,6 +249,95 @@ impl PrefixProjection {
     }
 }
 
+/// P-tuning's prompt encoder: PEFT's `prompt_encoder.embedding.weight` `[nv, hidden]` and its
+/// head's tensors by variable name (`prompt_encoder.mlp_head.0.weight`, …,
+/// `prompt_encoder.lstm_head.weight_ih_l0_reverse`, …), whose output `[nv, hidden]` are the
+/// prompt's embeddings.
+#[derive(Debug)]
+pub struct PromptEncoder {
+    pub encoder_type: EncoderType,
+    /// LSTM layers (LSTM only).
+    pub lstm_layers: i64,
+    pub tensors: std::collections::BTreeMap<String, Tensor>,
+}
+
+impl PromptEncoder {
+    /// The variable names of an encoder of `encoder_type` with `lstm_layers` LSTM layers.
+    pub fn names(encoder_type: EncoderType, lstm_layers: i64) -> Vec<String> {
+        let mut names = vec![ENCODER_EMBEDDING.to_string()];
+        match encoder_type {
+            EncoderType::Mlp => {
+                for i in [0, 2, 4] {
+                    names.push(format!("prompt_encoder.mlp_head.{i}.weight"));
+                    names.push(format!("prompt_encoder.mlp_head.{i}.bias"));
+                }
+            }
+            EncoderType::Lstm => {
+                for l in 0..lstm_layers {
+                    for dir in ["", "_reverse"] {
+                        for w in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"] {
+                            names.push(format!("prompt_encoder.lstm_head.{w}_l{l}{dir}"));
+                        }
+                    }
+                }
+                for i in [0, 2] {
+                    names.push(format!("prompt_encoder.mlp_head.{i}.weight"));
+                    names.push(format!("prompt_encoder.mlp_head.{i}.bias"));
+                }
+            }
+        }
+        names
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| anyhow::anyhow!("prompt encoder: no tensor '{name}'"))
+    }
+
+    fn linear(&self, x: &Tensor, i: i64) -> Result<Tensor> {
+        let w = self.get(&format!("prompt_encoder.mlp_head.{i}.weight"))?;
+        let b = self.get(&format!("prompt_encoder.mlp_head.{i}.bias"))?;
+        Ok(x.f_linear(w, Some(b))?)
+    }
+
+    /// The prompt's embeddings `[nv, hidden]` (with a graph when the weights train), as PEFT's
+    /// `PromptEncoder.forward`.
+    pub fn forward(&self) -> Result<Tensor> {
+        let x = self.get(ENCODER_EMBEDDING)?;
+        match self.encoder_type {
+            EncoderType::Mlp => {
+                let h = self.linear(x, 0)?.f_relu()?;
+                let h = self.linear(&h, 2)?.f_relu()?;
+                self.linear(&h, 4)
+            }
+            EncoderType::Lstm => {
+                let hidden = self.get("prompt_encoder.lstm_head.weight_hh_l0")?.size()[1];
+                let mut params = Vec::new();
+                for l in 0..self.lstm_layers {
+                    for dir in ["", "_reverse"] {
+                        for w in ["weight_ih", "weight_hh", "bias_ih", "bias_hh"] {
+                            params.push(self.get(&format!("prompt_encoder.lstm_head.{w}_l{l}{dir}"))?.shallow_clone());
+                        }
+                    }
+                }
+                let zeros = Tensor::f_zeros([2 * self.lstm_layers, 1, hidden], (x.kind(), x.device()))?;
+                let hx = [zeros.shallow_clone(), zeros];
+                let (out, _, _) =
+                    x.f_unsqueeze(0)?.f_lstm(&hx, &params, true, self.lstm_layers, 0.0, false, true, true)?;
+                let h = self.linear(&out.f_squeeze_dim(0)?, 0)?.f_relu()?;
+                self.linear(&h, 2)
+            }
+        }
+    }
+
+    fn shallow_clone(&self) -> Self {
+        PromptEncoder {
+            encoder_type: self.encoder_type,
+            lstm_layers: self.lstm_layers,
+            tensors: self.tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(),
+        }
+    }
+}
+
 /// Where prefix tuning's table comes from.
 #[derive(Debug)]
 pub enum PrefixSource {
@@ -186,8 +352,11 @@ pub enum PrefixSource {
 /// encoder) and cast to the model's dtype in the forward pass.
 #[derive(Debug)]
 pub enum VirtualTokens {
-    /// Prompt tuning: `[nv, hidden]` embeddings prepended to the token embeddings.
+    /// Prompt tuning: `[nv, hidden]` embeddings prepended to the token embeddings (also
+    /// P-tuning's, as saved).
     Prompt(Tensor),
+    /// P-tuning while its encoder trains: the encoder's output is prepended.
+    Encoded(PromptEncoder),
     /// Prefix tuning: keys and values of `num_virtual_tokens` positions in every layer.
     Prefix { num_virtual_tokens: i64, source: PrefixSource },
 }
@@ -196,6 +365,7 @@ impl VirtualTokens {
     pub fn num_virtual_tokens(&self) -> i64 {
         match self {
             VirtualTokens::Prompt(e) => e.size()[0],
+            VirtualTokens::Encoded(p) => p.tensors.get(ENCODER_EMBEDDING).map_or(0, |e| e.size()[0]),
             VirtualTokens::Prefix { num_virtual_tokens, .. } => *num_virtual_tokens,
         }
     }
@@ -207,6 +377,7 @@ impl VirtualTokens {
     pub fn shallow_clone(&self) -> Self {
         match self {
             VirtualTokens::Prompt(e) => VirtualTokens::Prompt(e.shallow_clone()),
+            VirtualTokens::Encoded(p) => VirtualTokens::Encoded(p.shallow_clone()),
             VirtualTokens::Prefix { num_virtual_tokens, source } => VirtualTokens::Prefix {
                 num_virtual_tokens: *num_virtual_tokens,
                 source: match source {
@@ -220,8 +391,12 @@ impl VirtualTokens {
     /// Prompt tuning's embeddings for a batch, `[b, nv, hidden]` in `kind`.
     pub fn prompt_embeddings(&self, b: i64, kind: Kind) -> Result<Option<Tensor>> {
         match self {
-            VirtualTokens::Prompt(e) => {
-                let e = e.f_to_kind(kind)?.f_unsqueeze(0)?;
+            VirtualTokens::Prompt(_) | VirtualTokens::Encoded(_) => {
+                let e = self
+                    .prompt_table()?
+                    .ok_or_else(|| anyhow::anyhow!("no prompt embeddings"))?
+                    .f_to_kind(kind)?
+                    .f_unsqueeze(0)?;
                 let size = e.size();
                 Ok(Some(e.f_expand([b, size[1], size[2]], false)?))
             }
@@ -229,10 +404,20 @@ impl VirtualTokens {
         }
     }
 
+    /// Prompt tuning's (and P-tuning's) embeddings `[nv, hidden]` (f32; the saved
+    /// `prompt_embeddings`).
+    pub fn prompt_table(&self) -> Result<Option<Tensor>> {
+        match self {
+            VirtualTokens::Prompt(e) => Ok(Some(e.shallow_clone())),
+            VirtualTokens::Encoded(p) => Ok(Some(p.forward()?)),
+            VirtualTokens::Prefix { .. } => Ok(None),
+        }
+    }
+
     /// The prefix table, `[nv, layers·2·kv_dim]` (f32; the saved `prompt_embeddings`).
     pub fn prefix_table(&self) -> Result<Option<Tensor>> {
         match self {
-            VirtualTokens::Prompt(_) => Ok(None),
+            VirtualTokens::Prompt(_) | VirtualTokens::Encoded(_) => Ok(None),
             VirtualTokens::Prefix { source: PrefixSource::Table(t), .. } => Ok(Some(t.shallow_clone())),
             VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. } => Ok(Some(p.forward()?)),
         }
@@ -269,6 +454,7 @@ impl VirtualTokens {
     pub fn requires_grad(&self) -> bool {
         match self {
             VirtualTokens::Prompt(e) => e.requires_grad(),
+            VirtualTokens::Encoded(p) => p.tensors.values().any(Tensor::requires_grad),
             VirtualTokens::Prefix { source: PrefixSource::Table(t), .. } => t.requires_grad(),
             VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. } => {
                 p.named().iter().any(|(_, t)| t.requires_grad())

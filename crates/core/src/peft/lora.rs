@@ -469,11 +469,11 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
     let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
     match field("peft_type") {
         Some(Value::String(s)) if s == "LORA" => {}
-        Some(Value::String(s)) if s == "PROMPT_TUNING" || s == "PREFIX_TUNING" => bail!(
-            "{at}: field 'peft_type': a {s} adapter adds virtual tokens and has no LoRA weights to merge; apply it with --adapter (generate, eval, serve) or train it further with method = \"{}\"",
+        Some(Value::String(s)) if s == "PROMPT_TUNING" || s == "P_TUNING" || s == "PREFIX_TUNING" => bail!(
+            "{at}: field 'peft_type': a {s} adapter adds virtual tokens and has no LoRA weights to merge; apply it with --adapter (generate, eval) or train it further with method = \"{}\"",
             s.to_lowercase()
         ),
-        Some(other) => bail!("{at}: field 'peft_type': only \"LORA\", \"PROMPT_TUNING\" and \"PREFIX_TUNING\" adapters are supported, found {other}"),
+        Some(other) => bail!("{at}: field 'peft_type': only \"LORA\", \"PROMPT_TUNING\", \"P_TUNING\" and \"PREFIX_TUNING\" adapters are supported, found {other}"),
         None => bail!("{at}: field 'peft_type': missing (expected \"LORA\")"),
     }
     let r = match field("r") {

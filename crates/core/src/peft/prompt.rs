@@ -1,5 +1,6 @@
 //! Prompt learning in PEFT's format: prompt tuning (`PROMPT_TUNING`: learned embeddings before
-//! every sequence) and prefix tuning / P-tuning v2 (`PREFIX_TUNING`: learned keys and values of
+//! every sequence), P-tuning (`P_TUNING`: those embeddings produced during training by an MLP or
+//! LSTM prompt encoder, saved as its output) and prefix tuning / P-tuning v2 (`PREFIX_TUNING`: learned keys and values of
 //! virtual positions in every layer, optionally produced during training by PEFT's
 //! reparameterisation MLP). The base model stays frozen; the virtual tokens are the trunk's
 //! (`model::prompt_layer`), so every forward pass — training, scoring, cached generation — sees
@@ -10,7 +11,7 @@
 //! `prompt_encoder.embedding.weight` / `prompt_encoder.transform.{0,2}.{weight,bias}` while
 //! the projection trains. An adapter folder holds what `PeftModel.save_pretrained` writes:
 //! `adapter_config.json` and `adapter_model.safetensors` with the one tensor `prompt_embeddings`
-//! (the projection's output, as PEFT saves it). With a projection the MLP's weights are also
+//! (the projection's or encoder's output, as PEFT saves it). With a projection or an encoder its weights are also
 //! written to `prompt_encoder.safetensors` (PEFT ignores the file), so that a checkpoint resumes
 //! training the MLP exactly.
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -25,8 +26,8 @@ use crate::hf::folder::write_folder;
 use crate::model::decoder::Trunk;
 pub use crate::model::prompt_layer::is_prompt_variable;
 pub use crate::model::prompt_layer::{
-    PrefixProjection, PrefixSource, PrefixTuningConfig, PromptInit, PromptLearningConfig, PromptTuningConfig,
-    VirtualTokens, PROMPT_EMBEDDINGS,
+    EncoderType, PTuningConfig, PrefixProjection, PrefixSource, PrefixTuningConfig, PromptEncoder, PromptInit,
+    PromptLearningConfig, PromptTuningConfig, VirtualTokens, PROMPT_EMBEDDINGS,
 };
 use crate::model::prompt_layer::{
     ENCODER_EMBEDDING, ENCODER_IN_BIAS, ENCODER_IN_WEIGHT, ENCODER_OUT_BIAS, ENCODER_OUT_WEIGHT,
@@ -51,7 +52,7 @@ fn shape_of(trunk: &Trunk) -> Result<(i64, i64, i64, i64, i64)> {
 fn peft_dims(trunk: &Trunk, config: &PromptLearningConfig) -> Result<(i64, i64)> {
     let (_, hidden, heads, kv_heads, head_dim) = shape_of(trunk)?;
     Ok(match config {
-        PromptLearningConfig::PromptTuning(_) => (hidden, heads),
+        PromptLearningConfig::PromptTuning(_) | PromptLearningConfig::PTuning(_) => (hidden, heads),
         PromptLearningConfig::PrefixTuning(_) => (kv_heads * head_dim, kv_heads),
     })
 }
@@ -107,6 +108,51 @@ fn initial_prompt(trunk: &Trunk, c: &PromptTuningConfig, tokenizer: Option<&Mode
     }
 }
 
+/// A new P-tuning encoder: the embedding N(0, 1) and the heads as `torch.nn.Linear` /
+/// `torch.nn.LSTM` initialise them (uniform in ±1/√fan-in, ±1/√hidden).
+fn initial_encoder(c: &PTuningConfig, token_dim: i64, device: tch::Device) -> Result<PromptEncoder> {
+    let h = c.encoder_hidden_size.unwrap_or(token_dim);
+    let nv = c.num_virtual_tokens;
+    let mut tensors = BTreeMap::new();
+    tensors.insert(ENCODER_EMBEDDING.to_string(), Tensor::f_randn([nv, token_dim], (Kind::Float, device))?);
+    let mut linear = |i: i64, out: i64, inp: i64| -> Result<()> {
+        let (w, b) = linear_init(out, inp, device)?;
+        tensors.insert(format!("prompt_encoder.mlp_head.{i}.weight"), w);
+        tensors.insert(format!("prompt_encoder.mlp_head.{i}.bias"), b);
+        Ok(())
+    };
+    let layers = c.lstm_layers();
+    match c.encoder_reparameterization_type {
+        EncoderType::Mlp => {
+            linear(0, h, token_dim)?;
+            linear(2, h, h)?;
+            linear(4, token_dim, h)?;
+        }
+        EncoderType::Lstm => {
+            linear(0, 2 * h, 2 * h)?;
+            linear(2, token_dim, 2 * h)?;
+            let bound = 1.0 / (h as f64).sqrt();
+            for l in 0..layers {
+                let input = if l == 0 { token_dim } else { 2 * h };
+                for dir in ["", "_reverse"] {
+                    for (w, shape) in [
+                        ("weight_ih", vec![4 * h, input]),
+                        ("weight_hh", vec![4 * h, h]),
+                        ("bias_ih", vec![4 * h]),
+                        ("bias_hh", vec![4 * h]),
+                    ] {
+                        let t = Tensor::f_rand(shape.as_slice(), (Kind::Float, device))?
+                            .f_mul_scalar(2.0 * bound)?
+                            .f_sub_scalar(bound)?;
+                        tensors.insert(format!("prompt_encoder.lstm_head.{w}_l{l}{dir}"), t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(PromptEncoder { encoder_type: c.encoder_reparameterization_type, lstm_layers: layers, tensors })
+}
+
 /// Attaches new prompt learning to `model` (seeded by the caller's `tch::manual_seed`): every
 /// variable of the model is frozen except the modules it trains in full (`LoraModel`), and the
 /// virtual tokens' variables are added, trainable. `tokenizer` is needed for
@@ -126,6 +172,7 @@ pub fn attach_prompt_learning<M: LoraModel>(
     let tokens = tch::no_grad(|| -> Result<VirtualTokens> {
         Ok(match config {
             PromptLearningConfig::PromptTuning(c) => VirtualTokens::Prompt(initial_prompt(trunk, c, tokenizer)?),
+            PromptLearningConfig::PTuning(c) => VirtualTokens::Encoded(initial_encoder(c, token_dim, device)?),
             PromptLearningConfig::PrefixTuning(c) if c.prefix_projection => {
                 let h = c.encoder_hidden_size.unwrap_or(token_dim);
                 let embedding = Tensor::f_randn([nv, token_dim], (Kind::Float, device))?;
@@ -182,6 +229,11 @@ fn install<M: LoraModel>(
     })?;
     let tokens = match tokens {
         VirtualTokens::Prompt(e) => VirtualTokens::Prompt(add_variable(vs, PROMPT_EMBEDDINGS, e, trainable)),
+        VirtualTokens::Encoded(p) => VirtualTokens::Encoded(PromptEncoder {
+            encoder_type: p.encoder_type,
+            lstm_layers: p.lstm_layers,
+            tensors: p.tensors.into_iter().map(|(n, t)| (n.clone(), add_variable(vs, &n, t, trainable))).collect(),
+        }),
         VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t) } => VirtualTokens::Prefix {
             num_virtual_tokens,
             source: PrefixSource::Table(add_variable(vs, PROMPT_EMBEDDINGS, t, trainable)),
@@ -210,7 +262,9 @@ fn saved_tensors(trunk: &Trunk) -> Result<BTreeMap<String, Tensor>> {
     let vt = trunk.virtual_tokens().ok_or_else(|| anyhow!("no prompt learning is attached: nothing to save"))?;
     let t = tch::no_grad(|| -> Result<Tensor> {
         let t = match vt {
-            VirtualTokens::Prompt(e) => e.shallow_clone(),
+            VirtualTokens::Prompt(_) | VirtualTokens::Encoded(_) => {
+                vt.prompt_table()?.ok_or_else(|| anyhow!("no prompt embeddings"))?
+            }
             VirtualTokens::Prefix { .. } => vt.prefix_table()?.ok_or_else(|| anyhow!("no prefix table"))?,
         };
         Ok(t.f_detach()?.f_to_kind(Kind::Float)?.f_contiguous()?)
@@ -246,6 +300,12 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &PromptLearningConfig, base
             obj.insert("tokenizer_kwargs".into(), Value::Null);
             obj.insert("tokenizer_name_or_path".into(), if text { json!(base) } else { Value::Null });
         }
+        PromptLearningConfig::PTuning(c) => {
+            obj.insert("encoder_dropout".into(), json!(c.encoder_dropout.unwrap_or(0.0)));
+            obj.insert("encoder_hidden_size".into(), json!(c.encoder_hidden_size.unwrap_or(token_dim)));
+            obj.insert("encoder_num_layers".into(), json!(c.lstm_layers()));
+            obj.insert("encoder_reparameterization_type".into(), json!(c.encoder_reparameterization_type.peft_name()));
+        }
         PromptLearningConfig::PrefixTuning(c) => {
             obj.insert("encoder_hidden_size".into(), json!(c.encoder_hidden_size.unwrap_or(token_dim)));
             obj.insert("prefix_projection".into(), json!(c.prefix_projection));
@@ -255,8 +315,8 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &PromptLearningConfig, base
 }
 
 /// Writes the attached prompt learning as a PEFT adapter folder into the existing folder `dir`
-/// (`adapter_config.json`, `adapter_model.safetensors`, with a projection also
-/// `prompt_encoder.safetensors`, and the companion files).
+/// (`adapter_config.json`, `adapter_model.safetensors`, with a projection or a P-tuning encoder
+/// also `prompt_encoder.safetensors`, and the companion files).
 pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
     let trunk = model.trunk();
     let config =
@@ -276,9 +336,16 @@ pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterS
         std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))
     };
     write(&saved_tensors(trunk)?, ADAPTER_WEIGHTS_FILE)?;
-    if let Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) = trunk.virtual_tokens() {
+    let encoder: Vec<(String, &Tensor)> = match trunk.virtual_tokens() {
+        Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) => {
+            p.named().iter().map(|(n, t)| (n.to_string(), *t)).collect()
+        }
+        Some(VirtualTokens::Encoded(p)) => p.tensors.iter().map(|(n, t)| (n.clone(), t)).collect(),
+        _ => Vec::new(),
+    };
+    if !encoder.is_empty() {
         let tensors: BTreeMap<String, Tensor> =
-            p.named().iter().map(|(n, t)| Ok((n.to_string(), t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
+            encoder.into_iter().map(|(n, t)| Ok((n, t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
         write(&tensors, PROMPT_ENCODER_FILE)?;
     }
     let path = dir.join(ADAPTER_CONFIG_FILE);
@@ -310,7 +377,7 @@ pub fn adapter_peft_type(dir: &Path) -> Result<String> {
 
 /// True when `dir` is a prompt- or prefix-tuning adapter folder.
 pub fn is_prompt_adapter(dir: &Path) -> Result<bool> {
-    Ok(matches!(adapter_peft_type(dir)?.as_str(), "PROMPT_TUNING" | "PREFIX_TUNING"))
+    Ok(matches!(adapter_peft_type(dir)?.as_str(), "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING"))
 }
 
 fn read_json(dir: &Path) -> Result<Map<String, Value>> {
@@ -406,7 +473,35 @@ pub fn read_prompt_folder_config(dir: &Path) -> Result<PromptFolderConfig> {
                 encoder_hidden_size: if projection { int("encoder_hidden_size")? } else { None },
             })
         }
-        other => bail!("{at}: field 'peft_type': expected \"PROMPT_TUNING\" or \"PREFIX_TUNING\", found \"{other}\""),
+        "P_TUNING" => {
+            let kind = match field("encoder_reparameterization_type") {
+                None => EncoderType::Mlp,
+                Some(Value::String(s)) if s == "MLP" => EncoderType::Mlp,
+                Some(Value::String(s)) if s == "LSTM" => EncoderType::Lstm,
+                Some(v) => {
+                    bail!("{at}: field 'encoder_reparameterization_type': expected \"MLP\" or \"LSTM\", found {v}")
+                }
+            };
+            let lstm = kind == EncoderType::Lstm;
+            let dropout = match field("encoder_dropout") {
+                None => None,
+                Some(v) => Some(
+                    v.as_f64().ok_or_else(|| anyhow!("{at}: field 'encoder_dropout': expected a number, found {v}"))?,
+                ),
+            };
+            let c = PTuningConfig {
+                num_virtual_tokens: nv,
+                encoder_reparameterization_type: kind,
+                encoder_hidden_size: int("encoder_hidden_size")?,
+                // PEFT writes its defaults for the MLP too, which ignores them
+                encoder_num_layers: if lstm { int("encoder_num_layers")? } else { None },
+                encoder_dropout: if lstm { dropout.filter(|d| *d != 0.0) } else { None },
+            };
+            PromptLearningConfig::PTuning(c)
+        }
+        other => bail!(
+            "{at}: field 'peft_type': expected \"PROMPT_TUNING\", \"P_TUNING\" or \"PREFIX_TUNING\", found \"{other}\""
+        ),
     };
     Ok(PromptFolderConfig {
         config,
@@ -472,6 +567,7 @@ pub fn load_prompt_adapter<M: LoraModel>(
     let encoder_file = dir.join(PROMPT_ENCODER_FILE);
     let projection =
         matches!(&config, PromptLearningConfig::PrefixTuning(c) if c.prefix_projection) && encoder_file.is_file();
+    let p_encoder = matches!(&config, PromptLearningConfig::PTuning(_)) && encoder_file.is_file();
     let take = |tensors: &mut HashMap<String, Tensor>, file: &Path, name: &str, shape: &[i64]| -> Result<Tensor> {
         let t = tensors.remove(name).ok_or_else(|| anyhow!("{}: lacks the tensor '{name}'", file.display()))?;
         ensure!(
@@ -492,7 +588,27 @@ pub fn load_prompt_adapter<M: LoraModel>(
         }
         Ok(())
     };
-    let tokens = if projection {
+    let tokens = if let (true, PromptLearningConfig::PTuning(c)) = (p_encoder, &config) {
+        let mut t = read_tensors(&encoder_file)?;
+        let f = encoder_file.as_path();
+        let mut tensors = BTreeMap::new();
+        tensors.insert(ENCODER_EMBEDDING.to_string(), take(&mut t, f, ENCODER_EMBEDDING, &[nv, token_dim])?);
+        for name in PromptEncoder::names(c.encoder_reparameterization_type, c.lstm_layers()).into_iter().skip(1) {
+            let v = t.remove(&name).ok_or_else(|| anyhow!("{}: lacks the tensor '{name}'", f.display()))?;
+            tensors.insert(name, v);
+        }
+        refuse_rest(&t, f)?;
+        let encoder =
+            PromptEncoder { encoder_type: c.encoder_reparameterization_type, lstm_layers: c.lstm_layers(), tensors };
+        let out = tch::no_grad(|| encoder.forward()).with_context(|| format!("{}", f.display()))?;
+        ensure!(
+            out.size() == [nv, token_dim],
+            "{}: the encoder gives {:?}, this base model needs [{nv}, {token_dim}]",
+            f.display(),
+            out.size()
+        );
+        VirtualTokens::Encoded(encoder)
+    } else if projection {
         let mut t = read_tensors(&encoder_file)?;
         let f = encoder_file.as_path();
         let embedding = take(&mut t, f, ENCODER_EMBEDDING, &[nv, token_dim])?;
@@ -509,7 +625,7 @@ pub fn load_prompt_adapter<M: LoraModel>(
     } else {
         let mut t = read_tensors(&weights)?;
         let tokens = match &config {
-            PromptLearningConfig::PromptTuning(_) => {
+            PromptLearningConfig::PromptTuning(_) | PromptLearningConfig::PTuning(_) => {
                 VirtualTokens::Prompt(take(&mut t, &weights, PROMPT_EMBEDDINGS, &[nv, token_dim])?)
             }
             PromptLearningConfig::PrefixTuning(_) => VirtualTokens::Prefix {
@@ -523,6 +639,11 @@ pub fn load_prompt_adapter<M: LoraModel>(
     let device = model.trunk().embed_tokens.device();
     let tokens = match tokens {
         VirtualTokens::Prompt(e) => VirtualTokens::Prompt(e.f_to_device(device)?),
+        VirtualTokens::Encoded(p) => VirtualTokens::Encoded(PromptEncoder {
+            encoder_type: p.encoder_type,
+            lstm_layers: p.lstm_layers,
+            tensors: p.tensors.into_iter().map(|(n, t)| Ok((n, t.f_to_device(device)?))).collect::<Result<_>>()?,
+        }),
         VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t) } => {
             VirtualTokens::Prefix { num_virtual_tokens, source: PrefixSource::Table(t.f_to_device(device)?) }
         }
@@ -581,6 +702,7 @@ pub fn prompt_parameter_count(trunk: &Trunk) -> i64 {
     match trunk.virtual_tokens() {
         None => 0,
         Some(VirtualTokens::Prompt(e)) => e.numel() as i64,
+        Some(VirtualTokens::Encoded(p)) => p.tensors.values().map(|t| t.numel() as i64).sum(),
         Some(VirtualTokens::Prefix { source: PrefixSource::Table(t), .. }) => t.numel() as i64,
         Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) => {
             p.named().iter().map(|(_, t)| t.numel() as i64).sum()

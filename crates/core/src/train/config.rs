@@ -23,6 +23,8 @@ pub enum Method {
     /// Learned virtual-token embeddings before every sequence (`[prompt_tuning]`); the base stays
     /// frozen.
     PromptTuning,
+    /// Prompt tuning whose embeddings an MLP / LSTM prompt encoder produces (`[p_tuning]`).
+    PTuning,
     /// Learned key/value prefixes in every layer (`[prefix_tuning]`, P-tuning v2); the base
     /// stays frozen.
     PrefixTuning,
@@ -30,13 +32,14 @@ pub enum Method {
 
 impl Method {
     /// The value as written in a config (`"full"`, `"lora"`, `"freeze"`, `"prompt_tuning"`,
-    /// `"prefix_tuning"`), also the name of its section.
+    /// `"p_tuning"`, `"prefix_tuning"`), also the name of its section.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Full => "full",
             Method::Lora => "lora",
             Method::Freeze => "freeze",
             Method::PromptTuning => "prompt_tuning",
+            Method::PTuning => "p_tuning",
             Method::PrefixTuning => "prefix_tuning",
         }
     }
@@ -44,12 +47,12 @@ impl Method {
     /// True for the methods that train an adapter on a frozen base (saved as a PEFT adapter
     /// folder, disabled for the reference of DPO / PPO).
     pub fn is_adapter(self) -> bool {
-        matches!(self, Method::Lora | Method::PromptTuning | Method::PrefixTuning)
+        matches!(self, Method::Lora | Method::PromptTuning | Method::PTuning | Method::PrefixTuning)
     }
 
-    /// True for prompt and prefix tuning.
+    /// True for prompt tuning, P-tuning and prefix tuning.
     pub fn is_prompt_learning(self) -> bool {
-        matches!(self, Method::PromptTuning | Method::PrefixTuning)
+        matches!(self, Method::PromptTuning | Method::PTuning | Method::PrefixTuning)
     }
 }
 
@@ -268,6 +271,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub prompt_tuning: Option<toml::Table>,
     #[serde(default)]
+    pub p_tuning: Option<toml::Table>,
+    #[serde(default)]
     pub prefix_tuning: Option<toml::Table>,
     #[serde(default)]
     pub data_options: Option<toml::Table>,
@@ -473,6 +478,7 @@ impl LoadedConfig {
             ("lora", c.lora.is_some(), Method::Lora),
             ("freeze", c.freeze.is_some(), Method::Freeze),
             ("prompt_tuning", c.prompt_tuning.is_some(), Method::PromptTuning),
+            ("p_tuning", c.p_tuning.is_some(), Method::PTuning),
             ("prefix_tuning", c.prefix_tuning.is_some(), Method::PrefixTuning),
         ] {
             if present && c.method != wants {
@@ -487,12 +493,12 @@ impl LoadedConfig {
                 lora.validate().map_err(|e| anyhow!("{at}: [lora] {e}"))
             }
             Method::Freeze => self.section::<crate::peft::lora::FreezeConfig>("freeze", c.freeze.as_ref()).map(|_| ()),
-            Method::PromptTuning | Method::PrefixTuning => self.prompt_learning().map(|_| ()),
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => self.prompt_learning().map(|_| ()),
             Method::Full => Ok(()),
         }
     }
 
-    /// The prompt learning of `method = "prompt_tuning"` / `"prefix_tuning"`, from its section
+    /// The prompt learning of `method = "prompt_tuning"` / `"p_tuning"` / `"prefix_tuning"`, from its section
     /// (which must be present: `num_virtual_tokens` has no default), checked. None for the other
     /// methods.
     pub fn prompt_learning(&self) -> Result<Option<crate::peft::prompt::PromptLearningConfig>> {
@@ -501,6 +507,7 @@ impl LoadedConfig {
         let at = self.origin.display();
         let (name, table) = match c.method {
             Method::PromptTuning => ("prompt_tuning", c.prompt_tuning.as_ref()),
+            Method::PTuning => ("p_tuning", c.p_tuning.as_ref()),
             Method::PrefixTuning => ("prefix_tuning", c.prefix_tuning.as_ref()),
             _ => return Ok(None),
         };
@@ -517,6 +524,7 @@ impl LoadedConfig {
         let value = toml::Value::Table(table.clone());
         let config = match c.method {
             Method::PromptTuning => PromptLearningConfig::PromptTuning(value.try_into().map_err(parse)?),
+            Method::PTuning => PromptLearningConfig::PTuning(value.try_into().map_err(parse)?),
             _ => PromptLearningConfig::PrefixTuning(value.try_into().map_err(parse)?),
         };
         config.validate().map_err(|e| anyhow!("{at}: [{name}] {e}"))?;

@@ -46,13 +46,13 @@ impl TrainingModel {
         let LoadedCausalLm { model: mut loaded, tokenizer, adapter, device, kind } = spec.causal_lm(mode)?;
         let method = c.method.as_str();
         match (&adapter, c.method) {
-            (Some((a, LoadedAdapter::Prompt(p))), m) if !m.is_prompt_learning() || p.peft_type() != peft_type_of(m) => {
+            (Some((a, LoadedAdapter::Prompt(p))), m) if p.method_name() != m.as_str() => {
                 bail!(
                     "{}: {} is a {} adapter: its virtual tokens cannot be merged into weights or trained as method = \"{method}\"; train it further with method = \"{}\"",
                     at("key 'adapter'"),
                     a.display(),
                     p.peft_type(),
-                    if p.peft_type() == "PROMPT_TUNING" { "prompt_tuning" } else { "prefix_tuning" }
+                    p.method_name()
                 );
             }
             (Some((a, LoadedAdapter::Lora(_))), m) if m.is_prompt_learning() => {
@@ -72,7 +72,7 @@ impl TrainingModel {
                     attach_lora(&loaded.vs, &mut loaded.lm, &lora).with_context(|| at("[lora]"))?;
                 }
             }
-            Method::PromptTuning | Method::PrefixTuning => {
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => {
                 if let Some(p) = cfg.prompt_learning()? {
                     tch::manual_seed(t.seed as i64);
                     attach_prompt_learning(&loaded.vs, &mut loaded.lm, &p, Some(&tokenizer))
@@ -198,14 +198,6 @@ pub fn training_spec(cfg: &LoadedConfig) -> Result<ModelSpec> {
     Ok(spec.quantized(t.quantization()?))
 }
 
-/// PEFT's `peft_type` of a prompt-learning method.
-fn peft_type_of(m: Method) -> &'static str {
-    match m {
-        Method::PrefixTuning => "PREFIX_TUNING",
-        _ => "PROMPT_TUNING",
-    }
-}
-
 /// Device and dtype of a training run (`train.device`, `train.dtype`), with `train.threads` applied.
 pub fn training_device(cfg: &LoadedConfig) -> Result<(Device, Kind)> {
     let spec = training_spec(cfg)?;
@@ -291,7 +283,7 @@ impl TrainingScalarModel {
                     apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
                 }
             }
-            Method::PromptTuning | Method::PrefixTuning => unreachable!("refused above"),
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => unreachable!("refused above"),
         }
         tm.method = c.method;
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
