@@ -63,10 +63,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let r = merge_adapter(&base_dir, &adapter, &args.out, &opts)?;
     let what = if r.reward { "scores" } else { "logits" };
     println!(
-        "merged {} (r {}, alpha {}, {} modules{}) into {} → {} ({}{})",
+        "merged {} ({}, {} modules{}) into {} → {} ({}{})",
         adapter.display(),
-        r.lora.r,
-        r.lora.alpha,
+        r.adapter,
         r.adapted,
         if r.reward { ", score head" } else { "" },
         base_dir.display(),

@@ -1,8 +1,8 @@
 //! The parameter-efficient methods as a user runs them: an SFT run under DoRA + LoRA+, PiSSA with
 //! per-module ranks, prompt tuning (text initialisation), P-tuning (LSTM encoder) and prefix
-//! tuning (projection MLP) each
+//! tuning (projection MLP) and (IA)³ each
 //! trains (that they learn: the core tests), stops and resumes to bitwise the adapter and losses of a straight run, and its adapter
-//! folder is taken by `align generate --adapter`; DPO trains a prompt-tuning policy against its
+//! folder is taken by `align generate --adapter` (the mergeable ones by `align export`); DPO trains a prompt-tuning policy against its
 //! base; mistakes are one clear line.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -73,6 +73,7 @@ const METHODS: &[(&str, &str, &str)] = &[
         "p_tuning",
         "[p_tuning]\nnum_virtual_tokens = 3\nencoder_reparameterization_type = \"lstm\"\nencoder_hidden_size = 8\nencoder_num_layers = 1\n",
     ),
+    ("ia3", "ia3", "[ia3]\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\n"),
 ];
 
 #[test]
@@ -98,6 +99,7 @@ fn every_method_trains_resumes_bitwise_and_generates_with_its_adapter() {
             "lora" => "LORA",
             "prompt_tuning" => "PROMPT_TUNING",
             "p_tuning" => "P_TUNING",
+            "ia3" => "IA3",
             _ => "PREFIX_TUNING",
         };
         assert_eq!(config["peft_type"], want, "{name}");
@@ -116,6 +118,23 @@ fn every_method_trains_resumes_bitwise_and_generates_with_its_adapter() {
             ])
             .output()
             .unwrap());
+        if matches!(*method, "lora" | "ia3") {
+            // mergeable: the export's own probe check compares the merged folder with base + adapter
+            let merged = tmp.path().join(format!("{name}-merged"));
+            let report = ok(align()
+                .args([
+                    "export",
+                    "--model",
+                    model().to_str().unwrap(),
+                    "--adapter",
+                    straight.join("final").to_str().unwrap(),
+                    "--out",
+                    merged.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap());
+            assert!(report.contains("merged") && merged.join("model.safetensors").is_file(), "{name}: {report}");
+        }
     }
 }
 

@@ -33,12 +33,13 @@ pub const COMPANION_FILES: &[&str] = &[
 ];
 
 /// True for the names of adapter variables — LoRA's (`….lora_A.weight`, `….lora_B.weight`, DoRA's
-/// `….lora_magnitude_vector`) and prompt learning's (`prompt_embeddings`, `prompt_encoder.…`) —
+/// `….lora_magnitude_vector`), (IA)³'s (`….ia3_l`) and prompt learning's (`prompt_embeddings`, `prompt_encoder.…`) —
 /// which a base model folder does not hold.
 pub fn is_adapter_variable(name: &str) -> bool {
     name.contains(".lora_A.")
         || name.contains(".lora_B.")
         || name.ends_with(".lora_magnitude_vector")
+        || name.ends_with(".ia3_l")
         || crate::model::prompt_layer::is_prompt_variable(name)
 }
 

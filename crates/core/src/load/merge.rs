@@ -4,7 +4,7 @@
 //! after reloading it. `align export` and the pipeline both write merged models through it.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES};
@@ -12,7 +12,9 @@ use crate::hf::folder::write_folder;
 use crate::load::spec::{tokenizer_for, AdapterMode, ModelSpec};
 use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::peft::ia3::{load_ia3_adapter, merge_ia3};
 use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
+use crate::peft::prompt::adapter_peft_type;
 use crate::{LoadedModel, ModelConfig};
 
 /// How to merge.
@@ -35,7 +37,8 @@ impl Default for MergeOptions {
 /// What a merge measured.
 #[derive(Debug, Clone)]
 pub struct MergeReport {
-    pub lora: LoraConfig,
+    /// What was merged (`LoRA r 8, alpha 16`, `DoRA r 8, alpha 16`, `(IA)³`).
+    pub adapter: String,
     /// Adapted projections.
     pub adapted: usize,
     /// A reward-model adapter (the output is a `*ForSequenceClassification` folder).
@@ -109,18 +112,27 @@ impl Exported {
         Ok(out.f_to_kind(Kind::Float)?)
     }
 
-    /// Loads the adapter; returns its config and the number of adapted projections.
-    fn load_adapter(&mut self, adapter: &Path) -> Result<(LoraConfig, usize)> {
-        let (lora, linears) = match self {
-            Exported::Causal(m) => (load_adapter(&m.vs, &mut m.lm, adapter)?, m.lm.linears()),
-            Exported::Reward(m) => (load_adapter(&m.vs, &mut m.rm, adapter)?, m.rm.linears()),
+    /// Loads the adapter (LoRA, or (IA)³ on a causal LM); returns what it is and the number of
+    /// adapted projections.
+    fn load_adapter(&mut self, adapter: &Path) -> Result<(String, usize)> {
+        let describe =
+            |l: &LoraConfig| format!("{} r {}, alpha {}", if l.use_dora { "DoRA" } else { "LoRA" }, l.r, l.alpha);
+        let ia3 = adapter_peft_type(adapter)? == "IA3";
+        let (what, linears) = match self {
+            Exported::Causal(m) if ia3 => {
+                load_ia3_adapter(&m.vs, &mut m.lm, adapter, false)?;
+                ("(IA)³".to_string(), m.lm.linears())
+            }
+            Exported::Causal(m) => (describe(&load_adapter(&m.vs, &mut m.lm, adapter)?), m.lm.linears()),
+            Exported::Reward(m) => (describe(&load_adapter(&m.vs, &mut m.rm, adapter)?), m.rm.linears()),
         };
-        let adapted = linears.into_iter().filter(|(_, l)| l.lora.is_some()).count();
-        Ok((lora, adapted))
+        let adapted = linears.into_iter().filter(|(_, l)| l.lora.is_some() || l.ia3.is_some()).count();
+        Ok((what, adapted))
     }
 
     fn merge(&mut self) -> Result<()> {
         match self {
+            Exported::Causal(m) if m.lm.model.ia3_config().is_some() => merge_ia3(&m.vs, &mut m.lm),
             Exported::Causal(m) => merge_lora(&m.vs, &mut m.lm),
             Exported::Reward(m) => merge_lora(&m.vs, &mut m.rm),
         }
@@ -180,14 +192,14 @@ pub fn merge_adapter(base_dir: &Path, adapter: &Path, out: &Path, opts: &MergeOp
     if same_folder(out, base_dir) || same_folder(out, adapter) {
         bail!("{}: would overwrite an input folder; choose a new folder", out.display());
     }
-    let folder = read_adapter_folder_config(adapter)?;
-    let reward = folder.is_reward_model();
+    // (IA)³ adapters are read for causal LMs; the LoRA reader refuses the other kinds clearly
+    let reward = adapter_peft_type(adapter)? != "IA3" && read_adapter_folder_config(adapter)?.is_reward_model();
     let tokenizer_dir = if adapter.join("tokenizer.json").is_file() { adapter } else { base_dir };
     let mut m = Exported::load(base_dir, reward, tokenizer_dir, device)?;
     let stored = opts.dtype.unwrap_or_else(|| stored_kind(m.config().stored_dtype.as_deref()));
     let probe = probe_ids(m.config().vocab_size, device)?;
     let base_out = m.probe(&probe)?;
-    let (lora, adapted) = m.load_adapter(adapter)?;
+    let (merged_kind, adapted) = m.load_adapter(adapter)?;
     let want = m.probe(&probe)?;
     let (effect, _) = logit_difference(&want, &base_out)?;
     m.merge()?;
@@ -223,10 +235,31 @@ pub fn merge_adapter(base_dir: &Path, adapter: &Path, out: &Path, opts: &MergeOp
         Ok(())
     })?;
     let (exported_rel, exported_abs) = report.unwrap_or_default();
-    Ok(MergeReport { lora, adapted, reward, stored, effect, merge_abs, merge_rel, exported_abs, exported_rel })
+    Ok(MergeReport {
+        adapter: merged_kind,
+        adapted,
+        reward,
+        stored,
+        effect,
+        merge_abs,
+        merge_rel,
+        exported_abs,
+        exported_rel,
+    })
 }
 
 /// The base a PEFT adapter folder names (`base_model_name_or_path`), resolved.
 pub fn adapter_base_dir(adapter: &Path) -> Result<PathBuf> {
+    if adapter_peft_type(adapter)? != "LORA" {
+        let at = adapter.join(crate::peft::lora::ADAPTER_CONFIG_FILE);
+        let text = std::fs::read_to_string(&at).with_context(|| format!("{}: cannot read", at.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", at.display()))?;
+        let base = v["base_model_name_or_path"].as_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+            anyhow!("{}: field 'base_model_name_or_path': missing; name the base model explicitly", at.display())
+        })?;
+        return crate::hf::checkpoint::resolve_model_dir(base)
+            .with_context(|| format!("{}: field 'base_model_name_or_path'", at.display()));
+    }
     read_adapter_folder_config(adapter)?.base_model_dir(adapter)
 }

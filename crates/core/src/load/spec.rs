@@ -16,9 +16,10 @@ use crate::model::quant::Quantization;
 use crate::model::scalar::{
     is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit,
 };
+use crate::peft::ia3::{load_ia3_adapter, merge_ia3, Ia3Config};
 use crate::peft::lora::{is_adapter_variable, load_adapter, merge_lora, LoraConfig};
 use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
-use crate::peft::prompt::{is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
+use crate::peft::prompt::{adapter_peft_type, is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// The adapter folder when it holds tokenizer files, else the model folder.
@@ -92,6 +93,7 @@ pub enum LoadedAdapter {
     Lora(LoraConfig),
     /// Prompt or prefix tuning: always attached (virtual tokens have no weights to merge into).
     Prompt(PromptLearningConfig),
+    Ia3(Ia3Config),
 }
 
 /// A causal LM loaded by a [`ModelSpec`].
@@ -215,6 +217,22 @@ impl ModelSpec {
                 model,
                 tokenizer,
                 adapter: Some((a, LoadedAdapter::Prompt(cfg))),
+                device: self.device,
+                kind: self.dtype,
+            });
+        }
+        if let Some(a) = adapter_dir.clone().filter(|a| adapter_peft_type(a).is_ok_and(|t| t == "IA3")) {
+            let cfg = load_ia3_adapter(&model.vs, &mut model.lm, &a, mode == AdapterMode::Attach)?;
+            if mode == AdapterMode::Merge && self.quantize.is_none() {
+                merge_ia3(&model.vs, &mut model.lm)?;
+                tracing::info!("merged (IA)³ adapter {}", a.display());
+            } else {
+                tracing::info!("attached (IA)³ adapter {}", a.display());
+            }
+            return Ok(LoadedCausalLm {
+                model,
+                tokenizer,
+                adapter: Some((a, LoadedAdapter::Ia3(cfg))),
                 device: self.device,
                 kind: self.dtype,
             });

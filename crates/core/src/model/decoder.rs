@@ -7,6 +7,7 @@ use anyhow::{anyhow, ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::hf::config::{ModelConfig, RopeScaling};
+use crate::model::ia3_layer::{Ia3Config, Ia3Vector};
 use crate::model::io::remove_variables;
 use crate::model::lora_layer::{LoraAdapter, LoraConfig};
 use crate::model::prompt_layer::{PromptLearningConfig, VirtualTokens};
@@ -24,6 +25,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Attached by `lora::attach_lora` / `lora::load_adapter`; removed by `lora::merge_lora`.
     pub lora: Option<LoraAdapter>,
+    /// Attached by `ia3::attach_ia3` / `ia3::load_ia3_adapter`; removed by `ia3::merge_ia3`.
+    pub ia3: Option<Ia3Vector>,
 }
 
 /// The weight of a [`Linear`].
@@ -64,20 +67,15 @@ impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = LinearWeight::Dense(p.zeros("weight", &[out_dim, in_dim]));
         let bias = bias.then(|| p.zeros("bias", &[out_dim]));
-        Linear { weight, bias, lora: None }
+        Linear { weight, bias, lora: None, ia3: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
-            LinearWeight::Quantized(q) => {
-                let y = quantized_linear(x, q)?;
-                match &self.bias {
-                    Some(b) => y.f_add(b)?,
-                    None => y,
-                }
-            }
-        };
+        if let Some(ia3) = self.ia3.as_ref().filter(|v| v.is_enabled()) {
+            let y = self.base_forward(&ia3.scale_input(x)?)?;
+            return ia3.scale_output(&y);
+        }
+        let y = self.base_forward(x)?;
         let Some(lora) = &self.lora else { return Ok(y) };
         if !lora.is_enabled() {
             return match lora.initial_update(x)? {
@@ -95,6 +93,20 @@ impl Linear {
         Ok(y.f_add(&lora.forward(x)?)?)
     }
 
+    /// `x Wᵀ + b` of the base weight alone.
+    fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => x.f_linear(w, self.bias.as_ref())?,
+            LinearWeight::Quantized(q) => {
+                let y = quantized_linear(x, q)?;
+                match &self.bias {
+                    Some(b) => y.f_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
+
     pub fn in_features(&self) -> i64 {
         self.weight.shape()[1]
     }
@@ -105,6 +117,7 @@ impl Linear {
             weight: self.weight.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
             lora: self.lora.as_ref().map(LoraAdapter::shallow_clone),
+            ia3: self.ia3.as_ref().map(Ia3Vector::shallow_clone),
         }
     }
 
@@ -480,6 +493,7 @@ impl DecoderLayer {
                             || a.lora_b.requires_grad()
                             || a.magnitude.as_ref().is_some_and(Tensor::requires_grad)
                     })
+                    || l.ia3.as_ref().is_some_and(|v| v.vector.requires_grad())
             })
     }
 
@@ -538,6 +552,8 @@ pub struct Trunk {
     /// (`peft::prompt`).
     virtual_tokens: Option<VirtualTokens>,
     prompt_learning: Option<PromptLearningConfig>,
+    /// The attached (IA)³ configuration (its vectors live on the projections).
+    ia3: Option<Ia3Config>,
     /// How the projections' weights are held, when quantised (`quantize`).
     quantization: Option<Quantization>,
 }
@@ -588,6 +604,7 @@ impl Trunk {
             lora: None,
             virtual_tokens: None,
             prompt_learning: None,
+            ia3: None,
             quantization: None,
         }
     }
@@ -686,6 +703,15 @@ impl Trunk {
     /// The attached virtual tokens of prompt or prefix tuning, if any (enabled or not).
     pub fn virtual_tokens(&self) -> Option<&VirtualTokens> {
         self.virtual_tokens.as_ref()
+    }
+
+    /// The attached (IA)³ configuration, if any.
+    pub fn ia3_config(&self) -> Option<&Ia3Config> {
+        self.ia3.as_ref()
+    }
+
+    pub(crate) fn set_ia3_config(&mut self, config: Option<Ia3Config>) {
+        self.ia3 = config;
     }
 
     /// Query heads, key/value heads and head width of the attention layers (None without layers).

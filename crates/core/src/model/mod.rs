@@ -6,6 +6,7 @@
 pub mod blockwise;
 pub mod decoder;
 pub mod device;
+pub mod ia3_layer;
 pub mod init;
 pub mod io;
 pub mod lora_layer;

@@ -56,6 +56,8 @@ pub trait LoraModel {
     fn trunk_mut(&mut self) -> &mut Trunk;
     /// The variables of `MODULES_TO_SAVE` by HF name (`score.weight`), sorted.
     fn modules_to_save(&self) -> Vec<(String, Tensor)>;
+    /// The model type (PEFT's per-type defaults, e.g. (IA)³'s modules).
+    fn model_type(&self) -> crate::hf::config::ModelType;
 }
 
 /// Module names PEFT adds to `modules_to_save` of every `SEQ_CLS` adapter (it keeps those the
@@ -473,7 +475,10 @@ pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
             "{at}: field 'peft_type': a {s} adapter adds virtual tokens and has no LoRA weights to merge; apply it with --adapter (generate, eval) or train it further with method = \"{}\"",
             s.to_lowercase()
         ),
-        Some(other) => bail!("{at}: field 'peft_type': only \"LORA\", \"PROMPT_TUNING\", \"P_TUNING\" and \"PREFIX_TUNING\" adapters are supported, found {other}"),
+        Some(Value::String(s)) if s == "IA3" => bail!(
+            "{at}: field 'peft_type': an IA3 adapter, which this LoRA reader does not read (read it with peft::ia3; `align export` merges it, --adapter applies it, method = \"ia3\" trains it)"
+        ),
+        Some(other) => bail!("{at}: field 'peft_type': only \"LORA\", \"IA3\", \"PROMPT_TUNING\", \"P_TUNING\" and \"PREFIX_TUNING\" adapters are supported, found {other}"),
         None => bail!("{at}: field 'peft_type': missing (expected \"LORA\")"),
     }
     let r = match field("r") {

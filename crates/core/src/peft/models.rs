@@ -2,6 +2,8 @@
 //! modules trained in full beside the adapters (`modules_to_save`).
 use tch::Tensor;
 
+use crate::hf::config::ModelType;
+
 use crate::model::decoder::{CausalLm, Trunk};
 use crate::model::scalar::{ScalarModel, SCORE_WEIGHT};
 use crate::peft::lora::LoraModel;
@@ -21,6 +23,10 @@ impl LoraModel for CausalLm {
     fn modules_to_save(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+
+    fn model_type(&self) -> ModelType {
+        self.config.model_type
+    }
 }
 
 impl LoraModel for ScalarModel {
@@ -37,5 +43,9 @@ impl LoraModel for ScalarModel {
 
     fn modules_to_save(&self) -> Vec<(String, Tensor)> {
         vec![(SCORE_WEIGHT.to_string(), self.score.weight.shallow_clone())]
+    }
+
+    fn model_type(&self) -> ModelType {
+        self.config.model_type
     }
 }

@@ -28,11 +28,13 @@ pub enum Method {
     /// Learned key/value prefixes in every layer (`[prefix_tuning]`, P-tuning v2); the base
     /// stays frozen.
     PrefixTuning,
+    /// (IA)³ rescaling vectors (`[ia3]`); the base stays frozen.
+    Ia3,
 }
 
 impl Method {
     /// The value as written in a config (`"full"`, `"lora"`, `"freeze"`, `"prompt_tuning"`,
-    /// `"p_tuning"`, `"prefix_tuning"`), also the name of its section.
+    /// `"p_tuning"`, `"prefix_tuning"`, `"ia3"`), also the name of its section.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::Full => "full",
@@ -41,13 +43,14 @@ impl Method {
             Method::PromptTuning => "prompt_tuning",
             Method::PTuning => "p_tuning",
             Method::PrefixTuning => "prefix_tuning",
+            Method::Ia3 => "ia3",
         }
     }
 
     /// True for the methods that train an adapter on a frozen base (saved as a PEFT adapter
     /// folder, disabled for the reference of DPO / PPO).
     pub fn is_adapter(self) -> bool {
-        matches!(self, Method::Lora | Method::PromptTuning | Method::PTuning | Method::PrefixTuning)
+        matches!(self, Method::Lora | Method::PromptTuning | Method::PTuning | Method::PrefixTuning | Method::Ia3)
     }
 
     /// True for prompt tuning, P-tuning and prefix tuning.
@@ -275,6 +278,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub prefix_tuning: Option<toml::Table>,
     #[serde(default)]
+    pub ia3: Option<toml::Table>,
+    #[serde(default)]
     pub data_options: Option<toml::Table>,
 }
 
@@ -480,6 +485,7 @@ impl LoadedConfig {
             ("prompt_tuning", c.prompt_tuning.is_some(), Method::PromptTuning),
             ("p_tuning", c.p_tuning.is_some(), Method::PTuning),
             ("prefix_tuning", c.prefix_tuning.is_some(), Method::PrefixTuning),
+            ("ia3", c.ia3.is_some(), Method::Ia3),
         ] {
             if present && c.method != wants {
                 let method = c.method.as_str();
@@ -494,6 +500,7 @@ impl LoadedConfig {
             }
             Method::Freeze => self.section::<crate::peft::lora::FreezeConfig>("freeze", c.freeze.as_ref()).map(|_| ()),
             Method::PromptTuning | Method::PTuning | Method::PrefixTuning => self.prompt_learning().map(|_| ()),
+            Method::Ia3 => self.section::<crate::peft::ia3::Ia3Config>("ia3", c.ia3.as_ref()).map(|_| ()),
             Method::Full => Ok(()),
         }
     }

@@ -10,6 +10,7 @@ use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
 use crate::load::spec::{tokenizer_for, AdapterMode, LoadedAdapter, LoadedCausalLm, ModelSpec};
 use crate::model::io::LoadedModel;
 use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
+use crate::peft::ia3::{attach_ia3, write_ia3_adapter, Ia3Config};
 use crate::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, refuse_quantized,
     restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
@@ -55,6 +56,20 @@ impl TrainingModel {
                     p.method_name()
                 );
             }
+            (Some((a, LoadedAdapter::Ia3(_))), m) if m != Method::Ia3 && m.is_adapter() => {
+                bail!(
+                    "{}: {} is an (IA)³ adapter, which method = \"{method}\" does not train; train it further with method = \"ia3\", or merge it into the model first (align export)",
+                    at("key 'adapter'"),
+                    a.display()
+                );
+            }
+            (Some((a, LoadedAdapter::Lora(_))), Method::Ia3) => {
+                bail!(
+                    "{}: {} is a LoRA adapter, which method = \"ia3\" does not train; merge it into the model first (align export) and give the merged folder as model",
+                    at("key 'adapter'"),
+                    a.display()
+                );
+            }
             (Some((a, LoadedAdapter::Lora(_))), m) if m.is_prompt_learning() => {
                 bail!(
                     "{}: {} is a LoRA adapter, which method = \"{method}\" does not train; merge it into the model first (align export) and give the merged folder as model",
@@ -70,6 +85,12 @@ impl TrainingModel {
                     let lora: LoraConfig = cfg.section("lora", c.lora.as_ref())?;
                     tch::manual_seed(t.seed as i64);
                     attach_lora(&loaded.vs, &mut loaded.lm, &lora).with_context(|| at("[lora]"))?;
+                }
+            }
+            Method::Ia3 => {
+                if adapter.is_none() {
+                    let ia3: Ia3Config = cfg.section("ia3", c.ia3.as_ref())?;
+                    attach_ia3(&loaded.vs, &mut loaded.lm, &ia3).with_context(|| at("[ia3]"))?;
                 }
             }
             Method::PromptTuning | Method::PTuning | Method::PrefixTuning => {
@@ -169,13 +190,16 @@ impl ModelState for TrainingModel {
         if self.method.is_prompt_learning() {
             return write_prompt_adapter(&self.loaded.lm, dir, &self.adapter_options());
         }
+        if self.method == Method::Ia3 {
+            return write_ia3_adapter(&self.loaded.lm, dir, &self.adapter_options());
+        }
         refuse_quantized(&self.loaded.lm.model, "save the full weights of")?;
         let opts = SaveOptions { companions_from: Some(&self.loaded.dir), ..Default::default() };
         write_pretrained(&self.loaded.vs, &self.loaded.lm.config, dir, &opts)
     }
 
     fn restore(&self, dir: &Path) -> Result<()> {
-        if self.method == Method::Lora {
+        if self.method == Method::Lora || self.method == Method::Ia3 {
             return restore_adapter_weights(&self.loaded.vs, dir);
         }
         if self.method.is_prompt_learning() {
@@ -236,9 +260,9 @@ impl TrainingScalarModel {
                 dir.display()
             );
         }
-        if c.method.is_prompt_learning() {
+        if c.method.is_prompt_learning() || c.method == Method::Ia3 {
             bail!(
-                "{}: key 'method': \"{}\" trains virtual tokens of causal language models; a reward or value model takes method = \"full\", \"lora\" or \"freeze\"",
+                "{}: key 'method': \"{}\" is implemented for causal language models; a reward or value model takes method = \"full\", \"lora\" or \"freeze\"",
                 cfg.origin.display(),
                 c.method.as_str()
             );
@@ -283,7 +307,9 @@ impl TrainingScalarModel {
                     apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
                 }
             }
-            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => unreachable!("refused above"),
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning | Method::Ia3 => {
+                unreachable!("refused above")
+            }
         }
         tm.method = c.method;
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
