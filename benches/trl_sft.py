@@ -12,7 +12,9 @@ from trl import SFTConfig, SFTTrainer
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
 ap.add_argument("--data", required=True)
-ap.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
+ap.add_argument(
+    "--method", choices=["full", "lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning"], default="full"
+)
 ap.add_argument("--gradient-checkpointing", action="store_true")
 ap.add_argument("--max-length", type=int, default=256)
 ap.add_argument("--batch-size", type=int, default=4)
@@ -42,9 +44,21 @@ else:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
 
 peft_config = None
-if a.method in ("lora", "qlora"):
+if a.method in ("lora", "qlora", "dora"):
     from peft import LoraConfig
-    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM",
+        use_dora=a.method == "dora",
+    )
+elif a.method == "ia3":
+    from peft import IA3Config
+    peft_config = IA3Config(task_type="CAUSAL_LM")  # PEFT's defaults for the model type
+elif a.method == "prompt_tuning":
+    from peft import PromptTuningConfig
+    peft_config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)
+elif a.method == "prefix_tuning":
+    from peft import PrefixTuningConfig
+    peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)
 
 
 class Clock(TrainerCallback):

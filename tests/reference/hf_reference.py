@@ -5,7 +5,7 @@ run against a real model folder (e.g. SmolLM2-135M-Instruct built by
 
     hf_reference.py logits     --model DIR --text "..." [--text "..."] --out FILE.safetensors
     hf_reference.py chat       --model DIR --messages-file CONVS.json --max-new-tokens N --out FILE.json
-    hf_reference.py perplexity --model DIR --data FILE(.txt|.jsonl) [--max-length 1024] --out FILE.json
+    hf_reference.py perplexity --model DIR --data FILE(.txt|.jsonl) [--max-length 1024] [--adapter PEFT_DIR] --out FILE.json
 
 Common options (every subcommand): --dtype f32|bf16|f16 (compute dtype, default
 f32), --attn eager|sdpa (default eager), --threads N (default 1).
@@ -77,6 +77,10 @@ def load(args):
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=getattr(torch, DTYPES[args.dtype]), attn_implementation=args.attn
     )
+    if getattr(args, "adapter", None):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(args.adapter))
     model.eval()
     return tok, model
 
@@ -234,7 +238,9 @@ def cmd_perplexity(args) -> int:
             if n > 0:
                 x = torch.tensor([ids], dtype=torch.int64)
                 o = model(input_ids=x, labels=x)
-                logp = torch.log_softmax(o.logits[0, :-1].float(), dim=-1)
+                # PEFT's prompt tuning / P-tuning also return the virtual tokens' logits, first
+                extra = o.logits.shape[1] - x.shape[1]
+                logp = torch.log_softmax(o.logits[0, extra:-1].float(), dim=-1)
                 nll = -logp.gather(1, x[0, 1:, None]).double().sum().item()
                 if args.dtype == "f32":
                     assert abs(o.loss.item() * n - nll) < 1e-3 * max(1.0, nll), (o.loss.item() * n, nll)
@@ -290,6 +296,7 @@ def main() -> int:
     common(p)
     p.add_argument("--data", required=True)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--adapter", type=Path, help="a PEFT adapter folder applied with PeftModel.from_pretrained")
     p.set_defaults(fn=cmd_perplexity)
 
     args = ap.parse_args()

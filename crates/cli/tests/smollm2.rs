@@ -1,5 +1,5 @@
 //! Checks against transformers on a real model, SmolLM2-135M-Instruct: logits, greedy `--chat`
-//! generations and perplexity. Runs only when `ALIGN_SMOLLM2_DIR` points to the folder made by
+//! generations and perplexity; adapters of every PEFT method trained here, in PEFT. Runs only when `ALIGN_SMOLLM2_DIR` points to the folder made by
 //! `../shared/tools/make-smollm2.sh DIR .venv/bin/python`; otherwise each test says it is skipped —
 //! the only interop checks that may skip under `CI=true` (no test can make the real model).
 use std::path::{Path, PathBuf};
@@ -164,4 +164,120 @@ fn smollm2_bf16_generation_runs_and_agrees_on_a_short_answer() {
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(String::from_utf8_lossy(&run.stdout).contains("Paris"));
+}
+
+/// `align eval perplexity --json` of `model` (+ `adapter`) on `data`, in f32.
+fn align_perplexity(model: &Path, adapter: Option<&Path>, data: &Path) -> Value {
+    let mut args = vec![
+        "eval".to_string(),
+        "perplexity".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--json".into(),
+        "--dtype".into(),
+        "f32".into(),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter".to_string(), a.display().to_string()]);
+    }
+    let run = Command::new(env!("CARGO_BIN_EXE_align")).args(&args).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim()).unwrap()
+}
+
+/// Issue 12's check: DoRA, (IA)³, prompt-tuning, P-tuning and prefix-tuning SFT adapters trained
+/// by align on the medical conversations load in PEFT with the same perplexity (≤ 1e-4
+/// relative), and the mergeable ones export to folders transformers gives the same perplexity.
+#[test]
+fn smollm2_trained_adapters_of_every_method_load_in_peft_with_the_same_perplexity() {
+    let test = "smollm2_trained_adapters_of_every_method_load_in_peft_with_the_same_perplexity";
+    let Some((dir, _)) = setup(test) else { return };
+    let python = python_with(&["transformers", "peft"]).expect("peft for the PEFT side");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = repo().join("tests/fixtures/perplexity.txt");
+    let methods: &[(&str, &str, &str, bool)] = &[
+        ("dora", "lora", "[lora]\nr = 8\nalpha = 16\nuse_dora = true\ntargets = [\"q_proj\", \"v_proj\"]\n", true),
+        ("ia3", "ia3", "[ia3]\n", true),
+        ("prompt", "prompt_tuning", "[prompt_tuning]\nnum_virtual_tokens = 8\nprompt_tuning_init = \"text\"\nprompt_tuning_init_text = \"You are a careful medical assistant.\"\n", false),
+        ("ptuning", "p_tuning", "[p_tuning]\nnum_virtual_tokens = 8\nencoder_hidden_size = 64\n", false),
+        ("prefix", "prefix_tuning", "[prefix_tuning]\nnum_virtual_tokens = 8\n", false),
+    ];
+    for (name, method, section, mergeable) in methods {
+        let out = tmp.path().join(name);
+        let cfg = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "model = {:?}\ndata = [{:?}]\noutput_dir = {:?}\nmethod = {method:?}\n[train]\nmax_steps = 3\nbatch_size = 2\nlr = 5e-3\nmax_length = 256\nthreads = 2\n{section}",
+                dir,
+                repo().join("data/sft/medical_sharegpt.jsonl"),
+                out
+            ),
+        )
+        .unwrap();
+        let run = Command::new(env!("CARGO_BIN_EXE_align"))
+            .args(["train", "sft", "--config", cfg.to_str().unwrap()])
+            .env("ALIGN_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        let adapter = out.join("final");
+        let got = align_perplexity(&dir, Some(&adapter), &data);
+        let base = align_perplexity(&dir, None, &data);
+        let want_file = tmp.path().join(format!("{name}-peft.json"));
+        reference(
+            &python,
+            &[
+                "perplexity",
+                "--model",
+                dir.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                want_file.to_str().unwrap(),
+            ],
+        );
+        let want: Value = serde_json::from_str(&std::fs::read_to_string(&want_file).unwrap()).unwrap();
+        assert_eq!(got["tokens"], want["tokens"], "{name}");
+        let (g, w, b) = (
+            got["perplexity"].as_f64().unwrap(),
+            want["perplexity"].as_f64().unwrap(),
+            base["perplexity"].as_f64().unwrap(),
+        );
+        eprintln!("{name}: perplexity {g:.6} (PEFT {w:.6}, base {b:.6})");
+        assert!((g - w).abs() <= 1e-4 * w, "{name}: perplexity {g} vs PEFT {w}");
+        assert!((g - b).abs() > 1e-4 * b, "{name}: the trained adapter should change the perplexity ({g} vs base {b})");
+        if *mergeable {
+            let merged = tmp.path().join(format!("{name}-merged"));
+            let run = Command::new(env!("CARGO_BIN_EXE_align"))
+                .args(["export", "--model", dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
+                .args(["--out", merged.to_str().unwrap(), "--dtype", "f32"])
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+            let hf_file = tmp.path().join(format!("{name}-merged.json"));
+            reference(
+                &python,
+                &[
+                    "perplexity",
+                    "--model",
+                    merged.to_str().unwrap(),
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--out",
+                    hf_file.to_str().unwrap(),
+                ],
+            );
+            let hf: Value = serde_json::from_str(&std::fs::read_to_string(&hf_file).unwrap()).unwrap();
+            let m = hf["perplexity"].as_f64().unwrap();
+            assert!(
+                (m - w).abs() <= 1e-4 * w,
+                "{name}: merged folder in transformers {m} vs base + adapter in PEFT {w}"
+            );
+        }
+    }
 }
