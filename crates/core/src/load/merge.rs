@@ -4,7 +4,7 @@
 //! after reloading it. `align export` and the pipeline both write merged models through it.
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{causal_lm_tensors, copy_companions, save_tensors, write_config, DEFAULT_MAX_SHARD_BYTES};
@@ -13,8 +13,9 @@ use crate::load::spec::{tokenizer_for, AdapterMode, ModelSpec};
 use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::ia3::{load_ia3_adapter, merge_ia3};
-use crate::peft::lora::{load_adapter, merge_lora, read_adapter_folder_config, LoraConfig};
-use crate::peft::prompt::adapter_peft_type;
+use crate::peft::lora::{
+    adapter_base_model_dir, adapter_peft_type, load_adapter, merge_lora, read_adapter_folder_config, LoraConfig,
+};
 use crate::{LoadedModel, ModelConfig};
 
 /// How to merge.
@@ -251,15 +252,7 @@ pub fn merge_adapter(base_dir: &Path, adapter: &Path, out: &Path, opts: &MergeOp
 /// The base a PEFT adapter folder names (`base_model_name_or_path`), resolved.
 pub fn adapter_base_dir(adapter: &Path) -> Result<PathBuf> {
     if adapter_peft_type(adapter)? != "LORA" {
-        let at = adapter.join(crate::peft::lora::ADAPTER_CONFIG_FILE);
-        let text = std::fs::read_to_string(&at).with_context(|| format!("{}: cannot read", at.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", at.display()))?;
-        let base = v["base_model_name_or_path"].as_str().filter(|b| !b.is_empty()).ok_or_else(|| {
-            anyhow!("{}: field 'base_model_name_or_path': missing; name the base model explicitly", at.display())
-        })?;
-        return crate::hf::checkpoint::resolve_model_dir(base)
-            .with_context(|| format!("{}: field 'base_model_name_or_path'", at.display()));
+        return adapter_base_model_dir(adapter);
     }
     read_adapter_folder_config(adapter)?.base_model_dir(adapter)
 }

@@ -17,9 +17,10 @@ use crate::model::scalar::{
     is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit,
 };
 use crate::peft::ia3::{load_ia3_adapter, merge_ia3, Ia3Config};
+use crate::peft::lora::adapter_peft_type;
 use crate::peft::lora::{is_adapter_variable, load_adapter, merge_lora, LoraConfig};
 use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
-use crate::peft::prompt::{adapter_peft_type, is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
+use crate::peft::prompt::{is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// The adapter folder when it holds tokenizer files, else the model folder.

@@ -12,14 +12,17 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::hf::checkpoint::{copy_companions, for_each_tensor, save_tensors, SINGLE_FILE};
+use crate::hf::checkpoint::for_each_tensor;
 use crate::hf::config::ModelType;
 use crate::hf::folder::write_folder;
 use crate::model::decoder::LinearWeight;
 pub use crate::model::ia3_layer::{Ia3Config, Ia3Vector};
 use crate::model::io::remove_variables;
 use crate::model::lora_layer::LoraTargets;
-use crate::peft::lora::{refuse_quantized, AdapterSaveOptions, LoraModel, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use crate::peft::lora::{
+    read_adapter_json, refuse_quantized, write_adapter_config, write_tensor_file, AdapterSaveOptions, LoraModel,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+};
 
 /// PEFT's prefix of the saved keys.
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -151,15 +154,9 @@ pub fn write_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSave
         M::MODULES_TO_SAVE.is_empty(),
         "(IA)³ is saved for causal language models only (this model trains modules in full)"
     );
-    let staging = dir.join(".adapter-weights");
-    std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
     let tensors: BTreeMap<String, Tensor> =
         ia3_tensors(model).into_iter().map(|(n, t)| Ok((n, t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
-    save_tensors(&tensors, &staging, None, usize::MAX)?;
-    let target = dir.join(ADAPTER_WEIGHTS_FILE);
-    std::fs::rename(staging.join(SINGLE_FILE), &target)
-        .with_context(|| format!("{}: cannot move into place", target.display()))?;
-    std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
+    write_tensor_file(&tensors, dir, ADAPTER_WEIGHTS_FILE)?;
     let cfg = json!({
         "auto_mapping": null,
         "base_model_name_or_path": opts.base_model_name_or_path,
@@ -174,13 +171,7 @@ pub fn write_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSave
         "target_modules": config.target_modules,
         "task_type": M::PEFT_TASK_TYPE,
     });
-    let path = dir.join(ADAPTER_CONFIG_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    if let Some(from) = opts.companions_from {
-        copy_companions(from, dir)?;
-    }
-    Ok(())
+    write_adapter_config(dir, &cfg, opts)
 }
 
 /// Saves the attached (IA)³ vectors as a PEFT adapter folder (written to a temporary sibling
@@ -193,11 +184,9 @@ pub fn save_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveO
 /// (`fan_in_fan_out`, excluded modules, modules trained in full, another task type) are errors
 /// naming the field.
 pub fn read_ia3_folder_config(dir: &Path) -> Result<Ia3Config> {
+    let obj = read_adapter_json(dir)?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let at = path.display();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{at}: cannot read"))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{at}:{}: invalid JSON: {e}", e.line()))?;
-    let obj = v.as_object().ok_or_else(|| anyhow!("{at}: expected a JSON object"))?;
     let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
     ensure!(
         field("peft_type").and_then(Value::as_str) == Some("IA3"),

@@ -379,23 +379,79 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &LoraConfig, base: Option<&
 pub fn write_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
     let config =
         model.trunk().lora_config().ok_or_else(|| anyhow!("no LoRA adapters are attached: nothing to save"))?;
-    let tensors = adapter_tensors(model);
-    // the one safetensors writer (checkpoint::save_tensors) names its file model.safetensors
+    write_tensor_file(&adapter_tensors(model), dir, ADAPTER_WEIGHTS_FILE)?;
+    let cfg = peft_config_json(model, config, opts.base_model_name_or_path.as_deref());
+    write_adapter_config(dir, &cfg, opts)
+}
+
+/// Writes `tensors` as the single safetensors file `name` in `dir` (through the one safetensors
+/// writer, `checkpoint::save_tensors`, which names its file model.safetensors). Every kind of
+/// adapter folder writes its weights with it.
+pub(crate) fn write_tensor_file(tensors: &BTreeMap<String, Tensor>, dir: &Path, name: &str) -> Result<()> {
     let staging = dir.join(".adapter-weights");
     std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
-    save_tensors(&tensors, &staging, None, usize::MAX)?;
-    let target = dir.join(ADAPTER_WEIGHTS_FILE);
+    save_tensors(tensors, &staging, None, usize::MAX)?;
+    let target = dir.join(name);
     std::fs::rename(staging.join(SINGLE_FILE), &target)
         .with_context(|| format!("{}: cannot move into place", target.display()))?;
-    std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))?;
+    std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))
+}
+
+/// Writes `adapter_config.json` (`cfg`) and the companion files `opts` names into `dir`: the end
+/// of every kind of adapter folder.
+pub(crate) fn write_adapter_config(dir: &Path, cfg: &Value, opts: &AdapterSaveOptions) -> Result<()> {
     let path = dir.join(ADAPTER_CONFIG_FILE);
-    let cfg = peft_config_json(model, config, opts.base_model_name_or_path.as_deref());
-    std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")
+    std::fs::write(&path, serde_json::to_string_pretty(cfg)? + "\n")
         .with_context(|| format!("{}: cannot write", path.display()))?;
     if let Some(from) = opts.companions_from {
         copy_companions(from, dir)?;
     }
     Ok(())
+}
+
+/// `adapter_config.json` of an adapter folder of any kind as a JSON object.
+pub(crate) fn read_adapter_json(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    if !path.is_file() {
+        bail!(
+            "{}: no {ADAPTER_CONFIG_FILE} (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as PEFT writes them)",
+            dir.display()
+        );
+    }
+    let at = path.display();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{at}: cannot read"))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{at}:{}: invalid JSON: {e}", e.line()))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => bail!("{at}: expected a JSON object"),
+    }
+}
+
+/// `peft_type` of an adapter folder's `adapter_config.json` (`LORA`, `IA3`, `PROMPT_TUNING`, …).
+pub fn adapter_peft_type(dir: &Path) -> Result<String> {
+    let obj = read_adapter_json(dir)?;
+    let at = dir.join(ADAPTER_CONFIG_FILE);
+    match obj.get("peft_type") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => bail!("{}: field 'peft_type': expected a string, found {other}", at.display()),
+        None => bail!("{}: field 'peft_type': missing", at.display()),
+    }
+}
+
+/// The base model folder an adapter folder of any kind names in `base_model_name_or_path` (a
+/// folder, relative to the working directory as PEFT reads it, or a hub id in the local HF cache).
+pub fn adapter_base_model_dir(dir: &Path) -> Result<PathBuf> {
+    let obj = read_adapter_json(dir)?;
+    resolve_base_model(obj.get("base_model_name_or_path").and_then(Value::as_str), dir)
+}
+
+fn resolve_base_model(base: Option<&str>, dir: &Path) -> Result<PathBuf> {
+    let at = dir.join(ADAPTER_CONFIG_FILE);
+    let at = at.display();
+    let base = base
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| anyhow!("{at}: field 'base_model_name_or_path': missing; name the base model explicitly"))?;
+    resolve_model_dir(base).with_context(|| format!("{at}: field 'base_model_name_or_path'"))
 }
 
 /// Saves the attached adapters (and the modules trained in full) as a PEFT adapter folder,
@@ -438,11 +494,7 @@ impl AdapterFolderConfig {
     /// The base model folder `base_model_name_or_path` names (a folder, relative to the working
     /// directory as PEFT reads it, or a hub id in the local HF cache).
     pub fn base_model_dir(&self, dir: &Path) -> Result<PathBuf> {
-        let at = dir.join(ADAPTER_CONFIG_FILE);
-        let base = self.base_model_name_or_path.as_deref().filter(|b| !b.is_empty()).ok_or_else(|| {
-            anyhow!("{}: field 'base_model_name_or_path': missing; name the base model explicitly", at.display())
-        })?;
-        resolve_model_dir(base).with_context(|| format!("{}: field 'base_model_name_or_path'", at.display()))
+        resolve_base_model(self.base_model_name_or_path.as_deref(), dir)
     }
 }
 
@@ -457,17 +509,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
 /// type, `modules_to_save` and the base model. Options this implementation does not have are
 /// errors naming the field.
 pub fn read_adapter_folder_config(dir: &Path) -> Result<AdapterFolderConfig> {
+    let obj = read_adapter_json(dir)?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
-    if !path.is_file() {
-        bail!(
-            "{}: no {ADAPTER_CONFIG_FILE} (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as PEFT writes them)",
-            dir.display()
-        );
-    }
     let at = path.display();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{at}: cannot read"))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{at}:{}: invalid JSON: {e}", e.line()))?;
-    let obj = v.as_object().ok_or_else(|| anyhow!("{at}: expected a JSON object"))?;
     let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
     match field("peft_type") {
         Some(Value::String(s)) if s == "LORA" => {}

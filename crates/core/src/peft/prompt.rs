@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::hf::checkpoint::{copy_companions, for_each_tensor, save_tensors, SINGLE_FILE};
+use crate::hf::checkpoint::for_each_tensor;
 use crate::hf::folder::write_folder;
 use crate::model::decoder::Trunk;
 pub use crate::model::prompt_layer::is_prompt_variable;
@@ -32,7 +32,11 @@ pub use crate::model::prompt_layer::{
 use crate::model::prompt_layer::{
     ENCODER_EMBEDDING, ENCODER_IN_BIAS, ENCODER_IN_WEIGHT, ENCODER_OUT_BIAS, ENCODER_OUT_WEIGHT,
 };
-use crate::peft::lora::{AdapterSaveOptions, LoraModel, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+pub use crate::peft::lora::adapter_peft_type;
+use crate::peft::lora::{
+    read_adapter_json, write_adapter_config, write_tensor_file, AdapterSaveOptions, LoraModel, ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+};
 use crate::text::tokenizer::ModelTokenizer;
 
 /// The weights of prefix tuning's reparameterisation MLP, beside the PEFT files of a folder.
@@ -325,17 +329,7 @@ pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterS
         M::MODULES_TO_SAVE.is_empty(),
         "prompt learning is saved for causal language models only (this model trains modules in full)"
     );
-    let write = |tensors: &BTreeMap<String, Tensor>, name: &str| -> Result<()> {
-        // the one safetensors writer (checkpoint::save_tensors) names its file model.safetensors
-        let staging = dir.join(".adapter-weights");
-        std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
-        save_tensors(tensors, &staging, None, usize::MAX)?;
-        let target = dir.join(name);
-        std::fs::rename(staging.join(SINGLE_FILE), &target)
-            .with_context(|| format!("{}: cannot move into place", target.display()))?;
-        std::fs::remove_dir_all(&staging).with_context(|| format!("{}: cannot remove", staging.display()))
-    };
-    write(&saved_tensors(trunk)?, ADAPTER_WEIGHTS_FILE)?;
+    write_tensor_file(&saved_tensors(trunk)?, dir, ADAPTER_WEIGHTS_FILE)?;
     let encoder: Vec<(String, &Tensor)> = match trunk.virtual_tokens() {
         Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) => {
             p.named().iter().map(|(n, t)| (n.to_string(), *t)).collect()
@@ -346,16 +340,10 @@ pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterS
     if !encoder.is_empty() {
         let tensors: BTreeMap<String, Tensor> =
             encoder.into_iter().map(|(n, t)| Ok((n, t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
-        write(&tensors, PROMPT_ENCODER_FILE)?;
+        write_tensor_file(&tensors, dir, PROMPT_ENCODER_FILE)?;
     }
-    let path = dir.join(ADAPTER_CONFIG_FILE);
     let cfg = peft_config_json(model, config, opts.base_model_name_or_path.as_deref())?;
-    std::fs::write(&path, serde_json::to_string_pretty(&cfg)? + "\n")
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    if let Some(from) = opts.companions_from {
-        copy_companions(from, dir)?;
-    }
-    Ok(())
+    write_adapter_config(dir, &cfg, opts)
 }
 
 /// Saves the attached prompt learning as a PEFT adapter folder, written to a temporary sibling
@@ -364,34 +352,9 @@ pub fn save_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSa
     write_folder(dir, |tmp| write_prompt_adapter(model, tmp, opts))
 }
 
-/// `peft_type` of an adapter folder's `adapter_config.json` (`LORA`, `PROMPT_TUNING`, …).
-pub fn adapter_peft_type(dir: &Path) -> Result<String> {
-    let obj = read_json(dir)?;
-    let at = dir.join(ADAPTER_CONFIG_FILE);
-    match obj.get("peft_type") {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => bail!("{}: field 'peft_type': expected a string, found {other}", at.display()),
-        None => bail!("{}: field 'peft_type': missing", at.display()),
-    }
-}
-
 /// True when `dir` is a prompt- or prefix-tuning adapter folder.
 pub fn is_prompt_adapter(dir: &Path) -> Result<bool> {
     Ok(matches!(adapter_peft_type(dir)?.as_str(), "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING"))
-}
-
-fn read_json(dir: &Path) -> Result<Map<String, Value>> {
-    let path = dir.join(ADAPTER_CONFIG_FILE);
-    if !path.is_file() {
-        bail!("{}: no {ADAPTER_CONFIG_FILE} (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, as PEFT writes them)", dir.display());
-    }
-    let at = path.display();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{at}: cannot read"))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{at}:{}: invalid JSON: {e}", e.line()))?;
-    match v {
-        Value::Object(o) => Ok(o),
-        _ => bail!("{at}: expected a JSON object"),
-    }
 }
 
 /// A prompt- or prefix-tuning folder's configuration with PEFT's shape fields
@@ -409,7 +372,7 @@ pub struct PromptFolderConfig {
 /// implementation does not have (another task type, several transformer submodules, modules
 /// trained in full) are errors naming the field.
 pub fn read_prompt_folder_config(dir: &Path) -> Result<PromptFolderConfig> {
-    let obj = read_json(dir)?;
+    let obj = read_adapter_json(dir)?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let at = path.display();
     let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
