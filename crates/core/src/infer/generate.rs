@@ -1,11 +1,13 @@
 //! Text generation with a KV cache: batched prompts (left padding), greedy or sampled decoding
 //! (temperature, top-k, top-p, repetition penalty), per-sequence stop on any eos id. Finished
 //! sequences are dropped from the batch so the remaining ones decode faster. PPO rollouts and the
-//! CLI both use this engine.
+//! CLI use `generate`, which runs a fixed set of prompts through the continuous-batching engine
+//! (`infer::engine`) that `align serve` feeds as requests arrive.
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::decoder::{CausalLm, ForwardOptions, KvCache};
+use crate::infer::engine::{Engine, EngineRequest, FinishReason};
+use crate::model::decoder::CausalLm;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone)]
@@ -51,9 +53,8 @@ fn sync(device: Device) {
     }
 }
 
-/// Applies repetition penalty, temperature, top-k and top-p to `[B, V]` f32 logits and picks
-/// one token per row (greedy when temperature is 0).
-pub fn next_tokens(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConfig) -> Result<Tensor> {
+/// `[B, V]` f32 logits with HF's repetition penalty applied over `history` (`[B, T]` ids).
+fn penalised_logits(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConfig) -> Result<Tensor> {
     let mut logits = logits.f_to_kind(Kind::Float)?;
     if let (Some(p), Some(hist)) = (cfg.repetition_penalty, history) {
         if p != 1.0 {
@@ -63,10 +64,14 @@ pub fn next_tokens(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConf
             logits = logits.f_scatter(1, hist, &penalised)?;
         }
     }
-    if cfg.temperature <= 0.0 {
-        return Ok(logits.f_argmax(-1, false)?);
-    }
-    logits = logits.f_div_scalar(cfg.temperature)?;
+    Ok(logits)
+}
+
+/// The distribution sampling draws from (temperature > 0): `[B, V]` probabilities after the
+/// repetition penalty, temperature, top-k and top-p.
+pub fn sampling_probs(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConfig) -> Result<Tensor> {
+    ensure!(cfg.temperature > 0.0, "sampling_probs: greedy decoding has no distribution");
+    let mut logits = penalised_logits(logits, history, cfg)?.f_div_scalar(cfg.temperature)?;
     let vocab = logits.size()[1];
     if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < vocab) {
         let (top, _) = logits.f_topk(k, -1, true, true)?;
@@ -82,8 +87,16 @@ pub fn next_tokens(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConf
         let remove = remove.f_scatter(1, &idx, &remove)?;
         logits = logits.f_masked_fill(&remove, f64::NEG_INFINITY)?;
     }
-    let probs = logits.f_softmax(-1, Kind::Float)?;
-    Ok(probs.f_multinomial(1, false)?.f_squeeze_dim(1)?)
+    Ok(logits.f_softmax(-1, Kind::Float)?)
+}
+
+/// Applies repetition penalty, temperature, top-k and top-p to `[B, V]` f32 logits and picks
+/// one token per row (greedy when temperature is 0; sampled from libtorch's global generator).
+pub fn next_tokens(logits: &Tensor, history: Option<&Tensor>, cfg: &SamplingConfig) -> Result<Tensor> {
+    if cfg.temperature <= 0.0 {
+        return Ok(penalised_logits(logits, history, cfg)?.f_argmax(-1, false)?);
+    }
+    Ok(sampling_probs(logits, history, cfg)?.f_multinomial(1, false)?.f_squeeze_dim(1)?)
 }
 
 /// Generates continuations of `prompts` (token ids) in one batch. `pad_id` fills left padding;
@@ -110,95 +123,28 @@ pub fn generate_with_stats(
     ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
     let device = lm.device();
     let b = prompts.len();
-    let plen = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_new = cfg.max_new_tokens;
-    let total = (plen + max_new) as i64;
     let mut out: Vec<Generation> = vec![Generation { tokens: Vec::new(), stopped_on_eos: false }; b];
     let mut stats = GenerateStats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Default::default() };
-    if max_new == 0 {
+    if cfg.max_new_tokens == 0 {
         return Ok((out, stats));
     }
     let started = std::time::Instant::now();
-
-    // Left-padded ids; history (for the repetition penalty) repeats each row's first token in
-    // place of padding so padding is never penalised.
-    let mut ids = vec![pad_id; b * plen];
-    let mut mask = vec![0i64; b * total as usize];
-    let mut hist = vec![0i64; b * total as usize];
-    for (r, p) in prompts.iter().enumerate() {
-        let off = plen - p.len();
-        ids[r * plen + off..(r + 1) * plen].copy_from_slice(p);
-        for j in 0..total as usize {
-            hist[r * total as usize + j] = p[0];
-        }
-        hist[r * total as usize + off..r * total as usize + plen].copy_from_slice(p);
-        for m in &mut mask[r * total as usize + off..r * total as usize + plen] {
-            *m = 1;
-        }
-    }
-    let to_dev = |v: &[i64], shape: [i64; 2]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
-    };
-    let ids = to_dev(&ids, [b as i64, plen as i64])?;
-    let mut mask = to_dev(&mask, [b as i64, total])?;
-    let mut hist = to_dev(&hist, [b as i64, total])?;
-    let use_history = cfg.repetition_penalty.is_some_and(|p| p != 1.0);
-
-    let _guard = tch::no_grad_guard();
-    let mut cache = KvCache::new(&lm.config, b as i64, total, lm.kind(), device)?;
-    let prompt_mask = mask.f_narrow(1, 0, plen as i64)?;
-    let hidden = lm.model.forward(
-        &ids,
-        &ForwardOptions { attention_mask: Some(&prompt_mask), position_ids: None, segment_ids: None },
-        Some(&mut cache),
-    )?;
-    let mut logits = lm.lm_logits(&hidden.f_narrow(1, plen as i64 - 1, 1)?)?.f_squeeze_dim(1)?;
-    let mut positions = crate::model::decoder::positions_from_mask(&prompt_mask)?.f_narrow(1, plen as i64 - 1, 1)?;
-    // active[row] = index of that batch row in `prompts`
-    let mut active: Vec<usize> = (0..b).collect();
+    let mut engine = Engine::new(lm, pad_id);
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| EngineRequest::new(i as u64, p.clone(), cfg.clone(), eos_ids.to_vec()))
+        .collect();
+    engine.admit(requests)?;
     sync(device);
     stats.prefill_seconds = started.elapsed().as_secs_f64();
     let decode_started = std::time::Instant::now();
-
-    for step in 0..max_new {
-        let cur = (plen + step) as i64;
-        let hist_now = if use_history { Some(hist.f_narrow(1, 0, cur)?) } else { None };
-        let next = next_tokens(&logits, hist_now.as_ref(), cfg)?;
-        let next_host: Vec<i64> = Vec::try_from(next.f_to_device(Device::Cpu)?)?;
-        let mut keep = Vec::with_capacity(active.len());
-        for (row, (&orig, &tok)) in active.iter().zip(&next_host).enumerate() {
-            out[orig].tokens.push(tok);
-            if eos_ids.contains(&tok) {
-                out[orig].stopped_on_eos = true;
-            } else {
-                keep.push(row as i64);
-            }
+    while !engine.is_idle() {
+        for t in engine.step()? {
+            let g = &mut out[t.id as usize];
+            g.tokens.push(t.token);
+            g.stopped_on_eos |= t.finish == Some(FinishReason::Eos);
         }
-        if keep.is_empty() || step + 1 == max_new {
-            break;
-        }
-        let mut next = next;
-        if keep.len() < active.len() {
-            let rows = Tensor::from_slice(&keep).f_to_device(device)?;
-            cache.select_rows(&rows)?;
-            mask = mask.f_index_select(0, &rows)?;
-            hist = hist.f_index_select(0, &rows)?;
-            positions = positions.f_index_select(0, &rows)?;
-            next = next.f_index_select(0, &rows)?;
-            active = keep.iter().map(|&r| active[r as usize]).collect();
-        }
-        let _ = mask.f_narrow(1, cur, 1)?.f_fill_(1)?;
-        if use_history {
-            hist.f_narrow(1, cur, 1)?.f_copy_(&next.f_unsqueeze(1)?)?;
-        }
-        positions = positions.f_add_scalar(1)?;
-        let step_mask = mask.f_narrow(1, 0, cur + 1)?;
-        let hidden = lm.model.forward(
-            &next.f_unsqueeze(1)?,
-            &ForwardOptions { attention_mask: Some(&step_mask), position_ids: Some(&positions), segment_ids: None },
-            Some(&mut cache),
-        )?;
-        logits = lm.lm_logits(&hidden)?.f_squeeze_dim(1)?;
     }
     sync(device);
     stats.decode_seconds = decode_started.elapsed().as_secs_f64();

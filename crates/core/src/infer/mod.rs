@@ -1,3 +1,5 @@
-//! Inference: batched KV-cache generation with sampling and stop tokens, token log-probs.
+//! Inference: batched KV-cache generation with sampling and stop tokens (continuous batching in
+//! `engine`), token log-probs.
+pub mod engine;
 pub mod generate;
 pub mod logprobs;

@@ -27,6 +27,10 @@ pub struct Linear {
     pub lora: Option<LoraAdapter>,
     /// Attached by `ia3::attach_ia3` / `ia3::load_ia3_adapter`; removed by `ia3::merge_ia3`.
     pub ia3: Option<Ia3Vector>,
+    /// Several LoRA adapters served together on this base (`lora::load_adapter_bank`), indexed
+    /// by adapter number (None where an adapter leaves this projection alone). Each batch row
+    /// takes the adapter the trunk's routing gives it (`Trunk::set_adapter_rows`), or none.
+    pub bank: Vec<Option<LoraAdapter>>,
 }
 
 /// The weight of a [`Linear`].
@@ -67,7 +71,7 @@ impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = LinearWeight::Dense(p.zeros("weight", &[out_dim, in_dim]));
         let bias = bias.then(|| p.zeros("bias", &[out_dim]));
-        Linear { weight, bias, lora: None, ia3: None }
+        Linear { weight, bias, lora: None, ia3: None, bank: Vec::new() }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -76,6 +80,16 @@ impl Linear {
             return ia3.scale_output(&y);
         }
         let y = self.base_forward(x)?;
+        if let Some(routing) = self.bank.iter().flatten().next().and_then(|a| a.mode.adapter_rows()) {
+            let mut y = y;
+            for (adapter, rows) in routing {
+                if let Some(Some(lora)) = self.bank.get(adapter) {
+                    let out = self.adapted(lora, &x.f_index_select(0, &rows)?, &y.f_index_select(0, &rows)?)?;
+                    y = y.f_index_copy(0, &rows, &out)?;
+                }
+            }
+            return Ok(y);
+        }
         let Some(lora) = &self.lora else { return Ok(y) };
         if !lora.is_enabled() {
             return match lora.initial_update(x)? {
@@ -83,12 +97,17 @@ impl Linear {
                 None => Ok(y),
             };
         }
+        self.adapted(lora, x, &y)
+    }
+
+    /// The output of this projection with `lora` applied, given the base output `y` of `x`.
+    fn adapted(&self, lora: &LoraAdapter, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         if lora.magnitude.is_some() {
             let w = match &self.weight {
                 LinearWeight::Dense(w) => w.shallow_clone(),
                 LinearWeight::Quantized(q) => q.dequantize(lora.lora_a.kind())?,
             };
-            return lora.dora_output(x, &y, &w, self.bias.as_ref());
+            return lora.dora_output(x, y, &w, self.bias.as_ref());
         }
         Ok(y.f_add(&lora.forward(x)?)?)
     }
@@ -118,6 +137,7 @@ impl Linear {
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
             lora: self.lora.as_ref().map(LoraAdapter::shallow_clone),
             ia3: self.ia3.as_ref().map(Ia3Vector::shallow_clone),
+            bank: self.bank.iter().map(|a| a.as_ref().map(LoraAdapter::shallow_clone)).collect(),
         }
     }
 
@@ -145,6 +165,8 @@ pub struct RunMode {
     adapters_enabled: AtomicBool,
     /// Activation checkpointing: every k-th decoder layer (0 = off).
     checkpoint_every: AtomicUsize,
+    /// Which batch rows take which adapter of a served bank (adapter number, row indices).
+    adapter_rows: std::sync::Mutex<Option<Vec<(usize, Tensor)>>>,
 }
 
 impl RunMode {
@@ -153,7 +175,14 @@ impl RunMode {
             training: AtomicBool::new(false),
             adapters_enabled: AtomicBool::new(true),
             checkpoint_every: AtomicUsize::new(0),
+            adapter_rows: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The rows of each served adapter in the current forward pass (None: no bank routing).
+    fn adapter_rows(&self) -> Option<Vec<(usize, Tensor)>> {
+        let rows = self.adapter_rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.as_ref().map(|r| r.iter().map(|(a, t)| (*a, t.shallow_clone())).collect())
     }
 
     pub fn training(&self) -> bool {
@@ -295,6 +324,78 @@ impl KvCache {
         for (k, v) in self.layers.iter_mut() {
             *k = k.f_index_select(0, rows)?;
             *v = v.f_index_select(0, rows)?;
+        }
+        Ok(())
+    }
+
+    /// Batch rows held.
+    pub fn rows(&self) -> i64 {
+        self.layers.first().map_or(0, |(k, _)| k.size()[0])
+    }
+
+    /// Makes room for at least `capacity` real-token positions (the stored ones are kept).
+    pub fn reserve(&mut self, capacity: i64) -> Result<()> {
+        if capacity <= self.capacity() {
+            return Ok(());
+        }
+        let total = self.offset + capacity;
+        for (k, v) in self.layers.iter_mut() {
+            for t in [k, v] {
+                let mut shape = t.size();
+                shape[2] = total;
+                let grown = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+                grown.f_narrow(2, 0, self.len)?.f_copy_(&t.f_narrow(2, 0, self.len)?)?;
+                *t = grown;
+            }
+        }
+        self.capacity = total;
+        Ok(())
+    }
+
+    /// Moves the stored real-token positions `by` places later (`by` > 0: empty positions are
+    /// inserted in front of them) or earlier (`by` < 0: the first `-by` are dropped). Virtual
+    /// positions stay in front. Continuous batching aligns rows of different lengths this way.
+    pub fn shift(&mut self, by: i64) -> Result<()> {
+        let real = self.len - self.offset;
+        ensure!(by >= -real, "KV cache: cannot drop {} of {real} positions", -by);
+        if by == 0 {
+            return Ok(());
+        }
+        self.reserve(real + by.max(0))?;
+        for (k, v) in self.layers.iter_mut() {
+            for t in [k, v] {
+                let (from, to, n) = if by > 0 {
+                    (self.offset, self.offset + by, real)
+                } else {
+                    (self.offset - by, self.offset, real + by)
+                };
+                let moved = t.f_narrow(2, from, n)?.f_contiguous()?.f_detach_copy()?;
+                t.f_narrow(2, to, n)?.f_copy_(&moved)?;
+                if by > 0 {
+                    let _ = t.f_narrow(2, self.offset, by)?.f_zero_()?;
+                }
+            }
+        }
+        self.len += by;
+        Ok(())
+    }
+
+    /// Appends the rows of `other` (same stored length and virtual positions) after this cache's.
+    pub fn append_rows(&mut self, mut other: KvCache) -> Result<()> {
+        ensure!(
+            self.len == other.len && self.offset == other.offset,
+            "KV cache: rows of {} positions ({} virtual) cannot join rows of {} ({} virtual)",
+            other.len,
+            other.offset,
+            self.len,
+            self.offset
+        );
+        let capacity = self.capacity().max(other.capacity());
+        self.reserve(capacity)?;
+        other.reserve(capacity)?;
+        for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
+            *k = Tensor::f_cat(&[&*k, &ok], 0)?;
+            *v = Tensor::f_cat(&[&*v, &ov], 0)?;
         }
         Ok(())
     }
@@ -694,6 +795,36 @@ impl Trunk {
 
     pub(crate) fn run_mode(&self) -> Arc<RunMode> {
         self.mode.clone()
+    }
+
+    /// Routes the batch rows of the following forward passes through the adapters of a served
+    /// bank: `rows[i]` is the adapter number of row `i` (None: the base alone). Passing None
+    /// clears the routing (every row the base).
+    pub fn set_adapter_rows(&self, rows: Option<&[Option<usize>]>) -> Result<()> {
+        let routing = match rows {
+            None => None,
+            Some(rows) => {
+                let device = self.embed_tokens.device();
+                let mut groups: std::collections::BTreeMap<usize, Vec<i64>> = Default::default();
+                for (i, a) in rows.iter().enumerate() {
+                    if let Some(a) = a {
+                        groups.entry(*a).or_default().push(i as i64);
+                    }
+                }
+                let mut out = Vec::with_capacity(groups.len());
+                for (a, idx) in groups {
+                    out.push((a, Tensor::from_slice(&idx).f_to_device(device)?));
+                }
+                Some(out)
+            }
+        };
+        *self.mode.adapter_rows.lock().unwrap_or_else(|e| e.into_inner()) = routing;
+        Ok(())
+    }
+
+    /// Number of adapters in the served bank (0 without one).
+    pub fn bank_size(&self) -> usize {
+        self.linears().iter().map(|(_, l)| l.bank.len()).max().unwrap_or(0)
     }
 
     pub(crate) fn set_lora_config(&mut self, config: Option<LoraConfig>) {

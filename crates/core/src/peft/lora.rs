@@ -794,6 +794,55 @@ pub fn load_adapter<M: LoraModel>(vs: &VarStore, model: &mut M, dir: &Path) -> R
     model.trunk().lora_config().cloned().ok_or_else(|| anyhow!("{at}: adapters were not attached"))
 }
 
+/// Loads LoRA adapter folders (PEFT `LORA`, DoRA included) as a bank served together on one
+/// base model: adapter `i` of `dirs` becomes number `i` of every projection's `bank`, and each
+/// batch row of a forward pass takes the adapter `Trunk::set_adapter_rows` gives it. Every
+/// folder is read by [`load_adapter`] (the same checks against the base), then moved off the
+/// projections into the bank, so the base itself carries no adapter. Adapters initialised with
+/// PiSSA / OLoRA change the base weights and are refused (merge them with `align export`).
+/// Returns each adapter's configuration.
+pub fn load_adapter_bank<M: LoraModel>(model: &mut M, dirs: &[PathBuf]) -> Result<Vec<LoraConfig>> {
+    let trunk = model.trunk();
+    ensure!(
+        trunk.lora_config().is_none(),
+        "a LoRA adapter is already attached to this model: a bank needs the bare base"
+    );
+    ensure!(trunk.virtual_tokens().is_none(), "prompt learning is attached to this model: a LoRA bank cannot join it");
+    ensure!(trunk.bank_size() == 0, "this model already serves a bank of adapters");
+    let device = trunk.embed_tokens.device();
+    let mut configs = Vec::with_capacity(dirs.len());
+    for (i, dir) in dirs.iter().enumerate() {
+        let kind = adapter_peft_type(dir)?;
+        ensure!(
+            kind == "LORA",
+            "{}: a {kind} adapter; several adapters are served together only when they are LoRA (serve a {kind} adapter alone as the model)",
+            dir.display()
+        );
+        let file = read_adapter_config(dir)?;
+        ensure!(
+            !file.init_lora_weights.mutates_base(),
+            "{}: field 'init_lora_weights' = {}: the adapter belongs to a changed base (PiSSA / OLoRA residual); merge it with `align export` and serve the merged model",
+            dir.display(),
+            file.init_lora_weights.to_json()
+        );
+        // each adapter's variables live in a store of their own: the bank is not trained
+        let store = VarStore::new(device);
+        let config = load_adapter(&store, model, dir)?;
+        for (_, lin) in model.trunk_mut().linears_mut() {
+            let taken = lin.lora.take();
+            if let Some(a) = &taken {
+                let _ = a.lora_a.set_requires_grad(false);
+                let _ = a.lora_b.set_requires_grad(false);
+            }
+            lin.bank.resize_with(i + 1, || None);
+            lin.bank[i] = taken;
+        }
+        model.trunk_mut().set_lora_config(None);
+        configs.push(config);
+    }
+    Ok(configs)
+}
+
 /// Copies the tensors of an adapter file into the attached adapters and into the variables of
 /// the `full` modules; every one of them must be present with its shape.
 fn copy_adapter_weights<M: LoraModel>(model: &M, full: &[&str], weights: &Path) -> Result<()> {
