@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod chat;
 mod common;
 mod data_cmd;
 mod eval;
@@ -14,6 +15,7 @@ mod init;
 mod plan;
 mod report_cmd;
 mod run;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -31,6 +33,12 @@ struct Cli {
 enum Command {
     /// Generate text from prompts with a model folder.
     Generate(generate::GenerateArgs),
+    /// Chat with a model in the terminal (multi-turn, streamed answers).
+    Chat(chat::ChatArgs),
+    /// Serve a model (and LoRA adapters) over the OpenAI API, with a web console at /.
+    Serve(serve::ServeArgs),
+    /// Serve the web console's run dashboard for run folders (no model).
+    Board(serve::BoardArgs),
     /// Run a pipeline file: its stages in order, skipping what is up to date, resuming what was interrupted.
     Run(run::RunArgs),
     /// Train one stage (pretrain, sft, reward, dpo, ppo, grpo, rloo, reinforce-pp, kto, distill) from a TOML config; resumes from the newest checkpoint.
@@ -165,6 +173,9 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::serve(a),
+        Command::Board(a) => serve::board(a),
         Command::Run(a) => run::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(EvalCommand::Perplexity(a)) => eval::perplexity(a),
