@@ -365,32 +365,33 @@ pub fn chat_request(obj: &Map<String, Value>) -> ApiResult<ChatRequest> {
             }
             None => return Err(ApiError::invalid("messages", format!("'{at}.role': required"))),
         };
-        let content =
-            match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    let mut s = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                            (Some("text"), Some(t)) => s.push_str(t),
-                            _ => return Err(ApiError::invalid(
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut s = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => s.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid(
                                 "messages",
                                 format!(
                                     "'{at}.content'[{j}]: only {{\"type\": \"text\", \"text\": …}} parts are supported"
                                 ),
-                            )),
+                            ))
                         }
                     }
-                    s
                 }
-                Some(v) => {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        format!("'{at}.content': expected a string or an array of text parts, found {}", type_name(v)),
-                    ))
-                }
-                None => return Err(ApiError::invalid("messages", format!("'{at}.content': required"))),
-            };
+                s
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("'{at}.content': expected a string or an array of text parts, found {}", type_name(v)),
+                ))
+            }
+            None => return Err(ApiError::invalid("messages", format!("'{at}.content': required"))),
+        };
         for k in m.keys() {
             if !matches!(k.as_str(), "role" | "content" | "name") {
                 return Err(ApiError::invalid("messages", format!("'{at}.{k}': not a field this server reads")));

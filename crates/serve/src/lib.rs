@@ -428,7 +428,13 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.shutting_down.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "shutting down"}))).into_response();
     }
-    axum::Json(json!({"status": "ok", "running": st.metrics.running.load(Ordering::Relaxed), "queued": st.metrics.queue_depth.load(Ordering::Relaxed)})).into_response()
+    axum::Json(json!({
+        "status": "ok",
+        "running": st.metrics.running.load(Ordering::Relaxed),
+        "queued": st.metrics.queue_depth.load(Ordering::Relaxed),
+        "in_flight": st.in_flight.load(Ordering::SeqCst),
+    }))
+    .into_response()
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
