@@ -22,6 +22,10 @@ PEFT_VERSION=0.21.2
 # bitsandbytes 0.50.2, the newest release, quantises and dequantises 4-bit on CPU with torch 2.11
 # (the QLoRA interop checks and the fixtures of tests/fixtures/make_bnb_fixtures.py)
 BITSANDBYTES_VERSION=0.50.2
+# the official OpenAI client (and the browser driver's websocket client) for the checks of
+# `align serve` (tests/reference/check_serve.py, check_console.py)
+OPENAI_VERSION=3.57.0
+WEBSOCKET_CLIENT_VERSION=1.9.2
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
@@ -34,7 +38,16 @@ if ! python -c "import bitsandbytes" 2>/dev/null; then
   echo "installing bitsandbytes into .venv (used only by tests)" >&2
   pip install -q --disable-pip-version-check "bitsandbytes==$BITSANDBYTES_VERSION" >&2
 fi
+if ! python -c "import openai, websocket" 2>/dev/null; then
+  echo "installing openai and websocket-client into .venv (used only by tests)" >&2
+  pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" "websocket-client==$WEBSOCKET_CLIENT_VERSION" >&2
+fi
 export ALIGN_REQUIRE_INTEROP=1
+# the web console is driven in headless chromium where the machine allows installing it
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (used only by the web console's test)" >&2
+  apt-get install -y -qq chromium >/dev/null 2>&1 || echo "could not install chromium; the console's browser check will say it is skipped" >&2
+fi
 # the fsync check traces a checkpoint write with strace: installed where the machine allows it
 if ! command -v strace >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing strace (used only by a test)" >&2

@@ -208,7 +208,8 @@ def main():
     expect_error("unknown model", 404, lambda: chat(client, "no-such-model", "x"))
     expect_error("too many tokens", 400, lambda: client.chat.completions.create(
         model=args.model_id, messages=[{"role": "user", "content": "x"}], max_tokens=10**6))
-    expect_error("long prompt", 400, lambda: client.completions.create(model=args.model_id, prompt="word " * 5000, max_tokens=1))
+    context = json.loads(http("GET", args.base_url + "/models", None, {"Authorization": f"Bearer {args.api_key}"})[1])["data"][0]["max_model_len"]
+    expect_error("long prompt", 400, lambda: client.completions.create(model=args.model_id, prompt="word " * (context + 8), max_tokens=1))
     expect_error("tools", 400, lambda: client.chat.completions.create(
         model=args.model_id, messages=[{"role": "user", "content": "x"}],
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]))

@@ -6,54 +6,27 @@
 //! port; every loop is bounded.
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{fixtures, s};
+use support::{fixtures, s, Server};
 
 fn tiny() -> PathBuf {
     fixtures().join("models/tiny-llama")
 }
 
-/// A running `align serve` (killed when dropped).
-struct Server {
-    child: Child,
-    port: u16,
+trait Http {
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String);
+    fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream;
+    fn post(&self, path: &str, body: &Value) -> (u16, Value);
+    fn health(&self) -> Value;
 }
 
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        Self::start_command("serve", args)
-    }
-
-    fn start_command(command: &str, args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_align"))
-            .arg(command)
-            .args(args)
-            .args(["--port", "0"])
-            .env("ALIGN_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok());
-        let Some(port) = port else {
-            let _ = child.kill();
-            panic!("align {command} printed {line:?} instead of its address");
-        };
-        Server { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
+impl Http for Server {
     fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
         request(self.port, method, path, headers, body)
     }
@@ -68,13 +41,6 @@ impl Server {
 
     fn health(&self) -> Value {
         serde_json::from_str(&self.request("GET", "/health", &[], b"").1).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,6 +2,8 @@
 //! generations and perplexity; adapters of every PEFT method trained here, in PEFT. Runs only when `ALIGN_SMOLLM2_DIR` points to the folder made by
 //! `../shared/tools/make-smollm2.sh DIR .venv/bin/python`; otherwise each test says it is skipped —
 //! the only interop checks that may skip under `CI=true` (no test can make the real model).
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -280,4 +282,43 @@ fn smollm2_trained_adapters_of_every_method_load_in_peft_with_the_same_perplexit
             );
         }
     }
+}
+
+/// The issue-17 check on the real chat model: `align serve` with a LoRA adapter (random, made by
+/// PEFT) answers the official `openai` client with transformers' greedy generations (PEFT's for
+/// the adapter), streaming equal, echo log-probabilities equal, bad requests 4xx, 64 concurrent
+/// clients all answered (tests/reference/check_serve.py).
+#[test]
+fn smollm2_serve_answers_the_openai_client_as_transformers_and_peft() {
+    let Some((dir, _)) = setup("smollm2_serve_answers_the_openai_client_as_transformers_and_peft") else { return };
+    let Some(python) = python_with(&["openai", "transformers", "peft"]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("lora");
+    let make = format!(
+        "import torch, transformers, peft\ntorch.manual_seed(0)\nm = transformers.AutoModelForCausalLM.from_pretrained({dir:?}, dtype=torch.float32)\n\
+         c = peft.LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)\n\
+         peft.get_peft_model(m, c).save_pretrained({adapter:?})\n",
+        dir = dir.display().to_string(),
+        adapter = adapter.display().to_string()
+    );
+    let out = Command::new(&python).args(["-c", &make]).output().unwrap();
+    assert!(out.status.success(), "making the adapter failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let named = format!("med={}", adapter.display());
+    let server = support::Server::start(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--served-model-name",
+        "smollm2",
+        "--adapter",
+        &named,
+    ]);
+    let out = Command::new(&python)
+        .arg(repo().join("tests/reference/check_serve.py"))
+        .args(["--base-url", &format!("{}/v1", server.url()), "--model-dir", dir.to_str().unwrap()])
+        .args(["--model-id", "smollm2", "--adapter", &named, "--concurrency", "64"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "check_serve.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,8 +1,9 @@
 //! Helpers shared by the CLI end-to-end tests: run the built `align`, expect success or exactly
 //! one clear error line, and find the repository's fixtures.
 #![allow(dead_code)]
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// Runs `align ARGS` with warnings-only logging.
 pub fn align(args: &[&str]) -> Output {
@@ -96,4 +97,47 @@ data = [{ppl:?}]
         pairs = r.join("data/preference/medical_pairs.jsonl"),
         ppl = r.join("tests/fixtures/perplexity.txt"),
     )
+}
+
+/// A running `align serve` or `align board` on a free loopback port (killed when dropped).
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_command("serve", args)
+    }
+
+    pub fn start_command(command: &str, args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_align"))
+            .arg(command)
+            .args(args)
+            .args(["--port", "0"])
+            .env("ALIGN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+        let Some(port) = port else {
+            let _ = child.kill();
+            panic!("align {command} printed {line:?} instead of its address");
+        };
+        Server { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
