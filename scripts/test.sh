@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: sets up what is missing (.venv with torch; transformers, peft and
-# bitsandbytes for the interop checks), builds the workspace in release mode and runs every
+# The test command: sets up what is missing (.venv with torch; transformers, peft,
+# bitsandbytes and gguf for the interop checks), builds the workspace in release mode and runs every
 # test. The interop checks (align's folders and adapters loaded by transformers / PEFT /
 # bitsandbytes) are required here: with
 # ALIGN_REQUIRE_INTEROP=1 (or CI=true) a check whose Python package is missing fails instead of
@@ -22,6 +22,8 @@ PEFT_VERSION=0.21.2
 # bitsandbytes 0.50.2, the newest release, quantises and dequantises 4-bit on CPU with torch 2.11
 # (the QLoRA interop checks and the fixtures of tests/fixtures/make_bnb_fixtures.py)
 BITSANDBYTES_VERSION=0.50.2
+# gguf 0.19.0 (gguf-py, llama.cpp's reader of GGUF files): reads back `align export --format gguf`
+GGUF_VERSION=0.19.0
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
@@ -33,6 +35,10 @@ fi
 if ! python -c "import bitsandbytes" 2>/dev/null; then
   echo "installing bitsandbytes into .venv (used only by tests)" >&2
   pip install -q --disable-pip-version-check "bitsandbytes==$BITSANDBYTES_VERSION" >&2
+fi
+if ! python -c "import gguf" 2>/dev/null; then
+  echo "installing gguf into .venv (used only by tests)" >&2
+  pip install -q --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
 fi
 export ALIGN_REQUIRE_INTEROP=1
 # the fsync check traces a checkpoint write with strace: installed where the machine allows it
