@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: sets up what is missing (.venv with torch; transformers, peft and
-# bitsandbytes for the interop checks), builds the workspace in release mode and runs every
+# The test command: sets up what is missing (.venv with torch; transformers, peft,
+# bitsandbytes and gguf for the interop checks), builds the workspace in release mode and runs every
 # test. The interop checks (align's folders and adapters loaded by transformers / PEFT /
 # bitsandbytes) are required here: with
 # ALIGN_REQUIRE_INTEROP=1 (or CI=true) a check whose Python package is missing fails instead of
@@ -26,6 +26,8 @@ BITSANDBYTES_VERSION=0.50.2
 # `align serve` (tests/reference/check_serve.py, check_console.py)
 OPENAI_VERSION=3.57.0
 WEBSOCKET_CLIENT_VERSION=1.9.2
+# gguf 0.19.0 (gguf-py, llama.cpp's reader of GGUF files): reads back `align export --format gguf`
+GGUF_VERSION=0.19.0
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
@@ -41,6 +43,10 @@ fi
 if ! python -c "import openai, websocket" 2>/dev/null; then
   echo "installing openai and websocket-client into .venv (used only by tests)" >&2
   pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" "websocket-client==$WEBSOCKET_CLIENT_VERSION" >&2
+fi
+if ! python -c "import gguf" 2>/dev/null; then
+  echo "installing gguf into .venv (used only by tests)" >&2
+  pip install -q --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
 fi
 export ALIGN_REQUIRE_INTEROP=1
 # the web console is driven in headless chromium where the machine allows installing it

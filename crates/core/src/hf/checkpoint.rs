@@ -157,7 +157,7 @@ pub fn hf_dtype_name(kind: Kind) -> &'static str {
 
 /// Tensors in the checkpoint that a model legitimately does not hold (buffers older
 /// transformers versions saved, an untied copy of tied embeddings).
-fn ignorable(name: &str, tied: bool) -> bool {
+pub fn ignorable(name: &str, tied: bool) -> bool {
     name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
 }
 
@@ -194,9 +194,12 @@ fn safetensors_problem(e: &SafeTensorError, bytes: &[u8]) -> String {
     }
 }
 
-/// Reads every tensor of the safetensors files, calling `f(file, name, tensor)` one at a time, so
-/// only one tensor beyond the model is in memory. Files are memory-mapped.
-pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor) -> Result<()>) -> Result<()> {
+/// Calls `f(file, name, view)` for every tensor of the safetensors files, in the order
+/// [`for_each_tensor`] reads them (file by file, names sorted). Files are memory-mapped.
+fn for_each_view(
+    files: &[PathBuf],
+    mut f: impl FnMut(&Path, &str, safetensors::tensor::TensorView<'_>) -> Result<()>,
+) -> Result<()> {
     for file in files {
         let handle = File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
         // SAFETY: the map is read-only and dropped before this function returns; a file changed
@@ -210,15 +213,46 @@ pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor)
         names.sort();
         for name in names {
             let view = st.tensor(&name).map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", file.display()))?;
-            let kind = kind_of(view.dtype())
-                .ok_or_else(|| anyhow!("{}: tensor '{name}': unsupported dtype {:?}", file.display(), view.dtype()))?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-                .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
-            f(file, &name, t)?;
+            f(file, &name, view)?;
         }
     }
     Ok(())
+}
+
+/// Reads every tensor of the safetensors files, calling `f(file, name, tensor)` one at a time, so
+/// only one tensor beyond the model is in memory. Files are memory-mapped.
+pub fn for_each_tensor(files: &[PathBuf], mut f: impl FnMut(&Path, &str, Tensor) -> Result<()>) -> Result<()> {
+    for_each_view(files, |file, name, view| {
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| anyhow!("{}: tensor '{name}': unsupported dtype {:?}", file.display(), view.dtype()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
+        f(file, name, t)
+    })
+}
+
+/// One tensor of a safetensors file as its header describes it.
+#[derive(Debug, Clone)]
+pub struct TensorHeader {
+    pub file: PathBuf,
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub kind: Kind,
+}
+
+/// The tensors of the safetensors files (names, shapes, dtypes) without reading their data, in
+/// the order [`for_each_tensor`] reads them.
+pub fn tensor_headers(files: &[PathBuf]) -> Result<Vec<TensorHeader>> {
+    let mut out = Vec::new();
+    for_each_view(files, |file, name, view| {
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| anyhow!("{}: tensor '{name}': unsupported dtype {:?}", file.display(), view.dtype()))?;
+        let shape = view.shape().iter().map(|&d| d as i64).collect();
+        out.push(TensorHeader { file: file.to_path_buf(), name: name.to_string(), shape, kind });
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Copies the weights of a model folder into the variables of `vs` (matched by HF name,

@@ -56,13 +56,27 @@ fn parent_of(path: &Path) -> &Path {
 /// Writes `bytes` to `path` through a temporary sibling: written, fsync'd, renamed into place,
 /// the folder fsync'd. A crash leaves the old content or the new one, never a mix.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_streamed(path, |f| {
+        std::io::Write::write_all(f, bytes).with_context(|| format!("{}: cannot write", path.display()))
+    })
+}
+
+/// `write_file_atomic` for content too large to hold in memory: `fill` writes it into the
+/// temporary sibling (created with the parent folders), which is then fsync'd and renamed into
+/// place. On error the temporary file is removed and `path` is left as it was.
+pub fn write_file_streamed(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let parent = parent_of(path);
+    std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
     let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?.to_string_lossy();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
+    let written = (|| {
         let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        std::io::Write::write_all(&mut f, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-        f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
+        fill(&mut f)?;
+        f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     sync_path(parent)

@@ -20,7 +20,8 @@ pub struct ModelTokenizer {
     pub dir: PathBuf,
 }
 
-fn read_json(path: &Path) -> Result<Option<Value>> {
+/// A JSON file of a model folder, None when it is absent; errors name the file and line.
+pub fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
