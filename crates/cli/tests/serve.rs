@@ -395,3 +395,28 @@ fn chat_keeps_the_history_and_follows_its_commands() {
     assert_eq!(out, format!("{first}\n{second}\n{first}\n{brief}\n"));
     assert!(err.contains("conversation reset") && err.contains("unknown command /nonsense"), "{err}");
 }
+
+#[test]
+fn a_quantized_base_answers_as_generate_quantized() {
+    let server =
+        Server::start(&["--model", s(&tiny()), "--served-model-name", "tiny", "--quantize", "nf4", "--double-quant"]);
+    let (status, v) = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let out = support::ok(&[
+        "generate",
+        "--model",
+        s(&tiny()),
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--chat",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), out.strip_suffix('\n').unwrap_or(&out));
+}

@@ -36,11 +36,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use api::{ApiError, ApiResult, Common, Prompt};
 use metrics::Metrics;
-use text::token_bytes;
+use text::{token_bytes, Delta};
 use worker::{Event, Job, Slot};
 
 pub use console::board_page;
-pub use text::{ChoiceText, Delta};
+pub use text::ChoiceText;
 
 /// What `align serve` was asked to do.
 #[derive(Debug, Clone)]
@@ -480,6 +480,106 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// What the next event of a job brought.
+enum Next {
+    Prompt(Vec<TokenLogprob>),
+    /// A token of `choice`, already in its text; `delta` is what may be shown now.
+    Token {
+        choice: usize,
+        delta: Delta,
+    },
+    /// The worker dropped the job (its choices are all finished, or the server is stopping).
+    Closed,
+    Failed(String),
+}
+
+/// One job's events turned into its choices' texts: each token goes into its choice's text (a
+/// choice that hits a stop string is marked stopped for the worker), the first one is timed.
+struct JobReader {
+    rx: UnboundedReceiver<Event>,
+    stopped: Arc<Vec<AtomicBool>>,
+    texts: Vec<ChoiceText>,
+    /// Per choice: the generated token ids shown (eos excluded) and their log-probabilities.
+    tokens: Vec<Vec<i64>>,
+    lps: Vec<Vec<TokenLogprob>>,
+    first: bool,
+    started: Instant,
+}
+
+impl JobReader {
+    fn new(job: (UnboundedReceiver<Event>, Arc<Vec<AtomicBool>>), common: &Common, started: Instant) -> Self {
+        let n = common.n;
+        JobReader {
+            rx: job.0,
+            stopped: job.1,
+            texts: (0..n).map(|_| ChoiceText::new(common.stop.clone())).collect(),
+            tokens: vec![Vec::new(); n],
+            lps: vec![Vec::new(); n],
+            first: true,
+            started,
+        }
+    }
+
+    fn unfinished(&self) -> bool {
+        self.texts.iter().any(|t| t.finish.is_none())
+    }
+
+    fn generated(&self) -> usize {
+        self.texts.iter().map(|t| t.generated).sum()
+    }
+
+    async fn next(&mut self, st: &AppState) -> Next {
+        let (choice, step) = match self.rx.recv().await {
+            None => return Next::Closed,
+            Some(Event::Failed(m)) => return Next::Failed(m),
+            Some(Event::Prompt(p)) => return Next::Prompt(p),
+            Some(Event::Token { choice, step }) => (choice, step),
+        };
+        if self.first {
+            st.metrics.observe_ttft(self.started.elapsed().as_secs_f64());
+            self.first = false;
+        }
+        let delta = match self.texts[choice].push(&st.tokenizer, &step) {
+            Ok(d) => d,
+            Err(e) => return Next::Failed(format!("{e:#}")),
+        };
+        if delta.finish.is_some() && step.finish.is_none() {
+            self.stopped[choice].store(true, Ordering::SeqCst);
+        }
+        if step.finish != Some(align_core::infer::engine::FinishReason::Eos) {
+            self.tokens[choice].push(step.token);
+        }
+        self.lps[choice].extend(delta.logprobs.iter().cloned());
+        Next::Token { choice, delta }
+    }
+
+    /// Reads until every choice finished (and the prompt's log-probabilities arrived when
+    /// `want_prompt`); returns those log-probabilities.
+    async fn collect(&mut self, st: &AppState, want_prompt: bool) -> ApiResult<Vec<TokenLogprob>> {
+        let mut prompt = None;
+        while self.unfinished() || (want_prompt && prompt.is_none()) {
+            match self.next(st).await {
+                Next::Prompt(p) => prompt = Some(p),
+                Next::Token { .. } => {}
+                Next::Closed => return Err(internal("the model's worker dropped the request")),
+                Next::Failed(m) => return Err(internal(m)),
+            }
+        }
+        Ok(prompt.unwrap_or_default())
+    }
+}
+
+/// An SSE response of the events a task sends on `out`.
+fn sse_response(out: tokio::sync::mpsc::Receiver<SseEvent>) -> Response {
+    let stream = tokio_stream::wrappers::ReceiverStream::new(out);
+    let stream = futures_util::StreamExt::map(stream, Ok::<_, std::convert::Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn data(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     match chat_response(&st, &headers, &body, started).await {
@@ -505,174 +605,89 @@ async fn chat_response(st: &Arc<AppState>, headers: &HeaderMap, body: &[u8], sta
     let max_new = st.budget(ids.len(), req.common.max_tokens, "messages")?;
     let prompt_tokens = ids.len();
     let common = req.common.clone();
-    let (mut rx, stopped) = st.submit(ids, &common, max_new, req.logprobs, None, adapter)?;
+    let mut reader = JobReader::new(st.submit(ids, &common, max_new, req.logprobs, None, adapter)?, &common, started);
     let id = st.request_id("chatcmpl");
     let created = now_secs();
     let n = common.n;
+    let logprobs_of = |st: &AppState, lps: &[TokenLogprob]| json!({"content": lps.iter().map(|l| chat_logprob(&st.tokenizer, l)).collect::<Vec<_>>()});
     if common.stream {
         st.metrics.count_request("chat", 200);
         let st = st.clone();
         let (tx, out) = tokio::sync::mpsc::channel::<SseEvent>(64);
         tokio::spawn(async move {
-            let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": common.model, "system_fingerprint": null, "choices": choices});
+            let chunk = |choices: Value| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": common.model,
+                       "system_fingerprint": null, "choices": choices})
+            };
             for i in 0..n {
-                let first = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-                if tx.send(SseEvent::default().data(chunk(first).to_string())).await.is_err() {
+                let role = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                if tx.send(data(&chunk(role))).await.is_err() {
                     return;
                 }
             }
-            let mut texts: Vec<ChoiceText> = (0..n).map(|_| ChoiceText::new(common.stop.clone())).collect();
-            let mut first_token = true;
-            while texts.iter().any(|t| t.finish.is_none()) {
-                let Some(event) = rx.recv().await else { break };
-                let (choice, step) = match event {
-                    Event::Token { choice, step } => (choice, step),
-                    Event::Prompt(_) => continue,
-                    Event::Failed(m) => {
-                        let _ = tx.send(SseEvent::default().data(internal(m).body().to_string())).await;
+            while reader.unfinished() {
+                let (choice, delta) = match reader.next(&st).await {
+                    Next::Token { choice, delta } => (choice, delta),
+                    Next::Prompt(_) => continue,
+                    Next::Closed => break,
+                    Next::Failed(m) => {
+                        let _ = tx.send(data(&internal(m).body())).await;
                         break;
                     }
                 };
-                if first_token {
-                    st.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                    first_token = false;
-                }
-                let delta = match texts[choice].push(&st.tokenizer, &step) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        let _ = tx.send(SseEvent::default().data(internal(format!("{e:#}")).body().to_string())).await;
-                        break;
-                    }
-                };
-                if delta.finish.is_some() && step.finish.is_none() {
-                    stopped[choice].store(true, Ordering::SeqCst);
-                }
-                let logprobs = if req.logprobs.is_some() && !delta.logprobs.is_empty() {
-                    json!({"content": delta.logprobs.iter().map(|l| chat_logprob(&st.tokenizer, l)).collect::<Vec<_>>()})
-                } else {
-                    Value::Null
+                let logprobs = match req.logprobs {
+                    Some(_) if !delta.logprobs.is_empty() => logprobs_of(&st, &delta.logprobs),
+                    _ => Value::Null,
                 };
                 if !delta.text.is_empty() || !logprobs.is_null() {
                     let c = json!([{"index": choice, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": null}]);
-                    if tx.send(SseEvent::default().data(chunk(c).to_string())).await.is_err() {
+                    if tx.send(data(&chunk(c))).await.is_err() {
                         return;
                     }
                 }
                 if let Some(f) = delta.finish {
                     let c = json!([{"index": choice, "delta": {}, "logprobs": null, "finish_reason": f}]);
-                    if tx.send(SseEvent::default().data(chunk(c).to_string())).await.is_err() {
+                    if tx.send(data(&chunk(c))).await.is_err() {
                         return;
                     }
                 }
             }
             if common.include_usage {
-                let completion: usize = texts.iter().map(|t| t.generated).sum();
                 let mut last = chunk(json!([]));
-                last["usage"] = usage(prompt_tokens, completion);
-                let _ = tx.send(SseEvent::default().data(last.to_string())).await;
+                last["usage"] = usage(prompt_tokens, reader.generated());
+                let _ = tx.send(data(&last)).await;
             }
             st.metrics.observe_latency(started.elapsed().as_secs_f64());
             let _ = tx.send(SseEvent::default().data("[DONE]")).await;
         });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
-        let stream = futures_util::StreamExt::map(stream, Ok::<_, std::convert::Infallible>);
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(sse_response(out));
     }
-    let mut texts: Vec<ChoiceText> = (0..n).map(|_| ChoiceText::new(common.stop.clone())).collect();
-    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
-    let mut first_token = true;
-    while texts.iter().any(|t| t.finish.is_none()) {
-        match rx.recv().await {
-            None => return Err(internal("the model's worker dropped the request")),
-            Some(Event::Failed(m)) => return Err(internal(m)),
-            Some(Event::Prompt(_)) => {}
-            Some(Event::Token { choice, step }) => {
-                if first_token {
-                    st.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                    first_token = false;
-                }
-                let d = texts[choice].push(&st.tokenizer, &step).map_err(|e| internal(format!("{e:#}")))?;
-                if d.finish.is_some() && step.finish.is_none() {
-                    stopped[choice].store(true, Ordering::SeqCst);
-                }
-                lps[choice].extend(d.logprobs);
-            }
-        }
-    }
-    let choices: Vec<Value> = texts
+    reader.collect(st, false).await?;
+    let choices: Vec<Value> = reader
+        .texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let logprobs = req.logprobs.map(|_| json!({"content": lps[i].iter().map(|l| chat_logprob(&st.tokenizer, l)).collect::<Vec<_>>()}));
+            let logprobs = req.logprobs.map(|_| logprobs_of(st, &reader.lps[i]));
             json!({"index": i, "message": {"role": "assistant", "content": t.text()}, "logprobs": logprobs, "finish_reason": t.finish})
         })
         .collect();
-    let completion: usize = texts.iter().map(|t| t.generated).sum();
     st.metrics.count_request("chat", 200);
     st.metrics.observe_latency(started.elapsed().as_secs_f64());
     Ok(axum::Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": common.model,
-        "system_fingerprint": null, "choices": choices, "usage": usage(prompt_tokens, completion),
+        "system_fingerprint": null, "choices": choices, "usage": usage(prompt_tokens, reader.generated()),
     }))
     .into_response())
 }
 
-/// The completion of one prompt's choices, collected.
-struct Collected {
-    prompt_ids: Vec<i64>,
-    prompt_text: String,
-    prompt_logprobs: Vec<TokenLogprob>,
-    texts: Vec<ChoiceText>,
-    /// Per choice: the generated tokens' log-probabilities.
-    lps: Vec<Vec<TokenLogprob>>,
-    /// Per choice: the generated token ids shown (eos excluded).
-    tokens: Vec<Vec<i64>>,
-}
-
-async fn collect(
-    st: &AppState,
-    mut rx: UnboundedReceiver<Event>,
-    stopped: Arc<Vec<AtomicBool>>,
-    mut c: Collected,
-    want_prompt: bool,
-    started: Instant,
-) -> ApiResult<Collected> {
-    let mut have_prompt = !want_prompt;
-    let mut first_token = true;
-    while c.texts.iter().any(|t| t.finish.is_none()) || !have_prompt {
-        match rx.recv().await {
-            None => return Err(internal("the model's worker dropped the request")),
-            Some(Event::Failed(m)) => return Err(internal(m)),
-            Some(Event::Prompt(p)) => {
-                c.prompt_logprobs = p;
-                have_prompt = true;
-            }
-            Some(Event::Token { choice, step }) => {
-                if first_token {
-                    st.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                    first_token = false;
-                }
-                let d = c.texts[choice].push(&st.tokenizer, &step).map_err(|e| internal(format!("{e:#}")))?;
-                if d.finish.is_some() && step.finish.is_none() {
-                    stopped[choice].store(true, Ordering::SeqCst);
-                }
-                if step.finish != Some(align_core::infer::engine::FinishReason::Eos) {
-                    c.tokens[choice].push(step.token);
-                }
-                c.lps[choice].extend(d.logprobs);
-            }
-        }
-    }
-    Ok(c)
-}
-
 /// The completions `logprobs` object of `tokens` (None entries: the first prompt token).
-fn completion_logprobs(tok: &ModelTokenizer, entries: &[(i64, Option<&TokenLogprob>)], start_offset: usize) -> Value {
+fn completion_logprobs(tok: &ModelTokenizer, entries: &[(i64, Option<&TokenLogprob>)]) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
     let mut text_offset = Vec::new();
-    let mut offset = start_offset;
+    let mut offset = 0;
     for (id, lp) in entries {
         let (text, _) = token_bytes(tok, *id);
         text_offset.push(offset);
@@ -707,6 +722,13 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     }
 }
 
+/// One prompt of a completion request: its tokens, its text and the reader of its choices.
+struct PromptJob {
+    ids: Vec<i64>,
+    text: String,
+    reader: JobReader,
+}
+
 async fn completion_response(
     st: &Arc<AppState>,
     headers: &HeaderMap,
@@ -730,127 +752,105 @@ async fn completion_response(
     let prompt_lp = (req.echo && req.logprobs.is_some()).then(|| req.logprobs.unwrap_or(0));
     let mut jobs = Vec::with_capacity(encoded.len());
     for (ids, text, max_new) in encoded {
-        let (rx, stopped) = st.submit(ids.clone(), &req.common, max_new, req.logprobs, prompt_lp, adapter)?;
-        let c = Collected {
-            prompt_ids: ids,
-            prompt_text: text,
-            prompt_logprobs: Vec::new(),
-            texts: (0..n).map(|_| ChoiceText::new(req.common.stop.clone())).collect(),
-            lps: vec![Vec::new(); n],
-            tokens: vec![Vec::new(); n],
-        };
-        // echo-only (max_tokens 0) choices are finished before they start
-        let mut c = c;
+        let job = st.submit(ids.clone(), &req.common, max_new, req.logprobs, prompt_lp, adapter)?;
+        let mut reader = JobReader::new(job, &req.common, started);
         if max_new == 0 {
-            for t in c.texts.iter_mut() {
+            // echo only: the choices are finished before they start
+            for t in reader.texts.iter_mut() {
                 t.finish = Some("length");
             }
         }
-        jobs.push((rx, stopped, c));
+        jobs.push(PromptJob { ids, text, reader });
     }
     let id = st.request_id("cmpl");
     let created = now_secs();
     let model = req.common.model.clone();
+    let chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices})
+    };
     if req.common.stream {
         st.metrics.count_request("completions", 200);
-        let st2 = st.clone();
         let (tx, out) = tokio::sync::mpsc::channel::<SseEvent>(64);
-        let total_prompt: usize = jobs.iter().map(|(_, _, c)| c.prompt_ids.len()).sum();
-        let include_usage = req.common.include_usage;
-        let echo = req.echo;
+        let total_prompt: usize = jobs.iter().map(|j| j.ids.len()).sum();
+        let (include_usage, echo) = (req.common.include_usage, req.echo);
         let mut handles = Vec::new();
-        let completed = Arc::new(AtomicUsize::new(0));
-        for (p, (mut rx, stopped, mut c)) in jobs.into_iter().enumerate() {
-            let (tx, st, id, model, completed) =
-                (tx.clone(), st2.clone(), id.clone(), model.clone(), completed.clone());
+        for (p, mut job) in jobs.into_iter().enumerate() {
+            let (tx, st, chunk) = (tx.clone(), st.clone(), chunk.clone());
             handles.push(tokio::spawn(async move {
-                let chunk = |index: usize, text: &str, finish: Option<&str>| {
-                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                           "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish}]})
+                let piece = |index: usize, text: &str, finish: Option<&str>| {
+                    chunk(json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish}]))
                 };
                 if echo {
                     for i in 0..n {
-                        let _ =
-                            tx.send(SseEvent::default().data(chunk(p * n + i, &c.prompt_text, None).to_string())).await;
+                        let _ = tx.send(data(&piece(p * n + i, &job.text, None))).await;
                     }
                 }
-                let mut first_token = true;
-                while c.texts.iter().any(|t| t.finish.is_none()) {
-                    let Some(event) = rx.recv().await else { break };
-                    let (choice, step) = match event {
-                        Event::Token { choice, step } => (choice, step),
-                        Event::Prompt(_) => continue,
-                        Event::Failed(m) => {
-                            let _ = tx.send(SseEvent::default().data(internal(m).body().to_string())).await;
+                while job.reader.unfinished() {
+                    match job.reader.next(&st).await {
+                        Next::Token { choice, delta } => {
+                            if (!delta.text.is_empty() || delta.finish.is_some())
+                                && tx.send(data(&piece(p * n + choice, &delta.text, delta.finish))).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Next::Prompt(_) => {}
+                        Next::Closed => break,
+                        Next::Failed(m) => {
+                            let _ = tx.send(data(&internal(m).body())).await;
                             break;
                         }
-                    };
-                    if first_token {
-                        st.metrics.observe_ttft(started.elapsed().as_secs_f64());
-                        first_token = false;
-                    }
-                    let Ok(d) = c.texts[choice].push(&st.tokenizer, &step) else { break };
-                    if d.finish.is_some() && step.finish.is_none() {
-                        stopped[choice].store(true, Ordering::SeqCst);
-                    }
-                    if !d.text.is_empty() || d.finish.is_some() {
-                        if tx
-                            .send(SseEvent::default().data(chunk(p * n + choice, &d.text, d.finish).to_string()))
-                            .await
-                            .is_err()
-                        {
-                            return 0;
-                        }
                     }
                 }
-                completed.fetch_add(1, Ordering::SeqCst);
-                c.texts.iter().map(|t| t.generated).sum::<usize>()
+                job.reader.generated()
             }));
         }
-        let st3 = st.clone();
+        let st = st.clone();
         tokio::spawn(async move {
             let mut generated = 0;
             for h in handles {
                 generated += h.await.unwrap_or(0);
             }
             if include_usage {
-                let last = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage(total_prompt, generated)});
-                let _ = tx.send(SseEvent::default().data(last.to_string())).await;
+                let mut last = chunk(json!([]));
+                last["usage"] = usage(total_prompt, generated);
+                let _ = tx.send(data(&last)).await;
             }
-            st3.metrics.observe_latency(started.elapsed().as_secs_f64());
+            st.metrics.observe_latency(started.elapsed().as_secs_f64());
             let _ = tx.send(SseEvent::default().data("[DONE]")).await;
         });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
-        let stream = futures_util::StreamExt::map(stream, Ok::<_, std::convert::Infallible>);
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(sse_response(out));
     }
-    let futures = jobs.into_iter().map(|(rx, stopped, c)| collect(st, rx, stopped, c, prompt_lp.is_some(), started));
-    let results = futures_util::future::join_all(futures).await;
+    let want_prompt = prompt_lp.is_some();
+    let results = futures_util::future::join_all(jobs.into_iter().map(|mut job| async move {
+        let prompt = job.reader.collect(st, want_prompt).await?;
+        Ok::<_, ApiError>((job, prompt))
+    }))
+    .await;
     let mut choices = Vec::new();
     let (mut prompt_total, mut generated) = (0, 0);
     for (p, r) in results.into_iter().enumerate() {
-        let c = r?;
-        prompt_total += c.prompt_ids.len();
-        for (i, t) in c.texts.iter().enumerate() {
-            generated += t.generated;
-            let text = if req.echo { format!("{}{}", c.prompt_text, t.text()) } else { t.text().to_string() };
+        let (job, prompt_logprobs) = r?;
+        prompt_total += job.ids.len();
+        generated += job.reader.generated();
+        for (i, t) in job.reader.texts.iter().enumerate() {
+            let text = if req.echo { format!("{}{}", job.text, t.text()) } else { t.text().to_string() };
             let logprobs = req.logprobs.map(|_| {
                 let mut entries: Vec<(i64, Option<&TokenLogprob>)> = Vec::new();
                 if req.echo {
-                    entries.push((c.prompt_ids[0], None));
-                    entries.extend(c.prompt_ids[1..].iter().zip(&c.prompt_logprobs).map(|(&t, lp)| (t, Some(lp))));
+                    entries.push((job.ids[0], None));
+                    entries.extend(job.ids[1..].iter().zip(&prompt_logprobs).map(|(&t, lp)| (t, Some(lp))));
                 }
-                entries.extend(c.tokens[i].iter().zip(&c.lps[i]).map(|(&t, lp)| (t, Some(lp))));
-                completion_logprobs(&st.tokenizer, &entries, 0)
+                entries.extend(job.reader.tokens[i].iter().zip(&job.reader.lps[i]).map(|(&t, lp)| (t, Some(lp))));
+                completion_logprobs(&st.tokenizer, &entries)
             });
             choices.push(json!({"index": p * n + i, "text": text, "logprobs": logprobs, "finish_reason": t.finish}));
         }
     }
     st.metrics.count_request("completions", 200);
     st.metrics.observe_latency(started.elapsed().as_secs_f64());
-    Ok(axum::Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": choices, "usage": usage(prompt_total, generated),
-    }))
-    .into_response())
+    let mut body = chunk(Value::Array(choices));
+    body["usage"] = usage(prompt_total, generated);
+    Ok(axum::Json(body).into_response())
 }
