@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use align_core::eval::answers::stop_token_ids;
-use align_core::infer::engine::{check_fits, LogitAdjustments, TokenLogprob};
+use align_core::infer::engine::{check_fits, EngineRequest, LogitAdjustments, TokenLogprob};
 use align_core::infer::generate::SamplingConfig;
 use align_core::load::spec::{AdapterMode, ModelSpec};
 use align_core::model::quant::Quantization;
@@ -349,30 +349,24 @@ impl AppState {
         let (tx, rx) = unbounded_channel();
         let stopped: Arc<Vec<AtomicBool>> = Arc::new((0..common.n).map(|_| AtomicBool::new(false)).collect());
         self.metrics.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
-        let job = Job {
-            prompt,
-            n: common.n,
-            sampling: SamplingConfig {
-                max_new_tokens: max_new,
-                temperature: common.temperature,
-                top_k: common.top_k,
-                top_p: common.top_p,
-                repetition_penalty: common.repetition_penalty,
-            },
-            eos_ids: self.eos.clone(),
-            seed: common.seed,
-            logprobs,
-            prompt_logprobs,
-            adapter,
-            adjustments: LogitAdjustments {
-                logit_bias: common.logit_bias.clone(),
-                presence_penalty: common.presence_penalty,
-                frequency_penalty: common.frequency_penalty,
-            },
-            stopped: stopped.clone(),
-            events: tx,
-            _slot: slot,
+        let sampling = SamplingConfig {
+            max_new_tokens: max_new,
+            temperature: common.temperature,
+            top_k: common.top_k,
+            top_p: common.top_p,
+            repetition_penalty: common.repetition_penalty,
         };
+        let mut request = EngineRequest::new(0, prompt, sampling, self.eos.clone());
+        request.seed = common.seed;
+        request.logprobs = logprobs;
+        request.prompt_logprobs = prompt_logprobs;
+        request.adapter = adapter;
+        request.adjustments = LogitAdjustments {
+            logit_bias: common.logit_bias.clone(),
+            presence_penalty: common.presence_penalty,
+            frequency_penalty: common.frequency_penalty,
+        };
+        let job = Job { request, n: common.n, stopped: stopped.clone(), events: tx, _slot: slot };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         jobs.send(job).map_err(|_| {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, "the model's worker has stopped")

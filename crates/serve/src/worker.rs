@@ -10,8 +10,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use align_core::infer::engine::{Engine, EngineRequest, LogitAdjustments, StepToken, TokenLogprob};
-use align_core::infer::generate::SamplingConfig;
+use align_core::infer::engine::{Engine, EngineRequest, StepToken, TokenLogprob};
 use align_core::model::decoder::CausalLm;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -40,17 +39,11 @@ impl Drop for Slot {
     }
 }
 
-/// One request to generate `n` choices of the same prompt.
+/// One request to generate `n` choices of the same prompt: `request` is each choice's engine
+/// request (the worker gives every choice its own id and seed: `seed + i`, or a random one).
 pub struct Job {
-    pub prompt: Vec<i64>,
+    pub request: EngineRequest,
     pub n: usize,
-    pub sampling: SamplingConfig,
-    pub eos_ids: Vec<i64>,
-    pub seed: Option<u64>,
-    pub logprobs: Option<usize>,
-    pub prompt_logprobs: Option<usize>,
-    pub adapter: Option<usize>,
-    pub adjustments: LogitAdjustments,
     /// Set by the handler when a choice is done early (stop string).
     pub stopped: Arc<Vec<AtomicBool>>,
     pub events: UnboundedSender<Event>,
@@ -131,14 +124,14 @@ pub fn run(
             let mut ids = Vec::with_capacity(job.n);
             for choice in 0..job.n {
                 let id = next_id.fetch_add(1, Ordering::SeqCst);
-                let mut r = EngineRequest::new(id, job.prompt.clone(), job.sampling.clone(), job.eos_ids.clone());
+                let mut r = job.request.clone();
+                r.id = id;
                 entropy = entropy.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                r.seed = Some(job.seed.map_or(entropy, |s| s.wrapping_add(choice as u64)));
-                r.logprobs = job.logprobs;
+                r.seed = Some(job.request.seed.map_or(entropy, |s| s.wrapping_add(choice as u64)));
                 // the prompt is scored once per job
-                r.prompt_logprobs = if choice == 0 { job.prompt_logprobs } else { None };
-                r.adapter = job.adapter;
-                r.adjustments = job.adjustments.clone();
+                if choice > 0 {
+                    r.prompt_logprobs = None;
+                }
                 rows.insert(id, (key, choice));
                 ids.push(Some(id));
                 group.push(r);
@@ -175,7 +168,7 @@ pub fn run(
                 }
                 // echo-only jobs (no new tokens) are done once their prompt is scored
                 running.retain(|_, r| {
-                    let keep = r.job.sampling.max_new_tokens > 0;
+                    let keep = r.job.request.sampling.max_new_tokens > 0;
                     if !keep {
                         for id in r.rows.iter().flatten() {
                             rows.remove(id);
