@@ -28,6 +28,9 @@ OPENAI_VERSION=3.57.0
 WEBSOCKET_CLIENT_VERSION=1.9.2
 # gguf 0.19.0 (gguf-py, llama.cpp's reader of GGUF files): reads back `align export --format gguf`
 GGUF_VERSION=0.19.0
+# lm-evaluation-harness 0.4.13 (HF backend): the reference of `align eval choice`
+# (tests/reference/lm_eval_choice.py; its tasks' YAML is what the prompts are checked against)
+LM_EVAL_VERSION=0.4.13
 if ! python -c "import transformers" 2>/dev/null; then
   echo "installing transformers into .venv (used only by tests and benchmarks)" >&2
   pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" >&2
@@ -47,6 +50,10 @@ fi
 if ! python -c "import gguf" 2>/dev/null; then
   echo "installing gguf into .venv (used only by tests)" >&2
   pip install -q --disable-pip-version-check "gguf==$GGUF_VERSION" >&2
+fi
+if ! python -c "import lm_eval" 2>/dev/null; then
+  echo "installing lm-eval into .venv (used only by tests)" >&2
+  pip install -q --disable-pip-version-check "lm-eval==$LM_EVAL_VERSION" >&2
 fi
 export ALIGN_REQUIRE_INTEROP=1
 # the web console is driven in headless chromium where the machine allows installing it

@@ -9,6 +9,7 @@ mod chat;
 mod common;
 mod data_cmd;
 mod eval;
+mod eval_choice;
 mod export;
 mod generate;
 mod init;
@@ -80,6 +81,10 @@ enum EvalCommand {
     Reward(eval::RewardEvalArgs),
     /// Reward-model-judged win rate of a model over a baseline on prompts, with a 95% interval.
     Winrate(eval::WinrateArgs),
+    /// Multiple-choice benchmarks (C-Eval, CMMLU, MMLU, MedQA layouts) scored as
+    /// lm-evaluation-harness scores them: acc / acc_norm by option log-likelihood, exact_match by
+    /// generation; per subject and overall with standard errors.
+    Choice(eval_choice::ChoiceArgs),
 }
 
 #[derive(Subcommand)]
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Answers(a)) => eval::answers(a),
         Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
         Command::Eval(EvalCommand::Winrate(a)) => eval::winrate(a),
+        Command::Eval(EvalCommand::Choice(a)) => eval_choice::choice(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),

@@ -47,6 +47,36 @@ pub struct EvalSettings {
     pub max_new_tokens: usize,
     #[serde(default)]
     pub train: EvalTrain,
+    /// `[stage.choice]` of an `eval = "choice"` stage.
+    pub choice: Option<ChoiceSettings>,
+}
+
+/// `[stage.choice]`: the settings of `align eval choice` (the items are the stage's `data`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChoiceSettings {
+    /// mmlu, cmmlu, ceval or medqa.
+    #[serde(default = "d_template")]
+    pub template: String,
+    /// Solved examples (the dev split): the first `shots` of each item's subject.
+    #[serde(default)]
+    pub dev: Vec<String>,
+    #[serde(default)]
+    pub shots: usize,
+    /// Through the model's chat template.
+    #[serde(default)]
+    pub chat: bool,
+    /// loglikelihood, generate or both.
+    #[serde(default = "d_scoring")]
+    pub scoring: String,
+}
+
+fn d_template() -> String {
+    "mmlu".into()
+}
+
+fn d_scoring() -> String {
+    "loglikelihood".into()
 }
 
 /// `[train]` of an eval stage.
@@ -71,7 +101,23 @@ impl EvalTrain {
 }
 
 /// The keys an eval stage may set itself (besides the stage keys).
-const EVAL_KEYS: &[&str] = &["data", "data_options", "max_new_tokens", "train"];
+const EVAL_KEYS: &[&str] = &["data", "data_options", "max_new_tokens", "train", "choice"];
+
+/// The settings and files of a multiple-choice evaluation are usable: a known template and
+/// scoring, readable items and dev examples, dev files when shots are asked for.
+fn check_choice(c: &ChoiceSettings, data: &[String]) -> Result<()> {
+    use align_core::eval::choice::{read_choice_files, ChoiceScoring, ChoiceTemplate};
+    c.template.parse::<ChoiceTemplate>().context("choice.template")?;
+    c.scoring.parse::<ChoiceScoring>().context("choice.scoring")?;
+    if c.shots > 0 && c.dev.is_empty() {
+        bail!("choice.shots = {}: needs choice.dev files with solved examples", c.shots);
+    }
+    read_choice_files(&expand_data_paths(data)?).context("data")?;
+    if !c.dev.is_empty() {
+        read_choice_files(&expand_data_paths(&c.dev)?).context("choice.dev")?;
+    }
+    Ok(())
+}
 
 /// An eval stage's settings: its own keys (`own`) checked strictly, then the effective ones read
 /// from `merged` (the defaults with its own keys merged in).
@@ -88,7 +134,7 @@ pub(crate) fn eval_settings(own: &toml::Table, merged: &toml::Table, sat: &str) 
     toml::Value::Table(mine).try_into::<EvalSettings>().map_err(describe)?;
     // what it inherits: only the keys an evaluation uses
     let mut effective = toml::Table::new();
-    for key in ["data", "data_options", "max_new_tokens"] {
+    for key in ["data", "data_options", "max_new_tokens", "choice"] {
         if let Some(v) = merged.get(key) {
             effective.insert(key.to_string(), v.clone());
         }
@@ -419,9 +465,12 @@ impl Pipeline {
             }
             let eval = string_at(t, "eval", &sat)?;
             if kind == StageKind::Eval
-                && !matches!(eval.as_deref(), Some("perplexity") | Some("answers") | Some("reward"))
+                && !matches!(eval.as_deref(), Some("perplexity") | Some("answers") | Some("reward") | Some("choice"))
             {
-                bail!("{sat}.eval: expected \"perplexity\", \"answers\" or \"reward\", found {:?}", eval);
+                bail!("{sat}.eval: expected \"perplexity\", \"answers\", \"reward\" or \"choice\", found {:?}", eval);
+            }
+            if t.contains_key("choice") && eval.as_deref() != Some("choice") {
+                bail!("{sat}.choice: only an eval = \"choice\" stage reads it");
             }
             if eval.as_deref() == Some("reward") {
                 if let Some(f) = &from {
@@ -507,6 +556,12 @@ impl Pipeline {
             if kind == StageKind::Eval && eval.as_deref() == Some("reward") {
                 read_preference(&data, &options)
                     .map_err(|e| anyhow!("{sat}.data: a reward evaluation needs preference data: {e}"))?;
+            }
+            if kind == StageKind::Eval && eval.as_deref() == Some("choice") {
+                let c = eval_settings.as_ref().and_then(|e| e.choice.clone()).ok_or_else(|| {
+                    anyhow!("{sat}.choice: an eval = \"choice\" stage needs a [choice] section (template, dev, shots, chat, scoring)")
+                })?;
+                check_choice(&c, &data).map_err(|e| anyhow!("{sat}: {e:#}"))?;
             }
             if kind == StageKind::Eval && eval.as_deref() == Some("answers") {
                 read_sft(&data, &options)

@@ -124,6 +124,9 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     let loaded = spec.causal_lm(AdapterMode::Attach)?;
     let (m, tok) = (&loaded.model, &loaded.tokenizer);
     let files = &settings.data;
+    if s.eval.as_deref() == Some("choice") {
+        return run_choice_eval(s, settings, input, &m.lm, tok);
+    }
     if s.eval.as_deref() == Some("answers") {
         let conversations = read_sft(files, &settings.data_options)?.records;
         let cases = conversations.iter().map(align_core::eval::answers::answer_case).collect::<Result<Vec<_>>>()?;
@@ -164,6 +167,58 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
     Ok(
         json!({"eval": "perplexity", "model": input.model.display().to_string(), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "records": r.records}),
     )
+}
+
+/// A multiple-choice benchmark as `align eval choice` scores it (per subject and overall).
+fn run_choice_eval(
+    s: &StageSpec,
+    settings: &EvalSettings,
+    input: &Produced,
+    lm: &align_core::model::decoder::CausalLm,
+    tok: &align_core::ModelTokenizer,
+) -> Result<Value> {
+    use align_core::eval::choice::{evaluate_choice, read_choice_files, ChoiceOptions};
+    let c = settings.choice.as_ref().ok_or_else(|| anyhow!("stage '{}': no [choice] section", s.name))?;
+    let items = read_choice_files(&expand_data_paths(&settings.data)?)?;
+    let dev = if c.dev.is_empty() { Vec::new() } else { read_choice_files(&expand_data_paths(&c.dev)?)? };
+    let opts = ChoiceOptions {
+        template: c.template.parse()?,
+        shots: c.shots,
+        chat: c.chat,
+        scoring: c.scoring.parse()?,
+        batch: settings.train.batch_size(),
+        max_length: settings.train.max_length.unwrap_or(lm.config.max_position_embeddings as usize),
+        max_new_tokens: settings.max_new_tokens,
+    };
+    let r = tch::no_grad(|| evaluate_choice(lm, tok, &items, &dev, &opts))?;
+    let mean = |m: &Option<align_core::eval::choice::MeanStderr>| m.map(|m| m.mean);
+    let stderr = |m: &Option<align_core::eval::choice::MeanStderr>| m.and_then(|m| m.stderr);
+    tracing::info!(
+        "stage {}: {} items, acc {}, exact_match {}",
+        s.name,
+        r.overall.items,
+        mean(&r.overall.acc).map_or("-".into(), |a| format!("{a:.4}")),
+        mean(&r.overall.exact_match).map_or("-".into(), |a| format!("{a:.4}"))
+    );
+    let subjects: serde_json::Map<String, Value> = r
+        .subjects
+        .iter()
+        .map(|x| (x.subject.clone(), json!({"items": x.items, "acc": mean(&x.acc), "acc_norm": mean(&x.acc_norm), "exact_match": mean(&x.exact_match)})))
+        .collect();
+    Ok(json!({
+        "eval": "choice",
+        "model": input.model.display().to_string(),
+        "template": r.template,
+        "shots": r.shots,
+        "chat": r.chat,
+        "items": r.overall.items,
+        "acc": mean(&r.overall.acc),
+        "acc_stderr": stderr(&r.overall.acc),
+        "acc_norm": mean(&r.overall.acc_norm),
+        "exact_match": mean(&r.overall.exact_match),
+        "truncated": r.truncated,
+        "by_subject": subjects,
+    }))
 }
 
 /// Pairwise accuracy of a reward model on preference pairs, overall and on length-matched pairs

@@ -24,8 +24,18 @@ pub struct StatusRow {
 }
 
 /// Eval result keys shown first when an eval stage's JSON has them.
-const EVAL_HEADLINE_KEYS: [&str; 8] =
-    ["winrate", "win_rate", "bleu4", "rouge_l", "char_f1", "accuracy", "perplexity", metrics::EVAL_LOSS];
+const EVAL_HEADLINE_KEYS: [&str; 10] = [
+    "winrate",
+    "win_rate",
+    "acc",
+    "exact_match",
+    "bleu4",
+    "rouge_l",
+    "char_f1",
+    "accuracy",
+    "perplexity",
+    metrics::EVAL_LOSS,
+];
 
 /// The numeric top-level fields of an eval result (headline keys first), and nested objects'
 /// numeric fields as `outer.inner`.
