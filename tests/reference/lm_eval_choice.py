@@ -45,10 +45,10 @@ def main() -> int:
     ap.add_argument("--dev")
     ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(1)
 
     tasks_dir = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
     pattern, eval_split = TASK_YAML[a.template]
@@ -76,7 +76,7 @@ def main() -> int:
             model_args=f"pretrained={os.path.abspath(a.model)},dtype=float32,attn_implementation=eager",
             tasks=[name],
             num_fewshot=a.shots,
-            batch_size=1,
+            batch_size=a.batch_size,
             device="cpu",
             log_samples=True,
             apply_chat_template=a.chat,
