@@ -78,7 +78,7 @@ pub struct AnswersArgs {
     /// Use only the first N conversations.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// One JSON object: {"bleu4","rouge_l","char_f1","samples","examples":[first 5]}.
+    /// One JSON object: {"bleu4","rouge_l","char_f1","exact_match","f1","samples","examples":[first 5]}.
     #[arg(long)]
     pub json: bool,
 }
@@ -122,12 +122,19 @@ pub fn answers(args: AnswersArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            json!({"bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "samples": sc.samples, "examples": examples})
+            json!({"bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "exact_match": sc.exact_match, "f1": sc.f1, "samples": sc.samples, "examples": examples})
         );
     } else {
-        println!("{:<10} {:>8} {:>6}", "metric", "value", "n");
-        for (name, value) in [("bleu4", sc.bleu4), ("rouge_l", sc.rouge_l), ("char_f1", sc.char_f1)] {
-            println!("{name:<10} {value:>8.4} {:>6}", sc.samples);
+        println!("{:<12} {:>8} {:>6}", "metric", "value", "n");
+        let rows = [
+            ("bleu4", sc.bleu4),
+            ("rouge_l", sc.rouge_l),
+            ("char_f1", sc.char_f1),
+            ("exact_match", sc.exact_match),
+            ("f1", sc.f1),
+        ];
+        for (name, value) in rows {
+            println!("{name:<12} {value:>8.4} {:>6}", sc.samples);
         }
     }
     Ok(())

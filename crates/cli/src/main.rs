@@ -74,7 +74,8 @@ enum EvalCommand {
     /// Perplexity of a model on a text corpus (.txt lines or .jsonl `text`).
     Perplexity(eval::PerplexityArgs),
     /// Answer quality on SFT conversations: greedy answers to each conversation's last prompt,
-    /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1).
+    /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1, SQuAD-style exact
+    /// match and token F1).
     Answers(eval::AnswersArgs),
     /// Pairwise accuracy and mean margin of a reward model on preference pairs.
     Reward(eval::RewardEvalArgs),
