@@ -1,5 +1,8 @@
-//! Evaluations: answers against references (BLEU-4, ROUGE-L, char-F1), reward-model win rate,
-//! text metrics.
+//! Evaluations: answers against references (BLEU-4, ROUGE-L, char-F1, exact match, token F1),
+//! reward-model win rate, LLM-as-a-judge (rubrics, parsing, the swap rule) and the OpenAI-style
+//! endpoint a judge may run behind, text metrics.
 pub mod answers;
+pub mod chat_endpoint;
+pub mod judge;
 pub mod text_metrics;
 pub mod winrate;
