@@ -67,6 +67,9 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Print the stages of a run: kind, status, steps, last loss/metric, duration, diagnosis.
     Status(report_cmd::StatusArgs),
+    /// Compare runs: every eval result and final training figure side by side, and the recorded
+    /// configuration keys that differ (a table, --json, or an --html page).
+    Compare(report_cmd::CompareArgs),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +84,9 @@ enum EvalCommand {
     Reward(eval::RewardEvalArgs),
     /// Reward-model-judged win rate of a model over a baseline on prompts, with a 95% interval.
     Winrate(eval::WinrateArgs),
+    /// LLM-as-a-judge: a judge model (local folder or OpenAI-compatible endpoint) rates the
+    /// model's answers 1–10, or compares them with a baseline's in both orders (MT-Bench rubrics).
+    Judge(eval::JudgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -183,6 +189,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Answers(a)) => eval::answers(a),
         Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
         Command::Eval(EvalCommand::Winrate(a)) => eval::winrate(a),
+        Command::Eval(EvalCommand::Judge(a)) => eval::judge(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
@@ -192,6 +199,7 @@ fn main() -> ExitCode {
         Command::Env => common::print_env(),
         Command::Report(a) => report_cmd::report(a),
         Command::Status(a) => report_cmd::status(a),
+        Command::Compare(a) => report_cmd::compare(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
