@@ -202,14 +202,14 @@ fn cell(v: Option<f64>) -> String {
 /// The comparison as plain-text tables: the figures, then the config differences.
 pub fn compare_table(c: &Comparison) -> String {
     let mut out = String::new();
-    let head = |first: &str| {
-        let mut cols = vec![first.to_string()];
+    let head = |first: &[&str]| {
+        let mut cols: Vec<String> = first.iter().map(|s| s.to_string()).collect();
         cols.extend(c.runs.iter().cloned());
         cols
     };
-    let mut metric_rows = vec![head("stage  metric")];
+    let mut metric_rows = vec![head(&["stage", "metric"])];
     for r in &c.metrics {
-        let mut cols = vec![format!("{}  {}", r.stage, r.metric)];
+        let mut cols = vec![r.stage.clone(), r.metric.clone()];
         cols.extend(r.values.iter().map(|v| cell(*v)));
         metric_rows.push(cols);
     }
@@ -218,7 +218,7 @@ pub fn compare_table(c: &Comparison) -> String {
     if c.config.is_empty() {
         out.push_str("config: the same in every run\n");
     } else {
-        let mut rows = vec![head("config key")];
+        let mut rows = vec![head(&["config key"])];
         for d in &c.config {
             let mut cols = vec![d.key.clone()];
             cols.extend(d.values.iter().map(|v| v.clone().unwrap_or_else(|| "-".to_string())));
