@@ -356,12 +356,15 @@ pub struct JudgeSummary {
     pub win: Option<JudgedWinRate>,
 }
 
+/// What writes the judgements: every judge conversation of one order at once → one reply each.
+pub type JudgeCall<'a> = dyn FnMut(&[Vec<ChatMessage>]) -> Result<Vec<String>> + 'a;
+
 /// Judges `answers` (and `baseline` answers) to `questions` with `rubric`: `judge` gets every
 /// judge conversation at once and returns one reply each. Score mode rates each answer (and each
 /// baseline answer; the win rate compares the two ratings); pairwise mode (a baseline needed)
 /// judges each pair in both orders and applies `pairwise_outcome`.
 pub fn judge_answers(
-    judge: &mut dyn FnMut(&[Vec<ChatMessage>]) -> Result<Vec<String>>,
+    judge: &mut JudgeCall,
     rubric: &Rubric,
     questions: &[String],
     answers: &[String],
