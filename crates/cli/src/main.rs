@@ -68,6 +68,9 @@ enum Command {
     Report(report_cmd::ReportArgs),
     /// Print the stages of a run: kind, status, steps, last loss/metric, duration, diagnosis.
     Status(report_cmd::StatusArgs),
+    /// Compare runs: every eval result and final training figure side by side, and the recorded
+    /// configuration keys that differ (a table, --json, or an --html page).
+    Compare(report_cmd::CompareArgs),
 }
 
 #[derive(Subcommand)]
@@ -75,7 +78,8 @@ enum EvalCommand {
     /// Perplexity of a model on a text corpus (.txt lines or .jsonl `text`).
     Perplexity(eval::PerplexityArgs),
     /// Answer quality on SFT conversations: greedy answers to each conversation's last prompt,
-    /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1).
+    /// scored against its last assistant turn (BLEU-4, ROUGE-L, character F1, SQuAD-style exact
+    /// match and token F1).
     Answers(eval::AnswersArgs),
     /// Pairwise accuracy and mean margin of a reward model on preference pairs.
     Reward(eval::RewardEvalArgs),
@@ -85,6 +89,9 @@ enum EvalCommand {
     /// lm-evaluation-harness scores them: acc / acc_norm by option log-likelihood, exact_match by
     /// generation; per subject and overall with standard errors.
     Choice(eval_choice::ChoiceArgs),
+    /// LLM-as-a-judge: a judge model (local folder or OpenAI-compatible endpoint) rates the
+    /// model's answers 1–10, or compares them with a baseline's in both orders (MT-Bench rubrics).
+    Judge(eval::JudgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -188,6 +195,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Reward(a)) => eval::reward(a),
         Command::Eval(EvalCommand::Winrate(a)) => eval::winrate(a),
         Command::Eval(EvalCommand::Choice(a)) => eval_choice::choice(a),
+        Command::Eval(EvalCommand::Judge(a)) => eval::judge(a),
         Command::Init(a) => init::init(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
@@ -197,6 +205,7 @@ fn main() -> ExitCode {
         Command::Env => common::print_env(),
         Command::Report(a) => report_cmd::report(a),
         Command::Status(a) => report_cmd::status(a),
+        Command::Compare(a) => report_cmd::compare(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,14 @@
-//! `align report` and `align status`: a pipeline run folder's HTML report (with PNG plots) and
-//! its status table, both from `align-report`.
+//! `align report`, `align status` and `align compare`: a pipeline run folder's HTML report (with
+//! PNG plots), its status table, and several runs side by side, all from `align-report`.
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
-use align_report::{read_run_dir, status_json, status_rows, status_table, write_report, Thresholds};
+use align_report::{
+    compare_runs, compare_table, read_run_dir, status_json, status_rows, status_table, write_compare_html,
+    write_report, Thresholds,
+};
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -42,6 +45,37 @@ pub fn status(args: StatusArgs) -> Result<()> {
     } else {
         println!("{}  ({})", run.name, run.path.display());
         print!("{}", status_table(&rows));
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Two or more pipeline run folders.
+    #[arg(required = true, num_args = 2..)]
+    pub run_dirs: Vec<PathBuf>,
+    /// Also write the comparison as an HTML page (the report's style, no scripts).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// One JSON object instead of the tables: {"runs","paths","metrics":[{"stage","section",
+    /// "metric","values"}],"config":[{"key","values"}]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn compare(args: CompareArgs) -> Result<()> {
+    let runs = args.run_dirs.iter().map(|d| read_run_dir(d)).collect::<Result<Vec<_>>>()?;
+    let c = compare_runs(&runs)?;
+    if let Some(path) = &args.html {
+        write_compare_html(&c, path)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        print!("{}", compare_table(&c));
+        if let Some(path) = &args.html {
+            println!("\nwrote {}", path.display());
+        }
     }
     Ok(())
 }

@@ -81,7 +81,7 @@ fn eval_answers_scores_greedy_answers_on_the_tiny_model() {
     json_args.push("--json");
     let v: Value = serde_json::from_str(&ok(&json_args)).unwrap();
     assert_eq!(v["samples"], 5);
-    for k in ["bleu4", "rouge_l", "char_f1"] {
+    for k in ["bleu4", "rouge_l", "char_f1", "exact_match", "f1"] {
         let x = v[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&x), "{k} = {x}");
     }
@@ -97,7 +97,8 @@ fn eval_answers_scores_greedy_answers_on_the_tiny_model() {
     assert_eq!(v, serde_json::from_str::<Value>(&ok(&json_args)).unwrap());
     let table = ok(&args);
     let rows: Vec<&str> = table.lines().collect();
-    assert!(rows[0].starts_with("metric") && rows.len() == 4, "{table}");
+    assert!(rows[0].starts_with("metric") && rows.len() == 6, "{table}");
+    assert!(rows[4].starts_with("exact_match") && rows[5].starts_with("f1 "), "{table}");
     assert!(rows[1].starts_with("bleu4") && rows[1].trim_end().ends_with(" 5"), "{table}");
     let e = fails(&["eval", "answers", "--model", s(&model), "--data", s(&data), "--max-new-tokens", "300"]);
     assert!(e.contains("--max-new-tokens: expected 1 to 255"), "{e}");

@@ -141,11 +141,13 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
         })?;
         let sc = r.scores;
         tracing::info!(
-            "stage {}: BLEU-4 {:.4}, ROUGE-L {:.4}, char F1 {:.4} over {} answers",
+            "stage {}: BLEU-4 {:.4}, ROUGE-L {:.4}, char F1 {:.4}, exact match {:.4}, F1 {:.4} over {} answers",
             s.name,
             sc.bleu4,
             sc.rouge_l,
             sc.char_f1,
+            sc.exact_match,
+            sc.f1,
             sc.samples
         );
         let examples: Vec<Value> = r
@@ -155,7 +157,7 @@ pub(crate) fn run_eval(s: &StageSpec, input: &Produced) -> Result<Value> {
             .map(|a| json!({"prompt": a.prompt, "reference": a.reference, "answer": a.answer}))
             .collect();
         return Ok(
-            json!({"eval": "answers", "model": input.model.display().to_string(), "bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "samples": sc.samples, "examples": examples}),
+            json!({"eval": "answers", "model": input.model.display().to_string(), "bleu4": sc.bleu4, "rouge_l": sc.rouge_l, "char_f1": sc.char_f1, "exact_match": sc.exact_match, "f1": sc.f1, "samples": sc.samples, "examples": examples}),
         );
     }
     let mut texts = Vec::new();

@@ -1,5 +1,5 @@
-//! Reference-based answer scores: corpus BLEU-4, ROUGE-L F1 and character F1, as pure functions
-//! of strings (no model, no tensors).
+//! Reference-based answer scores: corpus BLEU-4, ROUGE-L F1, character F1, and SQuAD-style exact
+//! match and token F1, as pure functions of strings (no model, no tensors).
 //!
 //! Tokens (BLEU and ROUGE-L): text is split on whitespace, and every CJK character (Han, kana,
 //! CJK punctuation, full-width forms) is a token of its own, so Chinese text without spaces is
@@ -8,6 +8,12 @@
 //! lengths summed over all samples, one reference each) with the brevity penalty and
 //! sacrebleu's default "exp" smoothing: the k-th order with no match counts as 1 / (2^k · total)
 //! instead of 0. ROUGE-L and character F1 are per-sample F1 scores averaged over the samples.
+//!
+//! Exact match and token F1 follow the official SQuAD script: both texts are normalised first
+//! (lowercased, punctuation deleted, the English articles a / an / the dropped, whitespace
+//! collapsed), then compared as token lists (EM) or bags of tokens (F1). Tokens are the same
+//! CJK-aware `metric_tokens`, and CJK and full-width punctuation is deleted like ASCII
+//! punctuation, so "多喝热水。" and "多喝 热水" match exactly. Both are per-sample means.
 use std::collections::HashMap;
 
 /// True for characters scored one per token: CJK ideographs, kana, CJK punctuation and
@@ -193,7 +199,73 @@ pub fn char_f1(hyp: &str, reference: &str) -> f64 {
     overlap_f1(overlap, h.values().sum(), r.values().sum())
 }
 
-/// The three answer scores of a set of samples.
+/// True for punctuation that SQuAD-style normalisation deletes: ASCII punctuation, Latin-1
+/// punctuation (¡ « · » ¿), general punctuation (‘ ’ “ ” – — … ‧), CJK symbols and punctuation
+/// (、 。 「 」 《 》 …), CJK compatibility and small forms, and full-width punctuation
+/// (！ ， ： ； ？ （ ）…).
+pub fn is_answer_punctuation(c: char) -> bool {
+    c.is_ascii_punctuation()
+        || matches!(
+            c as u32,
+            0xA1 | 0xA7 | 0xAB | 0xB6 | 0xB7 | 0xBB | 0xBF
+                | 0x2010..=0x2027 // dashes, quotes, bullets, ellipsis
+                | 0x2030..=0x205E // per mille, primes, guillemets, …
+                | 0x3001..=0x3003 // 、 。 〃
+                | 0x3008..=0x3011 // 〈 〉 《 》 「 」 『 』 【 】
+                | 0x3014..=0x301F // 〔 〕 〖 〗 〘 〙 〚 〛 〜 〝 〞 〟
+                | 0x3030 | 0x303D | 0x30FB // 〰 〽 ・
+                | 0xFE10..=0xFE19 // vertical forms
+                | 0xFE30..=0xFE6B // CJK compatibility and small forms
+                | 0xFF01..=0xFF0F // ！ ＂ ＃ … ／
+                | 0xFF1A..=0xFF20 // ： ； ＜ ＝ ＞ ？ ＠
+                | 0xFF3B..=0xFF40 // ［ ＼ ］ ＾ ＿ ｀
+                | 0xFF5B..=0xFF65 // ｛ ｜ ｝ ～ ｟ ｠ ｡ ｢ ｣ ､ ･
+        )
+}
+
+/// SQuAD's `normalize_answer`, CJK-aware: lowercase, delete punctuation (`is_answer_punctuation`),
+/// drop the words a / an / the, collapse whitespace (the ideographic space included) to single
+/// spaces. "The Cat!" → "cat"; "多喝热水。" → "多喝热水".
+pub fn normalize_answer(text: &str) -> String {
+    let kept: String = text.to_lowercase().chars().filter(|&c| !is_answer_punctuation(c)).collect();
+    kept.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
+}
+
+/// The tokens exact match and token F1 compare: `metric_tokens` of the normalised text.
+pub fn answer_tokens(text: &str) -> Vec<String> {
+    metric_tokens(&normalize_answer(text)).into_iter().map(str::to_string).collect()
+}
+
+/// Exact match after normalisation (1 or 0). Compared as token lists, so spaces between CJK
+/// characters do not matter.
+pub fn exact_match(hyp: &str, reference: &str) -> f64 {
+    if answer_tokens(hyp) == answer_tokens(reference) {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// SQuAD token F1: the normalised tokens as bags; the overlap is the sum over tokens of the
+/// smaller count (1 when both are empty, 0 when only one is).
+pub fn token_f1(hyp: &str, reference: &str) -> f64 {
+    let h = answer_tokens(hyp);
+    let r = answer_tokens(reference);
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for t in &r {
+        *counts.entry(t.as_str()).or_insert(0) += 1;
+    }
+    let mut overlap = 0;
+    for t in &h {
+        if let Some(n) = counts.get_mut(t.as_str()).filter(|n| **n > 0) {
+            *n -= 1;
+            overlap += 1;
+        }
+    }
+    overlap_f1(overlap, h.len(), r.len())
+}
+
+/// The answer scores of a set of samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AnswerScores {
     /// Corpus BLEU-4 in [0, 1].
@@ -202,6 +274,11 @@ pub struct AnswerScores {
     pub rouge_l: f64,
     /// Mean character F1.
     pub char_f1: f64,
+    /// Mean SQuAD-style exact match (share of answers equal to their reference after
+    /// normalisation).
+    pub exact_match: f64,
+    /// Mean SQuAD-style token F1.
+    pub f1: f64,
     pub samples: usize,
 }
 
@@ -209,10 +286,17 @@ pub struct AnswerScores {
 pub fn score_answers<S: AsRef<str>>(pairs: &[(S, S)]) -> AnswerScores {
     let n = pairs.len();
     if n == 0 {
-        return AnswerScores { bleu4: 0.0, rouge_l: 0.0, char_f1: 0.0, samples: 0 };
+        return AnswerScores { bleu4: 0.0, rouge_l: 0.0, char_f1: 0.0, exact_match: 0.0, f1: 0.0, samples: 0 };
     }
     let mean = |f: fn(&str, &str) -> f64| pairs.iter().map(|(h, r)| f(h.as_ref(), r.as_ref())).sum::<f64>() / n as f64;
-    AnswerScores { bleu4: corpus_bleu(pairs).score, rouge_l: mean(rouge_l), char_f1: mean(char_f1), samples: n }
+    AnswerScores {
+        bleu4: corpus_bleu(pairs).score,
+        rouge_l: mean(rouge_l),
+        char_f1: mean(char_f1),
+        exact_match: mean(exact_match),
+        f1: mean(token_f1),
+        samples: n,
+    }
 }
 
 #[cfg(test)]
@@ -301,9 +385,51 @@ mod tests {
     }
 
     #[test]
+    fn squad_normalisation_as_the_official_script() {
+        // the official script: lower → remove punctuation → remove articles → fix whitespace
+        assert_eq!(normalize_answer("The Cat!"), "cat");
+        assert_eq!(normalize_answer("  A  man, a plan;  the   canal: Panama. "), "man plan canal panama");
+        // punctuation is deleted, not replaced by a space; articles only as whole words
+        assert_eq!(normalize_answer("don't"), "dont");
+        assert_eq!(normalize_answer("Theater an Anne"), "theater anne");
+        // Chinese and full-width punctuation, the ideographic space
+        assert_eq!(normalize_answer("“多喝热水。”\u{3000}（休息）！"), "多喝热水 休息");
+        assert_eq!(answer_tokens("发烧，吃药"), vec!["发", "烧", "吃", "药"]);
+    }
+
+    #[test]
+    fn exact_match_by_hand() {
+        assert_eq!(exact_match("The Cat!", "cat"), 1.0);
+        assert_eq!(exact_match("Denver Broncos", "the denver broncos."), 1.0);
+        assert_eq!(exact_match("Broncos", "Denver Broncos"), 0.0);
+        // CJK: per-character tokens, spaces and punctuation do not matter
+        assert_eq!(exact_match("多喝 热水", "多喝热水。"), 1.0);
+        assert_eq!(exact_match("多喝水", "多喝热水"), 0.0);
+        assert_eq!(exact_match("", "!"), 1.0);
+    }
+
+    #[test]
+    fn token_f1_by_hand() {
+        // "the cat sat" → [cat, sat]; "a cat sat on the mat" → [cat, sat, on, mat]:
+        // overlap 2, P 1, R 1/2 → 2/3
+        assert!(close(token_f1("the cat sat", "a cat sat on the mat"), 2.0 / 3.0));
+        // counts are clipped: [cat, cat, dog] vs [cat, dog, dog] → overlap 2, P = R = 2/3
+        assert!(close(token_f1("cat cat dog", "cat dog dog"), 2.0 / 3.0));
+        // SQuAD: "Denver Broncos" vs "Broncos" → overlap 1, P 1/2, R 1 → 2/3
+        assert!(close(token_f1("Denver Broncos", "Broncos"), 2.0 / 3.0));
+        // CJK per character: 多喝水 vs 多喝热水。 → overlap 3, P 1, R 3/4 → 6/7
+        assert!(close(token_f1("多喝水", "多喝热水。"), 6.0 / 7.0));
+        // an answer that normalises to nothing matches only an empty reference
+        assert_eq!(token_f1("The!", "cat"), 0.0);
+        assert_eq!(token_f1("the", "a"), 1.0);
+    }
+
+    #[test]
     fn scores_average_rouge_and_char_f1_over_samples() {
         let s = score_answers(&[("发烧了", "发烧"), ("abc", "abc")]);
         assert!(close(s.char_f1, 0.9) && s.samples == 2, "{s:?}");
+        // EM: 0 and 1; F1: 发烧了 vs 发烧 → overlap 2, P 2/3, R 1 → 0.8, and 1
+        assert!(close(s.exact_match, 0.5) && close(s.f1, 0.9), "{s:?}");
         assert_eq!(score_answers::<&str>(&[]).samples, 0);
     }
 }
