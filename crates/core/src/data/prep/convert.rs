@@ -37,6 +37,19 @@ pub enum Target {
 impl Target {
     pub const NAMES: &'static str = "sharegpt, openai, alpaca, trl, trl-implicit, medicalgpt, llama-factory";
 
+    /// The name `--to` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::ShareGpt => "sharegpt",
+            Target::OpenAi => "openai",
+            Target::Alpaca => "alpaca",
+            Target::Trl => "trl",
+            Target::TrlImplicit => "trl-implicit",
+            Target::MedicalGpt => "medicalgpt",
+            Target::LlamaFactory => "llama-factory",
+        }
+    }
+
     /// The kind of data this layout holds.
     pub fn kind(self) -> DataKind {
         match self {
@@ -134,8 +147,9 @@ pub fn conversation_to(target: Target, c: &Conversation) -> Result<Value> {
             with_system(obj, system)
         }
         other => bail!(
-            "{}: a conversation cannot be written as preference data ({other:?} needs a chosen and a rejected answer)",
-            c.origin
+            "{}: a conversation cannot be written as preference data ({} needs a chosen and a rejected answer)",
+            c.origin,
+            other.name()
         ),
     })
 }
@@ -172,8 +186,9 @@ pub fn pair_to(target: Target, p: &PreferencePair) -> Result<Value> {
             with_system(obj, system)
         }
         other => bail!(
-            "{}: a preference pair cannot be written as an SFT conversation ({other:?} would lose the rejected answer)",
-            p.origin
+            "{}: a preference pair cannot be written as an SFT conversation ({} would lose the rejected answer)",
+            p.origin,
+            other.name()
         ),
     })
 }
@@ -209,7 +224,15 @@ pub fn convert_files<P: AsRef<Path>>(
         let layout = FileLayout::of(&path)?;
         let (format, n) = match target.kind() {
             DataKind::Sft => {
-                let (records, report) = read_file::<Conversation>(&path, layout, &prep_options(), ReadMode::Load)?;
+                let (records, report) = read_file::<Conversation>(&path, layout, &prep_options(), ReadMode::Load)
+                    .map_err(|e| match read_file::<PreferencePair>(&path, layout, &prep_options(), ReadMode::Load) {
+                        Ok((pairs, _)) if !pairs.is_empty() => anyhow::anyhow!(
+                            "{}: a preference pair cannot be written as {} (an SFT layout): its rejected answer would be lost; convert it to trl, trl-implicit, medicalgpt or llama-factory",
+                            pairs[0].origin,
+                            target.name()
+                        ),
+                        _ => e,
+                    })?;
                 check_from(&path, report.format, from)?;
                 for c in &records {
                     lines.push(conversation_to(target, c)?.to_string());
@@ -218,7 +241,14 @@ pub fn convert_files<P: AsRef<Path>>(
             }
             _ => {
                 let (records, report) = read_file::<PreferencePair>(&path, layout, &prep_options(), ReadMode::Load)
-                    .map_err(|e| anyhow::anyhow!("{e:#} (converting to {target:?} reads preference data)"))?;
+                    .map_err(|e| match read_file::<Conversation>(&path, layout, &prep_options(), ReadMode::Load) {
+                        Ok((convs, _)) if !convs.is_empty() => anyhow::anyhow!(
+                            "{}: a conversation cannot be written as {} (a preference layout): it has no rejected answer; convert it to sharegpt, openai or alpaca",
+                            convs[0].origin,
+                            target.name()
+                        ),
+                        _ => anyhow::anyhow!("{e:#} (converting to {} reads preference data)", target.name()),
+                    })?;
                 check_from(&path, report.format, from)?;
                 for p in &records {
                     lines.push(pair_to(target, p)?.to_string());
@@ -254,7 +284,7 @@ mod tests {
         let multi = r#"{"conversations":[{"from":"system","value":"你是医生。"},{"from":"human","value":"发烧怎么办？"},{"from":"gpt","value":"多喝水。"},{"from":"human","value":"还要吃药吗？"},{"from":"gpt","value":"高烧时可以吃退烧药。"}]}"#;
         for target in [Target::ShareGpt, Target::OpenAi, Target::Alpaca] {
             let (a, b, line) = roundtrip_sft(multi, target);
-            assert_eq!((a.system, a.messages), (b.system, b.messages), "{target:?}: {line}");
+            assert_eq!((a.system, a.messages), (b.system, b.messages), "{}: {line}", target.name());
         }
         let (_, _, alpaca) = roundtrip_sft(multi, Target::Alpaca);
         assert_eq!(
@@ -274,9 +304,14 @@ mod tests {
             let dst = dir.path().join("out.jsonl");
             std::fs::write(&dst, format!("{}\n", lines.join("\n"))).unwrap();
             let back = read_preference(&[&dst], &prep_options()).unwrap();
-            assert_eq!(back.reports[0].format, Some(target.format()), "{target:?}");
+            assert_eq!(back.reports[0].format, Some(target.format()), "{}", target.name());
             for (a, b) in original.iter().zip(&back.records) {
-                assert_eq!((&a.prompt, &a.chosen, &a.rejected), (&b.prompt, &b.chosen, &b.rejected), "{target:?}");
+                assert_eq!(
+                    (&a.prompt, &a.chosen, &a.rejected),
+                    (&b.prompt, &b.chosen, &b.rejected),
+                    "{}",
+                    target.name()
+                );
             }
         }
         let e = convert_files(&[&src], Some(DataFormat::AlpacaPairs), Target::Trl).unwrap_err().to_string();

@@ -1,6 +1,7 @@
 //! Text normalisation for duplicate detection: full-width forms folded to ASCII, lowercase,
-//! punctuation and symbols removed, whitespace collapsed. Letters and digits of every script
-//! (Chinese characters included) are kept.
+//! punctuation, symbols and whitespace reduced to single spaces between words (none next to
+//! CJK characters). Letters and digits of every script (Chinese characters included) are kept.
+use super::lang::Script;
 
 /// Folds a full-width ASCII form (U+FF01–U+FF5E) and the ideographic space to ASCII.
 pub fn fold_width(c: char) -> char {
@@ -11,25 +12,36 @@ pub fn fold_width(c: char) -> char {
     }
 }
 
+/// Chinese, Japanese and Korean characters: no spaces are needed between them.
+fn is_cjk(c: char) -> bool {
+    matches!(Script::of(c), Some(Script::Han | Script::Kana | Script::Hangul))
+}
+
 /// The key two records are compared by: `fold_width`, lowercase, every character that is not a
-/// letter, a digit or whitespace removed (ASCII and CJK punctuation, symbols, emoji), runs of
-/// whitespace made one space, both ends trimmed.
+/// letter or a digit (ASCII and CJK punctuation, symbols, emoji, whitespace) a separator; runs
+/// of separators become one space between two non-CJK characters and nothing next to a CJK
+/// character (`摄入, 监测` and `摄入，监测` are both `摄入监测`); both ends trimmed.
 pub fn dedup_key(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut pending_space = false;
+    let mut last: Option<char> = None;
+    let mut separated = false;
     for c in text.chars().map(fold_width) {
-        if c.is_whitespace() {
-            pending_space = !out.is_empty();
-            continue;
-        }
         if !c.is_alphanumeric() {
+            separated = last.is_some();
             continue;
         }
-        if pending_space {
-            out.push(' ');
-            pending_space = false;
+        if separated {
+            if let Some(prev) = last {
+                if !is_cjk(prev) && !is_cjk(c) {
+                    out.push(' ');
+                }
+            }
+            separated = false;
         }
-        out.extend(c.to_lowercase());
+        for l in c.to_lowercase() {
+            out.push(l);
+        }
+        last = Some(c);
     }
     out
 }
@@ -43,8 +55,10 @@ mod tests {
         assert_eq!(dedup_key("  Hello,   World!\n"), "hello world");
         assert_eq!(dedup_key("ＨＥＬＬＯ　world."), "hello world");
         assert_eq!(dedup_key("发烧怎么办？多喝水，注意休息。"), "发烧怎么办多喝水注意休息");
-        assert_eq!(dedup_key("发烧 怎么办?"), "发烧 怎么办");
-        assert_eq!(dedup_key("Größe: 38,5 °C"), "größe 385 c");
+        assert_eq!(dedup_key("发烧 怎么办?"), "发烧怎么办");
+        assert_eq!(dedup_key("摄入, 监测 CT 检查"), dedup_key("摄入，监测CT检查"));
+        assert_eq!(dedup_key("hello,world"), "hello world");
+        assert_eq!(dedup_key("Größe: 38,5 °C"), "größe 38 5 c");
         assert_eq!(dedup_key("!!!"), "");
     }
 }
