@@ -415,10 +415,10 @@ fn dedup(args: DedupArgs) -> Result<()> {
     };
     let mut written = Vec::new();
     if let Some(dir) = &args.out {
-        let mut seen: Vec<PathBuf> = Vec::new();
-        for (f, file) in train.iter().enumerate() {
+        let mut paths: Vec<PathBuf> = Vec::with_capacity(train.len());
+        for file in &train {
             let path = out_path(dir, &file.path)?;
-            if seen.contains(&path) {
+            if paths.contains(&path) {
                 bail!(
                     "--out {}: two inputs are named {}; write them with --output or one at a time",
                     dir.display(),
@@ -426,8 +426,10 @@ fn dedup(args: DedupArgs) -> Result<()> {
                 );
             }
             refuse_overwrite(&path, &train)?;
-            seen.push(path.clone());
-            write_lines(&path, kept_of(f))?;
+            paths.push(path);
+        }
+        for (f, path) in paths.iter().enumerate() {
+            write_lines(path, kept_of(f))?;
             written.push(path.display().to_string());
         }
     }
