@@ -52,7 +52,7 @@ enum Command {
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
-    /// Data tools: check data files (formats, invalid records, token lengths).
+    /// Data tools: check data files (formats, invalid records, token lengths); dedup, clean, mix, split, convert, stats.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
     /// Benchmarks that print their figures next to a reference implementation.

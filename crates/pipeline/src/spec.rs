@@ -524,13 +524,17 @@ impl Pipeline {
                 bail!("{sat}.data: expected at least one data file");
             }
             expand_data_paths(&data).map_err(|e| anyhow!("{sat}.data: {e}"))?;
-            let options: DataOptions = match table.get("data_options") {
+            let mut options: DataOptions = match table.get("data_options") {
                 None => DataOptions::default(),
                 Some(v) => v
                     .clone()
                     .try_into()
                     .map_err(|e: toml::de::Error| anyhow!("{sat}.data_options: {}", e.message().trim()))?,
             };
+            // a mix samples with the stage's seed, as the stage will
+            if let Some(seed) = table.get("train").and_then(|t| t.get("seed")).and_then(toml::Value::as_integer) {
+                options.seed = seed as u64;
+            }
             options.validate().map_err(|e| anyhow!("{sat}.data_options: {e}"))?;
             if kind == StageKind::Dpo || kind == StageKind::Reward {
                 read_preference(&data, &options)

@@ -53,7 +53,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
         let (tr, va) = split_by_ratio(texts.len(), c.train.val_ratio, c.train.seed);
         (tr.iter().map(|&i| texts[i].clone()).collect(), va.iter().map(|&i| texts[i].clone()).collect())
     } else {
-        let val = read_pretrain(&c.val_data, &options)?;
+        let val = read_pretrain(&c.val_data, &options.without_mix())?;
         (texts, val.records.into_iter().map(|d| d.text).collect())
     };
     let data =

@@ -82,7 +82,7 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     } else {
         (data.records.iter().collect(), Vec::new())
     };
-    let val_data = if c.val_data.is_empty() { None } else { Some(read_sft(&c.val_data, &options)?) };
+    let val_data = if c.val_data.is_empty() { None } else { Some(read_sft(&c.val_data, &options.without_mix())?) };
     let val_convs: Vec<&Conversation> = match &val_data {
         Some(v) => v.records.iter().collect(),
         None => val_convs,

@@ -5,8 +5,12 @@
 //!
 //! Entry points: [`read_pretrain`], [`read_sft`], [`read_preference`], [`read_prompts`],
 //! [`read_unpaired`] (load for training), [`check_files`] (what `align data check` prints), [`split_by_ratio`] /
-//! [`split_records`] (train/validation split) and [`LengthBudget`] (token-length policy).
-//! The formats are documented in `docs/data-formats.md`.
+//! [`split_records`] (train/validation split), [`split_three_ways`] (train/validation/test) and
+//! [`LengthBudget`] (token-length policy); `[data_options] mix` samples sources by weight when a
+//! stage reads them ([`prep::mix`]). The preparation tools (`align data dedup | clean | mix |
+//! split | convert | stats`) are in [`prep`]. The formats are documented in
+//! `docs/data-formats.md`, the tools in `docs/data-prep.md`.
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,6 +22,7 @@ mod budget;
 mod fields;
 mod formats;
 mod preference;
+pub mod prep;
 mod pretrain;
 mod prompt;
 mod reader;
@@ -36,7 +41,7 @@ pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, read_un
 pub use report::{check_files, reports_table, DataReport, InvalidRecord, LengthStats};
 pub use sft::Conversation;
 pub use source::expand_data_paths;
-pub use split::{shuffle_in_place, split_by_ratio, split_records, SplitMix64};
+pub use split::{shuffle_in_place, split_by_ratio, split_records, split_three_ways, SplitMix64};
 pub use unpaired::UnpairedExample;
 
 /// What a data file holds, i.e. which stage reads it.
@@ -118,6 +123,15 @@ pub struct DataOptions {
     pub length_policy: LengthPolicy,
     /// How many invalid records a report lists (all are counted).
     pub max_invalid_shown: usize,
+    /// Sampling weights per source: `{ "data/medical.jsonl" = 0.8, "data/general.jsonl" = 0.2 }`.
+    /// The keys are files or patterns; every file of the read must be named by exactly one key
+    /// and every key must name a file of the read. The weights are shares of the mixed data,
+    /// rounded to whole records (see [`prep::mix::mix_counts`]), sampled with `seed`.
+    pub mix: BTreeMap<String, f64>,
+    /// Records of the mixed data; default: as many as the sources give without repeating one.
+    pub mix_total: Option<usize>,
+    /// Let a source too small for its share repeat records (else that is an error).
+    pub mix_upsample: bool,
 }
 
 impl Default for DataOptions {
@@ -130,6 +144,9 @@ impl Default for DataOptions {
             keep_identical_pairs: false,
             length_policy: LengthPolicy::Truncate,
             max_invalid_shown: 20,
+            mix: BTreeMap::new(),
+            mix_total: None,
+            mix_upsample: false,
         }
     }
 }
@@ -140,7 +157,21 @@ impl DataOptions {
         if !(0.0..1.0).contains(&self.val_ratio) {
             bail!("data_options.val_ratio: expected a number in [0, 1), found {}", self.val_ratio);
         }
+        for (source, weight) in &self.mix {
+            if !(weight.is_finite() && *weight > 0.0) {
+                bail!("data_options.mix.\"{source}\": expected a weight > 0, found {weight}");
+            }
+        }
+        if self.mix.is_empty() && (self.mix_total.is_some() || self.mix_upsample) {
+            let key = if self.mix_total.is_some() { "mix_total" } else { "mix_upsample" };
+            bail!("data_options.{key}: only used with data_options.mix, which is not set");
+        }
         Ok(())
+    }
+
+    /// These options without the mix (validation files are read as they are).
+    pub fn without_mix(&self) -> DataOptions {
+        DataOptions { mix: BTreeMap::new(), mix_total: None, mix_upsample: false, ..self.clone() }
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use serde_json::{Map, Value};
 
 use super::fields::{FieldError, FieldResult};
+use super::prep::mix::{describe_mix, mix_groups, mix_records, MixSource};
 use super::source::{expand_data_paths, raw_records, FileLayout, RawContent};
 use super::{
     kind_name, preference, pretrain, prompt, sft, unpaired, Conversation, DataFormat, DataKind, DataOptions,
@@ -214,16 +215,17 @@ fn explain_mismatch(
 }
 
 /// Reads every file of `paths` (files, folders or glob patterns).
-fn read_all<T: DataRecord, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<T>> {
+fn read_all<T: DataRecord + Clone, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<T>> {
     options.validate()?;
     let files = expand_data_paths(paths)?;
-    let mut records = Vec::new();
+    let mut per_file = Vec::with_capacity(files.len());
     let mut reports = Vec::with_capacity(files.len());
     for file in &files {
-        let (mut r, report) = read_file::<T>(file, FileLayout::of(file)?, options, ReadMode::Load)?;
-        records.append(&mut r);
+        let (r, report) = read_file::<T>(file, FileLayout::of(file)?, options, ReadMode::Load)?;
+        per_file.push(r);
         reports.push(report);
     }
+    let records = if options.mix.is_empty() { per_file.concat() } else { mixed(&files, per_file, options)? };
     if records.is_empty() {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         let invalid: usize = reports.iter().map(|r| r.invalid).sum();
@@ -235,6 +237,23 @@ fn read_all<T: DataRecord, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -
         }
     }
     Ok(LoadedData { records, reports })
+}
+
+/// The records of a read sampled by `options.mix` (seeded by `options.seed`); logs the
+/// realised mix.
+fn mixed<T: Clone>(files: &[std::path::PathBuf], per_file: Vec<Vec<T>>, options: &DataOptions) -> Result<Vec<T>> {
+    let groups = mix_groups(files, &options.mix)?;
+    let mut per_file: Vec<Option<Vec<T>>> = per_file.into_iter().map(Some).collect();
+    let sources: Vec<(MixSource, Vec<T>)> = groups
+        .into_iter()
+        .map(|(name, weight, members)| {
+            let records: Vec<T> = members.iter().flat_map(|&i| per_file[i].take().unwrap_or_default()).collect();
+            (MixSource { name, weight, available: records.len() }, records)
+        })
+        .collect();
+    let (records, shares) = mix_records(sources, options.mix_total, options.mix_upsample, options.seed)?;
+    tracing::info!("data mix (seed {}): {} records: {}", options.seed, records.len(), describe_mix(&shares));
+    Ok(records)
 }
 
 /// Reads pretraining documents from `.txt` (split by `options.text_mode`) and `{"text"}`

@@ -237,7 +237,7 @@ pub fn reports_table(reports: &[DataReport]) -> String {
 }
 
 /// Token length of a record as its stage sees it.
-trait MeasuredRecord: DataRecord {
+pub(crate) trait MeasuredRecord: DataRecord {
     fn token_length(&self, tokenizer: &ModelTokenizer) -> Result<usize>;
 }
 

@@ -155,7 +155,7 @@ pub(crate) fn raw_records(
 
 /// The lines of a file (split at `\n`, a trailing `\r` removed, as `str::lines` does), each
 /// with its 1-based number, as text or as the message saying why it is not UTF-8.
-fn lines_of(bytes: &[u8]) -> impl Iterator<Item = (usize, std::result::Result<&str, String>)> {
+pub(crate) fn lines_of(bytes: &[u8]) -> impl Iterator<Item = (usize, std::result::Result<&str, String>)> {
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     if bytes.ends_with(b"\n") || bytes.is_empty() {
         lines.pop();

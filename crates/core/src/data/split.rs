@@ -1,4 +1,5 @@
-//! Deterministic shuffling and train/validation splits from a seed (SplitMix64).
+//! Deterministic shuffling, train/validation splits and train/validation/test splits from a seed
+//! (SplitMix64).
 
 /// The SplitMix64 generator: small, fast and the same on every platform.
 #[derive(Debug, Clone)]
@@ -57,6 +58,45 @@ pub fn split_by_ratio(n: usize, val_ratio: f64, seed: u64) -> (Vec<usize>, Vec<u
     (train, val)
 }
 
+/// Splits `0..n` into train, validation and test indices (each sorted) from one seeded shuffle:
+/// the first `round(n * val_ratio)` shuffled indices are validation, the next
+/// `round(n * test_ratio)` test, the rest train — so with `test_ratio = 0` the split is exactly
+/// [`split_by_ratio`]'s. A ratio > 0 holds out at least 1 index when there are enough, and at
+/// least 1 index is always left for training. Errors on ratios outside [0, 1) or summing to ≥ 1.
+pub fn split_three_ways(
+    n: usize,
+    val_ratio: f64,
+    test_ratio: f64,
+    seed: u64,
+) -> anyhow::Result<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    for (name, r) in [("validation", val_ratio), ("test", test_ratio)] {
+        if !(0.0..1.0).contains(&r) {
+            anyhow::bail!("{name} ratio: expected a number in [0, 1), found {r}");
+        }
+    }
+    if val_ratio + test_ratio >= 1.0 {
+        anyhow::bail!("validation + test ratios: expected less than 1 in all, found {}", val_ratio + test_ratio);
+    }
+    let held = |ratio: f64, room: usize| -> usize {
+        if ratio > 0.0 && room >= 1 {
+            ((n as f64 * ratio).round() as usize).clamp(1, room)
+        } else {
+            0
+        }
+    };
+    let n_val = held(val_ratio, n.saturating_sub(1));
+    let n_test = held(test_ratio, n.saturating_sub(1 + n_val));
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle_in_place(&mut order, seed);
+    let mut val = order[..n_val].to_vec();
+    let mut test = order[n_val..n_val + n_test].to_vec();
+    let mut train = order[n_val + n_test..].to_vec();
+    val.sort_unstable();
+    test.sort_unstable();
+    train.sort_unstable();
+    Ok((train, val, test))
+}
+
 /// Splits records into (train, validation) with [`split_by_ratio`], keeping their order.
 pub fn split_records<T>(records: Vec<T>, val_ratio: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let (_, val_idx) = split_by_ratio(records.len(), val_ratio, seed);
@@ -105,5 +145,25 @@ mod tests {
         let (train, val) = split_records((0..10).collect::<Vec<_>>(), 0.3, 3);
         assert_eq!(val, split_by_ratio(10, 0.3, 3).1);
         assert_eq!(train.len(), 7);
+    }
+
+    #[test]
+    fn three_way_split_is_deterministic_disjoint_and_covering() {
+        let (tr, va, te) = split_three_ways(100, 0.1, 0.2, 11).unwrap();
+        assert_eq!((tr.len(), va.len(), te.len()), (70, 10, 20));
+        assert_eq!(split_three_ways(100, 0.1, 0.2, 11).unwrap(), (tr.clone(), va.clone(), te.clone()));
+        let mut all: Vec<usize> = tr.iter().chain(&va).chain(&te).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>(), "disjoint and covering");
+        let (tr2, va2, te2) = split_three_ways(100, 0.1, 0.0, 11).unwrap();
+        assert_eq!((tr2, va2), split_by_ratio(100, 0.1, 11), "no test set: the train/validation split");
+        assert!(te2.is_empty());
+        assert_ne!(split_three_ways(100, 0.1, 0.2, 12).unwrap().2, te);
+        assert_eq!(split_three_ways(3, 0.01, 0.01, 1).unwrap().0.len(), 1);
+        assert_eq!(
+            split_three_ways(2, 0.5, 0.5, 1).map_err(|e| e.to_string()).unwrap_err(),
+            "validation + test ratios: expected less than 1 in all, found 1"
+        );
+        assert_eq!(split_three_ways(2, 0.4, 0.4, 1).unwrap().0.len(), 1);
     }
 }

@@ -558,7 +558,7 @@ impl LoadedConfig {
     }
 
     /// `[data_options]` as the data readers take it. The split is configured once, in `[train]`
-    /// (`val_ratio`, `seed`), so those two keys are refused here.
+    /// (`val_ratio`, `seed`), so those two keys are refused here; `train.seed` also seeds `mix`.
     pub fn data_options(&self) -> Result<crate::data::DataOptions> {
         let table = self.config.data_options.as_ref();
         for key in ["val_ratio", "seed"] {
@@ -569,7 +569,9 @@ impl LoadedConfig {
                 );
             }
         }
-        let options: crate::data::DataOptions = self.section("data_options", table)?;
+        let mut options: crate::data::DataOptions = self.section("data_options", table)?;
+        // `mix` samples with the run's seed
+        options.seed = self.config.train.seed;
         options.validate().map_err(|e| anyhow!("{}: {e}", self.origin.display()))?;
         Ok(options)
     }

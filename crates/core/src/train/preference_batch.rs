@@ -33,7 +33,7 @@ pub fn read_splits<T: Clone>(
     let c = &cfg.config;
     let data = read(&c.data, options)?;
     if !c.val_data.is_empty() {
-        return Ok((data.records, read(&c.val_data, options)?.records));
+        return Ok((data.records, read(&c.val_data, &options.without_mix())?.records));
     }
     let (train, val) = split_by_ratio(data.records.len(), c.train.val_ratio, c.train.seed);
     Ok((
