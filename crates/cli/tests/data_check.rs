@@ -100,7 +100,7 @@ fn broken_file_fails_after_listing_every_bad_line() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(table.contains("medical_sft_eval.jsonl"), "every report is printed first:\n{table}");
     for expected in [
-        format!("{bad}:2: field 'conversations[1].from': expected one of human, gpt, system, found 'bot'"),
+        format!("{bad}:2: field 'conversations[1].from': expected one of human, gpt, system, function_call, observation, found 'bot'"),
         format!("{bad}:3: invalid JSON"),
         format!("{bad}:5: field 'conversations[1].value': expected a string, found a number"),
     ] {

@@ -12,6 +12,7 @@ use super::unpaired::UnpairedRecord;
 use super::{
     Conversation, DataFormat, DataKind, DataOptions, Document, LengthBudgetCounts, Origin, PreferencePair, PromptRecord,
 };
+use crate::text::conversation::encode_conversation_with_tools;
 use crate::text::tokenizer::ModelTokenizer;
 
 /// One invalid record: where it is and what is wrong (`field 'x': expected …, found …`).
@@ -259,8 +260,13 @@ fn rendered_length(
 }
 
 impl MeasuredRecord for Conversation {
+    /// As SFT encodes it (with its tools; a template that leaves out tool calls or schemas makes
+    /// the record invalid).
     fn token_length(&self, tokenizer: &ModelTokenizer) -> Result<usize> {
-        rendered_length(tokenizer, &self.to_messages(), false)
+        if self.tools.is_empty() && self.messages.iter().all(|m| m.tool_calls.is_empty()) {
+            return rendered_length(tokenizer, &self.to_messages(), false);
+        }
+        Ok(encode_conversation_with_tools(tokenizer, &self.to_messages(), &self.tools, false)?.input_ids.len())
     }
 }
 

@@ -82,7 +82,7 @@ pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin
         }
     };
     let answer = match completion.as_slice() {
-        [one] if one.role == Role::Assistant => one.content.clone(),
+        [one] if one.role == Role::Assistant => one.answer_text()?,
         [one] => {
             return Err(FieldError::new(
                 &one.role_field,
