@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use align_core::data::{check_files, reports_table, DataKind, DataOptions, TextMode};
+use align_core::data::{check_files, reports_table, DataKind, DataOptions, RankedPairs, TextMode};
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::ModelTokenizer;
 
@@ -47,6 +47,13 @@ pub enum TextModeArg {
     File,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RankedPairsArg {
+    All,
+    Adjacent,
+    BestVsRest,
+}
+
 #[derive(Args)]
 pub struct CheckArgs {
     /// What the files hold (which stage reads them).
@@ -66,6 +73,10 @@ pub struct CheckArgs {
     /// How many invalid records to list per file (all are counted).
     #[arg(long, default_value_t = 20)]
     pub show_invalid: usize,
+    /// Which preference pairs a ranked list of answers gives: all K(K-1)/2, adjacent ones
+    /// (K-1) or the best against each other one (K-1).
+    #[arg(long, value_enum, default_value = "all")]
+    pub ranked_pairs: RankedPairsArg,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +106,11 @@ fn check(args: CheckArgs) -> Result<()> {
             TextModeArg::File => TextMode::File,
         },
         max_invalid_shown: args.show_invalid,
+        ranked_pairs: match args.ranked_pairs {
+            RankedPairsArg::All => RankedPairs::All,
+            RankedPairsArg::Adjacent => RankedPairs::Adjacent,
+            RankedPairsArg::BestVsRest => RankedPairs::BestVsRest,
+        },
         ..DataOptions::default()
     };
     let reports = check_files(kind, &args.files, &options, tokenizer.as_ref(), args.max_length)?;

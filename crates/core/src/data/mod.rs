@@ -20,6 +20,7 @@ mod formats;
 mod preference;
 mod pretrain;
 mod prompt;
+mod ranked;
 mod reader;
 mod report;
 mod sft;
@@ -32,6 +33,7 @@ pub use formats::DataFormat;
 pub use preference::PreferencePair;
 pub use pretrain::Document;
 pub use prompt::PromptRecord;
+pub use ranked::{ranked_pair_indices, scored_pair_indices, RankedPairs};
 pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, read_unpaired, LoadedData};
 pub use report::{check_files, reports_table, DataReport, InvalidRecord, LengthStats};
 pub use sft::Conversation;
@@ -118,6 +120,8 @@ pub struct DataOptions {
     pub length_policy: LengthPolicy,
     /// How many invalid records a report lists (all are counted).
     pub max_invalid_shown: usize,
+    /// Which preference pairs a ranked list gives (all, adjacent or best-vs-rest).
+    pub ranked_pairs: RankedPairs,
 }
 
 impl Default for DataOptions {
@@ -130,6 +134,7 @@ impl Default for DataOptions {
             keep_identical_pairs: false,
             length_policy: LengthPolicy::Truncate,
             max_invalid_shown: 20,
+            ranked_pairs: RankedPairs::All,
         }
     }
 }

@@ -79,6 +79,8 @@ pub struct DataReport {
     pub skipped: usize,
     /// Preference pairs whose chosen and rejected answers are the same text.
     pub identical_pairs: usize,
+    /// Ranked preference lists read (each gave several of the `records`, which count pairs).
+    pub ranked_lists: usize,
     /// Token lengths (when measured with a tokenizer).
     pub lengths: Option<LengthStats>,
     /// What a stage's length budget did with the records (set by the stage).
@@ -96,6 +98,7 @@ impl DataReport {
             invalid_records: Vec::new(),
             skipped: 0,
             identical_pairs: 0,
+            ranked_lists: 0,
             lengths: None,
             length_budget: None,
         }
