@@ -1,6 +1,6 @@
 //! Reading the fields of one JSON record with errors that name the field and what was expected,
-//! and turning role-tagged turns (ShareGPT `from`/`value`, OpenAI `role`/`content`) into checked
-//! conversations.
+//! and turning role-tagged turns (ShareGPT `from`/`value`, OpenAI `role`/`content`, their tool
+//! calls and results, a record's `tools`) into checked conversations.
 use std::fmt;
 
 use serde_json::{Map, Value};
