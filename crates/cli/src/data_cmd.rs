@@ -16,7 +16,9 @@ use align_core::data::prep::stats::{data_stats, stats_table};
 use align_core::data::prep::{
     check_output_extension, output_extension, read_prep_files, write_lines, PrepFile, PrepRecord,
 };
-use align_core::data::{check_files, reports_table, split_three_ways, DataFormat, DataKind, DataOptions, TextMode};
+use align_core::data::{
+    check_files, reports_table, split_three_ways, DataFormat, DataKind, DataOptions, RankedPairs, TextMode,
+};
 use align_core::hf::checkpoint::resolve_model_dir;
 use align_core::ModelTokenizer;
 
@@ -74,6 +76,13 @@ pub enum TextModeArg {
     File,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RankedPairsArg {
+    All,
+    Adjacent,
+    BestVsRest,
+}
+
 #[derive(Args)]
 pub struct CheckArgs {
     /// What the files hold (which stage reads them).
@@ -93,6 +102,10 @@ pub struct CheckArgs {
     /// How many invalid records to list per file (all are counted).
     #[arg(long, default_value_t = 20)]
     pub show_invalid: usize,
+    /// Which preference pairs a ranked list of answers gives: all K(K-1)/2, adjacent ones
+    /// (K-1) or the best against each other one (K-1).
+    #[arg(long, value_enum, default_value = "all")]
+    pub ranked_pairs: RankedPairsArg,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -128,6 +141,11 @@ fn check(args: CheckArgs) -> Result<()> {
             TextModeArg::File => TextMode::File,
         },
         max_invalid_shown: args.show_invalid,
+        ranked_pairs: match args.ranked_pairs {
+            RankedPairsArg::All => RankedPairs::All,
+            RankedPairsArg::Adjacent => RankedPairs::Adjacent,
+            RankedPairsArg::BestVsRest => RankedPairs::BestVsRest,
+        },
         ..DataOptions::default()
     };
     let reports = check_files(kind, &args.files, &options, tokenizer.as_ref(), args.max_length)?;

@@ -100,7 +100,7 @@ fn broken_file_fails_after_listing_every_bad_line() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(table.contains("medical_sft_eval.jsonl"), "every report is printed first:\n{table}");
     for expected in [
-        format!("{bad}:2: field 'conversations[1].from': expected one of human, gpt, system, found 'bot'"),
+        format!("{bad}:2: field 'conversations[1].from': expected one of human, gpt, system, function_call, observation, found 'bot'"),
         format!("{bad}:3: invalid JSON"),
         format!("{bad}:5: field 'conversations[1].value': expected a string, found a number"),
     ] {
@@ -129,4 +129,36 @@ fn usage_errors_are_one_clear_line() {
     let out = align(&["data", "check", "--kind", "sft", "data/pretrain/medical_corpus.txt"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains(".txt files hold pretraining text only"), "{}", stderr(&out));
+}
+
+#[test]
+fn ranked_lists_are_counted_as_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("ranked.jsonl");
+    std::fs::write(
+        &f,
+        concat!(
+            r#"{"prompt":"Q","responses":["a","b","c","d"]}"#,
+            "\n",
+            r#"{"conversations":[{"from":"human","value":"Q"}],"ranked":["a"]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let f = f.to_str().unwrap();
+    let run = |mode: &str| {
+        let out = align(&["data", "check", "--kind", "preference", "--ranked-pairs", mode, "--json", f]);
+        assert!(!out.status.success());
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()
+    };
+    let v = run("all");
+    assert_eq!((v["records"].as_u64(), v["invalid"].as_u64()), (Some(6), Some(1)));
+    assert_eq!(v["files"][0]["format"], "ranked_responses");
+    assert_eq!(v["files"][0]["ranked_lists"], 1);
+    assert_eq!(
+        v["files"][0]["invalid_records"][0]["message"],
+        "field 'ranked': expected at least 2 answers to rank, found 1"
+    );
+    assert_eq!(run("adjacent")["records"], 3);
+    assert_eq!(run("best-vs-rest")["records"], 3);
 }

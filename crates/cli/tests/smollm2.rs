@@ -322,3 +322,44 @@ fn smollm2_serve_answers_the_openai_client_as_transformers_and_peft() {
     println!("{stdout}");
     assert!(out.status.success(), "check_serve.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn smollm2_template_has_no_tool_support_and_tool_data_is_refused() {
+    let Some((dir, python)) = setup("smollm2_template_has_no_tool_support_and_tool_data_is_refused") else {
+        return;
+    };
+    // transformers renders the tool fixtures with SmolLM2's own template as the golden file
+    // records (message.content only: the calls and the schemas vanish)
+    let script = r#"
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+golden = json.load(open(sys.argv[2], encoding="utf-8"))
+for case in golden["cases"]:
+    got = tok.apply_chat_template(case["messages"], tools=case["tools"] or None, tokenize=False)
+    assert got == case["smollm2_rendered"], (case["file"], case["line"], got)
+print(len(golden["cases"]))
+"#;
+    let golden = repo().join("tests/fixtures/tools/golden.json");
+    let out =
+        Command::new(&python).args(["-c", script, dir.to_str().unwrap(), golden.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "transformers check failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    // align refuses every record with tools or calls under this template, and keeps the plain one
+    let tools = repo().join("tests/fixtures/tools");
+    let out = support::align(&[
+        "data",
+        "check",
+        "--kind",
+        "sft",
+        "--tokenizer",
+        dir.to_str().unwrap(),
+        "--json",
+        tools.join("sharegpt_tools.jsonl").to_str().unwrap(),
+        tools.join("openai_tools.jsonl").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["records"].as_u64(), v["invalid"].as_u64()), (Some(1), Some(5)));
+    let messages = v["files"][0]["invalid_records"].to_string();
+    assert!(messages.contains("does not render the tool schemas"), "{messages}");
+}

@@ -41,7 +41,7 @@ fn sft_errors_name_file_line_and_field() {
         sft(
             r#"{"conversations":[{"from":"human","value":"q"},{"from":"gpt","value":"a"},{"from":"bot","value":"x"}]}"#
         ),
-        "x.jsonl:2: field 'conversations[2].from': expected one of human, gpt, system, found 'bot'"
+        "x.jsonl:2: field 'conversations[2].from': expected one of human, gpt, system, function_call, observation, found 'bot'"
     );
     assert_eq!(
         sft(r#"{"conversations":[{"from":"human","value":"q"},{"from":"gpt","value":7}]}"#),
@@ -92,8 +92,12 @@ fn sft_errors_name_file_line_and_field() {
     );
     let openai = r#"{"messages":[{"role":"user","content":"u"},{"role":"assistant","content":"a"}]}"#;
     assert_eq!(
+        error_of(DataKind::Sft, openai, r#"{"messages":[{"role":"bot","content":"u"}]}"#),
+        "x.jsonl:2: field 'messages[0].role': expected one of system, user, assistant, tool, found 'bot'"
+    );
+    assert_eq!(
         error_of(DataKind::Sft, openai, r#"{"messages":[{"role":"tool","content":"u"}]}"#),
-        "x.jsonl:2: field 'messages[0].role': expected one of system, user, assistant, found 'tool'"
+        "x.jsonl:2: field 'messages[0].role': a tool result ('tool') must follow a tool call ('assistant with tool_calls'), found one with no call before it"
     );
     assert_eq!(
         error_of(DataKind::Sft, r#"{"foo": 1, "bar": 2}"#, openai),

@@ -308,3 +308,60 @@ fn project_sample_data_reads_cleanly() {
     let (train, val) = split_records(sft.records, 0.1, 42);
     assert_eq!((train.len(), val.len()), (441, 49));
 }
+
+#[test]
+fn ranked_lists_expand_to_preference_pairs() {
+    use align_core::data::{check_files, read_unpaired, DataKind, RankedPairs};
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "ranked.jsonl",
+        concat!(
+            r#"{"prompt":"发烧怎么办？","responses":["多喝水，注意休息。","吃药。","不用管。"]}"#,
+            "\n",
+            r#"{"prompt":[{"role":"system","content":"S"},{"role":"user","content":"Q"}],"responses":["a","b","a","c"]}"#,
+            "\n"
+        ),
+    );
+    let data = read_preference(&[&f], &opts()).unwrap();
+    // 3 + 6 pairs, less the identical ("a", "a") one
+    assert_eq!(data.records.len(), 8);
+    assert_eq!(data.reports[0].format, Some(DataFormat::RankedResponses));
+    assert_eq!((data.reports[0].ranked_lists, data.reports[0].identical_pairs), (2, 1));
+    let first: Vec<(&str, &str)> = data.records[..3].iter().map(|p| (p.chosen.as_str(), p.rejected.as_str())).collect();
+    assert_eq!(
+        first,
+        vec![("多喝水，注意休息。", "吃药。"), ("多喝水，注意休息。", "不用管。"), ("吃药。", "不用管。")]
+    );
+    assert_eq!(data.records[0].prompt, vec![msg("user", "发烧怎么办？")]);
+    assert_eq!(data.records[3].prompt, vec![msg("system", "S"), msg("user", "Q")]);
+    assert!(
+        data.records[..3].iter().all(|p| p.origin.line == 1) && data.records[3..].iter().all(|p| p.origin.line == 2)
+    );
+
+    for (mode, want) in [(RankedPairs::Adjacent, 5), (RankedPairs::BestVsRest, 4)] {
+        let o = DataOptions { ranked_pairs: mode, ..opts() };
+        // adjacent: 2 + 3 (no identical pair); best vs rest: 2 + 3, less ("a", "a")
+        assert_eq!(read_preference(&[&f], &o).unwrap().records.len(), want, "{mode:?}");
+        let reports = check_files(DataKind::Preference, &[&f], &o, None, None).unwrap();
+        assert_eq!(reports[0].records, want);
+    }
+
+    // UltraFeedback-style scored completions: ordered by score, ties give no pair
+    let g = write(
+        dir.path(),
+        "scored.jsonl",
+        concat!(
+            r#"{"instruction":"Q","completions":[{"response":"ok","overall_score":6},{"response":"best","overall_score":9},{"response":"also ok","overall_score":6}]}"#,
+            "\n"
+        ),
+    );
+    let data = read_preference(&[&g], &opts()).unwrap();
+    let got: Vec<(&str, &str)> = data.records.iter().map(|p| (p.chosen.as_str(), p.rejected.as_str())).collect();
+    assert_eq!(got, vec![("best", "ok"), ("best", "also ok")]);
+    assert_eq!(data.reports[0].format, Some(DataFormat::ScoredCompletions));
+
+    // unpaired data refuses ranked lists
+    let e = read_unpaired(&[&f], &opts()).unwrap_err().to_string();
+    assert!(e.contains("ranked.jsonl:1: ranked responses lists are read as preference data"), "{e}");
+}

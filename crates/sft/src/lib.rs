@@ -1,10 +1,11 @@
-//! Supervised fine-tuning (SFT): conversations rendered with the model's chat template, labels on
-//! the assistant turns only (their end-of-turn tokens included), next-token loss.
+//! Supervised fine-tuning (SFT): conversations rendered with the model's chat template (with their
+//! tool schemas), labels on the assistant turns only (their tool calls and end-of-turn tokens
+//! included, tool results not), next-token loss.
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
 use align_core::data::{read_sft, split_by_ratio, Conversation, DataOptions, LengthBudget, LengthDecision};
-use align_core::text::conversation::{encode_conversation, LabeledTokens};
+use align_core::text::conversation::{encode_conversation_with_tools, LabeledTokens};
 use align_core::train::config::LoadedConfig;
 use align_core::train::lm_objective::{
     pack_sequences, predicted_labels, NextTokenObjective, PackedObjective, SequenceSplits,
@@ -44,7 +45,7 @@ pub fn encode_all(
     let mut out = Vec::with_capacity(convs.len());
     let mut counts = BudgetCounts::default();
     for c in convs {
-        let mut enc = encode_conversation(&tm.tokenizer, &c.to_messages(), train_on_prompt)
+        let mut enc = encode_conversation_with_tools(&tm.tokenizer, &c.to_messages(), &c.tools, train_on_prompt)
             .map_err(|e| anyhow::anyhow!("{}: {e}", c.origin))?;
         match budget.decide(enc.input_ids.len()) {
             LengthDecision::Keep => {}

@@ -36,6 +36,12 @@ pub enum DataFormat {
     AlpacaPairs,
     /// `{"question", "response_chosen", "response_rejected", "system"?, "history"?}` (MedicalGPT).
     QuestionResponsePairs,
+    /// A prompt (`prompt`, `conversations`, `messages` or `instruction`) and `responses` /
+    /// `ranked`: answers ordered best first, expanded into preference pairs.
+    RankedResponses,
+    /// A prompt and `completions`: `[{"response", "overall_score"}]` (UltraFeedback), expanded
+    /// into preference pairs by score.
+    ScoredCompletions,
     /// `{"prompt": string or messages, "completion"?}`.
     Prompt,
     /// `{"question", "answer"?}` (MedicalGPT GRPO).
@@ -62,6 +68,8 @@ impl DataFormat {
             DataFormat::TrlImplicitPairs => "trl_implicit_pairs",
             DataFormat::AlpacaPairs => "alpaca_pairs",
             DataFormat::QuestionResponsePairs => "question_response_pairs",
+            DataFormat::RankedResponses => "ranked_responses",
+            DataFormat::ScoredCompletions => "scored_completions",
             DataFormat::Prompt => "prompt",
             DataFormat::QuestionAnswer => "question_answer",
             DataFormat::TrlUnpaired => "trl_unpaired",
@@ -84,10 +92,17 @@ impl DataFormat {
             DataFormat::TrlImplicitPairs => "TRL implicit-prompt pairs",
             DataFormat::AlpacaPairs => "Alpaca pairs",
             DataFormat::QuestionResponsePairs => "question/response pairs",
+            DataFormat::RankedResponses => "ranked responses",
+            DataFormat::ScoredCompletions => "scored completions",
             DataFormat::Prompt => "prompt",
             DataFormat::QuestionAnswer => "question/answer",
             DataFormat::TrlUnpaired => "TRL unpaired",
         }
+    }
+
+    /// A format whose one record gives several preference pairs.
+    pub fn is_ranked(self) -> bool {
+        matches!(self, DataFormat::RankedResponses | DataFormat::ScoredCompletions)
     }
 
     /// The format of a JSON record of `kind`, from its keys; `None` when no format matches.
@@ -111,7 +126,11 @@ impl DataFormat {
                 }
             }
             DataKind::Preference => {
-                if has("conversations") {
+                if has("responses") || has("ranked") {
+                    Some(DataFormat::RankedResponses)
+                } else if has("completions") {
+                    Some(DataFormat::ScoredCompletions)
+                } else if has("conversations") {
                     if record.get("chosen").is_some_and(Value::is_object) {
                         Some(DataFormat::LlamaFactoryPairs)
                     } else {
@@ -155,7 +174,7 @@ impl DataFormat {
                 "'conversations' (ShareGPT), 'messages' (OpenAI), 'instruction' + 'output' (Alpaca) or 'prompt' + 'completion'"
             }
             DataKind::Preference => {
-                "'chosen' + 'rejected' with 'conversations' (MedicalGPT, LLaMA-Factory), 'prompt' (TRL), 'instruction' (Alpaca) or alone (TRL implicit prompt), or 'question' + 'response_chosen' + 'response_rejected'"
+                "'chosen' + 'rejected' with 'conversations' (MedicalGPT, LLaMA-Factory), 'prompt' (TRL), 'instruction' (Alpaca) or alone (TRL implicit prompt), 'question' + 'response_chosen' + 'response_rejected', or a prompt with ranked 'responses' / 'ranked' or scored 'completions'"
             }
             DataKind::Prompt => {
                 "'prompt', 'question' (+ 'answer'), 'conversations' (ShareGPT), 'messages' (OpenAI) or 'instruction' (Alpaca)"

@@ -25,6 +25,7 @@ mod preference;
 pub mod prep;
 mod pretrain;
 mod prompt;
+mod ranked;
 mod reader;
 mod report;
 mod sft;
@@ -37,6 +38,7 @@ pub use formats::DataFormat;
 pub use preference::PreferencePair;
 pub use pretrain::Document;
 pub use prompt::PromptRecord;
+pub use ranked::{ranked_pair_indices, scored_pair_indices, RankedPairs};
 pub use reader::{read_preference, read_pretrain, read_prompts, read_sft, read_unpaired, LoadedData};
 pub use report::{check_files, reports_table, DataReport, InvalidRecord, LengthStats};
 pub use sft::Conversation;
@@ -132,6 +134,8 @@ pub struct DataOptions {
     pub mix_total: Option<usize>,
     /// Let a source too small for its share repeat records (else that is an error).
     pub mix_upsample: bool,
+    /// Which preference pairs a ranked list gives (all, adjacent or best-vs-rest).
+    pub ranked_pairs: RankedPairs,
 }
 
 impl Default for DataOptions {
@@ -147,6 +151,7 @@ impl Default for DataOptions {
             mix: BTreeMap::new(),
             mix_total: None,
             mix_upsample: false,
+            ranked_pairs: RankedPairs::All,
         }
     }
 }

@@ -55,7 +55,7 @@ fn trl_answer(value: &Value, field: &str) -> FieldResult<String> {
             format!("expected 'assistant' (the answer is the last message), found '{}'", last.role.as_str()),
         ));
     }
-    Ok(last.content.clone())
+    last.answer_text()
 }
 
 /// A LLaMA-Factory answer: one `{"from": "gpt", "value"}` turn.
@@ -67,7 +67,7 @@ fn turn_answer(value: &Value, field: &str) -> FieldResult<String> {
             format!("expected 'gpt', found '{}'", Dialect::ShareGpt.name(t.role)),
         ));
     }
-    Ok(t.content)
+    t.answer_text()
 }
 
 /// TRL implicit prompt: `chosen` and `rejected` are whole conversations that share every
@@ -82,7 +82,7 @@ fn implicit_prompt(obj: &Map<String, Value>) -> FieldResult<(Vec<Turn>, String, 
                 &t.role_field,
                 format!("expected 'assistant' (the answer is the last message), found '{}'", t.role.as_str()),
             )),
-            Some(t) => Ok(t.content.clone()),
+            Some(t) => t.answer_text(),
         }
     };
     let chosen_answer = answer(&chosen, "chosen")?;
@@ -150,12 +150,7 @@ pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin
         DataFormat::QuestionResponsePairs => {
             let mut t = history_turns(obj)?;
             let question = required_string(obj, "question", "")?;
-            t.push(Turn {
-                role: Role::User,
-                content: question,
-                role_field: "question".into(),
-                dialect: Dialect::OpenAi,
-            });
+            t.push(Turn::text(Role::User, question, "question", Dialect::OpenAi));
             (
                 t,
                 "question",

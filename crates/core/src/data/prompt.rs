@@ -60,8 +60,7 @@ pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin
         ),
         DataFormat::QuestionAnswer => {
             let question = required_string(obj, "question", "")?;
-            let turn =
-                Turn { role: Role::User, content: question, role_field: "question".into(), dialect: Dialect::OpenAi };
+            let turn = Turn::text(Role::User, question, "question", Dialect::OpenAi);
             (vec![turn], "question", system_field(obj, &["system"])?, reference_field(obj, &["answer", "solution"])?)
         }
         DataFormat::ShareGpt | DataFormat::OpenAiMessages => {
@@ -74,7 +73,11 @@ pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin
             // Everything before the last assistant turn is the prompt; that turn is the reference,
             // else a `solution` / `answer` field beside the conversation.
             let reference = match t.last() {
-                Some(last) if last.role == Role::Assistant && t.len() > 1 => t.pop().map(|a| a.content),
+                Some(last) if last.role == Role::Assistant && t.len() > 1 => {
+                    let answer = last.answer_text()?;
+                    t.pop();
+                    Some(answer)
+                }
                 _ => reference_field(obj, &REFERENCE_KEYS)?,
             };
             (t, key, system, reference)

@@ -9,7 +9,7 @@ use super::fields::{FieldError, FieldResult};
 use super::prep::mix::{describe_mix, mix_groups, mix_records, MixSource};
 use super::source::{expand_data_paths, raw_records, FileLayout, RawContent};
 use super::{
-    kind_name, preference, pretrain, prompt, sft, unpaired, Conversation, DataFormat, DataKind, DataOptions,
+    kind_name, preference, pretrain, prompt, ranked, sft, unpaired, Conversation, DataFormat, DataKind, DataOptions,
     DataReport, Document, Origin, PreferencePair, PromptRecord, TextMode, UnpairedExample,
 };
 use unpaired::UnpairedRecord;
@@ -25,6 +25,15 @@ pub struct LoadedData<T> {
 pub(crate) trait DataRecord: Sized {
     const KIND: DataKind;
     fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self>;
+    /// The records of one JSON record: one, or several for a ranked preference list.
+    fn parse_many(
+        format: DataFormat,
+        obj: &Map<String, Value>,
+        origin: Origin,
+        _options: &DataOptions,
+    ) -> FieldResult<Vec<Self>> {
+        Self::parse(format, obj, origin).map(|r| vec![r])
+    }
     fn origin(&self) -> &Origin;
     /// A `.txt` document (only pretraining reads `.txt`).
     fn from_text(_text: String, _origin: Origin) -> Option<Self> {
@@ -62,6 +71,18 @@ impl DataRecord for PreferencePair {
     const KIND: DataKind = DataKind::Preference;
     fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<Self> {
         preference::parse(format, obj, origin)
+    }
+    fn parse_many(
+        format: DataFormat,
+        obj: &Map<String, Value>,
+        origin: Origin,
+        options: &DataOptions,
+    ) -> FieldResult<Vec<Self>> {
+        if format.is_ranked() {
+            ranked::parse(format, obj, origin, options.ranked_pairs)
+        } else {
+            preference::parse(format, obj, origin).map(|p| vec![p])
+        }
     }
     fn origin(&self) -> &Origin {
         &self.origin
@@ -143,17 +164,17 @@ pub(crate) fn read_file<T: DataRecord>(
     let mut records = Vec::with_capacity(raw.len());
     for rec in raw {
         let origin = rec.origin;
-        let parsed: std::result::Result<T, String> = match rec.content {
-            RawContent::Text(text) => {
-                T::from_text(text, origin.clone()).ok_or_else(|| format!("{kind} data cannot be read from plain text"))
-            }
+        let parsed: std::result::Result<Vec<T>, String> = match rec.content {
+            RawContent::Text(text) => T::from_text(text, origin.clone())
+                .map(|r| vec![r])
+                .ok_or_else(|| format!("{kind} data cannot be read from plain text")),
             RawContent::Invalid(message) => Err(message),
             RawContent::Json(Value::Object(obj)) => match detected {
-                Some((format, from_line)) => T::parse(format, &obj, origin.clone())
+                Some((format, from_line)) => T::parse_many(format, &obj, origin.clone(), options)
                     .map_err(|e| explain_mismatch(e, DataFormat::detect(kind, &obj), format, from_line, origin.line)),
                 None => match DataFormat::detect(kind, &obj) {
                     Some(format) => {
-                        let parsed = T::parse(format, &obj, origin.clone()).map_err(|e| e.to_string());
+                        let parsed = T::parse_many(format, &obj, origin.clone(), options).map_err(|e| e.to_string());
                         if parsed.is_ok() {
                             detected = Some((format, origin.line));
                             report.format = Some(format);
@@ -170,15 +191,20 @@ pub(crate) fn read_file<T: DataRecord>(
             RawContent::Json(other) => Err(format!("expected a JSON object, found {}", kind_name(&other))),
         };
         match parsed {
-            Ok(record) => {
-                if record.is_identical_pair() {
-                    report.identical_pairs += 1;
-                    if !options.keep_identical_pairs {
-                        report.skipped += 1;
-                        continue;
-                    }
+            Ok(items) => {
+                if detected.is_some_and(|(f, _)| f.is_ranked()) {
+                    report.ranked_lists += 1;
                 }
-                records.push(record);
+                for record in items {
+                    if record.is_identical_pair() {
+                        report.identical_pairs += 1;
+                        if !options.keep_identical_pairs {
+                            report.skipped += 1;
+                            continue;
+                        }
+                    }
+                    records.push(record);
+                }
             }
             Err(message) => {
                 if mode == ReadMode::Load && !options.skip_invalid {

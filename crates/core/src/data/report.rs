@@ -12,6 +12,7 @@ use super::unpaired::UnpairedRecord;
 use super::{
     Conversation, DataFormat, DataKind, DataOptions, Document, LengthBudgetCounts, Origin, PreferencePair, PromptRecord,
 };
+use crate::text::conversation::encode_conversation_with_tools;
 use crate::text::tokenizer::ModelTokenizer;
 
 /// One invalid record: where it is and what is wrong (`field 'x': expected …, found …`).
@@ -78,6 +79,8 @@ pub struct DataReport {
     pub skipped: usize,
     /// Preference pairs whose chosen and rejected answers are the same text.
     pub identical_pairs: usize,
+    /// Ranked preference lists read (each gave several of the `records`, which count pairs).
+    pub ranked_lists: usize,
     /// Token lengths (when measured with a tokenizer).
     pub lengths: Option<LengthStats>,
     /// What a stage's length budget did with the records (set by the stage).
@@ -95,6 +98,7 @@ impl DataReport {
             invalid_records: Vec::new(),
             skipped: 0,
             identical_pairs: 0,
+            ranked_lists: 0,
             lengths: None,
             length_budget: None,
         }
@@ -259,8 +263,13 @@ fn rendered_length(
 }
 
 impl MeasuredRecord for Conversation {
+    /// As SFT encodes it (with its tools; a template that leaves out tool calls or schemas makes
+    /// the record invalid).
     fn token_length(&self, tokenizer: &ModelTokenizer) -> Result<usize> {
-        rendered_length(tokenizer, &self.to_messages(), false)
+        if self.tools.is_empty() && self.messages.iter().all(|m| m.tool_calls.is_empty()) {
+            return rendered_length(tokenizer, &self.to_messages(), false);
+        }
+        Ok(encode_conversation_with_tools(tokenizer, &self.to_messages(), &self.tools, false)?.input_ids.len())
     }
 }
 

@@ -67,6 +67,12 @@ impl UnpairedExample {
 }
 
 pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin) -> FieldResult<UnpairedRecord> {
+    if format.is_ranked() {
+        return Err(FieldError::new(
+            "",
+            format!("{format} lists are read as preference data (--kind preference) only; expected one unpaired example or one preference pair per record"),
+        ));
+    }
     if format != DataFormat::TrlUnpaired {
         return preference::parse(format, obj, origin).map(UnpairedRecord::Pair);
     }
@@ -82,7 +88,7 @@ pub(crate) fn parse(format: DataFormat, obj: &Map<String, Value>, origin: Origin
         }
     };
     let answer = match completion.as_slice() {
-        [one] if one.role == Role::Assistant => one.content.clone(),
+        [one] if one.role == Role::Assistant => one.answer_text()?,
         [one] => {
             return Err(FieldError::new(
                 &one.role_field,

@@ -23,6 +23,12 @@ pub struct AnswerCase {
 
 /// Splits a conversation at its last assistant turn.
 pub fn answer_case(conversation: &Conversation) -> Result<AnswerCase> {
+    if !conversation.tools.is_empty() || conversation.messages.iter().any(|m| !m.tool_calls.is_empty()) {
+        bail!(
+            "{}: answer evaluation scores text answers; expected a conversation without tools or tool calls",
+            conversation.origin
+        );
+    }
     let messages = conversation.to_messages();
     let Some(last) = messages.iter().rposition(|m| m.role == "assistant") else {
         bail!("{}: the conversation has no assistant turn to use as the reference", conversation.origin);
@@ -139,6 +145,7 @@ mod tests {
         Conversation {
             system: system.map(str::to_string),
             messages: turns.iter().map(|(r, c)| ChatMessage::new(r, c)).collect(),
+            tools: Vec::new(),
             origin: Origin::line(Path::new("d.jsonl"), 3),
         }
     }

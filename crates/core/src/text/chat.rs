@@ -7,16 +7,62 @@ use minijinja::{Environment, Error as JError, ErrorKind};
 use serde::Serialize;
 use serde_json::Value;
 
-/// One message of a conversation (`{"role": …, "content": …}`).
+/// One message of a conversation (`{"role": …, "content": …}`): `system`, `user`, `assistant`
+/// (which may carry tool calls) or `tool` (the result of a call, with the call's id when known).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The functions an assistant message calls (empty for every other message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers, when the data names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// One function call of an assistant message.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub name: String,
+    /// The arguments, a JSON object.
+    pub arguments: Value,
 }
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.to_string(), content: content.to_string() }
+        ChatMessage { role: role.to_string(), content: content.to_string(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
+    /// The message as HF chat templates take it (transformers' `apply_chat_template`): `role`,
+    /// `content`, and `tool_calls` as `[{"id"?, "type": "function", "function": {"name",
+    /// "arguments": {…}}}]` (arguments an object) or `tool_call_id` when present.
+    pub fn to_template_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), Value::String(self.role.clone()));
+        m.insert("content".into(), Value::String(self.content.clone()));
+        if !self.tool_calls.is_empty() {
+            let calls = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let mut call = serde_json::Map::new();
+                    if let Some(id) = &c.id {
+                        call.insert("id".into(), Value::String(id.clone()));
+                    }
+                    call.insert("type".into(), Value::String("function".into()));
+                    call.insert("function".into(), serde_json::json!({"name": c.name, "arguments": c.arguments}));
+                    Value::Object(call)
+                })
+                .collect();
+            m.insert("tool_calls".into(), Value::Array(calls));
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id".into(), Value::String(id.clone()));
+        }
+        Value::Object(m)
     }
 }
 
@@ -118,9 +164,20 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let json: Vec<Value> =
-            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
-        self.render_json(&json, add_generation_prompt)
+        self.render_messages(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders messages (tool calls included) with the function schemas of `tools` passed to the
+    /// template as `tools` (none when empty), as `apply_chat_template(messages, tools=…)`.
+    pub fn render_messages(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let json: Vec<Value> = messages.iter().map(ChatMessage::to_template_json).collect();
+        let tools = (!tools.is_empty()).then(|| Value::Array(tools.to_vec()));
+        self.render_with_tools(&json, tools.as_ref(), add_generation_prompt)
     }
 }
 

@@ -3,8 +3,9 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
+use serde_json::Value;
 
-use crate::text::chat::ChatMessage;
+use crate::text::chat::{ChatMessage, ChatTemplate};
 /// The label of a position that is not predicted (prompt tokens, padding), as in PyTorch and
 /// transformers.
 pub const IGNORE_INDEX: i64 = -100;
@@ -34,19 +35,40 @@ impl LabeledTokens {
 /// the template's end-of-turn text), found by rendering growing prefixes: the span of turn `i` is
 /// what `render(messages[..=i])` adds to `render(messages[..i], add_generation_prompt)`.
 pub fn assistant_spans(tok: &ModelTokenizer, messages: &[ChatMessage]) -> Result<(String, Vec<Range<usize>>)> {
+    assistant_spans_with_tools(tok, messages, &[])
+}
+
+/// [`assistant_spans`] of a conversation rendered with the function schemas `tools` (see
+/// [`ChatTemplate::render_messages`]). An assistant turn's tool calls are part of its span; tool
+/// results are not. A template that leaves out a tool call or a tool schema (one without tool
+/// support) is an error rather than a silent loss of what the model should learn.
+pub fn assistant_spans_with_tools(
+    tok: &ModelTokenizer,
+    messages: &[ChatMessage],
+    tools: &[Value],
+) -> Result<(String, Vec<Range<usize>>)> {
     let template = tok.chat_template()?;
-    let full = template.render(messages, false)?;
+    let full = template.render_messages(messages, tools, false)?;
+    check_tools_rendered(template, &full, tools)?;
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
-        let prompt = template.render(&messages[..i], true)?;
-        let upto = template.render(&messages[..=i], false)?;
+        let prompt = template.render_messages(&messages[..i], tools, true)?;
+        let upto = template.render_messages(&messages[..=i], tools, false)?;
         if !upto.starts_with(&prompt) || !full.starts_with(&upto) {
             bail!(
                 "the chat template does not render conversations as growing prefixes (turn {} changes earlier text), so assistant tokens cannot be located; set train_on_prompt = true or use another template",
                 i + 1
+            );
+        }
+        if let Some(call) = m.tool_calls.iter().find(|c| !upto[prompt.len()..].contains(&c.name)) {
+            bail!(
+                "{}: the chat template does not render tool calls (turn {} calls '{}', which is missing from the rendered turn); expected a template with tool support (one that reads message.tool_calls)",
+                template.origin(),
+                i + 1,
+                call.name
             );
         }
         if upto.len() > prompt.len() {
@@ -56,6 +78,23 @@ pub fn assistant_spans(tok: &ModelTokenizer, messages: &[ChatMessage]) -> Result
     Ok((full, spans))
 }
 
+/// Every function schema of `tools` must show in the rendered text (by its name): a template
+/// without tool support renders none of them.
+pub fn check_tools_rendered(template: &ChatTemplate, rendered: &str, tools: &[Value]) -> Result<()> {
+    for tool in tools {
+        let function = tool.get("function").unwrap_or(tool);
+        if let Some(name) = function.get("name").and_then(Value::as_str) {
+            if !rendered.contains(name) {
+                bail!(
+                    "{}: the chat template does not render the tool schemas ('{name}' is missing from the rendered text); expected a template with tool support (one that reads tools)",
+                    template.origin()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tokenises a conversation rendered with the chat template. Labels cover every assistant turn
 /// (content plus the template's end-of-turn tokens); with `train_on_prompt` every token is labelled.
 pub fn encode_conversation(
@@ -63,7 +102,18 @@ pub fn encode_conversation(
     messages: &[ChatMessage],
     train_on_prompt: bool,
 ) -> Result<LabeledTokens> {
-    let (text, spans) = assistant_spans(tok, messages)?;
+    encode_conversation_with_tools(tok, messages, &[], train_on_prompt)
+}
+
+/// [`encode_conversation`] with the function schemas `tools` given to the template: labels cover
+/// the assistant turns including their tool calls, never the tool results.
+pub fn encode_conversation_with_tools(
+    tok: &ModelTokenizer,
+    messages: &[ChatMessage],
+    tools: &[Value],
+    train_on_prompt: bool,
+) -> Result<LabeledTokens> {
+    let (text, spans) = assistant_spans_with_tools(tok, messages, tools)?;
     let enc = tok.inner().encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     let input_ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
     let labels = if train_on_prompt {

@@ -92,13 +92,32 @@ fn sharegpt_turn(m: &ChatMessage) -> Value {
     let from = match m.role.as_str() {
         "user" => "human",
         "assistant" => "gpt",
+        "tool" => "observation",
         other => other,
     };
     json!({"from": from, "value": m.content})
 }
 
+/// A ShareGPT turn of a message; an assistant turn with tool calls becomes LLaMA-Factory's
+/// `function_call` turn (the calls as JSON text), which cannot also hold text.
+fn sharegpt_turn_checked(m: &ChatMessage, at: &crate::data::Origin) -> Result<Value> {
+    if m.tool_calls.is_empty() {
+        return Ok(sharegpt_turn(m));
+    }
+    if !m.content.trim().is_empty() {
+        bail!("{at}: an assistant turn with both text and tool calls cannot be written as ShareGPT (a function_call turn holds only the calls)");
+    }
+    let calls: Vec<Value> = m.tool_calls.iter().map(|c| json!({"name": c.name, "arguments": c.arguments})).collect();
+    let value = if calls.len() == 1 { calls[0].clone() } else { Value::Array(calls) };
+    Ok(json!({"from": "function_call", "value": value.to_string()}))
+}
+
 fn openai_message(m: &ChatMessage) -> Value {
-    json!({"role": m.role, "content": m.content})
+    if m.tool_calls.is_empty() && m.tool_call_id.is_none() {
+        json!({"role": m.role, "content": m.content})
+    } else {
+        m.to_template_json()
+    }
 }
 
 /// The system prompt and the other messages of a message list.
@@ -137,10 +156,27 @@ pub fn conversation_to(target: Target, c: &Conversation) -> Result<Value> {
     Ok(match target {
         Target::ShareGpt => {
             let mut obj = Map::new();
-            obj.insert("conversations".into(), Value::Array(c.messages.iter().map(sharegpt_turn).collect()));
+            let turns = c.messages.iter().map(|m| sharegpt_turn_checked(m, &c.origin)).collect::<Result<Vec<_>>>()?;
+            obj.insert("conversations".into(), Value::Array(turns));
+            if !c.tools.is_empty() {
+                // LLaMA-Factory keeps the schemas as JSON text
+                obj.insert("tools".into(), Value::String(Value::Array(c.tools.clone()).to_string()));
+            }
             with_system(obj, system)
         }
-        Target::OpenAi => json!({"messages": c.to_messages().iter().map(openai_message).collect::<Vec<_>>()}),
+        Target::OpenAi => {
+            let mut obj = Map::new();
+            obj.insert("messages".into(), Value::Array(c.to_messages().iter().map(openai_message).collect()));
+            if !c.tools.is_empty() {
+                obj.insert("tools".into(), Value::Array(c.tools.clone()));
+            }
+            Value::Object(obj)
+        }
+        Target::Alpaca
+            if !c.tools.is_empty() || c.messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty()) =>
+        {
+            bail!("{}: a conversation with tool calls cannot be written as Alpaca (it has no place for calls and results); convert to sharegpt or openai", c.origin)
+        }
         Target::Alpaca => {
             let n = c.messages.len();
             let obj = alpaca_fields(&c.messages[..n - 1], &c.messages[n - 1].content);
@@ -294,6 +330,23 @@ mod tests {
     }
 
     #[test]
+    fn tool_call_conversations_convert_between_sharegpt_and_openai() {
+        let share = r#"{"conversations":[{"from":"human","value":"北京天气？"},{"from":"function_call","value":"{\"name\":\"weather\",\"arguments\":{\"city\":\"北京\"}}"},{"from":"observation","value":"晴"},{"from":"gpt","value":"晴天。"}],"tools":"[{\"name\":\"weather\",\"parameters\":{\"type\":\"object\"}}]"}"#;
+        for target in [Target::OpenAi, Target::ShareGpt] {
+            let (a, b, _) = roundtrip_sft(share, target);
+            assert_eq!((&a.messages, &a.tools), (&b.messages, &b.tools), "{}", target.name());
+            assert_eq!(b.messages[1].tool_calls[0].name, "weather");
+            assert_eq!(b.messages[2].role, "tool");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("t.jsonl");
+        std::fs::write(&src, format!("{share}\n")).unwrap();
+        let records = read_sft(&[&src], &prep_options()).unwrap().records;
+        let e = conversation_to(Target::Alpaca, &records[0]).unwrap_err().to_string();
+        assert!(e.contains("t.jsonl:1: a conversation with tool calls cannot be written as Alpaca"), "{e}");
+    }
+
+    #[test]
     fn preference_layouts_round_trip_and_lossy_targets_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("pairs.jsonl");
@@ -320,6 +373,7 @@ mod tests {
             system: None,
             messages: vec![ChatMessage::new("user", "q"), ChatMessage::new("assistant", "a")],
             origin: crate::data::Origin::line(Path::new("x.jsonl"), 4),
+            tools: Vec::new(),
         };
         let e = conversation_to(Target::Trl, &c).unwrap_err().to_string();
         assert!(e.starts_with("x.jsonl:4: a conversation cannot be written as preference data"), "{e}");
