@@ -136,7 +136,29 @@ pub struct DataOptions {
     pub mix_upsample: bool,
     /// Which preference pairs a ranked list gives (all, adjacent or best-vs-rest).
     pub ranked_pairs: RankedPairs,
+    /// Drop duplicate records when a stage reads its data (before `mix` and the validation
+    /// split), as `align data dedup` finds them; each drop is logged with file:line.
+    pub dedup: DedupMode,
+    /// With `dedup = "near"`: the Jaccard similarity of character 5-gram sets at which two
+    /// records are near duplicates.
+    pub dedup_threshold: f64,
 }
+
+/// Which duplicates `[data_options] dedup` drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupMode {
+    /// Keep every record.
+    #[default]
+    None,
+    /// Records whose normalised text equals an earlier one's.
+    Exact,
+    /// Exact duplicates and near duplicates (MinHash/LSH, verified by Jaccard ≥ `dedup_threshold`).
+    Near,
+}
+
+/// The default `dedup_threshold`.
+pub const DEFAULT_DEDUP_THRESHOLD: f64 = 0.8;
 
 impl Default for DataOptions {
     fn default() -> Self {
@@ -152,6 +174,8 @@ impl Default for DataOptions {
             mix_total: None,
             mix_upsample: false,
             ranked_pairs: RankedPairs::All,
+            dedup: DedupMode::None,
+            dedup_threshold: DEFAULT_DEDUP_THRESHOLD,
         }
     }
 }
@@ -166,6 +190,12 @@ impl DataOptions {
             if !(weight.is_finite() && *weight > 0.0) {
                 bail!("data_options.mix.\"{source}\": expected a weight > 0, found {weight}");
             }
+        }
+        if !(self.dedup_threshold > 0.0 && self.dedup_threshold <= 1.0) {
+            bail!("data_options.dedup_threshold: expected a number in (0, 1], found {}", self.dedup_threshold);
+        }
+        if self.dedup != DedupMode::Near && self.dedup_threshold != DEFAULT_DEDUP_THRESHOLD {
+            bail!("data_options.dedup_threshold: only used with data_options.dedup = \"near\"");
         }
         if self.mix.is_empty() && (self.mix_total.is_some() || self.mix_upsample) {
             let key = if self.mix_total.is_some() { "mix_total" } else { "mix_upsample" };
@@ -243,6 +273,36 @@ mod tests {
         std::fs::write(&jl, "{\"text\":\"ok\"}\n{\"text\":3}\n").unwrap();
         let e = read_text_records(&jl).unwrap_err().to_string();
         assert!(e.ends_with("b.jsonl:2: field 'text': expected a string, found a number"), "{e}");
+    }
+
+    #[test]
+    fn dedup_option_drops_exact_and_near_duplicates_when_a_stage_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sft.jsonl");
+        let conv = |q: &str, a: &str| {
+            serde_json::json!({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+                .to_string()
+        };
+        let answer =
+            "高血压患者应当低盐饮食，每天食盐不超过五克，同时规律运动、戒烟限酒，并按医嘱长期服药，定期监测血压。";
+        let lines = [
+            conv("高血压患者饮食要注意什么？", answer),
+            conv(
+                "糖尿病有哪些典型症状？",
+                "多饮、多尿、多食和体重下降是糖尿病的典型症状，应尽早检查血糖并在医生指导下治疗。",
+            ),
+            conv("高血压患者饮食要注意什么？", answer), // exact
+            conv("高血压患者饮食要注意什么?", &answer.replace("五克", "6克")), // near
+        ];
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        let read = |mode: DedupMode| {
+            read_sft(&[&f], &DataOptions { dedup: mode, ..Default::default() }).unwrap().records.len()
+        };
+        assert_eq!((read(DedupMode::None), read(DedupMode::Exact), read(DedupMode::Near)), (4, 3, 2));
+        let o: DataOptions = serde_json::from_str(r#"{"dedup": "near", "dedup_threshold": 0.7}"#).unwrap();
+        assert_eq!((o.dedup, o.dedup_threshold), (DedupMode::Near, 0.7));
+        let o: DataOptions = serde_json::from_str(r#"{"dedup": "exact", "dedup_threshold": 0.7}"#).unwrap();
+        assert!(o.validate().unwrap_err().to_string().contains("only used with data_options.dedup = \"near\""));
     }
 
     #[test]

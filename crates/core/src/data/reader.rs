@@ -6,8 +6,11 @@ use anyhow::{bail, Result};
 use serde_json::{Map, Value};
 
 use super::fields::{FieldError, FieldResult};
+use super::prep::dedup::{find_duplicates, DedupConfig, DropReason, KeptRecord};
 use super::prep::mix::{describe_mix, mix_groups, mix_records, MixSource};
+use super::prep::RecordContent;
 use super::source::{expand_data_paths, raw_records, FileLayout, RawContent};
+use super::DedupMode;
 use super::{
     kind_name, preference, pretrain, prompt, ranked, sft, unpaired, Conversation, DataFormat, DataKind, DataOptions,
     DataReport, Document, Origin, PreferencePair, PromptRecord, TextMode, UnpairedExample,
@@ -241,7 +244,7 @@ fn explain_mismatch(
 }
 
 /// Reads every file of `paths` (files, folders or glob patterns).
-fn read_all<T: DataRecord + Clone, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<T>> {
+fn read_all<T: RecordContent + Clone, P: AsRef<Path>>(paths: &[P], options: &DataOptions) -> Result<LoadedData<T>> {
     options.validate()?;
     let files = expand_data_paths(paths)?;
     let mut per_file = Vec::with_capacity(files.len());
@@ -250,6 +253,9 @@ fn read_all<T: DataRecord + Clone, P: AsRef<Path>>(paths: &[P], options: &DataOp
         let (r, report) = read_file::<T>(file, FileLayout::of(file)?, options, ReadMode::Load)?;
         per_file.push(r);
         reports.push(report);
+    }
+    if options.dedup != DedupMode::None {
+        per_file = deduplicated(per_file, options)?;
     }
     let records = if options.mix.is_empty() { per_file.concat() } else { mixed(&files, per_file, options)? };
     if records.is_empty() {
@@ -263,6 +269,58 @@ fn read_all<T: DataRecord + Clone, P: AsRef<Path>>(paths: &[P], options: &DataOp
         }
     }
     Ok(LoadedData { records, reports })
+}
+
+/// The records of a read without the duplicates `options.dedup` names (the first of each group is
+/// kept, as `align data dedup` keeps it); logs how many went and each with its file:line.
+fn deduplicated<T: RecordContent>(per_file: Vec<Vec<T>>, options: &DataOptions) -> Result<Vec<Vec<T>>> {
+    let texts: Vec<String> = per_file.iter().flatten().map(RecordContent::content).collect();
+    let origins: Vec<&Origin> = per_file.iter().flatten().map(DataRecord::origin).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let config = DedupConfig { near_threshold: options.dedup_threshold, ..DedupConfig::default() };
+    let found = find_duplicates(&refs, &[], &config)?;
+    let mut drop = vec![false; texts.len()];
+    let (mut exact, mut near) = (0, 0);
+    for d in &found {
+        if options.dedup == DedupMode::Exact && d.reason != DropReason::Exact {
+            continue;
+        }
+        drop[d.record] = true;
+        let of = match d.of {
+            KeptRecord::Train(i) | KeptRecord::Eval(i) => origins[i].to_string(),
+        };
+        if d.reason == DropReason::Exact {
+            exact += 1;
+        } else {
+            near += 1;
+        }
+        if exact + near <= options.max_invalid_shown {
+            tracing::info!(
+                "data dedup: {} dropped, {} duplicate of {of} (similarity {:.3})",
+                origins[d.record],
+                if d.reason == DropReason::Exact { "an exact" } else { "a near" },
+                d.similarity
+            );
+        }
+    }
+    tracing::info!(
+        "data dedup ({:?}): {} records, {exact} exact and {near} near duplicates dropped",
+        options.dedup,
+        texts.len()
+    );
+    let mut k = 0;
+    Ok(per_file
+        .into_iter()
+        .map(|records| {
+            records
+                .into_iter()
+                .filter(|_| {
+                    k += 1;
+                    !drop[k - 1]
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// The records of a read sampled by `options.mix` (seeded by `options.seed`); logs the
