@@ -1850,7 +1850,50 @@ FILES = {
     "preference/medical_pairs_eval.jsonl": None,
     "prompts/medical_prompts.jsonl": None,
     "prompts/medical_qa.jsonl": None,
+    "choice/clinical_knowledge_test.jsonl": None,
+    "choice/clinical_knowledge_dev.jsonl": None,
+    "choice/clinical_medicine_val.jsonl": None,
+    "choice/clinical_medicine_dev.jsonl": None,
 }
+
+
+def choice_items(rng, lang):
+    """Four-option questions per condition: the body system it mainly affects, and a test used to
+    diagnose it (the distractors come from conditions of other body systems)."""
+    items = []
+    systems = sorted({c[lang]["system"] for c in CONDITIONS})
+    for c in CONDITIONS:
+        d = c[lang]
+        others = [x for x in systems if x != d["system"]]
+        options = [d["system"]] + rng.sample(others, 3)
+        rng.shuffle(options)
+        q = (f"Which body system does {d['name']} mainly affect?" if lang == "en"
+             else f"{d['name']}主要影响哪个系统或部位？")
+        items.append((q, [cap(o) if lang == "en" else o for o in options], options.index(d["system"])))
+        own = set(d["tests"])
+        tests = plain_tests(d)
+        foreign = sorted({t for o in CONDITIONS if o[lang]["system"] != d["system"]
+                          for t in plain_tests(o[lang]) if t not in own})
+        if len(tests) >= 1 and len(foreign) >= 3:
+            right = tests[-1]
+            options = [right] + rng.sample(foreign, 3)
+            rng.shuffle(options)
+            q = (f"Which of these is commonly used to diagnose {d['name']}?" if lang == "en"
+                 else f"以下哪项检查常用于诊断{d['name']}？")
+            items.append((q, [cap(o) if lang == "en" else o for o in options], options.index(right)))
+    rng.shuffle(items)
+    return items
+
+
+def make_choice(rng):
+    """Multiple-choice files for `align eval choice`: English in MMLU's layout (`question`,
+    `choices`, integer `answer`; subject clinical_knowledge) and Chinese in C-Eval's (`question`,
+    `A`-`D`, letter `answer`; subject clinical_medicine), each with a 3-item dev file."""
+    en, zh = choice_items(rng, "en"), choice_items(rng, "zh")
+    mmlu = [{"question": q, "subject": "clinical_knowledge", "choices": c, "answer": a} for q, c, a in en]
+    ceval = [{"id": i, "question": q, "A": c[0], "B": c[1], "C": c[2], "D": c[3], "answer": "ABCD"[a],
+              "explanation": ""} for i, (q, c, a) in enumerate(zh)]
+    return mmlu[3:], mmlu[:3], ceval[3:], ceval[:3]
 
 
 def build():
@@ -1869,6 +1912,9 @@ def build():
     data["preference/medical_pairs_eval.jsonl"] = make_pairs(random.Random(SEED + 7), 50, eval_combos)
     data["prompts/medical_prompts.jsonl"] = make_prompts(random.Random(SEED + 8), 200)
     data["prompts/medical_qa.jsonl"] = make_qa(random.Random(SEED + 9), 60)
+    (data["choice/clinical_knowledge_test.jsonl"], data["choice/clinical_knowledge_dev.jsonl"],
+     data["choice/clinical_medicine_val.jsonl"], data["choice/clinical_medicine_dev.jsonl"]) = make_choice(
+        random.Random(SEED + 10))
     return data
 
 
@@ -1936,6 +1982,14 @@ def readme(data, blobs):
         ("prompts/medical_qa.jsonl",
          "Question / short reference answer pairs in MedicalGPT GRPO style: `{\"question\": ..., \"answer\": ...}`. "
          "Mostly one key fact per condition, plus body-system and diagnostic-test questions."),
+        ("choice/clinical_knowledge_test.jsonl",
+         "Four-option questions for `align eval choice` in MMLU's layout (`question`, `subject`, `choices`, "
+         "integer `answer`): the body system a condition mainly affects, and a test used to diagnose it (the "
+         "wrong options come from conditions of other body systems). `choice/clinical_knowledge_dev.jsonl` "
+         "holds 3 solved examples for few-shot prompts."),
+        ("choice/clinical_medicine_val.jsonl",
+         "The same questions in Chinese in C-Eval's layout (`id`, `question`, `A`-`D`, letter `answer`, "
+         "`explanation`) for `--template ceval`; `choice/clinical_medicine_dev.jsonl` holds 3 solved examples."),
     ]
     body = []
     for rel, desc in sections:
