@@ -265,18 +265,11 @@ pub struct MeanScore {
 
 pub fn mean_score(ratings: &[Option<f64>]) -> MeanScore {
     let parsed: Vec<f64> = ratings.iter().flatten().copied().collect();
-    let n = parsed.len();
-    let unparseable = ratings.len() - n;
-    if n == 0 {
-        return MeanScore { mean: None, stderr: None, n, unparseable };
+    let (n, unparseable) = (parsed.len(), ratings.len() - parsed.len());
+    match crate::eval::stats::mean_stderr(&parsed) {
+        None => MeanScore { mean: None, stderr: None, n, unparseable },
+        Some(m) => MeanScore { mean: Some(m.mean), stderr: Some(m.stderr.unwrap_or(0.0)), n, unparseable },
     }
-    let mean = parsed.iter().sum::<f64>() / n as f64;
-    let stderr = if n < 2 {
-        0.0
-    } else {
-        (parsed.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() / (n as f64).sqrt()
-    };
-    MeanScore { mean: Some(mean), stderr: Some(stderr), n, unparseable }
 }
 
 /// Win rate of the model over the baseline from per-prompt outcomes: ties count half,
