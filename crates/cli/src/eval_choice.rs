@@ -97,15 +97,12 @@ pub fn choice(args: ChoiceArgs) -> Result<()> {
         chat: args.chat,
         scoring,
         batch: args.batch_size,
-        max_length: args.max_length.unwrap_or(s.model.lm.config.max_position_embeddings as usize),
+        max_length: args.max_length,
         max_new_tokens: args.max_new_tokens,
     };
     let started = std::time::Instant::now();
     let report = evaluate_choice(&s.model.lm, &s.tokenizer, &items, &dev, &opts)?;
     tracing::info!("scored {} items in {:.2}s", items.len(), started.elapsed().as_secs_f64());
-    if report.truncated > 0 {
-        tracing::warn!("{} items were cut from the left to {} tokens", report.truncated, opts.max_length);
-    }
     if let Some(out) = &args.output {
         write_items(out, &report)?;
     }

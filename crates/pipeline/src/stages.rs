@@ -189,7 +189,7 @@ fn run_choice_eval(
         chat: c.chat,
         scoring: c.scoring.parse()?,
         batch: settings.train.batch_size(),
-        max_length: settings.train.max_length.unwrap_or(lm.config.max_position_embeddings as usize),
+        max_length: settings.train.max_length,
         max_new_tokens: settings.max_new_tokens,
     };
     let r = tch::no_grad(|| evaluate_choice(lm, tok, &items, &dev, &opts))?;

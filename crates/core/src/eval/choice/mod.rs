@@ -18,7 +18,7 @@ use crate::infer::generate::{generate, SamplingConfig};
 use crate::model::decoder::{CausalLm, ForwardOptions, KvCache};
 use crate::text::tokenizer::ModelTokenizer;
 pub use items::{choice_label, read_choice_file, ChoiceItem};
-pub use prompt::{encode_pair, render_prompt, ChoicePrompt, ChoiceTemplate};
+pub use prompt::{encode_options, render_prompt, ChoicePrompt, ChoiceTemplate};
 
 pub use crate::eval::stats::MeanStderr;
 use crate::eval::stats::{mean_stderr, pooled};
@@ -37,10 +37,18 @@ pub struct ContinuationScore {
     pub is_greedy: bool,
 }
 
+/// The context tokens a request is scored with: all of them, or the last ones when the context
+/// and its longest continuation do not fit `max_length` + 1 positions (lm-eval cuts
+/// `(context + continuation)[-(max_length + 1):]` from the left too).
+pub fn kept_context(request: &ChoiceRequest, max_length: usize) -> &[i64] {
+    let longest = request.continuations.iter().map(Vec::len).max().unwrap_or(1);
+    let keep = (max_length + 1).saturating_sub(longest).max(1);
+    &request.context[request.context.len().saturating_sub(keep)..]
+}
+
 /// The log-likelihoods of every request's continuations, `batch` requests per forward pass.
 /// Contexts are left-padded into one batch and run once with a KV cache; the option rows then
-/// continue from their item's cached context. A context longer than `max_length` minus the
-/// longest continuation keeps its last tokens (lm-eval truncates from the left too).
+/// continue from their item's cached context. Contexts are cut as [`kept_context`] says.
 pub fn choice_loglikelihoods(
     lm: &CausalLm,
     requests: &[ChoiceRequest],
@@ -56,14 +64,7 @@ pub fn choice_loglikelihoods(
     order.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
     for chunk in order.chunks(batch.max(1)) {
         let reqs: Vec<&ChoiceRequest> = chunk.iter().map(|&i| &requests[i]).collect();
-        let contexts: Vec<&[i64]> = reqs
-            .iter()
-            .map(|r| {
-                let longest = r.continuations.iter().map(Vec::len).max().unwrap_or(1);
-                let keep = (max_length + 1).saturating_sub(longest).max(1);
-                &r.context[r.context.len().saturating_sub(keep)..]
-            })
-            .collect();
+        let contexts: Vec<&[i64]> = reqs.iter().map(|r| kept_context(r, max_length)).collect();
         let b = reqs.len();
         let w0 = contexts.iter().map(|c| c.len()).max().unwrap_or(1).max(1);
         let wc = reqs.iter().flat_map(|r| r.continuations.iter().map(|c| c.len().saturating_sub(1))).max().unwrap_or(0);
@@ -195,8 +196,9 @@ pub struct ChoiceOptions {
     pub scoring: ChoiceScoring,
     /// Items per forward pass.
     pub batch: usize,
-    /// Longest sequence a forward pass sees (contexts keep their last tokens).
-    pub max_length: usize,
+    /// Longest sequence a forward pass sees (contexts keep their last tokens); None: the model's
+    /// `max_position_embeddings`, lm-eval's default.
+    pub max_length: Option<usize>,
     /// Tokens a generated answer may have.
     pub max_new_tokens: usize,
 }
@@ -358,28 +360,19 @@ pub fn evaluate_choice(
         .collect();
     let mut truncated = 0;
     let pad = tok.padding_id();
+    let max_length = opts.max_length.unwrap_or(lm.config.max_position_embeddings as usize);
     if opts.scoring.loglikelihood() {
         let mut requests = Vec::with_capacity(items.len());
         for (item, p) in items.iter().zip(&prompts) {
-            let mut context = None;
-            let mut continuations = Vec::new();
-            for cont in p.continuations(item) {
-                let (ctx, c) =
-                    encode_pair(tok, &p.context, &cont).map_err(|e| anyhow::anyhow!("{}: {e}", item.origin))?;
-                if context.as_ref().is_some_and(|prev: &Vec<i64>| prev != &ctx) {
-                    bail!("{}: the options' contexts tokenize differently", item.origin);
-                }
-                context = Some(ctx);
-                continuations.push(c);
-            }
-            let context = context.unwrap_or_default();
-            let longest = continuations.iter().map(Vec::len).max().unwrap_or(1);
-            if context.len() + longest > opts.max_length + 1 {
-                truncated += 1;
-            }
+            let (context, continuations) = encode_options(tok, &p.context, &p.continuations(item))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", item.origin))?;
             requests.push(ChoiceRequest { context, continuations });
         }
-        let scores = choice_loglikelihoods(lm, &requests, opts.batch, opts.max_length, pad)?;
+        truncated = requests.iter().filter(|r| kept_context(r, max_length).len() < r.context.len()).count();
+        if truncated > 0 {
+            tracing::warn!("{truncated} items were cut from the left to {max_length} tokens");
+        }
+        let scores = choice_loglikelihoods(lm, &requests, opts.batch, max_length, pad)?;
         for ((r, item), s) in results.iter_mut().zip(items).zip(scores) {
             let lls: Vec<f64> = s.iter().map(|c| c.loglikelihood).collect();
             // acc_norm divides by the option string's length in characters (lm-eval's completion_len)
@@ -398,7 +391,7 @@ pub fn evaluate_choice(
         let mut encoded = Vec::with_capacity(items.len());
         for p in &prompts {
             let mut ids = prompt::lm_eval_encode(tok, &p.context)?;
-            let keep = opts.max_length.saturating_sub(opts.max_new_tokens).max(1);
+            let keep = max_length.saturating_sub(opts.max_new_tokens).max(1);
             if ids.len() > keep {
                 ids.drain(..ids.len() - keep);
             }

@@ -156,27 +156,33 @@ pub fn render_prompt(
     }
 }
 
-/// lm-eval's `_encode_pair` for a causal model: trailing whitespace of the context moves to the
-/// continuation, `context + continuation` is encoded whole and the continuation is what follows
-/// the context's own tokens. Both are encoded as `tokenizer.encode` does by default (special
+/// lm-eval's `_encode_pair` for a causal model, for every option of one context: trailing
+/// whitespace of the context moves to the continuation, `context + continuation` is encoded whole
+/// and the continuation is what follows the context's own tokens. The context (the same for every
+/// option) is encoded once. Texts are encoded as `tokenizer.encode` does by default (special
 /// tokens added, unless the text already starts with the BOS — or, without one, EOS — token).
-pub fn encode_pair(tok: &ModelTokenizer, context: &str, continuation: &str) -> Result<(Vec<i64>, Vec<i64>)> {
+pub fn encode_options(
+    tok: &ModelTokenizer,
+    context: &str,
+    continuations: &[String],
+) -> Result<(Vec<i64>, Vec<Vec<i64>>)> {
     if context.is_empty() {
         bail!("an item's context is empty");
     }
     let trimmed = context.trim_end();
-    let (context, continuation) = if trimmed.len() < context.len() {
-        (trimmed, format!("{}{continuation}", &context[trimmed.len()..]))
-    } else {
-        (context, continuation.to_string())
-    };
-    let whole = lm_eval_encode(tok, &format!("{context}{continuation}"))?;
-    let ctx = lm_eval_encode(tok, context)?;
-    let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
-    if cont.is_empty() {
-        bail!("the continuation {continuation:?} adds no token to its context");
+    let moved = &context[trimmed.len()..];
+    let ctx = lm_eval_encode(tok, trimmed)?;
+    let mut conts = Vec::with_capacity(continuations.len());
+    for c in continuations {
+        let continuation = format!("{moved}{c}");
+        let whole = lm_eval_encode(tok, &format!("{trimmed}{continuation}"))?;
+        let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
+        if cont.is_empty() {
+            bail!("the continuation {continuation:?} adds no token to its context");
+        }
+        conts.push(cont);
     }
-    Ok((ctx, cont))
+    Ok((ctx, conts))
 }
 
 /// `tok_encode` of lm-eval's HF model: special tokens added unless the text starts with the
