@@ -48,14 +48,36 @@ pub fn shuffle_in_place<T>(items: &mut [T], seed: u64) {
 /// `round(n * val_ratio)` indices, at least 1 when `val_ratio > 0` and `n >= 2`, and never all
 /// of them; `val_ratio <= 0` (or NaN) gives no validation set. The same seed gives the same split.
 pub fn split_by_ratio(n: usize, val_ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let n_val = if val_ratio > 0.0 && n >= 2 { ((n as f64 * val_ratio).round() as usize).clamp(1, n - 1) } else { 0 };
+    let n_val = held_out(n, val_ratio, n.saturating_sub(1));
+    let mut parts = shuffled_parts(n, &[n_val], seed);
+    let train = parts.pop().unwrap_or_default();
+    (train, parts.pop().unwrap_or_default())
+}
+
+/// How many of `n` indices a ratio holds out: `round(n * ratio)`, at least 1 and at most `room`
+/// when `ratio > 0` and `room >= 1`, else none (NaN included).
+fn held_out(n: usize, ratio: f64, room: usize) -> usize {
+    if ratio > 0.0 && room >= 1 {
+        ((n as f64 * ratio).round() as usize).clamp(1, room)
+    } else {
+        0
+    }
+}
+
+/// `0..n` shuffled with `seed` and cut into parts of the `held` sizes in order, then the rest;
+/// each part sorted.
+fn shuffled_parts(n: usize, held: &[usize], seed: u64) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..n).collect();
     shuffle_in_place(&mut order, seed);
-    let mut val = order[..n_val].to_vec();
-    let mut train = order[n_val..].to_vec();
-    val.sort_unstable();
-    train.sort_unstable();
-    (train, val)
+    let mut parts = Vec::with_capacity(held.len() + 1);
+    let mut start = 0;
+    for &k in held.iter().chain(std::iter::once(&(n - held.iter().sum::<usize>()))) {
+        let mut part = order[start..start + k].to_vec();
+        part.sort_unstable();
+        parts.push(part);
+        start += k;
+    }
+    parts
 }
 
 /// Splits `0..n` into train, validation and test indices (each sorted) from one seeded shuffle:
@@ -77,23 +99,11 @@ pub fn split_three_ways(
     if val_ratio + test_ratio >= 1.0 {
         anyhow::bail!("validation + test ratios: expected less than 1 in all, found {}", val_ratio + test_ratio);
     }
-    let held = |ratio: f64, room: usize| -> usize {
-        if ratio > 0.0 && room >= 1 {
-            ((n as f64 * ratio).round() as usize).clamp(1, room)
-        } else {
-            0
-        }
-    };
-    let n_val = held(val_ratio, n.saturating_sub(1));
-    let n_test = held(test_ratio, n.saturating_sub(1 + n_val));
-    let mut order: Vec<usize> = (0..n).collect();
-    shuffle_in_place(&mut order, seed);
-    let mut val = order[..n_val].to_vec();
-    let mut test = order[n_val..n_val + n_test].to_vec();
-    let mut train = order[n_val + n_test..].to_vec();
-    val.sort_unstable();
-    test.sort_unstable();
-    train.sort_unstable();
+    let n_val = held_out(n, val_ratio, n.saturating_sub(1));
+    let n_test = held_out(n, test_ratio, n.saturating_sub(1 + n_val));
+    let mut parts = shuffled_parts(n, &[n_val, n_test], seed).into_iter();
+    let (val, test, train) =
+        (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     Ok((train, val, test))
 }
 
