@@ -435,12 +435,8 @@ pub fn judge(args: JudgeArgs) -> Result<()> {
         );
     }
     if let Some(path) = &args.output {
-        let mut text = String::new();
-        for r in &records {
-            text.push_str(&serde_json::to_string(r)?);
-            text.push('\n');
-        }
-        std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))?;
+        let lines = records.iter().map(serde_json::to_string).collect::<serde_json::Result<Vec<_>>>()?;
+        align_core::data::prep::write_lines(path, lines.iter().map(String::as_str))?;
     }
     let judge_model = endpoint.as_ref().map(|(_, n)| n.clone());
     if args.json {

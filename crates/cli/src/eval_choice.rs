@@ -1,6 +1,5 @@
 //! `align eval choice`: multiple-choice benchmarks (C-Eval, CMMLU, MMLU, MedQA layouts) scored as
 //! lm-evaluation-harness scores them; per-subject and overall accuracy with standard errors.
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -120,11 +119,10 @@ pub fn choice(args: ChoiceArgs) -> Result<()> {
 }
 
 fn write_items(path: &PathBuf, report: &ChoiceReport) -> Result<()> {
-    let mut text = Vec::new();
-    for it in &report.items {
-        writeln!(text, "{}", serde_json::to_string(it)?)?;
-    }
-    align_core::hf::folder::write_file_atomic(path, &text).with_context(|| format!("--output {}", path.display()))
+    let lines = report.items.iter().map(serde_json::to_string).collect::<serde_json::Result<Vec<_>>>()?;
+    align_core::data::prep::write_lines(path, lines.iter().map(String::as_str))
+        .with_context(|| format!("--output {}", path.display()))?;
+    Ok(())
 }
 
 fn cell(m: &Option<MeanStderr>) -> String {

@@ -226,8 +226,9 @@ pub(crate) fn content_of(
     }
 }
 
-/// Writes records' raw lines to a JSON-lines (or `.txt`) file, one per line, through a
-/// temporary file renamed into place.
+/// Writes lines (records' raw lines, JSON records) to a file, one per line, with
+/// [`write_file_atomic`](crate::hf::folder::write_file_atomic): the old content or the new one,
+/// never a mix. Returns the number of lines.
 pub fn write_lines<'a>(path: &Path, lines: impl IntoIterator<Item = &'a str>) -> Result<usize> {
     let mut text = String::new();
     let mut n = 0;
@@ -236,13 +237,7 @@ pub fn write_lines<'a>(path: &Path, lines: impl IntoIterator<Item = &'a str>) ->
         text.push('\n');
         n += 1;
     }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| anyhow::anyhow!("{}: cannot create the folder: {e}", parent.display()))?;
-    }
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    crate::hf::folder::write_file_atomic(path, text.as_bytes())?;
     Ok(n)
 }
 
