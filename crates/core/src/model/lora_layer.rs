@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::model::decoder::RunMode;
+use crate::model::dropout_linear::{dropout_linear, dropout_mask};
 
 /// `targets` value selecting every projection of the decoder layers (not the LM head), as PEFT's
 /// `target_modules = "all-linear"` does.
@@ -441,23 +442,34 @@ impl LoraAdapter {
         self.mode.adapters_enabled()
     }
 
-    /// `x` in the adapter's dtype, with the adapter's dropout in training mode.
-    fn input(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = if x.kind() == self.lora_a.kind() { x.shallow_clone() } else { x.f_to_kind(self.lora_a.kind())? };
-        if self.dropout > 0.0 && self.mode.training() {
-            h = h.f_dropout(self.dropout, true)?;
-        }
-        Ok(h)
+    /// `x` in the adapter's dtype.
+    fn in_adapter_kind(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(if x.kind() == self.lora_a.kind() { x.shallow_clone() } else { x.f_to_kind(self.lora_a.kind())? })
     }
 
-    /// The update for input `x` (computed in the adapter's dtype, returned in `x`'s).
+    /// True when the adapter's dropout applies (training mode, dropout > 0).
+    fn drops(&self) -> bool {
+        self.dropout > 0.0 && self.mode.training()
+    }
+
+    /// `x` in the adapter's dtype, with the adapter's dropout in training mode.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.in_adapter_kind(x)?;
+        Ok(if self.drops() { h.f_dropout(self.dropout, true)? } else { h })
+    }
+
+    /// The update for input `x` (computed in the adapter's dtype, returned in `x`'s). Under
+    /// dropout the first product keeps a boolean mask, not a dropped copy of `x`
+    /// ([`dropout_linear`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.kind();
-        let y = self
-            .input(x)?
-            .f_linear::<Tensor>(&self.lora_a, None)?
-            .f_linear::<Tensor>(&self.lora_b, None)?
-            .f_mul_scalar(self.scaling)?;
+        let h = self.in_adapter_kind(x)?;
+        let xa = if self.drops() {
+            dropout_linear(&h, &dropout_mask(&h, self.dropout)?, &self.lora_a, self.dropout)?
+        } else {
+            h.f_linear::<Tensor>(&self.lora_a, None)?
+        };
+        let y = xa.f_linear::<Tensor>(&self.lora_b, None)?.f_mul_scalar(self.scaling)?;
         Ok(if y.kind() == kind { y } else { y.f_to_kind(kind)? })
     }
 
@@ -478,7 +490,7 @@ impl LoraAdapter {
     pub fn dora_output(&self, x: &Tensor, y: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let magnitude = self.magnitude.as_ref().ok_or_else(|| anyhow!("not a DoRA adapter"))?;
         let ak = self.lora_a.kind();
-        let dropped = self.dropout > 0.0 && self.mode.training();
+        let dropped = self.drops();
         let h = self.input(x)?;
         let w = if weight.kind() == ak { weight.shallow_clone() } else { weight.f_to_kind(ak)? };
         let norm = self.row_norm(&w, &self.lora_b.f_matmul(&self.lora_a)?.f_detach()?, self.scaling)?.f_detach()?;

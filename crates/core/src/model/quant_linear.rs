@@ -4,13 +4,14 @@
 //! state and dequantises W again in backward for `∂L/∂x = ∂L/∂y · W`, as bitsandbytes'
 //! `MatMul4Bit` does: plain autograd (`x.linear(dequantised)`) would keep a full-precision copy
 //! of every layer's weight alive from forward until backward. The base weight gets no gradient.
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
+use crate::model::ffi::tensor_from_ffi;
 use crate::model::quant::{BlockScales, QuantType4, Quantized4, QuantizedInt8, QuantizedWeight};
 
 type RebuildWeight = unsafe extern "C" fn(
@@ -64,13 +65,7 @@ pub fn quantized_linear(x: &Tensor, w: &QuantizedWeight) -> Result<Tensor> {
             err.len(),
         )
     };
-    if rc != 0 || out.is_null() {
-        // SAFETY: the C++ side always NUL-terminates the buffer
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-        bail!("quantised linear: {msg}");
-    }
-    // SAFETY: `out` is a new at::Tensor* handed over to us
-    Ok(unsafe { Tensor::from_ptr(out) })
+    tensor_from_ffi(rc, out, &err, "quantised linear")
 }
 
 /// What the C++ function saves: the quantised state's tensors (shallow handles) and the ints

@@ -6,9 +6,9 @@
 //! layer: each RMSNorm keeps its input in f32 and its normalised output; attention keeps q, k
 //! (after RoPE), v, its output and the log-sum-exp, and `o_proj` its (reshaped) input when it
 //! trains; the SiLU-gated MLP keeps the gate and up outputs, SiLU(gate) and their product; a
-//! trained projection keeps its input (a frozen one only its weight); a LoRA projection keeps
-//! its dropout noise (a float mask, as `at::dropout` makes it on CPU), its dropped input and
-//! `x·Aᵀ`. The loss keeps the `[B, T, V]` logits' f32 log-softmax and, in backward,
+//! trained projection keeps its input (a frozen one only its weight); the LoRA projections of
+//! one input keep it once, each its boolean dropout mask and `x·Aᵀ` (DoRA: a float noise mask
+//! and a dropped copy of the input, as `at::dropout` makes them on CPU). The loss keeps the `[B, T, V]` logits' f32 log-softmax and, in backward,
 //! its gradient (per chunk with `loss_chunk_tokens`). Calibrated against measured peaks on
 //! SmolLM2-135M on CPU (docs/memory.md).
 use std::collections::BTreeSet;
@@ -26,8 +26,8 @@ use crate::train::optim::{OptimizerKind, BLOCK_SIZE, MIN_8BIT_SIZE};
 pub enum PlanMethod {
     Full,
     /// LoRA adapters as the config says (ranks per module, the projections `targets` and
-    /// `layers_to_transform` select, DoRA's magnitudes; dropout > 0 keeps a mask and a dropped
-    /// copy of each adapted input).
+    /// `layers_to_transform` select, DoRA's magnitudes; dropout > 0 keeps a boolean mask per
+    /// adapter, under DoRA a float mask and a dropped copy of the input).
     Lora {
         lora: LoraConfig,
     },
@@ -304,16 +304,14 @@ pub fn plan_memory(c: &ModelConfig, s: &PlanSettings) -> Result<MemoryPlan> {
             let adapters: Vec<_> = modules.iter().filter_map(|m| adapter_of(l, m)).collect();
             let with_lora = adapters.len() as u64;
             if with_lora > 0 {
-                // with dropout: its float noise mask and the dropped input per adapter, plus one
-                // more input-sized tensor per adapter that measured peaks show resident (the
-                // gradient through each adapter's dropout in backward; calibrated on SmolLM2)
-                bytes += if lora.dropout > 0.0 {
-                    with_lora * dim * 3 * w
-                } else if bytes == 0 {
-                    dim * w
-                } else {
-                    0
-                };
+                // the input once for the adapters' first products (shared with a trained
+                // projection), and with dropout a boolean mask per adapter (model/dropout_linear.rs)
+                if bytes == 0 {
+                    bytes += dim * w;
+                }
+                if lora.dropout > 0.0 {
+                    bytes += with_lora * if lora.use_dora { 2 * dim * w } else { dim };
+                }
                 bytes += adapters.iter().map(|(_, _, _, r)| *r as u64).sum::<u64>() * w;
                 if lora.use_dora {
                     // DoRA keeps the base and the adapter outputs for the magnitudes' gradient
