@@ -10,6 +10,7 @@ use align_core::load::spec::load_reward_model_or_adapter;
 use align_core::model::scalar::{
     load_reward_model, scalar_model_from_causal_lm, write_scalar_model, LoadedScalarModel, ScalarModel, ScoreInit,
 };
+use align_core::peft::ia3::{attach_ia3, load_ia3_adapter, merge_ia3, save_ia3_adapter, Ia3Config};
 use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
     trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
@@ -228,4 +229,85 @@ fn freezing_a_reward_model_keeps_its_head_trainable() {
     let tmp = tempfile::tempdir().unwrap();
     let e = write_scalar_model(&m.vs, &m.rm, tmp.path(), None, None).unwrap_err().to_string();
     assert!(e.contains("LoRA"), "{e}");
+}
+
+/// (IA)³ on a reward model (PEFT's `SEQ_CLS` IA3: vectors on the trunk, the `score` head in
+/// `modules_to_save`): PEFT's folder (`peft/llama-ia3-seqcls`, `make_ia3_fixtures.py`) gives
+/// PEFT's scores on right-padded rows and merges exactly; ours holds the vectors and the head
+/// under PEFT's names, reloads, and loads in PEFT with equal scores.
+#[test]
+fn ia3_reward_adapters_match_peft_merge_and_ours_load_in_peft() {
+    let dir = fixtures().join("peft/llama-ia3-seqcls");
+    let golden = dir.join("golden.safetensors");
+    let (ids, want) = (tensor(&golden, "input_ids"), Vec::<f32>::try_from(tensor(&golden, "scores")).unwrap());
+    let rel = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(x, y)| ((x - y).abs() / y.abs().max(1.0)) as f64).fold(0.0, f64::max)
+    };
+    let mut m =
+        scalar_model_from_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float, 0, ScoreInit::Zeros).unwrap();
+    load_ia3_adapter(&m.vs, &mut m.rm, &dir, false).unwrap();
+    let got = scores(&m.rm, &ids);
+    assert!(rel(&got, &want) < 1e-4, "ours {got:?} vs PEFT {want:?}");
+    merge_ia3(&m.vs, &mut m.rm).unwrap();
+    assert!(m.vs.variables().keys().all(|k| !k.contains("ia3_l")));
+    assert!(rel(&scores(&m.rm, &ids), &want) < 1e-4, "merging changes the scores");
+    // the loader every consumer uses (base + adapter), merged
+    let (rm, _) = load_reward_model_or_adapter(&model_dir("tiny-llama"), Some(&dir), Device::Cpu, Kind::Float).unwrap();
+    assert!(rel(&scores(&rm.rm, &ids), &want) < 1e-4);
+    // a reward-model (IA)³ folder is not a causal LM's, and a causal LM's is not a reward model's
+    let mut lm = align_core::model::io::load_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+    let e = format!("{:#}", load_ia3_adapter(&lm.vs, &mut lm.lm, &dir, false).unwrap_err());
+    assert!(e.contains("adapter_config.json: field 'task_type'") && e.contains("reward"), "{e}");
+    let mut s = scalar("tiny-llama", 1);
+    let e = format!("{:#}", load_ia3_adapter(&s.vs, &mut s.rm, &fixtures().join("peft/llama-ia3"), false).unwrap_err());
+    assert!(e.contains("adapter_config.json: field 'task_type'") && e.contains("SEQ_CLS"), "{e}");
+
+    // ours: attached, vectors randomised, saved as PEFT writes it
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = scalar("tiny-qwen2", 3);
+    attach_ia3(&m.vs, &mut m.rm, &Ia3Config::default()).unwrap();
+    let trainable: Vec<String> = trainable_parameters(&m.vs).into_iter().map(|(n, _)| n).collect();
+    assert!(trainable.iter().all(|n| n == "score.weight" || n.ends_with(".ia3_l")), "{trainable:?}");
+    assert!(trainable.contains(&"score.weight".to_string()));
+    tch::manual_seed(8);
+    tch::no_grad(|| {
+        for (_, lin) in m.rm.linears() {
+            if let Some(v) = &lin.ia3 {
+                v.vector
+                    .shallow_clone()
+                    .copy_(&(Tensor::randn(v.vector.size(), (Kind::Float, Device::Cpu)) * 0.3 + 1.0));
+            }
+        }
+    });
+    let ours = scores(&m.rm, &ids);
+    let out = tmp.path().join("qwen2-ia3-rm");
+    let opts = AdapterSaveOptions {
+        base_model_name_or_path: Some(model_dir("tiny-qwen2").display().to_string()),
+        companions_from: None,
+    };
+    save_ia3_adapter(&m.rm, &out, &opts).unwrap();
+    let cfg_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg_json["task_type"].as_str(), cfg_json["peft_type"].as_str()), (Some("SEQ_CLS"), Some("IA3")));
+    assert_eq!(cfg_json["modules_to_save"], json!(["classifier", "score"]), "as PEFT 0.21 writes it");
+    let keys: Vec<String> =
+        Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap().into_iter().map(|(n, _)| n).collect();
+    assert!(keys.contains(&"base_model.model.score.weight".to_string()), "{keys:?}");
+    assert!(keys.iter().all(|k| k == "base_model.model.score.weight" || k.ends_with(".ia3_l")), "{keys:?}");
+    let (back, _) = load_reward_model_or_adapter(&out, None, Device::Cpu, Kind::Float).unwrap();
+    assert!(max_diff(&scores(&back.rm, &ids), &ours) < 1e-5, "reload differs");
+    if let Some(python) = python_with(&["transformers", "peft"]) {
+        let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
+        let file = tmp.path().join("ia3.json");
+        std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string()).unwrap();
+        let r = Command::new(python)
+            .arg(fixtures().join("make_peft_fixtures.py"))
+            .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+        assert!(r.status.success(), "PEFT does not reproduce our (IA)³ reward scores:\n{text}");
+    } else {
+        eprintln!("skipping the PEFT check of our (IA)³ reward adapter: no python with transformers and peft");
+    }
 }

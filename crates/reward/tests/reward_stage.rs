@@ -292,3 +292,43 @@ fn qlora_reward_model_saves_a_peft_adapter_and_resumes_bitwise() {
     let names = tensor_names(&straight.join("final/adapter_model.safetensors"));
     assert!(names.contains(&"base_model.model.score.weight".to_string()), "{names:?}");
 }
+
+#[test]
+fn ia3_run_saves_a_peft_seq_cls_ia3_adapter_and_resumes_bitwise() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ["method=ia3", "train.max_steps=4", "train.lr=2e-2"];
+    let straight = tmp.path().join("straight");
+    assert!(align_reward::run(&config(&straight, &extra), false, None).unwrap().completed);
+    let resumed = tmp.path().join("resumed");
+    let cfg = config(&resumed, &extra);
+    assert!(!align_reward::run(&cfg, false, Some(2)).unwrap().completed);
+    assert!(align_reward::run(&cfg, false, None).unwrap().completed);
+    let a = std::fs::read(straight.join("final/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "(IA)³ vectors and head differ after stop + resume");
+    assert_eq!(losses(&straight), losses(&resumed));
+    assert!(!straight.join("final/model.safetensors").exists(), "an (IA)³ run saves the adapter, not the base");
+    let cfg_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(resumed.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg_json["task_type"].as_str(), cfg_json["peft_type"].as_str()), (Some("SEQ_CLS"), Some("IA3")));
+    let names = tensor_names(&resumed.join("checkpoint-2/adapter_model.safetensors"));
+    assert!(names.contains(&"base_model.model.score.weight".to_string()));
+    assert!(names.iter().all(|n| n == "base_model.model.score.weight" || n.ends_with(".ia3_l")), "{names:?}");
+    // the folder loads as a reward model (merged) with the scores of the attached vectors
+    let (rm, _) =
+        load_reward_model_or_adapter(&resumed.join("final"), None, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let ids = tch::Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([1, 6]);
+    assert!(tch::no_grad(|| rm.rm.forward(&ids)).unwrap().double_value(&[0]).is_finite());
+    // a prompt-learning method is refused for a reward model with an error naming the key
+    let e = format!(
+        "{:#}",
+        align_reward::run(
+            &config(&tmp.path().join("p"), &["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=4"]),
+            false,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("key 'method'") && e.contains("prompt_tuning"), "{e}");
+}

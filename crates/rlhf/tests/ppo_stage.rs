@@ -310,6 +310,33 @@ fn a_lora_reward_adapter_folder_runs_as_its_merged_reward_model() {
     assert_same_weights(&a.join("final/value_model"), &b.join("final/value_model"));
 }
 
+/// An (IA)³ reward model (a PEFT `SEQ_CLS` IA3 folder, as `align train rm` with
+/// `method = "ia3"` saves) is accepted as `[ppo] reward_model`: the reward and the value model
+/// (critic) are its merged model, and the run trains and saves the critic.
+#[test]
+fn an_ia3_reward_adapter_folder_runs_as_reward_and_value_model() {
+    use align_core::model::scalar::{scalar_model_from_causal_lm, ScoreInit};
+    use align_core::peft::ia3::{attach_ia3, save_ia3_adapter, Ia3Config};
+    use align_core::peft::lora::AdapterSaveOptions;
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("rm-ia3");
+    let mut m =
+        scalar_model_from_causal_lm(&policy_dir(), Device::Cpu, Kind::Float, 0, ScoreInit::default_for(32, 3)).unwrap();
+    attach_ia3(&m.vs, &mut m.rm, &Ia3Config::default()).unwrap();
+    let opts = AdapterSaveOptions {
+        base_model_name_or_path: Some(policy_dir().display().to_string()),
+        companions_from: Some(&policy_dir()),
+    };
+    save_ia3_adapter(&m.rm, &adapter, &opts).unwrap();
+    let out = tmp.path().join("ppo");
+    align_rlhf::run_ppo(&config(&out, &adapter, &["train.max_steps=2", "train.save_every=0"]), false, None).unwrap();
+    let l = lines(&out);
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|v| v["val/vf_loss"].as_f64().is_some_and(f64::is_finite)), "{l:?}");
+    assert!(out.join("final/value_model/config.json").is_file());
+}
+
 /// A guardrail that trips every iteration (responses can never reach 1000 tokens): with
 /// `stop_on_guardrail` the run stops with an error after `guardrail_patience` iterations, the
 /// summary says why, and the iteration that tripped it is not saved (checkpoints before it are

@@ -14,7 +14,8 @@ use crate::model::decoder::ForwardOptions;
 use crate::model::scalar::{load_reward_model, load_scalar_model, write_scalar_model, LoadedScalarModel, ScoreInit};
 use crate::peft::ia3::{load_ia3_adapter, merge_ia3};
 use crate::peft::lora::{
-    adapter_base_model_dir, adapter_peft_type, load_adapter, merge_lora, read_adapter_folder_config, LoraConfig,
+    adapter_base_model_dir, adapter_peft_type, adapter_reward_task, load_adapter, merge_lora,
+    read_adapter_folder_config, LoraConfig,
 };
 use crate::{LoadedModel, ModelConfig};
 
@@ -125,6 +126,10 @@ impl Exported {
                 ("(IA)³".to_string(), m.lm.linears())
             }
             Exported::Causal(m) => (describe(&load_adapter(&m.vs, &mut m.lm, adapter)?), m.lm.linears()),
+            Exported::Reward(m) if ia3 => {
+                load_ia3_adapter(&m.vs, &mut m.rm, adapter, false)?;
+                ("(IA)³".to_string(), m.rm.linears())
+            }
             Exported::Reward(m) => (describe(&load_adapter(&m.vs, &mut m.rm, adapter)?), m.rm.linears()),
         };
         let adapted = linears.into_iter().filter(|(_, l)| l.lora.is_some() || l.ia3.is_some()).count();
@@ -135,6 +140,7 @@ impl Exported {
         match self {
             Exported::Causal(m) if m.lm.model.ia3_config().is_some() => merge_ia3(&m.vs, &mut m.lm),
             Exported::Causal(m) => merge_lora(&m.vs, &mut m.lm),
+            Exported::Reward(m) if m.rm.model.ia3_config().is_some() => merge_ia3(&m.vs, &mut m.rm),
             Exported::Reward(m) => merge_lora(&m.vs, &mut m.rm),
         }
     }
@@ -193,8 +199,7 @@ pub fn merge_adapter(base_dir: &Path, adapter: &Path, out: &Path, opts: &MergeOp
     if same_folder(out, base_dir) || same_folder(out, adapter) {
         bail!("{}: would overwrite an input folder; choose a new folder", out.display());
     }
-    // (IA)³ adapters are read for causal LMs; the LoRA reader refuses the other kinds clearly
-    let reward = adapter_peft_type(adapter)? != "IA3" && read_adapter_folder_config(adapter)?.is_reward_model();
+    let reward = adapter_reward_task(adapter)?.0;
     let tokenizer_dir = if adapter.join("tokenizer.json").is_file() { adapter } else { base_dir };
     let mut m = Exported::load(base_dir, reward, tokenizer_dir, device)?;
     let stored = opts.dtype.unwrap_or_else(|| stored_kind(m.config().stored_dtype.as_deref()));

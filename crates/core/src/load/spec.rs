@@ -17,9 +17,9 @@ use crate::model::scalar::{
     is_sequence_classifier, load_reward_model, load_scalar_model, LoadedScalarModel, ScoreInit,
 };
 use crate::peft::ia3::{load_ia3_adapter, merge_ia3, Ia3Config};
-use crate::peft::lora::adapter_peft_type;
+use crate::peft::lora::ADAPTER_CONFIG_FILE;
+use crate::peft::lora::{adapter_base_model_dir, adapter_peft_type, adapter_reward_task};
 use crate::peft::lora::{is_adapter_variable, load_adapter, merge_lora, LoraConfig};
-use crate::peft::lora::{read_adapter_folder_config, ADAPTER_CONFIG_FILE};
 use crate::peft::prompt::{is_prompt_adapter, load_prompt_adapter, PromptLearningConfig};
 use crate::text::tokenizer::ModelTokenizer;
 
@@ -325,14 +325,14 @@ pub fn load_reward_model_or_adapter(
             (dir.to_path_buf(), a.to_path_buf())
         }
         None if dir.join(ADAPTER_CONFIG_FILE).is_file() => {
-            let folder = read_adapter_folder_config(dir)?;
+            let (reward, task) = adapter_reward_task(dir)?;
             ensure!(
-                folder.is_reward_model(),
+                reward,
                 "{}: field 'task_type': {} is not a reward-model adapter (expected \"SEQ_CLS\")",
                 dir.join(ADAPTER_CONFIG_FILE).display(),
-                folder.task_type.as_deref().unwrap_or("none")
+                task.as_deref().unwrap_or("none")
             );
-            (folder.base_model_dir(dir)?, dir.to_path_buf())
+            (adapter_base_model_dir(dir)?, dir.to_path_buf())
         }
         None => return Ok((load_reward_model(dir, device, kind)?, dir.to_path_buf())),
     };
@@ -343,19 +343,24 @@ pub fn load_reward_model_or_adapter(
     let base_config = ModelConfig::from_dir(&base)?;
     if !is_sequence_classifier(&base_config) {
         // the head must come from the adapter
-        let folder = read_adapter_folder_config(&adapter)?;
+        let (reward, task) = adapter_reward_task(&adapter)?;
         ensure!(
-            folder.is_reward_model(),
+            reward,
             "{}: neither a reward model nor given with a reward-model adapter ({} has task_type {}, no score head)",
             base.display(),
             adapter.join(ADAPTER_CONFIG_FILE).display(),
-            folder.task_type.as_deref().unwrap_or("none")
+            task.as_deref().unwrap_or("none")
         );
     }
     let pad = tokenizer_for(&tokenizer_dir, &base_config, &base)?.padding_id();
     let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
-    load_adapter(&m.vs, &mut m.rm, &adapter)
-        .with_context(|| format!("adapter {} on {}", adapter.display(), base.display()))?;
-    merge_lora(&m.vs, &mut m.rm)?;
+    let context = || format!("adapter {} on {}", adapter.display(), base.display());
+    if adapter_peft_type(&adapter)? == "IA3" {
+        load_ia3_adapter(&m.vs, &mut m.rm, &adapter, false).with_context(context)?;
+        merge_ia3(&m.vs, &mut m.rm)?;
+    } else {
+        load_adapter(&m.vs, &mut m.rm, &adapter).with_context(context)?;
+        merge_lora(&m.vs, &mut m.rm)?;
+    }
     Ok((m, tokenizer_dir))
 }

@@ -4,7 +4,9 @@
 //! folders. The vectors live in the model's `VarStore` as `<module>.ia3_l` (`[out, 1]` or
 //! `[1, in]`, f32, initialised to ones as PEFT's `init_ia3_weights`), and on disk under PEFT's
 //! prefix (`base_model.model.<module>.ia3_l`). A checkpoint restores them with
-//! `lora::restore_adapter_weights` (the one restore of adapter variables).
+//! `lora::restore_adapter_weights` (the one restore of adapter variables). On a reward model
+//! (PEFT's `SEQ_CLS`) the `score` head trains in full beside the vectors and is saved as PEFT
+//! saves `modules_to_save` (`base_model.model.score.weight`).
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
@@ -21,7 +23,7 @@ use crate::model::io::remove_variables;
 use crate::model::lora_layer::LoraTargets;
 use crate::peft::lora::{
     read_adapter_json, refuse_quantized, write_adapter_config, write_tensor_file, AdapterSaveOptions, LoraModel,
-    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_CLASSIFIER_NAMES,
 };
 
 /// PEFT's prefix of the saved keys.
@@ -147,16 +149,19 @@ pub fn ia3_tensors<M: LoraModel>(model: &M) -> BTreeMap<String, Tensor> {
     out
 }
 
-/// Writes the attached (IA)³ vectors as a PEFT adapter folder into the existing folder `dir`.
+/// Writes the attached (IA)³ vectors (and the modules the model trains in full: a reward
+/// model's `score` head) as a PEFT adapter folder into the existing folder `dir`, as PEFT 0.21
+/// writes it (a `SEQ_CLS` adapter lists `modules_to_save = ["classifier", "score"]`).
 pub fn write_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
     let config = model.trunk().ia3_config().ok_or_else(|| anyhow!("no (IA)³ vectors are attached: nothing to save"))?;
-    ensure!(
-        M::MODULES_TO_SAVE.is_empty(),
-        "(IA)³ is saved for causal language models only (this model trains modules in full)"
-    );
+    let mut tensors = ia3_tensors(model);
+    for (name, t) in model.modules_to_save() {
+        tensors.insert(format!("{PEFT_PREFIX}{name}"), t);
+    }
     let tensors: BTreeMap<String, Tensor> =
-        ia3_tensors(model).into_iter().map(|(n, t)| Ok((n, t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
+        tensors.into_iter().map(|(n, t)| Ok((n, t.f_detach()?.f_contiguous()?))).collect::<Result<_>>()?;
     write_tensor_file(&tensors, dir, ADAPTER_WEIGHTS_FILE)?;
+    let modules_to_save = if M::MODULES_TO_SAVE.is_empty() { Value::Null } else { json!(PEFT_CLASSIFIER_NAMES) };
     let cfg = json!({
         "auto_mapping": null,
         "base_model_name_or_path": opts.base_model_name_or_path,
@@ -165,7 +170,7 @@ pub fn write_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSave
         "feedforward_modules": config.feedforward_modules,
         "inference_mode": true,
         "init_ia3_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "peft_type": "IA3",
         "revision": null,
         "target_modules": config.target_modules,
@@ -180,10 +185,11 @@ pub fn save_ia3_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveO
     write_folder(dir, |tmp| write_ia3_adapter(model, tmp, opts))
 }
 
-/// Reads `adapter_config.json` of a PEFT `IA3` folder. Options this implementation does not have
-/// (`fan_in_fan_out`, excluded modules, modules trained in full, another task type) are errors
-/// naming the field.
-pub fn read_ia3_folder_config(dir: &Path) -> Result<Ia3Config> {
+/// Reads `adapter_config.json` of a PEFT `IA3` folder for a model of PEFT task type `task_type`
+/// (`CAUSAL_LM`, or `SEQ_CLS` for a reward model, whose `modules_to_save` may name only PEFT's
+/// classifier names). Options this implementation does not have (`fan_in_fan_out`, excluded
+/// modules, other modules trained in full, another task type) are errors naming the field.
+pub fn read_ia3_folder_config(dir: &Path, task_type: &str) -> Result<Ia3Config> {
     let obj = read_adapter_json(dir)?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let at = path.display();
@@ -193,10 +199,23 @@ pub fn read_ia3_folder_config(dir: &Path) -> Result<Ia3Config> {
         "{at}: field 'peft_type': expected \"IA3\", found {}",
         field("peft_type").map_or("nothing".to_string(), Value::to_string)
     );
-    if let Some(t) = field("task_type") {
+    let reward = task_type == "SEQ_CLS";
+    let found = field("task_type").and_then(Value::as_str);
+    if reward {
         ensure!(
-            t.as_str() == Some("CAUSAL_LM"),
-            "{at}: field 'task_type': (IA)³ is read for causal language models (\"CAUSAL_LM\"), found {t}"
+            found == Some("SEQ_CLS"),
+            "{at}: field 'task_type': a reward model takes a \"SEQ_CLS\" (IA)³ adapter (with its score head), found {}",
+            field("task_type").map_or("nothing".to_string(), Value::to_string)
+        );
+    } else if let Some(t) = field("task_type") {
+        let hint = if found == Some("SEQ_CLS") {
+            " (a reward-model adapter: load it onto the reward model, e.g. with `align eval reward` or `align export`)"
+        } else {
+            ""
+        };
+        ensure!(
+            found == Some("CAUSAL_LM"),
+            "{at}: field 'task_type': (IA)³ is read for causal language models (\"CAUSAL_LM\") and reward models (\"SEQ_CLS\"), found {t}{hint}"
         );
     }
     for key in ["fan_in_fan_out"] {
@@ -204,11 +223,24 @@ pub fn read_ia3_folder_config(dir: &Path) -> Result<Ia3Config> {
             ensure!(v == &Value::Bool(false), "{at}: field '{key}': only false is supported, found {v}");
         }
     }
-    for key in ["exclude_modules", "modules_to_save"] {
-        if let Some(v) = field(key) {
-            let empty = v.as_array().is_some_and(Vec::is_empty) || v.as_str().is_some_and(str::is_empty);
-            ensure!(empty, "{at}: field '{key}': not supported, found {v}");
-        }
+    if let Some(v) = field("exclude_modules") {
+        let empty = v.as_array().is_some_and(Vec::is_empty) || v.as_str().is_some_and(str::is_empty);
+        ensure!(empty, "{at}: field 'exclude_modules': not supported, found {v}");
+    }
+    if let Some(v) = field("modules_to_save") {
+        let names: Option<Vec<&str>> = v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect());
+        let ok = match (&names, v.as_array()) {
+            (Some(n), Some(a)) if n.len() == a.len() => {
+                n.is_empty() || (reward && n.iter().all(|m| PEFT_CLASSIFIER_NAMES.contains(m)))
+            }
+            _ => v.as_str().is_some_and(str::is_empty),
+        };
+        let what = if reward {
+            "a reward model trains only its score head in full (\"classifier\", \"score\")"
+        } else {
+            "not supported"
+        };
+        ensure!(ok, "{at}: field 'modules_to_save': {what}, found {v}");
     }
     let modules = |key: &str| -> Result<Option<LoraTargets>> {
         match field(key) {
@@ -232,28 +264,30 @@ pub fn read_ia3_folder_config(dir: &Path) -> Result<Ia3Config> {
 }
 
 /// Loads a PEFT `IA3` folder onto `model` (nothing attached yet): the vectors it names, with their
-/// shapes checked against the model, trainable or frozen. Returns the configuration in effect.
+/// shapes checked against the model, and for a reward model its `score` head, trainable or
+/// frozen. Returns the configuration in effect.
 pub fn load_ia3_adapter<M: LoraModel>(vs: &VarStore, model: &mut M, dir: &Path, trainable: bool) -> Result<Ia3Config> {
-    let file_config = read_ia3_folder_config(dir)?;
+    let file_config = read_ia3_folder_config(dir, M::PEFT_TASK_TYPE)?;
     let at = dir.join(ADAPTER_CONFIG_FILE);
     let config = attach(vs, model, &file_config, trainable).with_context(|| format!("{}", at.display()))?;
     let weights = dir.join(ADAPTER_WEIGHTS_FILE);
     if !weights.is_file() {
         bail!("{}: missing (the adapter weights)", weights.display());
     }
-    let vars: HashMap<String, Tensor> = model
+    let mut vars: HashMap<String, Tensor> = model
         .trunk()
         .linears()
         .into_iter()
         .filter_map(|(p, l)| l.ia3.as_ref().map(|v| (format!("{p}.{IA3_L}"), v.vector.shallow_clone())))
         .collect();
+    vars.extend(model.modules_to_save());
     let mut seen = HashSet::new();
     tch::no_grad(|| {
         for_each_tensor(std::slice::from_ref(&weights), |file, key, t| {
             let name = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
             let var = vars.get(name).ok_or_else(|| {
                 anyhow!(
-                    "{}: tensor '{key}': not an (IA)³ vector of a module adapter_config.json's target_modules select",
+                    "{}: tensor '{key}': not an (IA)³ vector of a module adapter_config.json's target_modules select (nor a reward model's score head)",
                     file.display()
                 )
             })?;

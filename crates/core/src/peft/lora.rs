@@ -62,7 +62,7 @@ pub trait LoraModel {
 
 /// Module names PEFT adds to `modules_to_save` of every `SEQ_CLS` adapter (it keeps those the
 /// model has): a model holds one of them.
-const PEFT_CLASSIFIER_NAMES: &[&str] = &["classifier", "score"];
+pub(crate) const PEFT_CLASSIFIER_NAMES: &[&str] = &["classifier", "score"];
 
 pub use crate::hf::checkpoint::is_adapter_variable;
 
@@ -436,6 +436,18 @@ pub fn adapter_peft_type(dir: &Path) -> Result<String> {
         Some(other) => bail!("{}: field 'peft_type': expected a string, found {other}", at.display()),
         None => bail!("{}: field 'peft_type': missing", at.display()),
     }
+}
+
+/// Whether an adapter folder of any kind (LoRA, (IA)³, …) is a reward model's: `task_type`
+/// `SEQ_CLS`, or the `score` head among `modules_to_save`; and its `task_type` as written.
+pub fn adapter_reward_task(dir: &Path) -> Result<(bool, Option<String>)> {
+    let obj = read_adapter_json(dir)?;
+    let task = obj.get("task_type").and_then(Value::as_str).map(str::to_string);
+    let score = obj
+        .get("modules_to_save")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|m| m.as_str() == Some("score")));
+    Ok((task.as_deref() == Some("SEQ_CLS") || score, task))
 }
 
 /// The base model folder an adapter folder of any kind names in `base_model_name_or_path` (a

@@ -1,5 +1,5 @@
-//! Loading the model a training stage starts from (device, dtype, tuning method: full, LoRA or
-//! freeze) and saving or restoring it for checkpoints: the part of every stage's set-up that is
+//! Loading the model a training stage starts from (device, dtype, tuning method: full, LoRA,
+//! (IA)³, prompt learning or freeze) and saving or restoring it for checkpoints: the part of every stage's set-up that is
 //! not stage-specific.
 use std::path::Path;
 
@@ -10,11 +10,11 @@ use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
 use crate::load::spec::{tokenizer_for, AdapterMode, LoadedAdapter, LoadedCausalLm, ModelSpec};
 use crate::model::io::LoadedModel;
 use crate::model::scalar::{write_scalar_model, LoadedScalarModel, ScoreInit};
-use crate::peft::ia3::{attach_ia3, write_ia3_adapter, Ia3Config};
+use crate::peft::ia3::{attach_ia3, load_ia3_adapter, merge_ia3, write_ia3_adapter, Ia3Config};
 use crate::peft::lora::{
-    apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, refuse_quantized,
-    restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig, LoraConfig,
-    ADAPTER_CONFIG_FILE,
+    adapter_peft_type, apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config,
+    refuse_quantized, restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig,
+    LoraConfig, ADAPTER_CONFIG_FILE,
 };
 use crate::peft::prompt::{attach_prompt_learning, restore_prompt_weights, write_prompt_adapter};
 use crate::text::tokenizer::ModelTokenizer;
@@ -244,7 +244,8 @@ impl TrainingScalarModel {
     /// Loads `model` of the config: a reward-model folder as it is, or a causal LM's trunk with a
     /// new head initialised by `init(hidden_size)`; the padding id is the tokenizer's. Then
     /// prepares the method as [`TrainingModel::load`] does: full, LoRA (`[lora]` adapters on the
-    /// trunk; a starting `adapter` must be a reward-model adapter and is loaded into them) or
+    /// trunk; a starting `adapter` must be a reward-model adapter and is loaded into them), (IA)³
+    /// (`[ia3]` vectors on the trunk; a starting `adapter` must be a `SEQ_CLS` (IA)³ folder) or
     /// freeze (`[freeze]`). The head (`score`) always trains, as PEFT's `modules_to_save`. Under
     /// full/freeze a starting `adapter` (of a reward model, or of the causal LM's trunk) is merged
     /// into the weights first.
@@ -260,9 +261,9 @@ impl TrainingScalarModel {
                 dir.display()
             );
         }
-        if c.method.is_prompt_learning() || c.method == Method::Ia3 {
+        if c.method.is_prompt_learning() {
             bail!(
-                "{}: key 'method': \"{}\" is implemented for causal language models; a reward or value model takes method = \"full\", \"lora\" or \"freeze\"",
+                "{}: key 'method': \"{}\" is implemented for causal language models; a reward or value model takes method = \"full\", \"lora\", \"ia3\" or \"freeze\"",
                 cfg.origin.display(),
                 c.method.as_str()
             );
@@ -294,10 +295,31 @@ impl TrainingScalarModel {
                     attach_lora(&loaded.vs, &mut loaded.rm, &lora).with_context(|| at("[lora]"))?;
                 }
             },
+            Method::Ia3 => match &adapter {
+                Some(a) => {
+                    if adapter_peft_type(a)? != "IA3" {
+                        bail!(
+                            "{}: {} is not an (IA)³ adapter, which method = \"ia3\" would train; merge it into the model first (align export) and give the merged folder as model",
+                            at("key 'adapter'"),
+                            a.display()
+                        );
+                    }
+                    load_ia3_adapter(&loaded.vs, &mut loaded.rm, a, true)?;
+                }
+                None => {
+                    let ia3: Ia3Config = cfg.section("ia3", c.ia3.as_ref())?;
+                    attach_ia3(&loaded.vs, &mut loaded.rm, &ia3).with_context(|| at("[ia3]"))?;
+                }
+            },
             Method::Full | Method::Freeze => {
                 if let Some(a) = &adapter {
-                    load_adapter(&loaded.vs, &mut loaded.rm, a)?;
-                    merge_lora(&loaded.vs, &mut loaded.rm)?;
+                    if adapter_peft_type(a)? == "IA3" {
+                        load_ia3_adapter(&loaded.vs, &mut loaded.rm, a, false)?;
+                        merge_ia3(&loaded.vs, &mut loaded.rm)?;
+                    } else {
+                        load_adapter(&loaded.vs, &mut loaded.rm, a)?;
+                        merge_lora(&loaded.vs, &mut loaded.rm)?;
+                    }
                     for (_, v) in loaded.vs.variables() {
                         let _ = v.set_requires_grad(true);
                     }
@@ -307,7 +329,7 @@ impl TrainingScalarModel {
                     apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
                 }
             }
-            Method::PromptTuning | Method::PTuning | Method::PrefixTuning | Method::Ia3 => {
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => {
                 unreachable!("refused above")
             }
         }
@@ -355,12 +377,19 @@ impl ModelState for TrainingScalarModel {
             };
             return write_adapter(&self.loaded.rm, dir, &opts);
         }
+        if self.method == Method::Ia3 {
+            let opts = AdapterSaveOptions {
+                base_model_name_or_path: Some(self.base_name.clone()),
+                companions_from: Some(&self.loaded.dir),
+            };
+            return write_ia3_adapter(&self.loaded.rm, dir, &opts);
+        }
         refuse_quantized(&self.loaded.rm.model, "save the full weights of")?;
         write_scalar_model(&self.loaded.vs, &self.loaded.rm, dir, None, Some(&self.loaded.dir))
     }
 
     fn restore(&self, dir: &Path) -> Result<()> {
-        if self.method == Method::Lora {
+        if self.method == Method::Lora || self.method == Method::Ia3 {
             return restore_adapter_weights(&self.loaded.vs, dir);
         }
         load_weights(&self.loaded.vs, dir, self.loaded.rm.config.tie_word_embeddings)
