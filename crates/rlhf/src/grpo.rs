@@ -15,15 +15,15 @@ use tch::{Kind, Tensor};
 
 use align_core::eval::answers::stop_token_ids;
 use align_core::hf::checkpoint::resolve_model_dir;
-use align_core::infer::generate::SamplingConfig;
+use align_core::infer::generate::{Generation, SamplingConfig};
 use align_core::infer::logprobs::HeadOptions;
 use align_core::model::recompute;
 use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, rank_optimizer, stream_indices, train, ModelState, StepContext, StepReport, TrainRun,
-    TrainStep, TrainSummary,
+    clip_and_step, epoch_order, rank_optimizer, rank_share, step_seed, stream_indices, train, ModelState, StepContext,
+    StepReport, TrainRun, TrainStep, TrainSummary,
 };
 
 use crate::grpo_config::GrpoSection;
@@ -33,7 +33,7 @@ use crate::grpo_loss::{
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rewards::{load_reward_model, weighted_sum, Completion, RewardCommand, RewardFunctions};
-use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, Prompt, RolloutBatch, SamplesLog};
+use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, ChunkSeeds, Prompt, RolloutBatch, SamplesLog};
 
 /// The stage's own part of every checkpoint's state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +66,43 @@ fn index(rows: &[usize], device: tch::Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?)
 }
 
+/// What advantages and metrics need of every completion of the iteration, over all ranks in
+/// rank order (this rank's own in a world of one).
+struct GlobalRows {
+    rewards: Vec<f64>,
+    /// Each completion's summed log-ratio to the reference (0 when not penalised).
+    kl: Vec<f64>,
+    lengths: Vec<f64>,
+    stopped: Vec<bool>,
+    /// Per reward function, its scores.
+    per_function: Vec<Vec<f64>>,
+}
+
+/// Gathers this rank's rewards, KL, lengths, eos flags and per-function scores from every rank
+/// (one collective of a few numbers per completion).
+fn gather_rows(
+    rewards: &[f64],
+    kl: &[f64],
+    generations: &[Generation],
+    per_function: &[Vec<f64>],
+) -> Result<GlobalRows> {
+    let width = 4 + per_function.len();
+    let mut local = Vec::with_capacity(rewards.len() * width);
+    for (i, gen) in generations.iter().enumerate() {
+        local.extend([rewards[i], kl[i], gen.tokens.len() as f64, f64::from(u8::from(gen.stopped_on_eos))]);
+        local.extend(per_function.iter().map(|f| f[i]));
+    }
+    let all = align_core::dist::world().gather_f64(&local)?;
+    let column = |c: usize| -> Vec<f64> { all.chunks(width).map(|row| row[c]).collect() };
+    Ok(GlobalRows {
+        rewards: column(0),
+        kl: column(1),
+        lengths: column(2),
+        stopped: column(3).into_iter().map(|x| x > 0.5).collect(),
+        per_function: (0..per_function.len()).map(|f| column(4 + f)).collect(),
+    })
+}
+
 /// Sums of what the updates measured, for the iteration's metrics.
 #[derive(Default)]
 struct UpdateSums {
@@ -96,8 +133,8 @@ impl Grpo<'_> {
     }
 
     /// Old log-probs are needed when the policy moves between the rollout and an update
-    /// (several passes or minibatches); otherwise the ratio is 1 and TRL uses the detached
-    /// current log-probs.
+    /// (several passes or minibatches of the iteration's `rows` completions over all ranks);
+    /// otherwise the ratio is 1 and TRL uses the detached current log-probs.
     fn needs_old_logprobs(&self, rows: usize) -> bool {
         self.section.num_iterations > 1
             || self.mini_batch < rows
@@ -116,10 +153,15 @@ impl Grpo<'_> {
         let lm = &self.policy.loaded.lm;
         let device = lm.device();
         let started = Instant::now();
+        // every rank draws the same prompts and generates the whole groups of its share of them
+        let world = align_core::dist::world();
         let n_prompts = s.generation_batch_size / g;
         let picked = stream_indices(self.prompts.len(), self.train.seed, at.examples_consumed, n_prompts);
-        let rows: Vec<usize> = picked.iter().flat_map(|&p| std::iter::repeat(p).take(g)).collect();
+        let rows: Vec<usize> = rank_share(&picked).iter().flat_map(|&p| std::iter::repeat(p).take(g)).collect();
         let prompt_ids: Vec<Vec<i64>> = rows.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+        let n = rows.len();
+        let global_rows = s.generation_batch_size;
+        let offset = world.rank() * n;
 
         // 1. completions
         let sampling = SamplingConfig {
@@ -130,9 +172,9 @@ impl Grpo<'_> {
             repetition_penalty: None,
         };
         let chunk = s.generation_chunk_size.unwrap_or(s.generation_batch_size);
+        let seeds = ChunkSeeds { base: step_seed(self.train.seed, at.step), first_row: offset };
         let (generations, generation_seconds) =
-            sample_responses(lm, &prompt_ids, &sampling, &self.stops, self.pad_id, chunk)?;
-        let new_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+            sample_responses(lm, &prompt_ids, &sampling, &self.stops, self.pad_id, chunk, Some(seeds))?;
 
         // 2. rewards
         let t = Instant::now();
@@ -162,9 +204,8 @@ impl Grpo<'_> {
         // 3. old and reference log-probs (no gradients)
         let t = Instant::now();
         let batch = RolloutBatch::new(&prompt_ids, &generations, self.pad_id, device)?;
-        let n = rows.len();
         let per_pass = self.train.batch_size;
-        let old = if self.needs_old_logprobs(n) {
+        let old = if self.needs_old_logprobs(global_rows) {
             Some(tch::no_grad(|| batch.per_pass(per_pass, |b| b.response_logprobs(lm, self.head(false))))?)
         } else {
             None
@@ -181,20 +222,26 @@ impl Grpo<'_> {
         let forward_seconds = t.elapsed().as_secs_f64();
 
         // 4. advantages (RLOO / REINFORCE++ take the KL as a reward penalty, as TRL's RLOO)
+        // (over the global batch: every rank gathers the rewards, lengths and KL of all of
+        // them and computes the same advantages, which is exact for every estimator)
         let mask = &batch.response_mask;
-        let mut shaped = rewards.clone();
-        let mut sequence_kl = None;
-        if let (AdvantageEstimator::Rloo | AdvantageEstimator::ReinforcePp, Some(old), Some(r)) =
-            (self.estimator, &old, &reference)
-        {
-            let kl: Vec<f64> = Vec::try_from(
+        let kl_penalised = matches!(
+            (self.estimator, &old, &reference),
+            (AdvantageEstimator::Rloo | AdvantageEstimator::ReinforcePp, Some(_), Some(_))
+        );
+        let kl: Vec<f64> = match (kl_penalised, &old, &reference) {
+            (true, Some(old), Some(r)) => Vec::try_from(
                 old.f_sub(r)?.f_mul(mask)?.f_sum_dim_intlist(1, false, Kind::Double)?.f_to_device(tch::Device::Cpu)?,
-            )?;
-            for (x, k) in shaped.iter_mut().zip(&kl) {
-                *x -= self.beta * k;
-            }
-            sequence_kl = Some(kl.iter().sum::<f64>() / n as f64);
-        }
+            )?,
+            _ => vec![0.0; n],
+        };
+        let all = gather_rows(&rewards, &kl, &generations, &per_function)?;
+        let shaped: Vec<f64> = if kl_penalised {
+            all.rewards.iter().zip(&all.kl).map(|(r, k)| r - self.beta * k).collect()
+        } else {
+            all.rewards.clone()
+        };
+        let sequence_kl = kl_penalised.then(|| all.kl.iter().sum::<f64>() / global_rows as f64);
         let finite = shaped.iter().all(|x| x.is_finite());
         let scale = s.scale_rewards.unwrap_or_default();
         let adv = if finite {
@@ -204,8 +251,8 @@ impl Grpo<'_> {
             None
         };
 
-        // 5. which completions train: dynamic sampling drops groups of equal rewards
-        let mut keep: Vec<usize> = (0..n).collect();
+        // 5. which completions train (global rows): dynamic sampling drops groups of equal rewards
+        let mut keep: Vec<usize> = (0..global_rows).collect();
         let mut dropped = 0usize;
         if let (true, Some(a)) = (s.dynamic_sampling, &adv) {
             keep.retain(|&i| !a.zero_std[i / g]);
@@ -222,14 +269,15 @@ impl Grpo<'_> {
         let t = Instant::now();
         let mut sums = UpdateSums::default();
         if let Some(a) = adv.as_ref().filter(|_| !keep.is_empty()) {
-            let advantages = Tensor::from_slice(&a.advantages).f_to_device(device)?.f_to_kind(Kind::Float)?;
+            let advantages =
+                Tensor::from_slice(&a.advantages[offset..offset + n]).f_to_device(device)?.f_to_kind(Kind::Float)?;
             self.optimise(
                 &batch,
                 &loss_mask,
                 old.as_ref(),
                 reference.as_ref(),
                 &advantages,
-                &keep,
+                (&keep, offset),
                 at,
                 opt,
                 &mut sums,
@@ -237,18 +285,19 @@ impl Grpo<'_> {
         }
         let optimisation_seconds = t.elapsed().as_secs_f64();
 
-        // metrics (TRL's names)
-        let rows_f = n as f64;
+        // metrics (TRL's names), over the completions of every rank
+        let rows_f = global_rows as f64;
+        let rewards = &all.rewards;
         let mut line = Map::new();
         let mut put = |k: &str, v: f64| {
             line.insert(k.to_string(), json!(v));
         };
         let reward_mean = rewards.iter().sum::<f64>() / rows_f;
         put("reward", reward_mean);
-        put("reward_std", std_unbiased(&rewards));
+        put("reward_std", std_unbiased(rewards));
         let zero_frac = match (&adv, scale, self.estimator) {
             (Some(_), ScaleRewards::Batch, AdvantageEstimator::Grpo) => {
-                if std_unbiased(&rewards).abs() <= 1e-8 {
+                if std_unbiased(rewards).abs() <= 1e-8 {
                     1.0
                 } else {
                     0.0
@@ -258,18 +307,17 @@ impl Grpo<'_> {
             (None, _, _) => f64::NAN,
         };
         put("frac_reward_zero_std", zero_frac);
-        for ((name, _), values) in names.iter().zip(&per_function) {
+        for ((name, _), values) in names.iter().zip(&all.per_function) {
             put(&format!("rewards/{name}/mean"), values.iter().sum::<f64>() / rows_f);
             put(&format!("rewards/{name}/std"), std_unbiased(values));
         }
-        let lengths: Vec<f64> = generations.iter().map(|g| g.tokens.len() as f64).collect();
+        let lengths = &all.lengths;
         put("completions/mean_length", lengths.iter().sum::<f64>() / rows_f);
         put("completions/min_length", lengths.iter().cloned().fold(f64::INFINITY, f64::min));
         put("completions/max_length", lengths.iter().cloned().fold(0.0, f64::max));
-        let truncated = generations.iter().filter(|g| !g.stopped_on_eos).count() as f64;
+        let truncated = all.stopped.iter().filter(|s| !**s).count() as f64;
         put("completions/clipped_ratio", truncated / rows_f);
-        let terminated: Vec<f64> =
-            generations.iter().filter(|g| g.stopped_on_eos).map(|g| g.tokens.len() as f64).collect();
+        let terminated: Vec<f64> = lengths.iter().zip(&all.stopped).filter(|(_, s)| **s).map(|(l, _)| *l).collect();
         put(
             "completions/mean_terminated_length",
             if terminated.is_empty() { 0.0 } else { terminated.iter().sum::<f64>() / terminated.len() as f64 },
@@ -302,9 +350,12 @@ impl Grpo<'_> {
         put("time/forward", forward_seconds);
         put("time/optimisation", optimisation_seconds);
         put("time/iteration", total);
+        let new_tokens = lengths.iter().sum::<f64>() as usize;
         put("rollout_tokens_per_second", new_tokens as f64 / generation_seconds.max(1e-9));
 
-        if let Some(log) = samples.due(at.step, s.sample_every)? {
+        // rank 0 writes the samples, from its own share of the completions
+        let due = if world.is_main() { samples.due(at.step, s.sample_every)? } else { None };
+        if let Some(log) = due {
             for k in 0..s.num_samples.min(n) {
                 let p = &self.prompts[rows[k]];
                 let mut line = json!({
@@ -331,6 +382,19 @@ impl Grpo<'_> {
     /// `num_iterations` passes over the kept completions in shuffled minibatches of
     /// `mini_batch_size`, each one optimizer step (micro-batches of `train.batch_size` rows
     /// accumulate into it).
+    ///
+    /// Data parallel: `keep` and the minibatches are global rows (the same shuffle on every
+    /// rank), and each rank computes the loss of the rows it generated (`offset ..` its share),
+    /// normalised by the counts of the whole minibatch; the gradients are summed over the
+    /// ranks, so a minibatch's step is the one-process step on the global batch. Per
+    /// `loss_type`: grpo divides the sequences' token means by the minibatch's sequences;
+    /// dapo / cispo divide by its tokens over all ranks; dr_grpo by its sequences ×
+    /// `max_completion_length`. TRL 1.16 does the same under DDP for these (grpo, dr_grpo per
+    /// local micro-batch, which DDP's gradient mean turns into the global mean when the
+    /// micro-batches are of equal size; dapo by the global tokens / processes). bnpo is each
+    /// micro-batch's token mean divided by the micro-batches of all ranks, as TRL's local-batch
+    /// mean averaged by DDP: it equals one process's only when the micro-batches hold the same
+    /// rows.
     #[allow(clippy::too_many_arguments)]
     fn optimise(
         &self,
@@ -339,7 +403,7 @@ impl Grpo<'_> {
         old: Option<&Tensor>,
         reference: Option<&Tensor>,
         advantages: &Tensor,
-        keep: &[usize],
+        (keep, offset): (&[usize], usize),
         at: &StepContext,
         opt: &mut AdamW,
         sums: &mut UpdateSums,
@@ -348,14 +412,27 @@ impl Grpo<'_> {
         let lm = &self.policy.loaded.lm;
         let device = lm.device();
         let per_pass = self.train.batch_size.max(1);
+        let world = align_core::dist::world();
+        let local = offset..offset + loss_mask.size()[0] as usize;
         let order_seed = self.train.seed ^ (at.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         for pass in 0..s.num_iterations as u64 {
             let order: Vec<usize> = epoch_order(keep.len(), order_seed, pass).into_iter().map(|i| keep[i]).collect();
-            for mb in order.chunks(self.mini_batch) {
+            for global_mb in order.chunks(self.mini_batch) {
+                // this rank's rows of the minibatch, as rows of its rollouts
+                let mb: Vec<usize> = global_mb.iter().filter(|r| local.contains(r)).map(|r| r - offset).collect();
+                let mut counts = [
+                    if mb.is_empty() {
+                        0.0
+                    } else {
+                        host(&loss_mask.f_index_select(0, &index(&mb, device)?)?.f_sum(Kind::Double)?)?
+                    },
+                    mb.chunks(per_pass).count() as f64,
+                ];
+                world.sum_f64(&mut counts)?;
                 let norm = LossNormaliser {
-                    sequences: mb.len() as f64,
-                    tokens: host(&loss_mask.f_index_select(0, &index(mb, device)?)?.f_sum(Kind::Double)?)?,
-                    micro_batches: mb.chunks(per_pass).count() as f64,
+                    sequences: global_mb.len() as f64,
+                    tokens: counts[0],
+                    micro_batches: counts[1],
                     max_completion_length: s.max_completion_length as f64,
                 };
                 let mut step_loss = 0f64;
@@ -416,6 +493,31 @@ impl Grpo<'_> {
                         mb_sums.entropy_tokens += host(&sub.response_mask.f_sum(Kind::Double)?)?;
                     }
                 }
+                opt.reduce_grads()?;
+                let mut reduced = [
+                    step_loss,
+                    mb_sums.tokens,
+                    mb_sums.sequences,
+                    mb_sums.kl,
+                    mb_sums.low,
+                    mb_sums.high,
+                    mb_sums.region,
+                    mb_sums.entropy,
+                    mb_sums.entropy_tokens,
+                ];
+                world.sum_f64(&mut reduced)?;
+                let [step_loss, tokens, sequences, kl, low, high, region, entropy, entropy_tokens] = reduced;
+                let mb_sums = UpdateSums {
+                    tokens,
+                    sequences,
+                    kl,
+                    low,
+                    high,
+                    region,
+                    entropy,
+                    entropy_tokens,
+                    ..UpdateSums::default()
+                };
                 let grad_norm = opt.grad_norm()?;
                 if step_loss.is_finite() && grad_norm.is_finite() {
                     clip_and_step(opt, grad_norm, self.train.max_grad_norm, at.lr)?;
@@ -549,9 +651,12 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let c = &cfg.config;
     let t = &c.train;
     let world = align_core::dist::world();
-    if world.size() > 1 {
+    let per_iteration = section.generation_batch_size / section.num_generations;
+    if per_iteration % world.size() != 0 {
         bail!(
-            "{origin}: {name} is not data-parallel yet: run it as one process (this job has {} ranks); PT, SFT, RM, DPO, KTO, distillation and PPO are",
+            "{origin}: [{name}] generation_batch_size = {}: must be a multiple of num_generations ({}) × the {} ranks (each rank generates and scores whole groups of its share of the prompts)",
+            section.generation_batch_size,
+            section.num_generations,
             world.size()
         );
     }

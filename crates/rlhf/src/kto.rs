@@ -163,6 +163,18 @@ impl Objective for KtoObjective<'_> {
         };
         let labels: Vec<bool> = examples.iter().map(|&e| self.data.desirable(split)[e]).collect();
         let desirable = Tensor::from_slice(&labels).f_to_device(device)?;
+        // z0 over the micro-batches of every rank (each rank runs the same number of training
+        // micro-batches in step); evaluation shards its chunks unevenly, so its z0 stays per
+        // chunk, as one process's
+        let world = align_core::dist::world();
+        let kl_mean = if split == Split::Train && world.size() > 1 {
+            let log_ratio = policy_kl_logps.f_sub(&ref_kl_logps)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let mut sums = [log_ratio, examples.len() as f64];
+            world.sum_f64(&mut sums)?;
+            Some(sums[0] / sums[1].max(1.0))
+        } else {
+            None
+        };
         let out = kto_loss(
             &KtoLogps {
                 policy_logps: &policy_logps,
@@ -172,6 +184,7 @@ impl Objective for KtoObjective<'_> {
                 desirable: &desirable,
             },
             &self.params,
+            kl_mean,
         )?;
         let n_chosen = labels.iter().filter(|&&l| l).count() as f64;
         let n_rejected = labels.len() as f64 - n_chosen;
@@ -224,7 +237,9 @@ pub fn run(cfg: &LoadedConfig, restart: bool, stop_after: Option<u64>) -> Result
     let pad_id = tokenizer.padding_id();
     let budget = LengthBudget::new(c.train.max_length, options.length_policy);
     let (train, val) = read_splits(cfg, &options, |paths, o| read_unpaired(paths, o))?;
-    let group = c.train.batch_size;
+    // the KL completions rotate within groups of the global micro-batch (every rank's
+    // train.batch_size examples), so they do not depend on how many ranks share it
+    let group = c.train.batch_size * align_core::dist::world().size();
     let (train_enc, train_desirable, dropped, truncated) = encode_examples(&tokenizer, &train, group, budget)?;
     let (val_enc, validation_desirable, _, _) = encode_examples(&tokenizer, &val, group, budget)?;
     if train_enc.is_empty() {

@@ -60,8 +60,10 @@ pub struct KtoLossOutput {
 
 /// With r = log π − log π_ref of an example and z0 as in [`KtoLossOutput::kl`]:
 /// a desirable example's loss is λ_D·(1 − σ(β·(r − z0))), an undesirable one's
-/// λ_U·(1 − σ(β·(z0 − r))).
-pub fn kto_loss(x: &KtoLogps, p: &KtoLossParams) -> Result<KtoLossOutput> {
+/// λ_U·(1 − σ(β·(z0 − r))). `kl_mean`: the mean log-ratio of the KL completions when it is
+/// taken over more than this batch (the micro-batches of every rank, as TRL gathers it before
+/// the mean); None: over this batch's. z0 is its clamp at 0 either way.
+pub fn kto_loss(x: &KtoLogps, p: &KtoLossParams, kl_mean: Option<f64>) -> Result<KtoLossOutput> {
     let n = x.policy_logps.size();
     ensure!(n.len() == 1 && n[0] > 0, "kto_loss: policy_logps has shape {n:?}; expected [B], B > 0");
     for (name, t) in [
@@ -77,7 +79,10 @@ pub fn kto_loss(x: &KtoLogps, p: &KtoLossParams) -> Result<KtoLossOutput> {
         "kto_loss: desirable must be a bool tensor, found {:?}",
         x.desirable.kind()
     );
-    let kl = x.policy_kl_logps.f_sub(x.ref_kl_logps)?.f_mean(Kind::Float)?.f_detach()?.f_clamp_min(0.0)?;
+    let kl = match kl_mean {
+        Some(m) => Tensor::from(m.max(0.0) as f32).f_to_device(x.policy_logps.device())?,
+        None => x.policy_kl_logps.f_sub(x.ref_kl_logps)?.f_mean(Kind::Float)?.f_detach()?.f_clamp_min(0.0)?,
+    };
     let logratio = x.policy_logps.f_sub(x.ref_logps)?;
     let beta = p.beta;
     let chosen = logratio.f_sub(&kl)?.f_mul_scalar(beta)?.f_sigmoid()?.f_neg()?.f_add_scalar(1.0)?;
@@ -139,7 +144,7 @@ mod tests {
                 ref_kl_logps: &rk,
                 desirable: &desirable,
             };
-            let out = kto_loss(&x, &params).unwrap();
+            let out = kto_loss(&x, &params, None).unwrap();
             let all = |t: &Tensor| -> Vec<f64> { Vec::try_from(t.to_kind(Kind::Double)).unwrap() };
             let (loss, rewards) = (all(&out.loss), all(&out.rewards));
             let pick = |v: &[f64], want: bool| -> Vec<f64> {
@@ -172,7 +177,7 @@ mod tests {
             ref_kl_logps: &rk,
             desirable: &desirable,
         };
-        let out = kto_loss(&x, &KtoLossParams::default()).unwrap();
+        let out = kto_loss(&x, &KtoLossParams::default(), None).unwrap();
         out.loss.sum(Kind::Float).backward();
         assert!(pl.grad().double_value(&[0]) < 0.0 && pl.grad().double_value(&[1]) > 0.0);
         assert!(!pk.grad().defined() || pk.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0, "z0 is detached");
@@ -182,5 +187,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("'undesirable_weight'"));
+    }
+
+    /// A batch split in two with z0 from the KL completions of both halves (as two ranks
+    /// all-reduce it) has the whole batch's losses.
+    #[test]
+    fn a_shared_kl_mean_gives_the_whole_batch_losses() {
+        let t = |xs: &[f32]| Tensor::from_slice(xs);
+        let (pl, r) = (t(&[-5.0, -6.0, -4.0, -7.0]), t(&[-5.5, -5.5, -4.2, -6.1]));
+        let (pk, rk) = (t(&[-9.0, -8.0, -7.5, -9.5]), t(&[-10.0, -10.0, -8.0, -9.0]));
+        let desirable = Tensor::from_slice(&[true, false, false, true]);
+        let p = KtoLossParams::default();
+        let x = |lo: i64, n: i64| -> KtoLossOutput {
+            let (a, b, c, d, e) = (
+                pl.narrow(0, lo, n),
+                r.narrow(0, lo, n),
+                pk.narrow(0, lo, n),
+                rk.narrow(0, lo, n),
+                desirable.narrow(0, lo, n),
+            );
+            let x = KtoLogps { policy_logps: &a, ref_logps: &b, policy_kl_logps: &c, ref_kl_logps: &d, desirable: &e };
+            let mean = (&pk - &rk).sum(Kind::Double).double_value(&[]) / 4.0;
+            kto_loss(&x, &p, (n < 4).then_some(mean)).unwrap()
+        };
+        let whole = x(0, 4);
+        let halves = Tensor::cat(&[x(0, 2).loss, x(2, 2).loss], 0);
+        assert!((&whole.loss - &halves).abs().max().double_value(&[]) < 1e-6);
+        assert!((whole.kl.double_value(&[]) - 0.75).abs() < 1e-6);
     }
 }

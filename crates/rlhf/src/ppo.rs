@@ -25,8 +25,8 @@ use align_core::train::config::{LoadedConfig, TrainSection};
 use align_core::train::optim::AdamW;
 use align_core::train::setup::{training_device, TrainingModel, TrainingScalarModel};
 use align_core::train::trainer::{
-    clip_and_step, epoch_order, rank_optimizer, rank_share, stream_indices, train, ModelState, StepContext, StepReport,
-    StopRequest, TrainRun, TrainStep, TrainSummary,
+    clip_and_step, epoch_order, rank_optimizer, rank_share, step_seed, stream_indices, train, ModelState, StepContext,
+    StepReport, StopRequest, TrainRun, TrainStep, TrainSummary,
 };
 use align_core::ModelTokenizer;
 
@@ -37,7 +37,7 @@ use crate::ppo_loss::{
 };
 use crate::reference::{policy_reference, Reference};
 use crate::rewards::load_reward_model;
-use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, Prompt, RolloutBatch, SamplesLog};
+use crate::rollout::{load_prompts, loss_and_metrics, sample_responses, ChunkSeeds, Prompt, RolloutBatch, SamplesLog};
 
 /// PPO's own part of every checkpoint's state (the loop keeps the iteration count, the prompt
 /// cursor, the optimizers' step counts and the non-finite counters).
@@ -194,8 +194,10 @@ impl Ppo<'_> {
 
         // 1. rollouts (dropout off, adapters on)
         let gen_batch = s.generation_batch_size.unwrap_or(s.rollout_batch_size);
+        // each rank draws its own numbers (seeded by its rows' place in the global batch)
+        let seeds = ChunkSeeds { base: step_seed(self.train.seed, at.step), first_row: world.rank() * picked.len() };
         let (generations, generation_seconds) =
-            sample_responses(lm, &prompt_ids, &self.sampling(), &self.stops, self.pad_id, gen_batch)?;
+            sample_responses(lm, &prompt_ids, &self.sampling(), &self.stops, self.pad_id, gen_batch, Some(seeds))?;
         let new_tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
 
         // 2. reward-model scores of prompt + response (rendered with the RM's chat template)

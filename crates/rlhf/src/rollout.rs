@@ -59,8 +59,28 @@ pub fn load_prompts(cfg: &LoadedConfig, tok: &ModelTokenizer, max_len: usize) ->
     Ok(out)
 }
 
+/// How each generation call of [`sample_responses`] is seeded: `base` (the step's seed, the
+/// loop's `step_seed`) advanced by the index, in the global batch, of the call's first row. The
+/// ranks then draw different numbers, and a row's sample does not depend on which rank
+/// generates it, provided the rows per call divide each rank's share; `first_row` is the
+/// global index of this rank's first prompt. In one process the first call keeps the loop's
+/// seed.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSeeds {
+    pub base: i64,
+    pub first_row: usize,
+}
+
+impl ChunkSeeds {
+    /// The seed of the call whose first row is global row `row` (`base` itself for row 0).
+    pub fn seed(&self, row: usize) -> i64 {
+        self.base.wrapping_add((row as i64).wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64))
+    }
+}
+
 /// Samples one response to each of `prompts` with the policy (dropout off), `batch` prompts per
-/// call of the generation engine. Returns the responses and the seconds it took.
+/// call of the generation engine (each call seeded by `seeds` when given; otherwise they draw
+/// from the RNG as it is). Returns the responses and the seconds it took.
 pub fn sample_responses(
     lm: &CausalLm,
     prompts: &[Vec<i64>],
@@ -68,11 +88,16 @@ pub fn sample_responses(
     stops: &[i64],
     pad_id: i64,
     batch: usize,
+    seeds: Option<ChunkSeeds>,
 ) -> Result<(Vec<Generation>, f64)> {
     lm.set_training(false);
     let t = std::time::Instant::now();
     let mut generations = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
+    let batch = batch.max(1);
+    for (k, chunk) in prompts.chunks(batch).enumerate() {
+        if let Some(s) = seeds {
+            tch::manual_seed(s.seed(s.first_row + k * batch));
+        }
         generations.extend(generate_with_stats(lm, chunk, sampling, stops, pad_id)?.0);
     }
     Ok((generations, t.elapsed().as_secs_f64()))

@@ -294,6 +294,12 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// The RNG seed of (0-based) step `step`: the loop seeds torch's generator with it before each
+/// step, so a step's random draws do not depend on what ran before it (exact resume).
+pub fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed as i64).wrapping_add(step as i64)
+}
+
 /// Items `start .. start + count` of the endless seeded stream over `0..n` that concatenates
 /// `epoch_order(n, seed, 0)`, `epoch_order(n, seed, 1)`, …: the data cursor of a run is just
 /// `start`, the count of items consumed.
@@ -815,7 +821,7 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         let step_started = Instant::now();
         fault_injection::step_delay();
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
-        tch::manual_seed((s.seed as i64).wrapping_add(state.step as i64));
+        tch::manual_seed(step_seed(s.seed, state.step));
         let at = StepContext { step: state.step, total_steps: total, lr, examples_consumed: state.examples_consumed };
         let report = step.step(&at)?;
         if report.applied {
