@@ -70,7 +70,9 @@ mod tests {
 
         let plain = (&x * mask.to_kind(Kind::Double) / (1.0 - p)).linear::<Tensor>(&a, None);
         (&plain * &g).sum(Kind::Double).backward();
-        let close = |u: &Tensor, v: &Tensor| (u - v).abs().max().double_value(&[]) <= 1e-12 * (1.0 + v.abs().max().double_value(&[]));
+        let close = |u: &Tensor, v: &Tensor| {
+            (u - v).abs().max().double_value(&[]) <= 1e-12 * (1.0 + v.abs().max().double_value(&[]))
+        };
         assert!(close(&ours, &plain), "values differ");
         assert!(close(&gx, &x.grad()), "∂L/∂x differs");
         assert!(close(&ga, &a.grad()), "∂L/∂A differs");
