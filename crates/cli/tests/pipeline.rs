@@ -437,6 +437,50 @@ fn ppo_stage_runs_in_a_pipeline_and_swaps_to_dpo_in_one_stage() {
     assert!(metrics.contains("\"rewards/reward_model/mean\"") && metrics.contains("\"rewards/length/mean\""));
 }
 
+/// A prompt-tuning reward stage (virtual tokens and head, a PEFT `SEQ_CLS` folder) scores a PPO
+/// stage's rollouts as it is — nothing to merge — with the critic from the policy; the default
+/// critic (the reward model) is refused with the key to set.
+#[test]
+fn a_prompt_tuning_reward_stage_scores_ppo_unmerged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("rl");
+    let r = repo();
+    let body = |critic: &str| {
+        rl_pipeline(
+            &run,
+            &format!(
+                "[[stage]]\nname = \"rm\"\nkind = \"reward\"\nfrom = \"sft\"\nmethod = \"prompt_tuning\"\ndata = [{pairs:?}]\n[stage.train]\nmax_length = 200\n[stage.prompt_tuning]\nnum_virtual_tokens = 4\n[[stage]]\nname = \"rlhf\"\nkind = \"ppo\"\nfrom = \"sft\"\nreward_model = \"rm\"\ndata = [{prompts:?}]\n[stage.ppo]\nrollout_batch_size = 4\nmax_new_tokens = 8\nppo_epochs = 1\n{critic}",
+                pairs = r.join("data/preference/medical_pairs.jsonl"),
+                prompts = r.join("data/prompts/medical_qa.jsonl"),
+            ),
+        )
+    };
+    let file = tmp.path().join("ppo.toml");
+    std::fs::write(&file, body("")).unwrap();
+    let out = align().args(["run", file.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("value_model = \"policy\""), "{err}");
+    std::fs::write(&file, body("value_model = \"policy\"\n")).unwrap();
+    let done = ok(align().args(["run", file.to_str().unwrap()]).output().unwrap());
+    assert_eq!(outcomes(&done).last().map(String::as_str), Some("rlhf: ran"), "{:?}", outcomes(&done));
+    let rm: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("rm/final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((rm["peft_type"].as_str(), rm["task_type"].as_str()), (Some("PROMPT_TUNING"), Some("SEQ_CLS")));
+    assert!(!run.join("rm/merged").exists(), "virtual tokens are not merged");
+    let rec = record(&run, "rlhf");
+    assert_eq!(rec["status"], "done");
+    let input = rec["inputs"].as_array().unwrap().iter().find(|i| i["role"] == "reward_model").unwrap().clone();
+    assert_eq!(input["path"].as_str().unwrap(), run.join("rm/final").display().to_string());
+    let metrics = std::fs::read_to_string(run.join("rlhf/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(
+        metrics
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).unwrap()["rm/score"].as_f64().is_some_and(f64::is_finite)),
+        "{metrics}"
+    );
+}
+
 /// A small pipeline on the tiny model in `run`: a 3-step SFT stage "sft", then `stages`.
 fn rl_pipeline(run: &Path, stages: &str) -> String {
     let r = repo();

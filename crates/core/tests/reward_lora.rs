@@ -15,6 +15,10 @@ use align_core::peft::lora::{
     apply_freeze, attach_lora, load_adapter, merge_lora, read_adapter_folder_config, save_adapter,
     trainable_parameters, without_adapters, AdapterSaveOptions, FreezeConfig, LoraConfig, LoraTargets,
 };
+use align_core::peft::prompt::{
+    attach_prompt_learning, load_prompt_adapter, save_prompt_adapter, EncoderType, PTuningConfig, PrefixTuningConfig,
+    PromptInit, PromptLearningConfig, PromptTuningConfig,
+};
 use align_core::train::setup::TrainingScalarModel;
 use align_testkit::python_with;
 use serde_json::{json, Value};
@@ -155,18 +159,7 @@ fn our_reward_adapter_holds_adapters_and_head_and_loads_in_peft() {
         load_adapter(&resumed.vs, &mut resumed.rm, &out).unwrap();
         assert!(max_diff(&scores(&resumed.rm, &ids), &ours) < 1e-6, "{name}: resume differs");
 
-        if let Some(python) = python_with(&["transformers", "peft"]) {
-            let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
-            let file = tmp.path().join(format!("{name}.json"));
-            std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string()).unwrap();
-            let r = Command::new(python)
-                .arg(fixtures().join("make_peft_fixtures.py"))
-                .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
-                .output()
-                .unwrap();
-            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
-            assert!(r.status.success(), "{name}: PEFT does not reproduce our scores:\n{text}");
-        }
+        peft_check_reward(name, &out, &ids, &ours);
     }
 }
 
@@ -296,18 +289,119 @@ fn ia3_reward_adapters_match_peft_merge_and_ours_load_in_peft() {
     assert!(keys.iter().all(|k| k == "base_model.model.score.weight" || k.ends_with(".ia3_l")), "{keys:?}");
     let (back, _) = load_reward_model_or_adapter(&out, None, Device::Cpu, Kind::Float).unwrap();
     assert!(max_diff(&scores(&back.rm, &ids), &ours) < 1e-5, "reload differs");
-    if let Some(python) = python_with(&["transformers", "peft"]) {
-        let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
-        let file = tmp.path().join("ia3.json");
-        std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string()).unwrap();
-        let r = Command::new(python)
-            .arg(fixtures().join("make_peft_fixtures.py"))
-            .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
-        assert!(r.status.success(), "PEFT does not reproduce our (IA)³ reward scores:\n{text}");
-    } else {
-        eprintln!("skipping the PEFT check of our (IA)³ reward adapter: no python with transformers and peft");
+    peft_check_reward("qwen2-ia3-rm", &out, &ids, &ours);
+}
+
+/// Scores `ids` (pad id 0) with PEFT on the reward-model adapter folder `out` and compares them
+/// with `ours` (`make_peft_fixtures.py check-reward`); skipped, saying so, without PEFT.
+fn peft_check_reward(name: &str, out: &Path, ids: &Tensor, ours: &[f32]) {
+    let Some(python) = python_with(&["transformers", "peft"]) else {
+        eprintln!("skipping the PEFT check of our reward adapter '{name}': no python with transformers and peft");
+        return;
+    };
+    let rows: Vec<Vec<i64>> = (0..ids.size()[0]).map(|i| Vec::try_from(ids.get(i)).unwrap()).collect();
+    let file = out.with_extension("scores.json");
+    std::fs::write(&file, json!({"input_ids": rows, "scores": ours, "pad_token_id": 0}).to_string()).unwrap();
+    let r = Command::new(python)
+        .arg(fixtures().join("make_peft_fixtures.py"))
+        .args(["check-reward", out.to_str().unwrap(), file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success(), "{name}: PEFT does not reproduce our scores:\n{text}");
+}
+
+/// Prompt learning on a reward model (PEFT's `SEQ_CLS` prompt tuning, P-tuning, prefix tuning:
+/// the virtual tokens and the `score` head, saved as `base_model.score.weight`). PEFT scores
+/// prompt tuning and P-tuning at every row's last position (it passes `inputs_embeds`), align at
+/// the last non-pad token: those two are compared on rows without padding.
+#[test]
+fn prompt_learning_reward_adapters_match_peft_and_ours_load_in_peft() {
+    for (folder, nv) in [("llama-prompt-seqcls", 4), ("llama-ptuning-seqcls", 3), ("llama-prefix-seqcls", 3)] {
+        let dir = fixtures().join("peft").join(folder);
+        let golden = dir.join("golden.safetensors");
+        let (ids, want) = (tensor(&golden, "input_ids"), Vec::<f32>::try_from(tensor(&golden, "scores")).unwrap());
+        let mut m =
+            scalar_model_from_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float, 0, ScoreInit::Zeros)
+                .unwrap();
+        let plain = scores(&m.rm, &ids);
+        let cfg = load_prompt_adapter(&m.vs, &mut m.rm, &dir, false).unwrap();
+        assert_eq!(cfg.num_virtual_tokens(), nv, "{folder}");
+        let got = scores(&m.rm, &ids);
+        assert!(max_diff(&got, &want) < 1e-4, "{folder}: ours {got:?} vs PEFT {want:?}");
+        assert!(max_diff(&plain, &want) > 1e-2, "{folder}: the adapter must change the scores");
+        assert!(trainable_parameters(&m.vs).is_empty(), "{folder}: loaded frozen");
+        // the loader every consumer uses (base + adapter)
+        let (rm, _) =
+            load_reward_model_or_adapter(&model_dir("tiny-llama"), Some(&dir), Device::Cpu, Kind::Float).unwrap();
+        assert!(max_diff(&scores(&rm.rm, &ids), &want) < 1e-4, "{folder}");
+        // a reward model's folder is not a causal LM's
+        let mut lm = align_core::model::io::load_causal_lm(&model_dir("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let e = format!("{:#}", load_prompt_adapter(&lm.vs, &mut lm.lm, &dir, false).unwrap_err());
+        assert!(e.contains("adapter_config.json: field 'task_type'") && e.contains("reward"), "{e}");
+    }
+    // and a causal LM's is not a reward model's
+    let mut s = scalar("tiny-llama", 1);
+    let e = format!(
+        "{:#}",
+        load_prompt_adapter(&s.vs, &mut s.rm, &fixtures().join("peft/llama-prompt-text"), false).unwrap_err()
+    );
+    assert!(e.contains("adapter_config.json: field 'task_type'") && e.contains("SEQ_CLS"), "{e}");
+
+    // ours: attached (head and virtual tokens train), saved as PEFT writes it, loaded back here
+    // and by PEFT
+    let tmp = tempfile::tempdir().unwrap();
+    let unpadded = tensor(&fixtures().join("peft/llama-prompt-seqcls/golden.safetensors"), "input_ids");
+    let prompt = PromptLearningConfig::PromptTuning(PromptTuningConfig {
+        num_virtual_tokens: 4,
+        prompt_tuning_init: PromptInit::Random,
+        prompt_tuning_init_text: None,
+    });
+    let p_tuning = PromptLearningConfig::PTuning(PTuningConfig {
+        num_virtual_tokens: 3,
+        encoder_reparameterization_type: EncoderType::Mlp,
+        encoder_hidden_size: Some(8),
+        encoder_num_layers: None,
+        encoder_dropout: None,
+    });
+    let prefix = PromptLearningConfig::PrefixTuning(PrefixTuningConfig {
+        num_virtual_tokens: 3,
+        prefix_projection: true,
+        encoder_hidden_size: Some(8),
+    });
+    for (name, config, ids) in [
+        ("qwen2-prompt-rm", prompt, unpadded.shallow_clone()),
+        ("qwen2-ptuning-rm", p_tuning, unpadded.shallow_clone()),
+        ("qwen2-prefix-rm", prefix, padded_ids()),
+    ] {
+        let mut m = scalar("tiny-qwen2", 3);
+        tch::manual_seed(9);
+        attach_prompt_learning(&m.vs, &mut m.rm, &config, None).unwrap();
+        let trainable: Vec<String> = trainable_parameters(&m.vs).into_iter().map(|(n, _)| n).collect();
+        assert!(trainable.contains(&"score.weight".to_string()), "{name}: {trainable:?}");
+        assert!(trainable.iter().all(|n| n == "score.weight" || n.starts_with("prompt_")), "{name}: {trainable:?}");
+        let ours = scores(&m.rm, &ids);
+        let out = tmp.path().join(name);
+        let opts = AdapterSaveOptions {
+            base_model_name_or_path: Some(model_dir("tiny-qwen2").display().to_string()),
+            companions_from: None,
+        };
+        save_prompt_adapter(&m.rm, &out, &opts).unwrap();
+        let cfg_json: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_json["task_type"], "SEQ_CLS", "{name}");
+        assert_eq!(cfg_json["modules_to_save"], json!(["classifier", "score"]), "{name}: as PEFT 0.21 writes it");
+        let keys: Vec<String> = Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(keys.len(), 2, "{name}: {keys:?}");
+        assert!(
+            keys.contains(&"base_model.score.weight".to_string()) && keys.contains(&"prompt_embeddings".to_string())
+        );
+        let (back, _) = load_reward_model_or_adapter(&out, None, Device::Cpu, Kind::Float).unwrap();
+        assert!(max_diff(&scores(&back.rm, &ids), &ours) < 1e-5, "{name}: reload differs");
+        peft_check_reward(name, &out, &ids, &ours);
     }
 }

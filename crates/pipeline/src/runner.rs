@@ -360,7 +360,15 @@ pub(crate) fn plan_model_stage(
         let rm = produced.get(rm_stage).cloned().ok_or_else(|| {
             anyhow!("stage '{}' needs '{rm_stage}' as its reward model, which has not produced a model", s.name)
         })?;
-        let rm = if rm.adapter.is_some() { main_first(|| merged(&rm))? } else { rm };
+        let rm = match &rm.adapter {
+            // virtual tokens are not weights to merge: the stage reads the adapter folder itself
+            // (its base from base_model_name_or_path, the tokens attached)
+            Some(a) if align_core::peft::prompt::is_prompt_adapter(a)? => {
+                Produced { model: a.clone(), adapter: None, hash: rm.hash.clone() }
+            }
+            Some(_) => main_first(|| merged(&rm))?,
+            None => rm,
+        };
         set_path(
             &mut spec.table,
             &[s.kind.to_string(), "reward_model".to_string()],

@@ -320,15 +320,70 @@ fn ia3_run_saves_a_peft_seq_cls_ia3_adapter_and_resumes_bitwise() {
         load_reward_model_or_adapter(&resumed.join("final"), None, tch::Device::Cpu, tch::Kind::Float).unwrap();
     let ids = tch::Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([1, 6]);
     assert!(tch::no_grad(|| rm.rm.forward(&ids)).unwrap().double_value(&[0]).is_finite());
-    // a prompt-learning method is refused for a reward model with an error naming the key
-    let e = format!(
-        "{:#}",
-        align_reward::run(
-            &config(&tmp.path().join("p"), &["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=4"]),
-            false,
-            None
-        )
-        .unwrap_err()
-    );
-    assert!(e.contains("key 'method'") && e.contains("prompt_tuning"), "{e}");
+}
+
+#[test]
+fn prompt_learning_runs_save_peft_seq_cls_adapters_resume_bitwise_and_continue() {
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    for (method, section) in [
+        ("prompt_tuning", "prompt_tuning.num_virtual_tokens=4"),
+        ("prefix_tuning", "prefix_tuning.num_virtual_tokens=3"),
+    ] {
+        let m = format!("method={method}");
+        // max_length + the virtual tokens must fit the model's 256 positions
+        let extra = [m.as_str(), section, "train.max_steps=4", "train.lr=2e-2", "train.max_length=200"];
+        let straight = tmp.path().join(format!("{method}-straight"));
+        assert!(align_reward::run(&config(&straight, &extra), false, None).unwrap().completed);
+        let resumed = tmp.path().join(format!("{method}-resumed"));
+        let cfg = config(&resumed, &extra);
+        assert!(!align_reward::run(&cfg, false, Some(2)).unwrap().completed);
+        assert!(align_reward::run(&cfg, false, None).unwrap().completed);
+        let a = std::fs::read(straight.join("final/adapter_model.safetensors")).unwrap();
+        let b = std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap();
+        assert!(a == b, "{method}: virtual tokens and head differ after stop + resume");
+        assert_eq!(losses(&straight), losses(&resumed));
+        assert!(losses(&straight).iter().all(|(_, l)| l.is_finite()));
+        assert!(!straight.join("final/model.safetensors").exists(), "{method}: the adapter is saved, not the base");
+        let cfg_json: Value =
+            serde_json::from_str(&std::fs::read_to_string(resumed.join("final/adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg_json["task_type"], "SEQ_CLS", "{method}");
+        let mut names = tensor_names(&resumed.join("checkpoint-2/adapter_model.safetensors"));
+        names.sort();
+        assert_eq!(names, ["base_model.score.weight", "prompt_embeddings"], "{method}");
+        // the head trained: it differs between checkpoint 2 and the end
+        let head = |dir: &Path| {
+            tch::Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| n == "base_model.score.weight")
+                .unwrap()
+                .1
+        };
+        assert!(
+            !head(&resumed.join("checkpoint-2")).equal(&head(&resumed.join("final"))),
+            "{method}: the head did not train"
+        );
+        // the folder loads as a reward model with its virtual tokens attached
+        let (rm, _) =
+            load_reward_model_or_adapter(&resumed.join("final"), None, tch::Device::Cpu, tch::Kind::Float).unwrap();
+        let ids = tch::Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([1, 6]);
+        assert!(tch::no_grad(|| rm.rm.forward(&ids)).unwrap().double_value(&[0]).is_finite());
+        // an adapter of this method trains further; another method does not take it
+        let fin = format!("adapter={:?}", resumed.join("final"));
+        let again = [m.as_str(), fin.as_str(), "train.max_steps=2", "train.lr=2e-2", "train.max_length=200"];
+        assert!(
+            align_reward::run(&config(&tmp.path().join(format!("{method}-more")), &again), false, None)
+                .unwrap()
+                .completed
+        );
+        for other in ["method=lora", "method=full", "method=p_tuning"] {
+            let more = [other, fin.as_str(), "train.max_steps=2", "train.max_length=200"];
+            let Err(e) = align_reward::run(&config(&tmp.path().join("refused"), &more), false, None) else {
+                panic!("{other} trained on a {method} adapter")
+            };
+            let e = format!("{e:#}");
+            assert!(e.contains("key 'adapter'") && e.contains(method), "{other}: {e}");
+        }
+    }
 }

@@ -263,7 +263,8 @@ impl ModelSpec {
     }
 
     /// Loads a reward model (a `*ForSequenceClassification` folder, or a `SEQ_CLS` adapter folder
-    /// on its base, or `model` + `adapter`) with the adapter merged, and its tokenizer.
+    /// on its base, or `model` + `adapter`) with the adapter merged (prompt learning: attached),
+    /// and its tokenizer.
     pub fn scalar_model(&self) -> Result<(LoadedScalarModel, ModelTokenizer)> {
         if let Some(q) = self.quantize {
             bail!(
@@ -299,15 +300,16 @@ impl ModelSpec {
     }
 }
 
-/// A reward model ready for scoring, from a reward-model folder or a LoRA reward-model adapter,
-/// with the folder its tokenizer is read from:
+/// A reward model ready for scoring, from a reward-model folder or a reward-model adapter (LoRA,
+/// (IA)³ or prompt learning), with the folder its tokenizer is read from:
 /// * `dir` a `*ForSequenceClassification` folder, no `adapter`: that model;
 /// * `dir` a PEFT adapter folder of a reward model (`adapter_config.json`, `task_type: "SEQ_CLS"`):
 ///   the adapter on its `base_model_name_or_path`;
 /// * `adapter` given: that adapter on `dir` (a reward-model folder, or the causal LM whose trunk
 ///   the adapter and its `score` head were trained on).
 ///
-/// The adapter is merged into the weights; tokenizer files saved with it win over the base's.
+/// A LoRA or (IA)³ adapter is merged into the weights, prompt learning's virtual tokens are
+/// attached (frozen); tokenizer files saved with the adapter win over the base's.
 pub fn load_reward_model_or_adapter(
     dir: &Path,
     adapter: Option<&Path>,
@@ -355,7 +357,10 @@ pub fn load_reward_model_or_adapter(
     let pad = tokenizer_for(&tokenizer_dir, &base_config, &base)?.padding_id();
     let mut m = load_scalar_model(&base, device, kind, pad, |_| ScoreInit::Zeros)?;
     let context = || format!("adapter {} on {}", adapter.display(), base.display());
-    if adapter_peft_type(&adapter)? == "IA3" {
+    if is_prompt_adapter(&adapter)? {
+        // virtual tokens have no weights to merge into: attached, frozen
+        load_prompt_adapter(&m.vs, &mut m.rm, &adapter, false).with_context(context)?;
+    } else if adapter_peft_type(&adapter)? == "IA3" {
         load_ia3_adapter(&m.vs, &mut m.rm, &adapter, false).with_context(context)?;
         merge_ia3(&m.vs, &mut m.rm)?;
     } else {

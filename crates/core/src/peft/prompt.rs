@@ -35,12 +35,17 @@ use crate::model::prompt_layer::{
 pub use crate::peft::lora::adapter_peft_type;
 use crate::peft::lora::{
     read_adapter_json, write_adapter_config, write_tensor_file, AdapterSaveOptions, LoraModel, ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
+    ADAPTER_WEIGHTS_FILE, PEFT_CLASSIFIER_NAMES,
 };
 use crate::text::tokenizer::ModelTokenizer;
 
 /// The weights of prefix tuning's reparameterisation MLP, beside the PEFT files of a folder.
 pub const PROMPT_ENCODER_FILE: &str = "prompt_encoder.safetensors";
+
+/// How PEFT names a module trained in full beside prompt learning in `adapter_model.safetensors`
+/// (a reward model's head: `base_model.score.weight`): prompt learning wraps the model itself, so
+/// the name has one `base_model.` (LoRA's and (IA)³'s have `base_model.model.`).
+const HEAD_PREFIX: &str = "base_model.";
 
 /// The trunk's shape as prompt learning sees it: `(layers, hidden, query heads, kv heads, head_dim)`.
 fn shape_of(trunk: &Trunk) -> Result<(i64, i64, i64, i64, i64)> {
@@ -285,7 +290,7 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &PromptLearningConfig, base
         "auto_mapping": null,
         "base_model_name_or_path": base,
         "inference_mode": true,
-        "modules_to_save": null,
+        "modules_to_save": if M::MODULES_TO_SAVE.is_empty() { Value::Null } else { json!(PEFT_CLASSIFIER_NAMES) },
         "num_attention_heads": heads,
         "num_layers": layers,
         "num_transformer_submodules": 1,
@@ -320,16 +325,18 @@ fn peft_config_json<M: LoraModel>(model: &M, config: &PromptLearningConfig, base
 
 /// Writes the attached prompt learning as a PEFT adapter folder into the existing folder `dir`
 /// (`adapter_config.json`, `adapter_model.safetensors`, with a projection or a P-tuning encoder
-/// also `prompt_encoder.safetensors`, and the companion files).
+/// also `prompt_encoder.safetensors`, and the companion files). A reward model's head is saved
+/// beside the virtual tokens as PEFT saves a `SEQ_CLS` prompt-learning adapter's
+/// (`base_model.score.weight`, `modules_to_save = ["classifier", "score"]`).
 pub fn write_prompt_adapter<M: LoraModel>(model: &M, dir: &Path, opts: &AdapterSaveOptions) -> Result<()> {
     let trunk = model.trunk();
     let config =
         trunk.prompt_learning_config().ok_or_else(|| anyhow!("no prompt learning is attached: nothing to save"))?;
-    ensure!(
-        M::MODULES_TO_SAVE.is_empty(),
-        "prompt learning is saved for causal language models only (this model trains modules in full)"
-    );
-    write_tensor_file(&saved_tensors(trunk)?, dir, ADAPTER_WEIGHTS_FILE)?;
+    let mut tensors = saved_tensors(trunk)?;
+    for (name, t) in model.modules_to_save() {
+        tensors.insert(format!("{HEAD_PREFIX}{name}"), t.f_detach()?.f_contiguous()?);
+    }
+    write_tensor_file(&tensors, dir, ADAPTER_WEIGHTS_FILE)?;
     let encoder: Vec<(String, &Tensor)> = match trunk.virtual_tokens() {
         Some(VirtualTokens::Prefix { source: PrefixSource::Projection(p), .. }) => {
             p.named().iter().map(|(n, t)| (n.to_string(), *t)).collect()
@@ -368,10 +375,12 @@ pub struct PromptFolderConfig {
     pub base_model_name_or_path: Option<String>,
 }
 
-/// Reads `adapter_config.json` of a PEFT `PROMPT_TUNING` or `PREFIX_TUNING` folder. Options this
-/// implementation does not have (another task type, several transformer submodules, modules
-/// trained in full) are errors naming the field.
-pub fn read_prompt_folder_config(dir: &Path) -> Result<PromptFolderConfig> {
+/// Reads `adapter_config.json` of a PEFT `PROMPT_TUNING`, `P_TUNING` or `PREFIX_TUNING` folder
+/// for a model of PEFT task type `task_type` (`CAUSAL_LM`, or `SEQ_CLS` for a reward model, whose
+/// `modules_to_save` may name only PEFT's classifier names). Options this implementation does not
+/// have (another task type, several transformer submodules, other modules trained in full) are
+/// errors naming the field.
+pub fn read_prompt_folder_config(dir: &Path, task_type: &str) -> Result<PromptFolderConfig> {
     let obj = read_adapter_json(dir)?;
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let at = path.display();
@@ -386,20 +395,42 @@ pub fn read_prompt_folder_config(dir: &Path) -> Result<PromptFolderConfig> {
             .transpose()
     };
     let peft_type = adapter_peft_type(dir)?;
-    if let Some(t) = field("task_type") {
+    let reward = task_type == "SEQ_CLS";
+    let found = field("task_type").and_then(Value::as_str);
+    if reward {
         ensure!(
-            t.as_str() == Some("CAUSAL_LM"),
-            "{at}: field 'task_type': prompt learning is read for causal language models (\"CAUSAL_LM\"), found {t}"
+            found == Some("SEQ_CLS"),
+            "{at}: field 'task_type': a reward model takes a \"SEQ_CLS\" prompt-learning adapter (with its score head), found {}",
+            field("task_type").map_or("nothing".to_string(), Value::to_string)
+        );
+    } else if let Some(t) = field("task_type") {
+        let hint = if found == Some("SEQ_CLS") {
+            " (a reward-model adapter: load it onto the reward model, e.g. with `align eval reward`)"
+        } else {
+            ""
+        };
+        ensure!(
+            found == Some("CAUSAL_LM"),
+            "{at}: field 'task_type': prompt learning is read for causal language models (\"CAUSAL_LM\") and reward models (\"SEQ_CLS\"), found {t}{hint}"
         );
     }
     if let Some(n) = int("num_transformer_submodules")? {
         ensure!(n == 1, "{at}: field 'num_transformer_submodules': a decoder-only model has 1, found {n}");
     }
     if let Some(m) = field("modules_to_save") {
-        ensure!(
-            m.as_array().is_some_and(|a| a.is_empty()),
-            "{at}: field 'modules_to_save': modules trained in full beside prompt learning are not supported, found {m}"
-        );
+        let names: Option<Vec<&str>> = m.as_array().map(|a| a.iter().filter_map(Value::as_str).collect());
+        let ok = match (&names, m.as_array()) {
+            (Some(n), Some(a)) if n.len() == a.len() => {
+                n.is_empty() || (reward && n.iter().all(|x| PEFT_CLASSIFIER_NAMES.contains(x)))
+            }
+            _ => false,
+        };
+        let what = if reward {
+            "a reward model trains only its score head in full (\"classifier\", \"score\")"
+        } else {
+            "modules trained in full beside prompt learning are supported only for a reward model's score head"
+        };
+        ensure!(ok, "{at}: field 'modules_to_save': {what}, found {m}");
     }
     let nv = int("num_virtual_tokens")?.ok_or_else(|| anyhow!("{at}: field 'num_virtual_tokens': missing"))?;
     let config = match peft_type.as_str() {
@@ -506,7 +537,7 @@ pub fn load_prompt_adapter<M: LoraModel>(
     dir: &Path,
     trainable: bool,
 ) -> Result<PromptLearningConfig> {
-    let folder = read_prompt_folder_config(dir)?;
+    let folder = read_prompt_folder_config(dir, M::PEFT_TASK_TYPE)?;
     let config = folder.config.clone();
     let path = dir.join(ADAPTER_CONFIG_FILE);
     let at = path.display();
@@ -587,6 +618,9 @@ pub fn load_prompt_adapter<M: LoraModel>(
         VirtualTokens::Prefix { num_virtual_tokens: nv, source: PrefixSource::Projection(p) }
     } else {
         let mut t = read_tensors(&weights)?;
+        for (name, _) in model.modules_to_save() {
+            t.remove(&format!("{HEAD_PREFIX}{name}")); // read below
+        }
         let tokens = match &config {
             PromptLearningConfig::PromptTuning(_) | PromptLearningConfig::PTuning(_) => {
                 VirtualTokens::Prompt(take(&mut t, &weights, PROMPT_EMBEDDINGS, &[nv, token_dim])?)
@@ -622,13 +656,46 @@ pub fn load_prompt_adapter<M: LoraModel>(
         },
     };
     install(vs, model, &config, tokens, trainable).with_context(|| format!("{at}"))?;
+    load_heads(model, &weights)?;
     Ok(config)
+}
+
+/// Copies the weights of the modules `model` trains in full (a reward model's `score` head) from
+/// a prompt-learning folder's `adapter_model.safetensors` (`base_model.score.weight`, as PEFT
+/// saves them) into the model; every one must be there with the model's shape.
+fn load_heads<M: LoraModel>(model: &M, weights: &Path) -> Result<()> {
+    let heads = model.modules_to_save();
+    if heads.is_empty() {
+        return Ok(());
+    }
+    let mut t = read_tensors(weights)?;
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in heads {
+            let key = format!("{HEAD_PREFIX}{name}");
+            let w = t.remove(&key).ok_or_else(|| {
+                anyhow!(
+                    "{}: lacks the tensor '{key}' (the reward model's head, PEFT's modules_to_save)",
+                    weights.display()
+                )
+            })?;
+            ensure!(
+                w.size() == var.size(),
+                "{}: tensor '{key}' has shape {:?} but this model's head is {:?}: the adapter was made for a different base model",
+                weights.display(),
+                w.size(),
+                var.size()
+            );
+            var.shallow_clone().f_copy_(&w.f_to_kind(var.kind())?)?;
+        }
+        Ok(())
+    })
 }
 
 /// Copies the prompt-learning tensors of a folder our checkpoints wrote into the variables
 /// already attached (resume of the same run): `prompt_embeddings` from `adapter_model.safetensors`
 /// when the model holds it as a variable, the projection's weights from
-/// `prompt_encoder.safetensors` when it holds those. Every trainable variable must be restored.
+/// `prompt_encoder.safetensors` when it holds those, a reward model's head
+/// (`base_model.score.weight`). Every trainable variable must be restored.
 pub fn restore_prompt_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     let vars = vs.variables();
     let mut seen = HashSet::new();
@@ -636,9 +703,15 @@ pub fn restore_prompt_weights(vs: &VarStore, dir: &Path) -> Result<()> {
         if !file.is_file() {
             continue;
         }
-        for (name, t) in read_tensors(&file)? {
+        for (key, t) in read_tensors(&file)? {
+            // a reward model's head is saved as `base_model.score.weight`
+            let name = match key.strip_prefix(HEAD_PREFIX) {
+                Some(head) if !is_prompt_variable(&key) => head.to_string(),
+                _ => key,
+            };
             // prefix tuning's saved table is the projection's output, not a variable then
-            let Some(var) = vars.get(&name).filter(|_| is_prompt_variable(&name)) else { continue };
+            let trains = |v: &Tensor| is_prompt_variable(&name) || v.requires_grad();
+            let Some(var) = vars.get(&name).filter(|v| trains(v)) else { continue };
             ensure!(
                 var.size() == t.size(),
                 "{}: '{name}' has shape {:?}, the model's variable {:?}",

@@ -3,7 +3,7 @@
 //! not stage-specific.
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::hf::checkpoint::{load_weights, write_pretrained, SaveOptions};
@@ -16,7 +16,10 @@ use crate::peft::lora::{
     refuse_quantized, restore_adapter_weights, trainable_parameters, write_adapter, AdapterSaveOptions, FreezeConfig,
     LoraConfig, ADAPTER_CONFIG_FILE,
 };
-use crate::peft::prompt::{attach_prompt_learning, restore_prompt_weights, write_prompt_adapter};
+use crate::peft::prompt::{
+    attach_prompt_learning, is_prompt_adapter, load_prompt_adapter, read_prompt_folder_config, restore_prompt_weights,
+    write_prompt_adapter,
+};
 use crate::text::tokenizer::ModelTokenizer;
 use crate::train::config::{LoadedConfig, Method};
 use crate::train::trainer::{train_supervised, ModelState, Objective, TrainRun, TrainSummary};
@@ -113,17 +116,7 @@ impl TrainingModel {
                 }
             }
         }
-        if let Some(p) = loaded.lm.model.prompt_learning_config() {
-            // train.max_length counts real tokens; the model also sees the virtual ones
-            let (nv, max) = (p.num_virtual_tokens(), loaded.lm.config.max_position_embeddings);
-            if t.max_length as i64 + nv > max {
-                bail!(
-                    "{}: train.max_length = {} plus {nv} virtual tokens exceeds the model's max_position_embeddings ({max})",
-                    cfg.origin.display(),
-                    t.max_length
-                );
-            }
-        }
+        check_virtual_tokens_fit(cfg, &loaded.lm.model, loaded.lm.config.max_position_embeddings)?;
         loaded.lm.set_training(true);
         loaded.lm.model.set_gradient_checkpointing(t.checkpoint_every());
         Ok(TrainingModel { loaded, tokenizer, device, kind, method: c.method, base_name: c.model.clone() })
@@ -213,6 +206,26 @@ impl ModelState for TrainingModel {
     }
 }
 
+/// `train.max_length` counts real tokens; with prompt learning attached the model also sees its
+/// virtual ones, and both must fit in `max_position_embeddings`.
+fn check_virtual_tokens_fit(cfg: &LoadedConfig, trunk: &crate::model::decoder::Trunk, max: i64) -> Result<()> {
+    if let Some(p) = trunk.prompt_learning_config() {
+        let (nv, len) = (p.num_virtual_tokens(), cfg.config.train.max_length);
+        if len as i64 + nv > max {
+            bail!(
+                "{}: train.max_length = {len} plus {nv} virtual tokens exceeds the model's max_position_embeddings ({max})",
+                cfg.origin.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The training method that continues the prompt-learning folder `dir` (`prompt_tuning`, …).
+fn prompt_method_of(dir: &Path) -> Result<&'static str> {
+    Ok(read_prompt_folder_config(dir, "SEQ_CLS")?.config.method_name())
+}
+
 /// The [`ModelSpec`] of a training run: `model`, `adapter`, `train.device`, `train.dtype`,
 /// `train.threads`, `train.quantize` / `train.double_quant` (QLoRA: the base held in 4 bits).
 pub fn training_spec(cfg: &LoadedConfig) -> Result<ModelSpec> {
@@ -246,9 +259,12 @@ impl TrainingScalarModel {
     /// prepares the method as [`TrainingModel::load`] does: full, LoRA (`[lora]` adapters on the
     /// trunk; a starting `adapter` must be a reward-model adapter and is loaded into them), (IA)³
     /// (`[ia3]` vectors on the trunk; a starting `adapter` must be a `SEQ_CLS` (IA)³ folder) or
-    /// freeze (`[freeze]`). The head (`score`) always trains, as PEFT's `modules_to_save`. Under
-    /// full/freeze a starting `adapter` (of a reward model, or of the causal LM's trunk) is merged
-    /// into the weights first.
+    /// freeze (`[freeze]`), or prompt learning (`[prompt_tuning]`, `[p_tuning]`,
+    /// `[prefix_tuning]`: virtual tokens before every row; a starting `adapter` must be a `SEQ_CLS`
+    /// folder of the same method). The head (`score`) always trains, as PEFT's `modules_to_save`.
+    /// Under full/freeze a starting LoRA or (IA)³ `adapter` (of a reward model, or of the causal
+    /// LM's trunk) is merged into the weights first; a prompt-learning one only continues its own
+    /// method.
     pub fn load(cfg: &LoadedConfig, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
         let c = &cfg.config;
         let spec = training_spec(cfg)?;
@@ -261,19 +277,24 @@ impl TrainingScalarModel {
                 dir.display()
             );
         }
-        if c.method.is_prompt_learning() {
-            bail!(
-                "{}: key 'method': \"{}\" is implemented for causal language models; a reward or value model takes method = \"full\", \"lora\", \"ia3\" or \"freeze\"",
-                cfg.origin.display(),
-                c.method.as_str()
-            );
-        }
         let (loaded, tokenizer) = spec.scalar_model_to_train(init)?;
         let mut tm =
             TrainingScalarModel { loaded, tokenizer, device, kind, method: Method::Full, base_name: c.model.clone() };
         let at = |what: &str| format!("{}: {what}", cfg.origin.display());
         let adapter = spec.adapter_dir()?;
         let loaded = &mut tm.loaded;
+        if let Some(a) = adapter.as_deref().filter(|a| a.join(ADAPTER_CONFIG_FILE).is_file()) {
+            let theirs = if is_prompt_adapter(a)? { prompt_method_of(a)? } else { c.method.as_str() };
+            if c.method.as_str() != theirs {
+                bail!(
+                    "{}: {} is a {theirs} reward-model adapter ({}): its virtual tokens cannot be merged into weights or trained as method = \"{}\"; train it further with method = \"{theirs}\"",
+                    at("key 'adapter'"),
+                    a.display(),
+                    adapter_peft_type(a)?,
+                    c.method.as_str()
+                );
+            }
+        }
         // [lora] and [freeze] were parsed and checked when the config loaded
         match c.method {
             Method::Lora => match &adapter {
@@ -329,10 +350,30 @@ impl TrainingScalarModel {
                     apply_freeze(&loaded.vs, &loaded.rm, &freeze).with_context(|| at("[freeze]"))?;
                 }
             }
-            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => {
-                unreachable!("refused above")
-            }
+            Method::PromptTuning | Method::PTuning | Method::PrefixTuning => match &adapter {
+                Some(a) => {
+                    let method = c.method.as_str();
+                    if !is_prompt_adapter(a)? {
+                        bail!(
+                            "{}: {} is a {} adapter, which method = \"{method}\" does not train; continue a {method} reward-model adapter, or merge a LoRA / (IA)³ adapter into the model first (align export)",
+                            at("key 'adapter'"),
+                            a.display(),
+                            adapter_peft_type(a)?
+                        );
+                    }
+                    load_prompt_adapter(&loaded.vs, &mut loaded.rm, a, true)?;
+                }
+                None => {
+                    let p = cfg
+                        .prompt_learning()?
+                        .ok_or_else(|| anyhow!("method = \"{}\" without its section", c.method.as_str()))?;
+                    tch::manual_seed(c.train.seed as i64);
+                    attach_prompt_learning(&loaded.vs, &mut loaded.rm, &p, Some(&tm.tokenizer))
+                        .with_context(|| at(&format!("[{}]", c.method.as_str())))?;
+                }
+            },
         }
+        check_virtual_tokens_fit(cfg, &tm.loaded.rm.model, tm.loaded.rm.config.max_position_embeddings)?;
         tm.method = c.method;
         // tokenizer files saved with the adapter win (the head pads with the base's padding id)
         tm.tokenizer = tokenizer_for(&spec.tokenizer_dir()?, &tm.loaded.rm.config, &tm.loaded.dir)?;
@@ -347,6 +388,13 @@ impl TrainingScalarModel {
     pub fn from_dir(dir: &Path, device: Device, kind: Kind, init: impl FnOnce(i64) -> ScoreInit) -> Result<Self> {
         let base_name = dir.display().to_string();
         let spec = ModelSpec::at(dir, None, device, kind);
+        if dir.join(ADAPTER_CONFIG_FILE).is_file() && is_prompt_adapter(dir)? {
+            bail!(
+                "{}: a {} reward-model adapter: its virtual tokens are not weights a value model (critic) can start from and train in full; set [ppo] value_model = \"policy\" or give a reward-model folder",
+                dir.display(),
+                adapter_peft_type(dir)?
+            );
+        }
         if dir.join(ADAPTER_CONFIG_FILE).is_file() {
             let (loaded, tokenizer) = spec.scalar_model()?;
             for (_, v) in loaded.vs.variables() {
@@ -384,6 +432,13 @@ impl ModelState for TrainingScalarModel {
             };
             return write_ia3_adapter(&self.loaded.rm, dir, &opts);
         }
+        if self.method.is_prompt_learning() {
+            let opts = AdapterSaveOptions {
+                base_model_name_or_path: Some(self.base_name.clone()),
+                companions_from: Some(&self.loaded.dir),
+            };
+            return write_prompt_adapter(&self.loaded.rm, dir, &opts);
+        }
         refuse_quantized(&self.loaded.rm.model, "save the full weights of")?;
         write_scalar_model(&self.loaded.vs, &self.loaded.rm, dir, None, Some(&self.loaded.dir))
     }
@@ -391,6 +446,9 @@ impl ModelState for TrainingScalarModel {
     fn restore(&self, dir: &Path) -> Result<()> {
         if self.method == Method::Lora || self.method == Method::Ia3 {
             return restore_adapter_weights(&self.loaded.vs, dir);
+        }
+        if self.method.is_prompt_learning() {
+            return restore_prompt_weights(&self.loaded.vs, dir);
         }
         load_weights(&self.loaded.vs, dir, self.loaded.rm.config.tie_word_embeddings)
     }
