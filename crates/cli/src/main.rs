@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_train;
 mod chat;
 mod common;
 mod data_cmd;
@@ -104,6 +105,8 @@ enum TokenizerCommand {
 enum BenchCommand {
     /// Prefill and decode tokens/s at several batch sizes, optionally next to transformers.
     Generate(bench::BenchGenerateArgs),
+    /// A stage's training loop on synthetic data: tokens/s, the step's split, peak memory, MFU.
+    Train(bench_train::BenchTrainArgs),
 }
 
 /// Flags shared by every command that loads a model (turned into the core's one `ModelSpec`).
@@ -200,6 +203,7 @@ fn main() -> ExitCode {
         Command::Tokenizer(TokenizerCommand::Train(a)) => init::train_tokenizer(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Bench(BenchCommand::Generate(a)) => bench::generate(a),
+        Command::Bench(BenchCommand::Train(a)) => bench_train::train(a),
         Command::Export(a) => export::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Env => common::print_env(),

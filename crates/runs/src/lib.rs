@@ -52,6 +52,15 @@ pub mod metrics {
     /// Prefix of every evaluation metric (`eval_accuracy`, …).
     pub const EVAL_PREFIX: &str = "eval_";
     pub const SKIPPED_NONFINITE: &str = "skipped_nonfinite";
+    // the split of a step, seconds (written only while phases are timed: `align bench train`)
+    pub const TIME_STEP: &str = "time/step";
+    pub const TIME_FORWARD: &str = "time/forward";
+    pub const TIME_BACKWARD: &str = "time/backward";
+    pub const TIME_OPTIMIZER: &str = "time/optimizer";
+    pub const TIME_GENERATION: &str = "time/generation";
+    /// Tokens the step trained on, and tokens it generated (timed runs only).
+    pub const TOKENS: &str = "tokens";
+    pub const GENERATED_TOKENS: &str = "generated_tokens";
     // PPO (TRL / OpenRLHF names)
     pub const KL: &str = "objective/kl";
     pub const SCORES: &str = "objective/scores";

@@ -111,8 +111,23 @@ pub fn generate(
     Ok(generate_with_stats(lm, prompts, cfg, eos_ids, pad_id)?.0)
 }
 
-/// `generate`, also reporting prefill and decode time.
+/// `generate`, also reporting prefill and decode time (charged to the training step's generation
+/// phase when [`phases`](crate::train::phases) are timed).
 pub fn generate_with_stats(
+    lm: &CausalLm,
+    prompts: &[Vec<i64>],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+    pad_id: i64,
+) -> Result<(Vec<Generation>, GenerateStats)> {
+    let (out, stats) = crate::train::phases::timed(crate::train::phases::Phase::Generation, || {
+        generate_untimed(lm, prompts, cfg, eos_ids, pad_id)
+    })?;
+    crate::train::phases::add_generated_tokens(stats.new_tokens);
+    Ok((out, stats))
+}
+
+fn generate_untimed(
     lm: &CausalLm,
     prompts: &[Vec<i64>],
     cfg: &SamplingConfig,

@@ -105,6 +105,10 @@ pub fn backprop(outputs: &[Tensor], grads: &[Tensor]) -> Result<()> {
 /// Runs `loss`'s backward pass, then every deferred part newest first, so that parameters get
 /// their whole gradients. Use this instead of `loss.backward()` in training steps.
 pub fn backward(loss: &Tensor) -> Result<()> {
+    crate::train::phases::timed(crate::train::phases::Phase::Backward, || backward_untimed(loss))
+}
+
+fn backward_untimed(loss: &Tensor) -> Result<()> {
     let (pending, forked) = TAPE.with(|t| {
         let mut t = t.borrow_mut();
         (std::mem::take(&mut t.pending), std::mem::replace(&mut t.forked, false))

@@ -28,6 +28,7 @@ use crate::model::recompute;
 use crate::peft::lora::{loraplus_lr_scale, LoraConfig};
 use crate::train::config::{RunFingerprint, TrainSection};
 use crate::train::optim::{learning_rate, AdamW};
+use crate::train::phases;
 use crate::train::plan::{human_bytes, MemoryPlan};
 
 /// Which part of the data a batch comes from.
@@ -653,10 +654,12 @@ fn read_optimizer_state(dir: &Path, name: &str, opt: &mut AdamW, steps: u64) -> 
 /// Clips the gradients of `opt` to `max_norm` (when > 0) given their global norm, then applies
 /// one update with `lr`: the one clipping rule of every stage.
 pub fn clip_and_step(opt: &mut AdamW, grad_norm: f64, max_norm: f64, lr: f64) -> Result<()> {
-    if max_norm > 0.0 && grad_norm > max_norm {
-        opt.scale_grads(max_norm / (grad_norm + 1e-6))?;
-    }
-    opt.step(lr)
+    phases::timed(phases::Phase::Optimizer, || {
+        if max_norm > 0.0 && grad_norm > max_norm {
+            opt.scale_grads(max_norm / (grad_norm + 1e-6))?;
+        }
+        opt.step(lr)
+    })
 }
 
 /// Optimizer steps of a run: `max_steps`, or enough for `epochs` passes over `examples` at
@@ -818,6 +821,11 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
             stop_reason = format!("stopped after {unit} {}", state.step);
             break;
         }
+        if phases::enabled() {
+            // what ran between steps (evaluation, a checkpoint) is not this step's
+            phases::synchronize();
+            let _ = phases::take();
+        }
         let step_started = Instant::now();
         fault_injection::step_delay();
         let lr = learning_rate(state.step, total, s.lr, warmup, s.schedule, s.min_lr_ratio);
@@ -833,6 +841,10 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         state.step += 1;
         state.examples_consumed += report.examples;
         state.tokens_seen += report.tokens;
+        let timing = phases::enabled().then(|| {
+            phases::synchronize();
+            phases::take()
+        });
         let secs = step_started.elapsed().as_secs_f64();
         let mut line = Map::new();
         line.insert(metrics::STEP.into(), json!(state.step));
@@ -844,6 +856,21 @@ pub fn train(run: TrainRun, step: &mut dyn TrainStep) -> Result<TrainSummary> {
         line.insert(metrics::TOKENS_PER_SECOND.into(), json!(report.tokens as f64 / secs.max(1e-9)));
         for (k, v) in &report.metrics {
             line.insert(k.clone(), json!(v));
+        }
+        if let Some(p) = timing {
+            // the rest of the step — forward passes, losses, batches, reductions — is "forward"
+            let rest = (secs - p.backward - p.optimizer - p.generation).max(0.0);
+            for (k, v) in [
+                (metrics::TIME_STEP, secs),
+                (metrics::TIME_FORWARD, rest),
+                (metrics::TIME_BACKWARD, p.backward),
+                (metrics::TIME_OPTIMIZER, p.optimizer),
+                (metrics::TIME_GENERATION, p.generation),
+            ] {
+                line.insert(k.into(), json!(v));
+            }
+            line.insert(metrics::TOKENS.into(), json!(report.tokens));
+            line.insert(metrics::GENERATED_TOKENS.into(), json!(p.generated_tokens));
         }
         if !report.applied {
             line.insert(metrics::SKIPPED_NONFINITE.into(), json!(true));
