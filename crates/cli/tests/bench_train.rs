@@ -102,3 +102,39 @@ fn a_described_model_benches_and_bad_flags_fail() {
         assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `scripts/gpu-check.sh`'s CPU dry run (`GPU_CHECK_DRY=1`): every step — env, CPU vs device
+/// perplexity, generation, the six-stage pipeline, the four training benches and the generation
+/// bench — passes on tiny models, and the JSON and Markdown summaries are written.
+#[test]
+fn the_gpu_check_script_runs_end_to_end_in_its_cpu_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .env("GPU_CHECK_DRY", "1")
+        .env("OUT", &out)
+        .env("ALIGN_BIN", env!("CARGO_BIN_EXE_align"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{text}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["dry_run"], true);
+    let steps: Vec<(&str, &str)> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    for want in
+        ["env", "logits_match", "pipeline", "bench_sft", "bench_dpo", "bench_ppo", "bench_grpo", "bench_generate"]
+    {
+        assert!(steps.contains(&(want, "ok")), "{want} not ok in {steps:?}");
+    }
+    for stage in ["sft", "dpo", "ppo", "grpo"] {
+        assert!(summary["bench_train"][stage]["mfu"].as_f64().is_some_and(|m| m > 0.0), "{stage}: {summary}");
+    }
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| pipeline | ok |") && md.contains("MFU"), "{md}");
+}
